@@ -1,0 +1,70 @@
+"""Type stub of the native module `fastworker._core` (Rust, PyO3)."""
+
+from collections.abc import Awaitable
+from typing import Any, Literal
+
+JobRowTuple = tuple[
+    int,  # id
+    str,  # status
+    str,  # task_name
+    int,  # priority
+    str | None,  # lock
+    str | None,  # queueing_lock
+    str,  # args, JSON text
+    int | None,  # scheduled_at, microseconds since the epoch
+    str,  # queue_name
+    int,  # attempts
+    int | None,  # worker_id
+]
+LogTuple = tuple[int, str, str, int | None]  # level, action, message, job_id
+Event = (
+    tuple[Literal["jobs"], list[JobRowTuple]]
+    | tuple[Literal["abort"], list[int]]
+    | tuple[Literal["drained"], None]
+    | tuple[Literal["fetching_stopped"], None]
+    | tuple[Literal["log"], LogTuple]
+    | tuple[Literal["fatal"], BaseException]
+)
+
+class FastworkerError(Exception): ...
+class ConfigurationError(FastworkerError): ...
+class DatabaseUnreachable(FastworkerError): ...
+class SchemaMissing(FastworkerError): ...
+class ConnectionLost(FastworkerError): ...
+class DatabaseError(FastworkerError): ...
+class WorkerShutDown(FastworkerError): ...
+
+class WorkerCore:
+    @staticmethod
+    def start(
+        conninfo: str,
+        *,
+        queues: list[str] | None = None,
+        concurrency: int = 1,
+        wait: bool = True,
+        fetch_job_polling_interval: float = 5.0,
+        abort_job_polling_interval: float = 5.0,
+        listen_notify: bool = True,
+        update_heartbeat_interval: float = 10.0,
+        stalled_worker_timeout: float = 30.0,
+        reconnect_timeout: float = 60.0,
+        max_batch_size: int = 500,
+    ) -> Awaitable[WorkerCore]: ...
+    @property
+    def worker_id(self) -> int: ...
+    @property
+    def pruned_workers(self) -> list[int]: ...
+    def finish(self, job_id: int, status: str, delete: bool) -> None: ...
+    def retry(
+        self,
+        job_id: int,
+        retry_at: str | None = None,
+        priority: int | None = None,
+        queue: str | None = None,
+        lock: str | None = None,
+    ) -> None: ...
+    def stop_fetching(self) -> None: ...
+    def next_events(self, max_events: int = 4096) -> Awaitable[list[Event] | None]: ...
+    def pending_events(self) -> list[Event]: ...
+    def shutdown(self) -> Awaitable[None]: ...
+

@@ -1,0 +1,121 @@
+"""Where the core's own connections get their settings.
+
+In order: an explicit ``dsn``; the app's connector (for psycopg, the settings libpq actually
+resolved for one of the app's connections, so callables, ``PG*`` variables and defaults all
+count); else the libpq ``PG*`` environment variables.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+# Keys tokio-postgres understands; libpq-only keys (sslrootcert, ...) are dropped.
+_SUPPORTED_KEYS = frozenset(
+    {
+        "host",
+        "hostaddr",
+        "port",
+        "user",
+        "password",
+        "dbname",
+        "options",
+        "application_name",
+        "sslmode",
+        "connect_timeout",
+        "tcp_user_timeout",
+        "keepalives",
+        "keepalives_idle",
+        "keepalives_interval",
+        "keepalives_retries",
+        "target_session_attrs",
+        "channel_binding",
+        "load_balance_hosts",
+    }
+)
+
+_ENVIRONMENT = {
+    "PGHOST": "host",
+    "PGHOSTADDR": "hostaddr",
+    "PGPORT": "port",
+    "PGUSER": "user",
+    "PGPASSWORD": "password",
+    "PGDATABASE": "dbname",
+    "PGOPTIONS": "options",
+    "PGSSLMODE": "sslmode",
+    "PGCONNECT_TIMEOUT": "connect_timeout",
+    "PGTARGETSESSIONATTRS": "target_session_attrs",
+}
+
+
+def _finish(params: Mapping[str, Any]) -> str:
+    resolved = {
+        key: str(value)
+        for key, value in params.items()
+        if key in _SUPPORTED_KEYS and value not in (None, "")
+    }
+    for variable, key in _ENVIRONMENT.items():
+        if key not in resolved and os.environ.get(variable):
+            resolved[key] = os.environ[variable]
+    resolved.setdefault("user", getpass.getuser())
+    resolved.setdefault("dbname", resolved["user"])
+    return make_conninfo("", **resolved)
+
+
+def conninfo_from_dsn(dsn: str) -> str:
+    """A libpq DSN or URL, completed with the ``PG*`` variables like libpq would."""
+    return _finish(conninfo_to_dict(dsn))
+
+
+async def _from_psycopg_connector(connector: Any) -> str | None:
+    pool = getattr(connector, "_async_pool", None)
+    if pool is None:
+        return None
+    async with pool.connection() as connection:
+        info = connection.info
+        params: dict[str, Any] = dict(info.get_parameters())
+        params["host"] = info.host
+        params["port"] = info.port
+        params["dbname"] = info.dbname
+        params["user"] = info.user
+        if info.password:
+            params["password"] = info.password
+        hostaddr = getattr(info, "hostaddr", None)
+        if hostaddr and not str(info.host).startswith("/"):
+            params.setdefault("hostaddr", hostaddr)
+    return _finish(params)
+
+
+def _from_connector_arguments(connector: Any) -> str | None:
+    arguments = getattr(connector, "_pool_args", None)
+    if not isinstance(arguments, Mapping):
+        return None
+    params: dict[str, Any] = {}
+    for key in ("conninfo", "dsn"):
+        value = arguments.get(key)
+        if isinstance(value, str) and value:
+            params.update(conninfo_to_dict(value))
+    kwargs = arguments.get("kwargs")
+    if isinstance(kwargs, Mapping):
+        params.update(kwargs)
+    for key in ("host", "port", "user", "password", "dbname", "database"):
+        if key in arguments and arguments[key] is not None:
+            params["dbname" if key == "database" else key] = arguments[key]
+    return _finish(params) if params else None
+
+
+async def resolve_conninfo(app: Any, dsn: str | None = None) -> str:
+    """The libpq connection string for the core's connections (never logged)."""
+    if dsn:
+        return conninfo_from_dsn(dsn)
+    connector = app.connector
+    resolved = await _from_psycopg_connector(connector)
+    if resolved is None:
+        resolved = _from_connector_arguments(connector)
+    if resolved is None:
+        resolved = _finish({})
+    return resolved

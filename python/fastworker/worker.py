@@ -1,0 +1,431 @@
+"""The Python side of fastworker: runs the jobs the Rust core claims.
+
+`Worker` is procrastinate's `Worker` with the fetching, listening, heartbeat and
+completion bookkeeping moved into the Rust core (`fastworker._core`). Running a job is
+procrastinate's own code path (`_process_job`: context, middleware, retry decision, logs),
+so a job ends exactly as it would under procrastinate's worker; only where its outcome is
+written changes: it is handed to the core, which writes it in a batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import logging
+import signal
+import threading
+import time
+from typing import Any
+
+from procrastinate import App, job_context, jobs, retry, utils
+from procrastinate import worker as procrastinate_worker
+
+from fastworker import _core
+from fastworker.connection import resolve_conninfo
+
+logger = logging.getLogger("procrastinate.worker")
+core_logger = logging.getLogger("fastworker.core")
+
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+
+
+def _job_from_row(row: _core.JobRowTuple) -> jobs.Job:
+    (
+        job_id,
+        status,
+        task_name,
+        priority,
+        lock,
+        queueing_lock,
+        args,
+        scheduled_at_us,
+        queue_name,
+        attempts,
+        worker_id,
+    ) = row
+    return jobs.Job(
+        id=job_id,
+        status=status,
+        priority=priority,
+        lock=lock,
+        queueing_lock=queueing_lock,
+        task_name=task_name,
+        task_kwargs=json.loads(args),
+        scheduled_at=None
+        if scheduled_at_us is None
+        else _EPOCH + datetime.timedelta(microseconds=scheduled_at_us),
+        queue=queue_name,
+        attempts=attempts,
+        worker_id=worker_id,
+    )
+
+
+class Worker(procrastinate_worker.Worker):
+    """Drop-in replacement for `procrastinate.worker.Worker`.
+
+    Takes the same arguments (procrastinate's ``WorkerOptions``) plus:
+
+    - ``dsn``: connection string for the core's own connections, when the app's connector
+      does not expose its settings;
+    - ``reconnect_timeout``: how long the database may be unreachable before the worker
+      stops with `fastworker.ConnectionLost` (seconds, default 60);
+    - ``max_batch_size``: the most jobs claimed by one statement (default 500).
+    """
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        dsn: str | None = None,
+        reconnect_timeout: float = 60.0,
+        max_batch_size: int = 500,
+        **options: Any,
+    ):
+        super().__init__(app=app, **options)
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
+        self._dsn = dsn
+        self.reconnect_timeout = reconnect_timeout
+        self.max_batch_size = max_batch_size
+        self._core: _core.WorkerCore | None = None
+        self._hard_stop = asyncio.Event()
+        self._fetching_stopped: asyncio.Future[None] | None = None
+        self._fatal_error: BaseException | None = None
+        self._drained = False
+        self._signals_received = 0
+
+    # --- stopping -------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop claiming jobs at once; running jobs finish and their results are written.
+        Safe to call from another thread."""
+        core = self._core
+        if core is not None:
+            core.stop_fetching()
+        super().stop()
+
+    def _request_hard_stop(self) -> None:
+        if self._loop is not None and self._loop is not _running_loop():
+            self._loop.call_soon_threadsafe(self._hard_stop.set)
+        else:
+            self._hard_stop.set()
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals_received += 1
+        if self._signals_received == 1:
+            self.stop()
+        else:
+            self.logger.info(
+                "Second stop signal: aborting running jobs",
+                extra=self._log_extra(action="abort_running_jobs", context=None, job_result=None),
+            )
+            self._request_hard_stop()
+
+    def _install_signal_handlers(self) -> list[tuple[int, Any]]:
+        if threading.current_thread() is not threading.main_thread():
+            logger.warning(
+                "Skipping signal handling, because this is not the main thread",
+                extra={"action": "skip_signal_handlers"},
+            )
+            return []
+        loop = asyncio.get_running_loop()
+        previous = []
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous.append((signum, signal.getsignal(signum)))
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        return previous
+
+    def _uninstall_signal_handlers(self, previous: list[tuple[int, Any]]) -> None:
+        loop = asyncio.get_running_loop()
+        for signum, handler in previous:
+            loop.remove_signal_handler(signum)
+            signal.signal(signum, handler)
+
+    # --- running --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run until stopped (or, with ``wait=False``, until the queues are empty)."""
+        self._stop_event.clear()
+        self._hard_stop.clear()
+        self._fatal_error = None
+        self._drained = False
+        self._signals_received = 0
+        self._loop = asyncio.get_running_loop()
+        self.run_task = asyncio.current_task()
+        # Signal handlers first, so a signal during start-up already stops cleanly.
+        previous_handlers = self._install_signal_handlers() if self.install_signal_handlers else []
+        try:
+            loop_task = asyncio.create_task(self._start_and_run(), name="worker loop")
+            try:
+                await asyncio.shield(loop_task)
+            except asyncio.CancelledError:
+                # First cancel: graceful stop. Another cancel while stopping: hard stop.
+                self.stop()
+                while not loop_task.done():
+                    try:
+                        await asyncio.shield(loop_task)
+                    except asyncio.CancelledError:
+                        self._request_hard_stop()
+                raise
+        finally:
+            if previous_handlers:
+                self._uninstall_signal_handlers(previous_handlers)
+            self._loop = None
+
+    async def _start_and_run(self) -> None:
+        conninfo = await resolve_conninfo(self.app, self._dsn)
+        core = await _core.WorkerCore.start(
+            conninfo,
+            queues=list(self.queues) if self.queues is not None else None,
+            concurrency=self.concurrency,
+            wait=self.wait,
+            fetch_job_polling_interval=self.fetch_job_polling_interval,
+            abort_job_polling_interval=self.abort_job_polling_interval,
+            listen_notify=self.listen_notify,
+            update_heartbeat_interval=self.update_heartbeat_interval,
+            stalled_worker_timeout=self.stalled_worker_timeout,
+            reconnect_timeout=self.reconnect_timeout,
+            max_batch_size=self.max_batch_size,
+        )
+        self._core = core
+        self.worker_id = core.worker_id
+        if core.pruned_workers:
+            logger.debug(f"Pruned stalled workers: {', '.join(map(str, core.pruned_workers))}")
+        logger.debug(f"Registered worker {self.worker_id} in the database")
+        if self._stop_event.is_set():
+            core.stop_fetching()
+        try:
+            await self._run_loop()
+        finally:
+            self._core = None
+        if self._fatal_error is not None:
+            raise self._fatal_error
+
+    async def _run_loop(self) -> None:
+        self.logger.info(
+            f"Starting worker on {utils.queues_display(self.queues)}",
+            extra=self._log_extra(
+                action="start_worker", context=None, queues=self.queues, job_result=None
+            ),
+        )
+        self._running_jobs = {}
+        self._fetching_stopped = asyncio.get_running_loop().create_future()
+        side_tasks = [asyncio.create_task(self._periodic_deferrer(), name="deferrer")]
+        side_tasks_monitor = asyncio.create_task(
+            self._monitor_side_tasks(side_tasks), name="side_tasks_monitor"
+        )
+        events_task = asyncio.create_task(self._consume_events(), name="core events")
+        try:
+            await utils.wait_any(self._stop_event.wait(), asyncio.shield(events_task))
+            if self._drained:
+                self.logger.info(
+                    "No job found. Stopping worker because wait=False",
+                    extra=self._log_extra(
+                        context=None, action="stop_worker", queues=self.queues, job_result=None
+                    ),
+                )
+        finally:
+            if not side_tasks_monitor.done():
+                side_tasks_monitor.cancel()
+            await self._shutdown_all(side_tasks, events_task)
+
+    async def _consume_events(self) -> None:
+        core = self._core
+        assert core is not None
+        while True:
+            events = await core.next_events()
+            if events is None:
+                self._mark_fetching_stopped()
+                return
+            self._handle_events(events)
+
+    def _handle_events(self, events: list[_core.Event]) -> None:
+        for kind, payload in events:
+            if kind == "jobs":
+                for row in payload:  # type: ignore[union-attr]
+                    self._start_job(row)  # type: ignore[arg-type]
+            elif kind == "abort":
+                self._handle_abort_jobs_requested(payload)  # type: ignore[arg-type]
+            elif kind == "log":
+                level, action, message, job_id = payload  # type: ignore[misc]
+                core_logger.log(
+                    level, message, extra={"action": action, "job_id": job_id}
+                )
+            elif kind == "drained":
+                self._drained = True
+                self._stop_event.set()
+            elif kind == "fetching_stopped":
+                self._mark_fetching_stopped()
+            elif kind == "fatal":
+                error = payload
+                assert isinstance(error, BaseException)
+                if self._fatal_error is None:
+                    self._fatal_error = error
+                self.logger.error(
+                    f"Worker core failed: {error}",
+                    extra=self._log_extra(
+                        action="core_failed", context=None, job_result=None, exception=str(error)
+                    ),
+                )
+                self._stop_event.set()
+
+    def _mark_fetching_stopped(self) -> None:
+        if self._fetching_stopped is not None and not self._fetching_stopped.done():
+            self._fetching_stopped.set_result(None)
+
+    def _start_job(self, row: _core.JobRowTuple) -> None:
+        job = _job_from_row(row)
+        job_id = job.id
+        context = job_context.JobContext(
+            app=self.app,
+            worker_name=self.worker_name,
+            worker_queues=self.queues,
+            additional_context=self.additional_context.copy() if self.additional_context else {},
+            job=job,
+            abort_reason=lambda: self._job_ids_to_abort.get(job_id) if job_id else None,
+            start_timestamp=time.time(),
+        )
+        job_task = asyncio.create_task(
+            self._process_job(context), name=f"process job {job.task_name}[{job.id}]"
+        )
+        self._running_jobs[job_task] = context
+        job_task.add_done_callback(self._on_job_done)
+        if self._hard_stop.is_set():
+            # Claimed by a request that was in flight when the hard stop came.
+            self._abort_job(job_task, context, job_context.AbortReason.SHUTDOWN)
+
+    def _on_job_done(self, task: asyncio.Task[Any]) -> None:
+        self._running_jobs.pop(task, None)
+
+    async def _persist_job_status(
+        self,
+        job: jobs.Job,
+        status: jobs.Status,
+        retry_decision: retry.RetryDecision | None,
+        context: job_context.JobContext,
+        job_result: job_context.JobResult | None,
+    ) -> None:
+        # Handed to the core, which writes it in its next batch; never blocks.
+        core = self._core
+        assert core is not None and job.id is not None
+        if retry_decision:
+            retry_at = retry_decision.retry_at
+            core.retry(
+                job.id,
+                retry_at.isoformat() if retry_at else None,
+                retry_decision.priority,
+                retry_decision.queue,
+                retry_decision.lock,
+            )
+        else:
+            delete_job = {
+                jobs.DeleteJobCondition.ALWAYS: True,
+                jobs.DeleteJobCondition.NEVER: False,
+                jobs.DeleteJobCondition.SUCCESSFUL: status == jobs.Status.SUCCEEDED,
+            }[self.delete_jobs]
+            core.finish(job.id, status.value, delete_job)
+        self._job_ids_to_abort.pop(job.id, None)
+        if self.logger.isEnabledFor(logging.DEBUG):
+            self.logger.debug(
+                f"Acknowledged job completion {job.call_string}",
+                extra=self._log_extra(
+                    action="finish_task", context=context, status=status, job_result=job_result
+                ),
+            )
+
+    # --- shutting down --------------------------------------------------------------
+
+    async def _shutdown_all(
+        self, side_tasks: list[asyncio.Task[Any]], events_task: asyncio.Task[None]
+    ) -> None:
+        core = self._core
+        assert core is not None and self._fetching_stopped is not None
+        core.stop_fetching()
+        await utils.cancel_and_capture_errors(side_tasks)
+        # A claim in flight when the stop came still hands its jobs over: they run too.
+        await asyncio.wait([self._fetching_stopped, events_task], return_when=asyncio.FIRST_COMPLETED)
+
+        now = time.time()
+        for context in self._running_jobs.values():
+            duration = now - context.start_timestamp
+            self.logger.info(
+                f"Waiting for job to finish: worker: {context.job.call_string} "
+                f"(started {duration:.3f} s ago)",
+                extra=self._log_extra(context=None, action="ending_job", job_result=None),
+            )
+
+        if self._running_jobs and not self._hard_stop.is_set():
+            hard_stop = asyncio.create_task(self._hard_stop.wait())
+            await self._wait_running_jobs(hard_stop)
+            hard_stop.cancel()
+
+        if self._running_jobs:
+            self.logger.info(
+                f"{len(self._running_jobs)} jobs still running after graceful timeout. "
+                "Aborting them",
+                extra=self._log_extra(
+                    action="stop_worker", queues=self.queues, context=None, job_result=None
+                ),
+            )
+            await self._abort_running_jobs()
+
+        try:
+            await core.shutdown()
+        finally:
+            # The event stream ends once the core is shut down; drain its last logs.
+            await events_task
+        logger.debug(f"Unregistered finished worker {self.worker_id} from the database")
+        self.worker_id = None
+        self.logger.info(
+            f"Stopped worker on {utils.queues_display(self.queues)}",
+            extra=self._log_extra(
+                action="stop_worker", queues=self.queues, context=None, job_result=None
+            ),
+        )
+
+    async def _wait_running_jobs(self, hard_stop: asyncio.Task[Any]) -> None:
+        """Wait for the running jobs, until the graceful timeout or a hard stop."""
+        deadline = (
+            None
+            if self.shutdown_graceful_timeout is None
+            else time.monotonic() + self.shutdown_graceful_timeout
+        )
+        while self._running_jobs and not hard_stop.done():
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if timeout == 0.0:
+                return
+            await asyncio.wait(
+                [*self._running_jobs, hard_stop],
+                timeout=timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+async def run_async(app: App, **options: Any) -> None:
+    """Run a fastworker worker for ``app``: ``await app.run_worker_async(...)``, faster.
+
+    Takes procrastinate's ``WorkerOptions`` (merged over ``app.worker_defaults``, as
+    procrastinate does) and fastworker's own (``dsn``, ``reconnect_timeout``,
+    ``max_batch_size``). The app must be open.
+    """
+    app.perform_import_paths()
+    worker = Worker(app=app, **{**app.worker_defaults, **options})
+    await worker.run()
+
+
+def run(app: App, **options: Any) -> None:
+    """Blocking form of `run_async`: opens the app, runs the worker, closes the app."""
+
+    async def main() -> None:
+        async with app.open_async():
+            await run_async(app, **options)
+
+    asyncio.run(main())

@@ -1,0 +1,61 @@
+//! The one error type of the core. The binding maps it to Python exceptions in a single
+//! `From` impl, so every failure reaches Python the same way.
+
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    /// The connection settings could not be understood.
+    #[error("invalid connection settings: {0}")]
+    Config(String),
+
+    /// The database could not be reached (at start, or for longer than the reconnect budget).
+    #[error("cannot connect to PostgreSQL at {target}: {reason}")]
+    Unreachable { target: String, reason: String },
+
+    /// The database answered, but the procrastinate schema is not there.
+    #[error("the procrastinate schema is missing in database {database:?} (run `procrastinate schema --apply`)")]
+    SchemaMissing { database: String },
+
+    /// Connectivity was lost and not regained within the reconnect budget.
+    #[error("lost the connection to PostgreSQL at {target} and could not reconnect within {budget:?}: {reason}")]
+    ConnectionLost {
+        target: String,
+        budget: Duration,
+        reason: String,
+    },
+
+    /// A statement failed for a reason other than connectivity.
+    #[error("{context}: {source}")]
+    Database {
+        context: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+
+    /// The worker was used after `shutdown`.
+    #[error("the worker core is shut down")]
+    ShutDown,
+}
+
+impl CoreError {
+    pub fn database(context: &'static str, source: tokio_postgres::Error) -> Self {
+        CoreError::Database { context, source }
+    }
+}
+
+/// Connectivity errors are retried with backoff; anything else is a real failure.
+pub fn is_connectivity_error(error: &tokio_postgres::Error) -> bool {
+    if error.is_closed() {
+        return true;
+    }
+    if let Some(db_error) = error.as_db_error() {
+        // admin_shutdown, crash_shutdown, cannot_connect_now, and the connection_exception class.
+        let code = db_error.code().code();
+        return code.starts_with("08") || code == "57P01" || code == "57P02" || code == "57P03";
+    }
+    // No server error attached: an I/O error, a closed socket or a protocol desync.
+    true
+}
+
+pub type CoreResult<T> = Result<T, CoreError>;

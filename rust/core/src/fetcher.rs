@@ -1,0 +1,134 @@
+//! The claim: procrastinate's `procrastinate_fetch_job_v2`, for a whole batch in one statement.
+//!
+//! Same rules as the function: status `todo`, the queue filter, `scheduled_at <= now()`,
+//! `priority DESC, id ASC`, the lock rule, `FOR UPDATE SKIP LOCKED`, then `status = 'doing'`
+//! and `worker_id`. The `LIMIT` subtracts the jobs this worker already holds in `doing`, so the
+//! database itself enforces "never more than `concurrency` jobs in `doing`", even if the
+//! core's own bookkeeping were wrong (a lost reply, a completion not yet written).
+
+use tokio_postgres::{Client, Row, Statement};
+
+use crate::errors::{CoreError, CoreResult};
+
+pub const CLAIM_JOBS: &str = "
+WITH candidate AS (
+    SELECT jobs.id
+      FROM procrastinate_jobs AS jobs
+     WHERE NOT EXISTS (
+               SELECT 1
+                 FROM procrastinate_jobs AS other_jobs
+                WHERE jobs.lock IS NOT NULL
+                  AND other_jobs.lock = jobs.lock
+                  AND (
+                        other_jobs.status = 'doing'
+                        OR (
+                            other_jobs.status = 'todo'
+                            AND (
+                                other_jobs.priority > jobs.priority
+                                OR (other_jobs.priority = jobs.priority AND other_jobs.id < jobs.id)
+                            )
+                        )
+                  )
+           )
+       AND jobs.status = 'todo'
+       AND ($1::varchar[] IS NULL OR jobs.queue_name = ANY($1::varchar[]))
+       AND (jobs.scheduled_at IS NULL OR jobs.scheduled_at <= now())
+     ORDER BY jobs.priority DESC, jobs.id ASC
+     LIMIT greatest(0, least($3::bigint, $4::bigint - (
+               SELECT count(*) FROM procrastinate_jobs AS held
+                WHERE held.worker_id = $2::bigint AND held.status = 'doing')))
+       FOR UPDATE OF jobs SKIP LOCKED
+)
+UPDATE procrastinate_jobs AS job
+   SET status = 'doing', worker_id = $2::bigint
+  FROM candidate
+ WHERE job.id = candidate.id
+RETURNING job.id, job.status::text, job.task_name, job.priority, job.lock, job.queueing_lock,
+          job.args::text, (extract(epoch FROM job.scheduled_at) * 1000000)::bigint,
+          job.queue_name, job.attempts, job.worker_id";
+
+/// One claimed job, as the runner needs it. `args` stays JSON text: the runner parses it
+/// with its own JSON decoder, which is faster than building objects field by field.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobRow {
+    pub id: i64,
+    pub status: String,
+    pub task_name: String,
+    pub priority: i32,
+    pub lock: Option<String>,
+    pub queueing_lock: Option<String>,
+    pub args: String,
+    /// Microseconds since the Unix epoch.
+    pub scheduled_at_us: Option<i64>,
+    pub queue_name: String,
+    pub attempts: i32,
+    pub worker_id: Option<i64>,
+}
+
+impl JobRow {
+    pub fn from_row(row: &Row) -> Result<JobRow, tokio_postgres::Error> {
+        Ok(JobRow {
+            id: row.try_get(0)?,
+            status: row.try_get(1)?,
+            task_name: row.try_get(2)?,
+            priority: row.try_get(3)?,
+            lock: row.try_get(4)?,
+            queueing_lock: row.try_get(5)?,
+            args: row.try_get(6)?,
+            scheduled_at_us: row.try_get(7)?,
+            queue_name: row.try_get(8)?,
+            attempts: row.try_get(9)?,
+            worker_id: row.try_get(10)?,
+        })
+    }
+}
+
+pub struct Fetcher {
+    statement: Statement,
+    queues: Option<Vec<String>>,
+    worker_id: i64,
+    concurrency: i64,
+}
+
+impl Fetcher {
+    pub async fn prepare(
+        client: &Client,
+        queues: Option<Vec<String>>,
+        worker_id: i64,
+        concurrency: usize,
+    ) -> CoreResult<Self> {
+        let statement = client
+            .prepare(CLAIM_JOBS)
+            .await
+            .map_err(|error| CoreError::database("preparing the claim statement", error))?;
+        Ok(Fetcher {
+            statement,
+            queues,
+            worker_id,
+            concurrency: i64::try_from(concurrency).unwrap_or(i64::MAX),
+        })
+    }
+
+    /// Claim up to `limit` jobs, in the order procrastinate would have fetched them one by one.
+    pub async fn claim(
+        &self,
+        client: &Client,
+        limit: usize,
+    ) -> Result<Vec<JobRow>, tokio_postgres::Error> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = client
+            .query(
+                &self.statement,
+                &[&self.queues, &self.worker_id, &limit, &self.concurrency],
+            )
+            .await?;
+        let mut jobs = rows
+            .iter()
+            .map(JobRow::from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        // UPDATE ... RETURNING does not keep the candidate order; restore it so jobs start
+        // in the order procrastinate's one-by-one fetch would start them.
+        jobs.sort_unstable_by(|a, b| b.priority.cmp(&a.priority).then(a.id.cmp(&b.id)));
+        Ok(jobs)
+    }
+}

@@ -1,0 +1,115 @@
+//! The channel from the core to the runner. Jobs cross it in batches (one wake-up of the
+//! runner per batch, never one per job), together with abort requests, the end of a
+//! `wait=False` drain, log records and a fatal error, in the order they happened.
+
+use tokio::sync::{mpsc, Mutex};
+
+use crate::errors::CoreError;
+use crate::fetcher::JobRow;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogLevel {
+    Debug,
+    Info,
+    Warning,
+    Error,
+}
+
+/// A log record for the runner's logging system; `action` is procrastinate's `action` extra.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogRecord {
+    pub level: LogLevel,
+    pub action: &'static str,
+    pub message: String,
+    pub job_id: Option<i64>,
+}
+
+#[derive(Debug)]
+pub enum HandoffEvent {
+    /// Claimed jobs, in start order. Each must be completed exactly once.
+    Jobs(Vec<JobRow>),
+    /// The database asked to abort these jobs (held by this worker).
+    Abort(Vec<i64>),
+    /// `wait=False` and the queue is empty: the core has stopped claiming.
+    Drained,
+    /// The dispatcher will claim nothing more; every claimed job was handed over before this.
+    FetchingStopped,
+    Log(LogRecord),
+    /// The core cannot go on; the runner should stop and raise it.
+    Fatal(CoreError),
+}
+
+#[derive(Clone)]
+pub struct HandoffSender {
+    sender: mpsc::UnboundedSender<HandoffEvent>,
+}
+
+impl HandoffSender {
+    pub fn send(&self, event: HandoffEvent) {
+        // A closed channel means the runner is gone; the event has nobody to go to.
+        let _ = self.sender.send(event);
+    }
+
+    pub fn log(&self, level: LogLevel, action: &'static str, message: impl Into<String>) {
+        self.send(HandoffEvent::Log(LogRecord {
+            level,
+            action,
+            message: message.into(),
+            job_id: None,
+        }));
+    }
+
+    pub fn log_job(
+        &self,
+        level: LogLevel,
+        action: &'static str,
+        job_id: i64,
+        message: impl Into<String>,
+    ) {
+        self.send(HandoffEvent::Log(LogRecord {
+            level,
+            action,
+            message: message.into(),
+            job_id: Some(job_id),
+        }));
+    }
+}
+
+pub struct HandoffReceiver {
+    receiver: Mutex<mpsc::UnboundedReceiver<HandoffEvent>>,
+}
+
+impl HandoffReceiver {
+    /// Wait for at least one event and return every event already queued, or `None` once
+    /// the core has stopped and everything was delivered. Cancel-safe: an event is only
+    /// taken out of the channel by a call that returns it.
+    pub async fn next_events(&self, max: usize) -> Option<Vec<HandoffEvent>> {
+        let mut receiver = self.receiver.lock().await;
+        let mut events = Vec::new();
+        if receiver.recv_many(&mut events, max.max(1)).await == 0 {
+            return None;
+        }
+        Some(events)
+    }
+
+    /// Whatever is queued now, without waiting.
+    pub fn try_events(&self) -> Vec<HandoffEvent> {
+        let mut events = Vec::new();
+        if let Ok(mut receiver) = self.receiver.try_lock() {
+            while let Ok(event) = receiver.try_recv() {
+                events.push(event);
+            }
+        }
+        events
+    }
+}
+
+pub fn channel() -> (HandoffSender, HandoffReceiver) {
+    let (sender, receiver) = mpsc::unbounded_channel();
+    (
+        HandoffSender { sender },
+        HandoffReceiver {
+            receiver: Mutex::new(receiver),
+        },
+    )
+}

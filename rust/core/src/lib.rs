@@ -1,0 +1,31 @@
+//! fastworker's core: claims procrastinate jobs in batches, hands them over a channel to
+//! whoever runs them (the Python layer), and writes their outcomes back in batches.
+//!
+//! Roles, one file each:
+//! - [`listener`]: the LISTEN connection; turns notifications into wake-ups and abort requests.
+//! - [`fetcher`]: the claim statement (procrastinate's fetch rules, for a whole batch).
+//! - [`completer`]: the batched terminal write (finish / retry / delete).
+//! - [`dispatcher`]: the loop that owns the job connection and decides when to claim and flush.
+//! - [`handoff`]: the channel of job batches and abort requests to the runner.
+//! - [`registry`]: worker registration, heartbeat, stalled-worker pruning, abort polling.
+//! - [`connect`]: connection settings, connecting with backoff, redacted descriptions.
+//! - [`errors`]: the one error enum.
+//! - [`worker`]: [`worker::WorkerCore`], which starts and stops all of the above.
+
+pub mod completer;
+pub mod config;
+pub mod connect;
+pub mod dispatcher;
+pub mod errors;
+pub mod fetcher;
+pub mod handoff;
+pub mod listener;
+pub mod registry;
+pub mod worker;
+
+pub use completer::{Completion, Outcome};
+pub use config::WorkerConfig;
+pub use errors::{CoreError, CoreResult};
+pub use fetcher::JobRow;
+pub use handoff::{HandoffEvent, LogLevel, LogRecord};
+pub use worker::WorkerCore;

@@ -1,0 +1,192 @@
+//! [`WorkerCore`]: starts the roles, takes completions from the runner, stops them in order.
+//!
+//! Start: connect (a clear error if the database is unreachable or the schema missing),
+//! prune stalled workers, register, then spawn the dispatcher, the listener and the
+//! registry duties. Stop, in two steps like procrastinate's worker: [`WorkerCore::stop_fetching`]
+//! (no new claims, running jobs go on) and [`WorkerCore::shutdown`] (every completion
+//! written, background duties stopped, worker unregistered).
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinHandle;
+
+use crate::completer::Completion;
+use crate::config::WorkerConfig;
+use crate::connect::ConnectionTarget;
+use crate::dispatcher::Dispatcher;
+use crate::errors::{CoreError, CoreResult};
+use crate::handoff::{self, HandoffEvent, HandoffReceiver, LogLevel};
+use crate::listener::{self, Listener};
+use crate::registry::{self, Registry};
+
+struct Running {
+    dispatcher: JoinHandle<()>,
+    listener: Option<JoinHandle<()>>,
+    registry: JoinHandle<Registry>,
+    stop_background: watch::Sender<bool>,
+}
+
+pub struct WorkerCore {
+    worker_id: i64,
+    pruned_workers: Vec<i64>,
+    completions: Mutex<Option<mpsc::UnboundedSender<Completion>>>,
+    stop_fetching: watch::Sender<bool>,
+    events: HandoffReceiver,
+    running: tokio::sync::Mutex<Option<Running>>,
+}
+
+impl WorkerCore {
+    /// Connect, prune, register and start. Must run inside a tokio runtime.
+    pub async fn start(config: WorkerConfig) -> CoreResult<WorkerCore> {
+        if config.concurrency == 0 {
+            return Err(CoreError::Config("concurrency must be at least 1".into()));
+        }
+        let config = Arc::new(config);
+        let target = ConnectionTarget::parse(&config.conninfo)?;
+
+        let maintenance = target.connect().await?;
+        registry::check_schema(&target, &maintenance).await?;
+        let pruned_workers =
+            registry::prune_stalled_workers(&maintenance, config.stalled_worker_timeout).await?;
+        let worker_id = registry::register_worker(&maintenance).await?;
+        let job_connection = target.connect().await?;
+
+        let (handoff, events) = handoff::channel();
+        let (completions_sender, completions) = mpsc::unbounded_channel();
+        let (stop_fetching, stop_fetching_receiver) = watch::channel(false);
+        let (stop_background, stop_background_receiver) = watch::channel(false);
+        let wake = Arc::new(Notify::new());
+        let in_flight = Arc::new(AtomicUsize::new(0));
+
+        let dispatcher = Dispatcher {
+            target: target.clone(),
+            config: config.clone(),
+            worker_id,
+            completions,
+            wake: wake.clone(),
+            stop_fetching: stop_fetching_receiver,
+            handoff: handoff.clone(),
+            in_flight_count: in_flight.clone(),
+        };
+        let fatal = handoff.clone();
+        let dispatcher = tokio::spawn(async move {
+            if let Err(error) = dispatcher.run(job_connection).await {
+                fatal.send(HandoffEvent::Fatal(error));
+                // Nothing more will be claimed: let the runner's shutdown go on.
+                fatal.send(HandoffEvent::FetchingStopped);
+            }
+        });
+
+        let listener = if config.listen_notify {
+            let listener = Listener {
+                target: target.clone(),
+                channels: listener::channels(config.queues.as_deref()),
+                wake,
+                handoff: handoff.clone(),
+                stop: stop_background_receiver.clone(),
+                reconnect_timeout: config.reconnect_timeout,
+            };
+            let fatal = handoff.clone();
+            Some(tokio::spawn(async move {
+                if let Err(error) = listener.run().await {
+                    fatal.send(HandoffEvent::Fatal(error));
+                }
+            }))
+        } else {
+            None
+        };
+
+        let registry = Registry {
+            target,
+            client: maintenance,
+            worker_id,
+            handoff: handoff.clone(),
+            in_flight,
+            heartbeat_interval: config.update_heartbeat_interval,
+            abort_polling_interval: config.abort_job_polling_interval,
+            stop: stop_background_receiver,
+        };
+        let registry = tokio::spawn(registry.run());
+        drop(handoff);
+
+        Ok(WorkerCore {
+            worker_id,
+            pruned_workers,
+            completions: Mutex::new(Some(completions_sender)),
+            stop_fetching,
+            events,
+            running: tokio::sync::Mutex::new(Some(Running {
+                dispatcher,
+                listener,
+                registry,
+                stop_background,
+            })),
+        })
+    }
+
+    pub fn worker_id(&self) -> i64 {
+        self.worker_id
+    }
+
+    pub fn pruned_workers(&self) -> &[i64] {
+        &self.pruned_workers
+    }
+
+    /// Record how a claimed job ended. Never blocks; the dispatcher writes it in its next batch.
+    pub fn complete(&self, completion: Completion) -> CoreResult<()> {
+        let guard = self.completions.lock().map_err(|_| CoreError::ShutDown)?;
+        match guard.as_ref() {
+            Some(sender) => sender.send(completion).map_err(|_| CoreError::ShutDown),
+            None => Err(CoreError::ShutDown),
+        }
+    }
+
+    /// Stop claiming jobs, at once. Completions are still written.
+    pub fn stop_fetching(&self) {
+        let _ = self.stop_fetching.send(true);
+    }
+
+    /// Wait for the next events; `None` once the core is shut down and all was delivered.
+    pub async fn next_events(&self, max: usize) -> Option<Vec<HandoffEvent>> {
+        self.events.next_events(max).await
+    }
+
+    /// Events already queued, without waiting.
+    pub fn try_events(&self) -> Vec<HandoffEvent> {
+        self.events.try_events()
+    }
+
+    /// Write every reported completion, stop everything, unregister the worker.
+    /// Jobs claimed but never completed stay `doing` (as a killed worker's would).
+    pub async fn shutdown(&self) -> CoreResult<()> {
+        self.stop_fetching();
+        if let Ok(mut completions) = self.completions.lock() {
+            completions.take();
+        }
+        let Some(running) = self.running.lock().await.take() else {
+            return Ok(());
+        };
+        // The dispatcher exits once every completion is written (or on a fatal error,
+        // which it has already handed over).
+        let _ = running.dispatcher.await;
+        let _ = running.stop_background.send(true);
+        if let Some(listener) = running.listener {
+            let _ = listener.await;
+        }
+        let mut registry = running
+            .registry
+            .await
+            .map_err(|_| CoreError::Config("the registry task panicked".into()))?;
+        let result = registry.unregister().await;
+        if let Err(error) = &result {
+            registry.handoff.log(
+                LogLevel::Warning,
+                "unregister_failed",
+                format!("Could not unregister worker {}: {error}", self.worker_id),
+            );
+        }
+        result
+    }
+}

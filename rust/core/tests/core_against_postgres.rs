@@ -1,0 +1,364 @@
+//! The core against a real PostgreSQL with procrastinate's schema, no Python involved.
+//! Each test creates its own database and drops it at the end.
+//! `FASTWORKER_TEST_DSN` points at a server where we may create databases
+//! (default: `host=127.0.0.1 user=postgres dbname=postgres`).
+
+use std::time::Duration;
+
+use fastworker_core::{Completion, HandoffEvent, JobRow, Outcome, WorkerConfig, WorkerCore};
+use tokio_postgres::{Client, NoTls};
+
+const SCHEMA: &str = include_str!("fixtures/procrastinate_schema.sql");
+
+fn admin_dsn() -> String {
+    std::env::var("FASTWORKER_TEST_DSN")
+        .unwrap_or_else(|_| "host=127.0.0.1 user=postgres dbname=postgres".to_string())
+}
+
+async fn connect(dsn: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(dsn, NoTls)
+        .await
+        .expect("PostgreSQL must be reachable for these tests");
+    tokio::spawn(connection);
+    client
+}
+
+/// DROP/CREATE DATABASE refuse to run inside the implicit transaction of a multi-statement
+/// batch, so they go one by one.
+async fn recreate_database(admin: &Client, name: &str) {
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await
+        .expect("drop old database");
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create database");
+}
+
+struct TestDatabase {
+    name: String,
+    dsn: String,
+    client: Client,
+}
+
+impl TestDatabase {
+    async fn create(label: &str) -> TestDatabase {
+        let name = format!("fw_core_{label}_{}", std::process::id());
+        let admin = connect(&admin_dsn()).await;
+        recreate_database(&admin, &name).await;
+        let dsn = format!(
+            "{} dbname={name}",
+            admin_dsn().replace("dbname=postgres", "")
+        );
+        let client = connect(&dsn).await;
+        client
+            .batch_execute(SCHEMA)
+            .await
+            .expect("apply procrastinate schema");
+        TestDatabase { name, dsn, client }
+    }
+
+    async fn defer(&self, task: &str, queue: &str, priority: i32, lock: Option<&str>) -> i64 {
+        self.client
+            .query_one(
+                "INSERT INTO procrastinate_jobs (queue_name, task_name, priority, lock, args)
+                 VALUES ($1, $2, $3, $4, '{\"a\": 1}') RETURNING id",
+                &[&queue, &task, &priority, &lock],
+            )
+            .await
+            .expect("insert job")
+            .get(0)
+    }
+
+    async fn status(&self, job_id: i64) -> (String, i32) {
+        let row = self
+            .client
+            .query_one(
+                "SELECT status::text, attempts FROM procrastinate_jobs WHERE id = $1",
+                &[&job_id],
+            )
+            .await
+            .expect("job row");
+        (row.get(0), row.get(1))
+    }
+
+    async fn events(&self, job_id: i64) -> Vec<String> {
+        self.client
+            .query(
+                "SELECT type::text FROM procrastinate_events WHERE job_id = $1 ORDER BY id",
+                &[&job_id],
+            )
+            .await
+            .expect("events")
+            .iter()
+            .map(|row| row.get(0))
+            .collect()
+    }
+
+    async fn drop_database(self) {
+        drop(self.client);
+        let admin = connect(&admin_dsn()).await;
+        admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .await
+            .expect("drop database");
+    }
+}
+
+fn config(db: &TestDatabase, concurrency: usize) -> WorkerConfig {
+    let mut config = WorkerConfig::new(db.dsn.clone());
+    config.concurrency = concurrency;
+    config.wait = true;
+    config.fetch_job_polling_interval = Duration::from_millis(100);
+    config
+}
+
+/// Wait for the next batch of jobs, skipping logs.
+async fn next_jobs(core: &WorkerCore) -> Vec<JobRow> {
+    loop {
+        let events = tokio::time::timeout(Duration::from_secs(20), core.next_events(100))
+            .await
+            .expect("jobs should arrive")
+            .expect("core still running");
+        let mut jobs = Vec::new();
+        for event in events {
+            match event {
+                HandoffEvent::Jobs(batch) => jobs.extend(batch),
+                HandoffEvent::Fatal(error) => panic!("fatal: {error}"),
+                _ => {}
+            }
+        }
+        if !jobs.is_empty() {
+            return jobs;
+        }
+    }
+}
+
+fn succeeded(job_id: i64) -> Completion {
+    Completion {
+        job_id,
+        outcome: Outcome::Finish {
+            status: "succeeded".into(),
+            delete: false,
+        },
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_never_exceed_concurrency_and_outcomes_are_written() {
+    let db = TestDatabase::create("concurrency").await;
+    let mut ids = Vec::new();
+    for _ in 0..25 {
+        ids.push(db.defer("t", "default", 0, None).await);
+    }
+    let core = WorkerCore::start(config(&db, 10)).await.expect("start");
+    let mut done = 0;
+    while done < 25 {
+        let jobs = next_jobs(&core).await;
+        let doing: i64 = db
+            .client
+            .query_one(
+                "SELECT count(*) FROM procrastinate_jobs WHERE status = 'doing'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(doing <= 10, "{doing} jobs in doing with concurrency 10");
+        for job in jobs {
+            assert_eq!(job.status, "doing");
+            assert_eq!(job.worker_id, Some(core.worker_id()));
+            assert_eq!(job.args, "{\"a\": 1}");
+            core.complete(succeeded(job.id)).unwrap();
+            done += 1;
+        }
+    }
+    core.shutdown().await.expect("shutdown");
+    for id in ids {
+        assert_eq!(db.status(id).await, ("succeeded".to_string(), 1));
+        assert_eq!(
+            db.events(id).await,
+            vec!["deferred", "started", "succeeded"]
+        );
+    }
+    let workers: i64 = db
+        .client
+        .query_one("SELECT count(*) FROM procrastinate_workers", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(workers, 0, "the worker unregisters at shutdown");
+    db.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priority_order_and_the_lock_rule_hold_in_a_batch() {
+    let db = TestDatabase::create("locks").await;
+    let low = db.defer("t", "default", 0, None).await;
+    let high = db.defer("t", "default", 5, None).await;
+    let locked_first = db.defer("t", "default", 0, Some("L")).await;
+    let locked_second = db.defer("t", "default", 0, Some("L")).await;
+    let core = WorkerCore::start(config(&db, 10)).await.expect("start");
+    let jobs = next_jobs(&core).await;
+    let claimed: Vec<i64> = jobs.iter().map(|job| job.id).collect();
+    // Same-lock jobs never run together: the second waits for the first.
+    assert_eq!(claimed, vec![high, low, locked_first]);
+    for job in &jobs {
+        core.complete(succeeded(job.id)).unwrap();
+    }
+    let jobs = next_jobs(&core).await;
+    assert_eq!(
+        jobs.iter().map(|job| job.id).collect::<Vec<_>>(),
+        vec![locked_second]
+    );
+    core.complete(succeeded(locked_second)).unwrap();
+    core.shutdown().await.expect("shutdown");
+    db.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_and_delete_follow_procrastinate_functions() {
+    let db = TestDatabase::create("retry").await;
+    let retried = db.defer("t", "default", 0, None).await;
+    let deleted = db.defer("t", "default", 0, None).await;
+    let failed = db.defer("t", "default", 0, None).await;
+    let mut config = config(&db, 10);
+    config.queues = Some(vec!["default".into()]);
+    let core = WorkerCore::start(config).await.expect("start");
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        seen.extend(next_jobs(&core).await.into_iter().map(|job| job.id));
+    }
+    core.complete(Completion {
+        job_id: retried,
+        outcome: Outcome::Retry {
+            retry_at: Some("2999-01-01T00:00:00+00:00".into()),
+            priority: Some(7),
+            queue: Some("elsewhere".into()),
+            lock: None,
+        },
+    })
+    .unwrap();
+    core.complete(Completion {
+        job_id: deleted,
+        outcome: Outcome::Finish {
+            status: "succeeded".into(),
+            delete: true,
+        },
+    })
+    .unwrap();
+    core.complete(Completion {
+        job_id: failed,
+        outcome: Outcome::Finish {
+            status: "failed".into(),
+            delete: false,
+        },
+    })
+    .unwrap();
+    core.shutdown().await.expect("shutdown");
+
+    let row = db
+        .client
+        .query_one(
+            "SELECT status::text, attempts, priority, queue_name, scheduled_at > now() FROM procrastinate_jobs WHERE id = $1",
+            &[&retried],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "todo");
+    assert_eq!(row.get::<_, i32>(1), 1);
+    assert_eq!(row.get::<_, i32>(2), 7);
+    assert_eq!(row.get::<_, String>(3), "elsewhere");
+    assert!(row.get::<_, bool>(4));
+    // As with procrastinate's own functions: `scheduled` fires before `deferred_for_retry`
+    // (trigger name order), and once more when unregistering the worker nulls the job's
+    // worker_id (the scheduled-events trigger fires on any UPDATE of a scheduled todo job).
+    assert_eq!(
+        db.events(retried).await,
+        vec![
+            "deferred",
+            "started",
+            "scheduled",
+            "deferred_for_retry",
+            "scheduled"
+        ]
+    );
+    let gone: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FROM procrastinate_jobs WHERE id = $1",
+            &[&deleted],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(gone, 0);
+    assert_eq!(db.status(failed).await, ("failed".to_string(), 1));
+    db.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_false_reports_drained() {
+    let db = TestDatabase::create("drain").await;
+    let only = db.defer("t", "default", 0, None).await;
+    let mut config = config(&db, 4);
+    config.wait = false;
+    let core = WorkerCore::start(config).await.expect("start");
+    let mut drained = false;
+    let mut claimed = Vec::new();
+    while !drained {
+        for event in core.next_events(100).await.expect("running") {
+            match event {
+                HandoffEvent::Jobs(jobs) => claimed.extend(jobs.into_iter().map(|job| job.id)),
+                HandoffEvent::Drained => drained = true,
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(claimed, vec![only]);
+    core.complete(succeeded(only)).unwrap();
+    core.shutdown().await.expect("shutdown");
+    assert_eq!(db.status(only).await.0, "succeeded");
+    db.drop_database().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_database_is_a_clear_error_without_the_password() {
+    let mut config = WorkerConfig::new(
+        "host=127.0.0.1 port=1 user=u password=topsecret dbname=x connect_timeout=2",
+    );
+    config.concurrency = 1;
+    let error = WorkerCore::start(config).await.err().expect("must fail");
+    let message = error.to_string();
+    assert!(message.contains("127.0.0.1:1"), "{message}");
+    assert!(!message.contains("topsecret"), "{message}");
+}
+
+#[tokio::test]
+async fn a_database_without_the_schema_is_refused() {
+    let name = format!("fw_core_noschema_{}", std::process::id());
+    let admin = connect(&admin_dsn()).await;
+    recreate_database(&admin, &name).await;
+    let dsn = format!(
+        "{} dbname={name}",
+        admin_dsn().replace("dbname=postgres", "")
+    );
+    let error = WorkerCore::start(WorkerConfig::new(dsn))
+        .await
+        .err()
+        .expect("must fail");
+    assert!(
+        error
+            .to_string()
+            .contains("procrastinate schema is missing"),
+        "{error}"
+    );
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await
+        .unwrap();
+}
