@@ -12,13 +12,16 @@ use crate::errors::{CoreError, CoreResult};
 
 pub const CLAIM_JOBS: &str = "
 WITH candidate AS (
-    SELECT jobs.id
+    SELECT jobs.id, jobs.priority
       FROM procrastinate_jobs AS jobs
-     WHERE NOT EXISTS (
+     -- procrastinate's lock rule. Written as `lock IS NULL OR NOT EXISTS` (the same truth
+     -- table as its `NOT EXISTS (... jobs.lock IS NOT NULL ...)`) so the planner keeps it a
+     -- per-row subplan, run only for locked candidates, instead of a hash anti-join that
+     -- reads every job of the table on each claim.
+     WHERE (jobs.lock IS NULL OR NOT EXISTS (
                SELECT 1
                  FROM procrastinate_jobs AS other_jobs
-                WHERE jobs.lock IS NOT NULL
-                  AND other_jobs.lock = jobs.lock
+                WHERE other_jobs.lock = jobs.lock
                   AND (
                         other_jobs.status = 'doing'
                         OR (
@@ -29,20 +32,27 @@ WITH candidate AS (
                             )
                         )
                   )
-           )
+           ))
        AND jobs.status = 'todo'
        AND ($1::varchar[] IS NULL OR jobs.queue_name = ANY($1::varchar[]))
        AND (jobs.scheduled_at IS NULL OR jobs.scheduled_at <= now())
      ORDER BY jobs.priority DESC, jobs.id ASC
-     LIMIT greatest(0, least($3::bigint, $4::bigint - (
-               SELECT count(*) FROM procrastinate_jobs AS held
-                WHERE held.worker_id = $2::bigint AND held.status = 'doing')))
+     -- A plain parameter: the planner sees the value and walks the priority index. (An
+     -- expression here made it sort the whole table: 20 ms per claim on 20,000 jobs.)
+     LIMIT $3::bigint
        FOR UPDATE OF jobs SKIP LOCKED
+), allowed AS (
+    SELECT candidate.id
+      FROM candidate
+     ORDER BY candidate.priority DESC, candidate.id ASC
+     LIMIT greatest(0, $4::bigint - (
+               SELECT count(*) FROM procrastinate_jobs AS held
+                WHERE held.worker_id = $2::bigint AND held.status = 'doing'))
 )
 UPDATE procrastinate_jobs AS job
    SET status = 'doing', worker_id = $2::bigint
-  FROM candidate
- WHERE job.id = candidate.id
+  FROM allowed
+ WHERE job.id = allowed.id
 RETURNING job.id, job.status::text, job.task_name, job.priority, job.lock, job.queueing_lock,
           job.args::text, (extract(epoch FROM job.scheduled_at) * 1000000)::bigint,
           job.queue_name, job.attempts, job.worker_id";
