@@ -70,7 +70,12 @@ class Worker(procrastinate_worker.Worker):
       does not expose its settings;
     - ``reconnect_timeout``: how long the database may be unreachable before the worker
       stops with `fastworker.ConnectionLost` (seconds, default 60);
-    - ``max_batch_size``: the most jobs claimed by one statement (default 500).
+    - ``max_batch_size``: the most jobs claimed by one statement (default 500);
+    - ``recover_stalled_jobs``: when pruning stalled workers (at start, and then every
+      ``stalled_worker_timeout``), put the jobs they held in ``doing`` back to run, with
+      procrastinate's retry semantics (``procrastinate_retry_job_v2``: event
+      ``deferred_for_retry``, attempts + 1). Default False: like procrastinate, a pruned
+      worker's jobs stay ``doing``.
     """
 
     def __init__(
@@ -80,6 +85,7 @@ class Worker(procrastinate_worker.Worker):
         dsn: str | None = None,
         reconnect_timeout: float = 60.0,
         max_batch_size: int = 500,
+        recover_stalled_jobs: bool = False,
         **options: Any,
     ):
         super().__init__(app=app, **options)
@@ -88,6 +94,16 @@ class Worker(procrastinate_worker.Worker):
         self._dsn = dsn
         self.reconnect_timeout = reconnect_timeout
         self.max_batch_size = max_batch_size
+        self.recover_stalled_jobs = recover_stalled_jobs
+        if recover_stalled_jobs and self.update_heartbeat_interval >= self.stalled_worker_timeout:
+            # Live workers would look stalled between two heartbeats: their running jobs
+            # would be put back to run elsewhere, i.e. run twice.
+            logger.warning(
+                f"recover_stalled_jobs with update_heartbeat_interval "
+                f"({self.update_heartbeat_interval} s) >= stalled_worker_timeout "
+                f"({self.stalled_worker_timeout} s): live workers will look stalled",
+                extra={"action": "stalled_worker_timeout_too_short"},
+            )
         self._core: _core.WorkerCore | None = None
         self._hard_stop = asyncio.Event()
         self._fetching_stopped: asyncio.Future[None] | None = None
@@ -187,11 +203,14 @@ class Worker(procrastinate_worker.Worker):
             stalled_worker_timeout=self.stalled_worker_timeout,
             reconnect_timeout=self.reconnect_timeout,
             max_batch_size=self.max_batch_size,
+            recover_stalled_jobs=self.recover_stalled_jobs,
         )
         self._core = core
         self.worker_id = core.worker_id
         if core.pruned_workers:
             logger.debug(f"Pruned stalled workers: {', '.join(map(str, core.pruned_workers))}")
+        if core.recovered_jobs:
+            logger.debug(f"Recovered stalled jobs: {', '.join(map(str, core.recovered_jobs))}")
         logger.debug(f"Registered worker {self.worker_id} in the database")
         if self._stop_event.is_set():
             core.stop_fetching()
@@ -309,22 +328,35 @@ class Worker(procrastinate_worker.Worker):
         # Handed to the core, which writes it in its next batch; never blocks.
         core = self._core
         assert core is not None and job.id is not None
-        if retry_decision:
-            retry_at = retry_decision.retry_at
-            core.retry(
-                job.id,
-                retry_at.isoformat() if retry_at else None,
-                retry_decision.priority,
-                retry_decision.queue,
-                retry_decision.lock,
+        try:
+            if retry_decision:
+                retry_at = retry_decision.retry_at
+                core.retry(
+                    job.id,
+                    retry_at.isoformat() if retry_at else None,
+                    retry_decision.priority,
+                    retry_decision.queue,
+                    retry_decision.lock,
+                )
+            else:
+                delete_job = {
+                    jobs.DeleteJobCondition.ALWAYS: True,
+                    jobs.DeleteJobCondition.NEVER: False,
+                    jobs.DeleteJobCondition.SUCCESSFUL: status == jobs.Status.SUCCEEDED,
+                }[self.delete_jobs]
+                core.finish(job.id, status.value, delete_job)
+        except _core.WorkerShutDown:
+            # The core stopped on a fatal error (already logged and raised by run()):
+            # nothing can write this outcome any more; the job stays `doing`, like a
+            # killed worker's, for stalled-job recovery.
+            self.logger.error(
+                f"Could not record the end of job {job.call_string} ({status.value}): "
+                "the worker core has stopped; the job stays in doing",
+                extra=self._log_extra(
+                    action="finish_task_failed", context=context, job_result=job_result
+                ),
             )
-        else:
-            delete_job = {
-                jobs.DeleteJobCondition.ALWAYS: True,
-                jobs.DeleteJobCondition.NEVER: False,
-                jobs.DeleteJobCondition.SUCCESSFUL: status == jobs.Status.SUCCEEDED,
-            }[self.delete_jobs]
-            core.finish(job.id, status.value, delete_job)
+            return
         self._job_ids_to_abort.pop(job.id, None)
         if self.logger.isEnabledFor(logging.DEBUG):
             self.logger.debug(
@@ -414,7 +446,7 @@ async def run_async(app: App, **options: Any) -> None:
 
     Takes procrastinate's ``WorkerOptions`` (merged over ``app.worker_defaults``, as
     procrastinate does) and fastworker's own (``dsn``, ``reconnect_timeout``,
-    ``max_batch_size``). The app must be open.
+    ``max_batch_size``, ``recover_stalled_jobs``). The app must be open.
     """
     app.perform_import_paths()
     worker = Worker(app=app, **{**app.worker_defaults, **options})

@@ -20,6 +20,10 @@ pub struct WorkerConfig {
     pub stalled_worker_timeout: Duration,
     /// How long connectivity may be lost before the core gives up with a fatal error.
     pub reconnect_timeout: Duration,
+    /// Not in procrastinate: at start (and every `stalled_worker_timeout`), put the `doing`
+    /// jobs of the stalled workers it prunes back to `todo` (`procrastinate_retry_job_v2`).
+    /// Off by default, like procrastinate, whose pruned workers' jobs stay `doing`.
+    pub recover_stalled_jobs: bool,
     /// Upper bound of a claimed batch, whatever the free slots (keeps statements short).
     pub max_batch_size: usize,
 }
@@ -37,6 +41,7 @@ impl WorkerConfig {
             update_heartbeat_interval: Duration::from_secs(10),
             stalled_worker_timeout: Duration::from_secs(30),
             reconnect_timeout: Duration::from_secs(60),
+            recover_stalled_jobs: false,
             max_batch_size: 500,
         }
     }

@@ -26,7 +26,7 @@ pub enum CoreError {
     },
 
     /// A statement failed for a reason other than connectivity.
-    #[error("{context}: {source}")]
+    #[error("{context}: {}", describe_postgres_error(.source))]
     Database {
         context: &'static str,
         #[source]
@@ -41,6 +41,19 @@ pub enum CoreError {
 impl CoreError {
     pub fn database(context: &'static str, source: tokio_postgres::Error) -> Self {
         CoreError::Database { context, source }
+    }
+}
+
+/// tokio-postgres shows a server error as just "db error"; say what the server said.
+pub fn describe_postgres_error(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db_error) => format!(
+            "{} {}: {}",
+            db_error.severity(),
+            db_error.code().code(),
+            db_error.message()
+        ),
+        None => error.to_string(),
     }
 }
 

@@ -31,7 +31,8 @@ struct Running {
 pub struct WorkerCore {
     worker_id: i64,
     pruned_workers: Vec<i64>,
-    completions: Mutex<Option<mpsc::UnboundedSender<Completion>>>,
+    recovered_jobs: Vec<i64>,
+    completions: Mutex<Option<mpsc::UnboundedSender<Vec<Completion>>>>,
     stop_fetching: watch::Sender<bool>,
     events: HandoffReceiver,
     running: tokio::sync::Mutex<Option<Running>>,
@@ -46,14 +47,27 @@ impl WorkerCore {
         let config = Arc::new(config);
         let target = ConnectionTarget::parse(&config.conninfo)?;
 
-        let maintenance = target.connect().await?;
+        let mut maintenance = target.connect().await?;
         registry::check_schema(&target, &maintenance).await?;
-        let pruned_workers =
-            registry::prune_stalled_workers(&maintenance, config.stalled_worker_timeout).await?;
+        let (handoff, events) = handoff::channel();
+        let (pruned_workers, recovered_jobs) = if config.recover_stalled_jobs {
+            let recovery = registry::prune_and_recover_stalled_jobs(
+                &mut maintenance,
+                config.stalled_worker_timeout,
+                None,
+            )
+            .await?;
+            registry::log_recovery(&handoff, &recovery);
+            (recovery.pruned_workers, recovery.retried)
+        } else {
+            let pruned =
+                registry::prune_stalled_workers(&maintenance, config.stalled_worker_timeout)
+                    .await?;
+            (pruned, Vec::new())
+        };
         let worker_id = registry::register_worker(&maintenance).await?;
         let job_connection = target.connect().await?;
 
-        let (handoff, events) = handoff::channel();
         let (completions_sender, completions) = mpsc::unbounded_channel();
         let (stop_fetching, stop_fetching_receiver) = watch::channel(false);
         let (stop_background, stop_background_receiver) = watch::channel(false);
@@ -83,7 +97,7 @@ impl WorkerCore {
             let listener = Listener {
                 target: target.clone(),
                 channels: listener::channels(config.queues.as_deref()),
-                wake,
+                wake: wake.clone(),
                 handoff: handoff.clone(),
                 stop: stop_background_receiver.clone(),
                 reconnect_timeout: config.reconnect_timeout,
@@ -107,6 +121,10 @@ impl WorkerCore {
             heartbeat_interval: config.update_heartbeat_interval,
             abort_polling_interval: config.abort_job_polling_interval,
             stop: stop_background_receiver,
+            recover_stalled: config
+                .recover_stalled_jobs
+                .then_some(config.stalled_worker_timeout),
+            wake,
         };
         let registry = tokio::spawn(registry.run());
         drop(handoff);
@@ -114,6 +132,7 @@ impl WorkerCore {
         Ok(WorkerCore {
             worker_id,
             pruned_workers,
+            recovered_jobs,
             completions: Mutex::new(Some(completions_sender)),
             stop_fetching,
             events,
@@ -134,11 +153,25 @@ impl WorkerCore {
         &self.pruned_workers
     }
 
+    /// With `recover_stalled_jobs`: the jobs of pruned workers put back to `todo` at start.
+    pub fn recovered_jobs(&self) -> &[i64] {
+        &self.recovered_jobs
+    }
+
     /// Record how a claimed job ended. Never blocks; the dispatcher writes it in its next batch.
     pub fn complete(&self, completion: Completion) -> CoreResult<()> {
+        self.complete_many(vec![completion])
+    }
+
+    /// Record several outcomes at once: they reach the dispatcher together, so they go out
+    /// in the same batch.
+    pub fn complete_many(&self, completions: Vec<Completion>) -> CoreResult<()> {
+        if completions.is_empty() {
+            return Ok(());
+        }
         let guard = self.completions.lock().map_err(|_| CoreError::ShutDown)?;
         match guard.as_ref() {
-            Some(sender) => sender.send(completion).map_err(|_| CoreError::ShutDown),
+            Some(sender) => sender.send(completions).map_err(|_| CoreError::ShutDown),
             None => Err(CoreError::ShutDown),
         }
     }

@@ -36,7 +36,8 @@ impl WorkerCore {
     #[pyo3(signature = (
         conninfo, *, queues=None, concurrency=1, wait=true, fetch_job_polling_interval=5.0,
         abort_job_polling_interval=5.0, listen_notify=true, update_heartbeat_interval=10.0,
-        stalled_worker_timeout=30.0, reconnect_timeout=60.0, max_batch_size=500
+        stalled_worker_timeout=30.0, reconnect_timeout=60.0, max_batch_size=500,
+        recover_stalled_jobs=false
     ))]
     #[allow(clippy::too_many_arguments)]
     fn start<'py>(
@@ -52,6 +53,7 @@ impl WorkerCore {
         stalled_worker_timeout: f64,
         reconnect_timeout: f64,
         max_batch_size: usize,
+        recover_stalled_jobs: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
         let mut config = WorkerConfig::new(conninfo);
         config.queues = queues;
@@ -67,6 +69,7 @@ impl WorkerCore {
         config.stalled_worker_timeout = seconds("stalled_worker_timeout", stalled_worker_timeout)?;
         config.reconnect_timeout = seconds("reconnect_timeout", reconnect_timeout)?;
         config.max_batch_size = max_batch_size.max(1);
+        config.recover_stalled_jobs = recover_stalled_jobs;
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
             let core = fastworker_core::WorkerCore::start(config)
                 .await
@@ -85,6 +88,11 @@ impl WorkerCore {
     #[getter]
     fn pruned_workers(&self) -> Vec<i64> {
         self.core.pruned_workers().to_vec()
+    }
+
+    #[getter]
+    fn recovered_jobs(&self) -> Vec<i64> {
+        self.core.recovered_jobs().to_vec()
     }
 
     /// The job ended `succeeded`, `failed` or `aborted` (or is deleted when `delete`).
@@ -121,6 +129,48 @@ impl WorkerCore {
         };
         self.core
             .complete(Completion { job_id, outcome })
+            .map_err(|error| BindingError(error).into())
+    }
+
+    /// Several outcomes in one call, written in the same batch:
+    /// `finished` as (job_id, status, delete), `retried` as (job_id, retry_at, priority, queue, lock).
+    #[allow(clippy::type_complexity)]
+    fn complete_many(
+        &self,
+        finished: Vec<(i64, String, bool)>,
+        retried: Vec<(
+            i64,
+            Option<String>,
+            Option<i32>,
+            Option<String>,
+            Option<String>,
+        )>,
+    ) -> PyResult<()> {
+        let mut completions = Vec::with_capacity(finished.len() + retried.len());
+        for (job_id, status, delete) in finished {
+            if !matches!(status.as_str(), "succeeded" | "failed" | "aborted") {
+                return Err(PyValueError::new_err(format!(
+                    "end status must be succeeded, failed or aborted, got {status:?}"
+                )));
+            }
+            completions.push(Completion {
+                job_id,
+                outcome: Outcome::Finish { status, delete },
+            });
+        }
+        for (job_id, retry_at, priority, queue, lock) in retried {
+            completions.push(Completion {
+                job_id,
+                outcome: Outcome::Retry {
+                    retry_at,
+                    priority,
+                    queue,
+                    lock,
+                },
+            });
+        }
+        self.core
+            .complete_many(completions)
             .map_err(|error| BindingError(error).into())
     }
 

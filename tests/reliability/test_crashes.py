@@ -1,0 +1,212 @@
+"""A worker SIGKILLed mid-drain: its jobs stay `doing` under its worker_id; the next worker
+prunes it and, with `recover_stalled_jobs=True`, puts the jobs back to run with
+procrastinate's retry semantics. Without the option, the end state is procrastinate's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import fetch_all
+from tests.reliability.helpers import (
+    WorkerProcess,
+    create_executions_table,
+    defer_jobs,
+    execution_histogram,
+    statuses,
+    wait_until,
+)
+
+HEARTBEAT = "0.5"
+STALLED = "2"
+
+
+def doing_by_worker(dsn: str) -> dict[int | None, int]:
+    return dict(
+        fetch_all(
+            dsn,
+            "SELECT worker_id, count(*) FROM procrastinate_jobs WHERE status = 'doing' GROUP BY 1",
+        )
+    )
+
+
+def worker_ids(dsn: str) -> set[int]:
+    return {row[0] for row in fetch_all(dsn, "SELECT id FROM procrastinate_workers")}
+
+
+def stale(dsn: str, worker_id: int) -> bool:
+    rows = fetch_all(
+        dsn,
+        "SELECT last_heartbeat < now() - %s::interval FROM procrastinate_workers WHERE id = %s",
+        f"{STALLED} seconds",
+        worker_id,
+    )
+    return bool(rows and rows[0][0])
+
+
+def start_and_kill(dsn: str, log: Path, *extra: str) -> tuple[int, set[int]]:
+    """Start a worker, let it get going, SIGKILL it with jobs in `doing`.
+    Returns its worker id and the jobs it held."""
+    before = worker_ids(dsn)
+    worker = WorkerProcess(
+        dsn,
+        log,
+        "--concurrency",
+        "10",
+        "--heartbeat",
+        HEARTBEAT,
+        "--stalled-timeout",
+        STALLED,
+        *extra,
+    )
+    try:
+        new = wait_until(lambda: worker_ids(dsn) - before, timeout=60, what="registration")
+        (worker_id,) = new
+        # Mid-drain: some jobs done by this worker, some held.
+        wait_until(
+            lambda: (
+                doing_by_worker(dsn).get(worker_id, 0) >= 5
+                and fetch_all(
+                    dsn,
+                    "SELECT count(*) FROM fw_executions e "
+                    "JOIN procrastinate_jobs j ON j.id = e.job_id WHERE j.status = 'succeeded'",
+                )[0][0]
+                > 0
+            ),
+            timeout=60,
+            what="the worker to be mid-drain",
+        )
+    finally:
+        worker.kill()
+    held = {
+        row[0]
+        for row in fetch_all(
+            dsn,
+            "SELECT id FROM procrastinate_jobs WHERE status = 'doing' AND worker_id = %s",
+            worker_id,
+        )
+    }
+    return worker_id, held
+
+
+@pytest.mark.slow
+def test_sigkill_ten_times_with_recovery_loses_nothing(dsn: str, tmp_path: Path) -> None:
+    create_executions_table(dsn)
+    total = 1200
+    defer_jobs(dsn, total, task="record_after", args_sql="json_build_object('n', n, 'sleep', 0.3)")
+    interrupted: set[int] = set()
+    for round_number in range(10):
+        worker_id, held = start_and_kill(
+            dsn, tmp_path / f"worker{round_number}.log", "--recover-stalled-jobs"
+        )
+        # Killed: the held jobs stay `doing`, still under the dead worker's id and row.
+        assert held, "the killed worker held no job"
+        assert doing_by_worker(dsn) == {worker_id: len(held)}
+        assert worker_id in worker_ids(dsn)
+        interrupted |= held
+        # Once its heartbeat is older than stalled_worker_timeout, the next start prunes it.
+        wait_until(
+            lambda worker_id=worker_id: stale(dsn, worker_id), timeout=30, what="stale heartbeat"
+        )
+
+    # The last worker drains what is left (recovering the tenth victim's jobs at start).
+    last = WorkerProcess(
+        dsn,
+        tmp_path / "last.log",
+        "--once",
+        "--concurrency",
+        "50",
+        "--recover-stalled-jobs",
+        "--heartbeat",
+        HEARTBEAT,
+        "--stalled-timeout",
+        STALLED,
+    )
+    assert last.wait(timeout=240) == 0, last.log()
+
+    assert statuses(dsn) == {"succeeded": total}
+    assert worker_ids(dsn) == set()
+    histogram = execution_histogram(dsn)
+    # Every job ran to its end at least once; a second run only for a job killed after it
+    # recorded its run but before its completion was written.
+    assert 0 not in histogram
+    assert sum(jobs for runs, jobs in histogram.items() if runs > 1) <= len(interrupted)
+    # The interrupted jobs went back through procrastinate_retry_job_v2.
+    retried = fetch_all(
+        dsn,
+        "SELECT j.id, j.attempts, array_agg(e.type::text ORDER BY e.id) FROM procrastinate_jobs j "
+        "JOIN procrastinate_events e ON e.job_id = j.id WHERE j.id = ANY(%s) GROUP BY 1, 2",
+        list(interrupted),
+    )
+    assert len(retried) == len(interrupted)
+    for job_id, attempts, events in retried:
+        assert "deferred_for_retry" in events, (job_id, events)
+        assert events[-1] == "succeeded", (job_id, events)
+        assert attempts == events.count("deferred_for_retry") + 1, (job_id, attempts, events)
+    assert "stalled_jobs_retried" in last.log() or len(interrupted) > 0
+
+
+def end_state(dsn: str, held: set[int]) -> list[tuple[object, ...]]:
+    return fetch_all(
+        dsn,
+        "SELECT j.id, j.status::text, j.worker_id, j.attempts, "
+        "array_agg(e.type::text ORDER BY e.id) FROM procrastinate_jobs j "
+        "JOIN procrastinate_events e ON e.job_id = j.id "
+        "WHERE j.id = ANY(%s) GROUP BY 1, 2, 3, 4 ORDER BY 1",
+        list(held),
+    )
+
+
+@pytest.mark.parametrize("next_worker", ["fastworker", "procrastinate"])
+async def test_without_the_option_stalled_jobs_stay_doing_like_procrastinate(
+    dsn: str, tmp_path: Path, next_worker: str
+) -> None:
+    """The next worker, fastworker without the option or procrastinate's own, prunes the
+    dead worker: its jobs stay `doing` (worker_id now NULL), never run again."""
+    create_executions_table(dsn)
+    defer_jobs(dsn, 200, task="record_after", args_sql="json_build_object('n', n, 'sleep', 0.3)")
+    worker_id, held = start_and_kill(dsn, tmp_path / "victim.log")
+    assert held
+    wait_until(lambda: stale(dsn, worker_id), timeout=30, what="stale heartbeat")
+
+    if next_worker == "fastworker":
+        last = WorkerProcess(
+            dsn,
+            tmp_path / "next.log",
+            "--once",
+            "--concurrency",
+            "50",
+            "--stalled-timeout",
+            STALLED,
+        )
+        assert last.wait(timeout=120) == 0, last.log()
+    else:
+        from tests.reliability.tasks import close_app, make_app, open_app
+
+        app = make_app(dsn)
+        await open_app(app)
+        try:
+            await app.run_worker_async(
+                concurrency=50,
+                wait=False,
+                install_signal_handlers=False,
+                stalled_worker_timeout=float(STALLED),
+            )
+        finally:
+            await close_app(app)
+
+    assert worker_ids(dsn) == set()
+    assert doing_by_worker(dsn) == {None: len(held)}
+    assert statuses(dsn) == {"succeeded": 200 - len(held), "doing": len(held)}
+    for _job_id, status, held_by, attempts, events in end_state(dsn, held):
+        assert (status, held_by, attempts, events) == ("doing", None, 0, ["deferred", "started"])
+
+
+def test_recovery_is_off_by_default() -> None:
+    import inspect
+
+    import fastworker
+
+    parameter = inspect.signature(fastworker.Worker.__init__).parameters["recover_stalled_jobs"]
+    assert parameter.default is False
