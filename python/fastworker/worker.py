@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import inspect
 import json
 import logging
 import signal
@@ -18,7 +19,7 @@ import threading
 import time
 from typing import Any
 
-from procrastinate import App, job_context, jobs, retry, utils
+from procrastinate import App, exceptions, job_context, jobs, middleware, retry, tasks, utils
 from procrastinate import worker as procrastinate_worker
 
 from fastworker import _core
@@ -81,14 +82,15 @@ class Worker(procrastinate_worker.Worker):
     def __init__(
         self,
         app: App,
-        *,
+        *args: Any,
         dsn: str | None = None,
         reconnect_timeout: float = 60.0,
         max_batch_size: int = 500,
         recover_stalled_jobs: bool = False,
         **options: Any,
     ):
-        super().__init__(app=app, **options)
+        # procrastinate's options, positional (in its order) or by keyword.
+        super().__init__(app, *args, **options)
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
         self._dsn = dsn
@@ -105,6 +107,11 @@ class Worker(procrastinate_worker.Worker):
                 extra={"action": "stalled_worker_timeout_too_short"},
             )
         self._core: _core.WorkerCore | None = None
+        self._async_tasks: dict[str, bool] = {}
+        # Outcomes waiting for `_flush_outcomes` (see `_report_outcome`).
+        self._finished: list[tuple[int, str, bool]] = []
+        self._retried: list[tuple[int, str | None, int | None, str | None, str | None]] = []
+        self._flush_scheduled = False
         self._hard_stop = asyncio.Event()
         self._fetching_stopped: asyncio.Future[None] | None = None
         self._fatal_error: BaseException | None = None
@@ -139,12 +146,17 @@ class Worker(procrastinate_worker.Worker):
             self._request_hard_stop()
 
     def _install_signal_handlers(self) -> list[tuple[int, Any]]:
+        # Logged on procrastinate's signals logger, with its actions, as its worker does.
+        signals_logger = logging.getLogger("procrastinate.signals")
         if threading.current_thread() is not threading.main_thread():
-            logger.warning(
+            signals_logger.warning(
                 "Skipping signal handling, because this is not the main thread",
                 extra={"action": "skip_signal_handlers"},
             )
             return []
+        signals_logger.debug(
+            "Installing signal handler", extra={"action": "install_signal_handlers"}
+        )
         loop = asyncio.get_running_loop()
         previous = []
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -153,6 +165,9 @@ class Worker(procrastinate_worker.Worker):
         return previous
 
     def _uninstall_signal_handlers(self, previous: list[tuple[int, Any]]) -> None:
+        logging.getLogger("procrastinate.signals").debug(
+            "Resetting previous signal handler", extra={"action": "uninstall_signal_handlers"}
+        )
         loop = asyncio.get_running_loop()
         for signum, handler in previous:
             loop.remove_signal_handler(signum)
@@ -268,9 +283,7 @@ class Worker(procrastinate_worker.Worker):
                 self._handle_abort_jobs_requested(payload)  # type: ignore[arg-type]
             elif kind == "log":
                 level, action, message, job_id = payload  # type: ignore[misc]
-                core_logger.log(
-                    level, message, extra={"action": action, "job_id": job_id}
-                )
+                core_logger.log(level, message, extra={"action": action, "job_id": job_id})
             elif kind == "drained":
                 self._drained = True
                 self._stop_event.set()
@@ -317,6 +330,115 @@ class Worker(procrastinate_worker.Worker):
     def _on_job_done(self, task: asyncio.Task[Any]) -> None:
         self._running_jobs.pop(task, None)
 
+    def _task_is_async(self, task: tasks.Task[Any, Any, Any]) -> bool:
+        is_async = self._async_tasks.get(task.name)
+        if is_async is None:
+            is_async = self._async_tasks[task.name] = inspect.iscoroutinefunction(task.func)
+        return is_async
+
+    async def _process_job(self, context: job_context.JobContext) -> None:
+        """Run one job and hand its outcome to the core.
+
+        procrastinate's `Worker._process_job`, step for step (same exceptions caught, same
+        retry decision, same status, same log records), with two differences that change
+        nothing observable: log records' `extra` dicts are only built when the record will
+        be emitted, and the outcome is handed to the core synchronously (it never blocks)
+        instead of through a shielded task.
+        """
+        job = context.job
+        task = self.app.tasks.get(job.task_name)
+        job_retry = None
+        exc_info: bool | BaseException = False
+        retry_decision = None
+        job_result = job_context.JobResult(start_timestamp=context.start_timestamp)
+        try:
+            if not task:
+                raise exceptions.TaskNotFound
+            if self.logger.isEnabledFor(logging.DEBUG):
+                self.logger.debug(
+                    f"Loaded job info, about to start job {job.call_string}",
+                    extra=self._log_extra(
+                        context=context, action="loaded_job_info", job_result=job_result
+                    ),
+                )
+            if self.logger.isEnabledFor(logging.INFO):
+                self.logger.info(
+                    f"Starting job {job.call_string}",
+                    extra=self._log_extra(
+                        context=context, action="start_job", job_result=job_result
+                    ),
+                )
+            job_args = [context] if task.pass_context else []
+            task_is_async = self._task_is_async(task)
+
+            async def run_job() -> Any:
+                middlewares = self._resolve_task_middlewares(task, task_is_async)
+                if task_is_async:
+
+                    async def run_async_task() -> Any:
+                        return await task(*job_args, **job.task_kwargs)
+
+                    task_result = await middleware.compose(
+                        middlewares, run_async_task, context, self
+                    )()
+                else:
+
+                    def run_sync_task() -> Any:
+                        return task(*job_args, **job.task_kwargs)
+
+                    task_result = await utils.sync_to_async(
+                        middleware.compose(middlewares, run_sync_task, context, self)
+                    )
+                # A sync function may return an awaitable: run it (procrastinate does).
+                if inspect.isawaitable(task_result):
+                    task_result = await task_result
+                return task_result
+
+            if self.worker_middleware:
+                job_result.result = await middleware.compose(
+                    self.worker_middleware, run_job, context, self
+                )()
+            else:
+                job_result.result = await run_job()
+        except BaseException as e:
+            exc_info = e
+            # An aborted job can be retried if the abort comes from a shutdown.
+            if not isinstance(e, exceptions.JobAborted) or (
+                context.abort_reason() == job_context.AbortReason.SHUTDOWN
+            ):
+                job_retry = task.get_retry_exception(exception=e, job=job) if task else None
+                retry_decision = job_retry.retry_decision if job_retry else None
+                if isinstance(e, exceptions.TaskNotFound):
+                    self.logger.exception(
+                        "Task was not found",
+                        extra=self._log_extra(
+                            context=context,
+                            action="task_not_found",
+                            exception=str(e),
+                            job_result=job_result,
+                        ),
+                    )
+        finally:
+            job_result.end_timestamp = time.time()
+            if isinstance(exc_info, (exceptions.JobAborted, asyncio.CancelledError)):
+                status = jobs.Status.ABORTED
+            elif exc_info:
+                status = jobs.Status.FAILED
+            else:
+                status = jobs.Status.SUCCEEDED
+            outcome_level = (
+                logging.ERROR if status == jobs.Status.FAILED and not job_retry else logging.INFO
+            )
+            if procrastinate_worker.logger.isEnabledFor(outcome_level):
+                self._log_job_outcome(
+                    status=status,
+                    context=context,
+                    job_result=job_result,
+                    job_retry=job_retry,
+                    exc_info=exc_info,
+                )
+            self._report_outcome(job, status, retry_decision, context, job_result)
+
     async def _persist_job_status(
         self,
         job: jobs.Job,
@@ -325,44 +447,72 @@ class Worker(procrastinate_worker.Worker):
         context: job_context.JobContext,
         job_result: job_context.JobResult | None,
     ) -> None:
-        # Handed to the core, which writes it in its next batch; never blocks.
-        core = self._core
-        assert core is not None and job.id is not None
-        try:
-            if retry_decision:
-                retry_at = retry_decision.retry_at
-                core.retry(
+        # procrastinate's hook, kept for code that calls or overrides it.
+        self._report_outcome(job, status, retry_decision, context, job_result)
+
+    def _report_outcome(
+        self,
+        job: jobs.Job,
+        status: jobs.Status,
+        retry_decision: retry.RetryDecision | None,
+        context: job_context.JobContext,
+        job_result: job_context.JobResult | None,
+    ) -> None:
+        # Collected and handed to the core once per event-loop iteration (see
+        # `_flush_outcomes`), so outcomes of jobs ending together go out in one batch.
+        assert job.id is not None
+        if retry_decision:
+            # As procrastinate's JobManager.retry_job: no retry_at means now.
+            retry_at = retry_decision.retry_at or utils.utcnow()
+            self._retried.append(
+                (
                     job.id,
-                    retry_at.isoformat() if retry_at else None,
+                    retry_at.isoformat(),
                     retry_decision.priority,
                     retry_decision.queue,
                     retry_decision.lock,
                 )
-            else:
-                delete_job = {
-                    jobs.DeleteJobCondition.ALWAYS: True,
-                    jobs.DeleteJobCondition.NEVER: False,
-                    jobs.DeleteJobCondition.SUCCESSFUL: status == jobs.Status.SUCCEEDED,
-                }[self.delete_jobs]
-                core.finish(job.id, status.value, delete_job)
-        except _core.WorkerShutDown:
-            # The core stopped on a fatal error (already logged and raised by run()):
-            # nothing can write this outcome any more; the job stays `doing`, like a
-            # killed worker's, for stalled-job recovery.
-            self.logger.error(
-                f"Could not record the end of job {job.call_string} ({status.value}): "
-                "the worker core has stopped; the job stays in doing",
-                extra=self._log_extra(
-                    action="finish_task_failed", context=context, job_result=job_result
-                ),
             )
-            return
+        else:
+            delete_job = {
+                jobs.DeleteJobCondition.ALWAYS: True,
+                jobs.DeleteJobCondition.NEVER: False,
+                jobs.DeleteJobCondition.SUCCESSFUL: status == jobs.Status.SUCCEEDED,
+            }[self.delete_jobs]
+            self._finished.append((job.id, status.value, delete_job))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_outcomes)
         self._job_ids_to_abort.pop(job.id, None)
         if self.logger.isEnabledFor(logging.DEBUG):
             self.logger.debug(
                 f"Acknowledged job completion {job.call_string}",
                 extra=self._log_extra(
                     action="finish_task", context=context, status=status, job_result=job_result
+                ),
+            )
+
+    def _flush_outcomes(self) -> None:
+        self._flush_scheduled = False
+        if not self._finished and not self._retried:
+            return
+        finished, self._finished = self._finished, []
+        retried, self._retried = self._retried, []
+        core = self._core
+        try:
+            if core is None:
+                raise _core.WorkerShutDown("the worker core is shut down")
+            core.complete_many(finished, retried)
+        except _core.WorkerShutDown:
+            # The core stopped on a fatal error (already logged and raised by run()):
+            # nothing can write these outcomes any more; the jobs stay `doing`, like a
+            # killed worker's, for stalled-job recovery.
+            job_ids = [entry[0] for entry in finished] + [entry[0] for entry in retried]
+            self.logger.error(
+                f"Could not record the end of jobs {job_ids}: the worker core has stopped;"
+                " they stay in doing",
+                extra=self._log_extra(
+                    action="finish_task_failed", context=None, job_result=None, job_ids=job_ids
                 ),
             )
 
@@ -376,7 +526,9 @@ class Worker(procrastinate_worker.Worker):
         core.stop_fetching()
         await utils.cancel_and_capture_errors(side_tasks)
         # A claim in flight when the stop came still hands its jobs over: they run too.
-        await asyncio.wait([self._fetching_stopped, events_task], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            [self._fetching_stopped, events_task], return_when=asyncio.FIRST_COMPLETED
+        )
 
         now = time.time()
         for context in self._running_jobs.values():
@@ -402,6 +554,7 @@ class Worker(procrastinate_worker.Worker):
             )
             await self._abort_running_jobs()
 
+        self._flush_outcomes()
         try:
             await core.shutdown()
         finally:

@@ -135,9 +135,23 @@ impl Completer {
         Ok(Completer { statement })
     }
 
-    /// Write the batch in one statement. A connectivity error comes back as `Err`, with
-    /// nothing written (the statement is one transaction), for the caller to retry.
+    /// Write the batch: one statement, or, if that statement fails for a reason other than
+    /// connectivity, one procrastinate function call per completion. A connectivity error
+    /// comes back as `Err` for the caller to retry.
     pub async fn write(
+        &self,
+        client: &Client,
+        completions: &[Completion],
+    ) -> Result<CompletionReport, tokio_postgres::Error> {
+        match self.write_batch(client, completions).await {
+            Ok(report) => Ok(report),
+            Err(error) if crate::errors::is_connectivity_error(&error) => Err(error),
+            Err(_) => self.write_one_by_one(client, completions).await,
+        }
+    }
+
+    /// The batch as one statement, nothing else (so it can run inside a transaction).
+    pub async fn write_batch(
         &self,
         client: &Client,
         completions: &[Completion],
@@ -158,30 +172,25 @@ impl Completer {
                 ],
             )
             .await;
-        match result {
-            Ok(rows) => {
-                let mut done = std::collections::HashSet::with_capacity(rows.len());
-                for row in rows {
-                    done.insert(row.try_get::<_, i64>(0)?);
-                }
-                let mut report = CompletionReport::default();
-                for completion in completions {
-                    report.written.push(completion.job_id);
-                    if !done.contains(&completion.job_id) {
-                        report.rejected.push((
-                            completion.job_id,
-                            format!(
-                                "Job was not found or not in \"doing\" status (job id: {})",
-                                completion.job_id
-                            ),
-                        ));
-                    }
-                }
-                Ok(report)
-            }
-            Err(error) if crate::errors::is_connectivity_error(&error) => Err(error),
-            Err(_) => self.write_one_by_one(client, completions).await,
+        let rows = result?;
+        let mut done = std::collections::HashSet::with_capacity(rows.len());
+        for row in rows {
+            done.insert(row.try_get::<_, i64>(0)?);
         }
+        let mut report = CompletionReport::default();
+        for completion in completions {
+            report.written.push(completion.job_id);
+            if !done.contains(&completion.job_id) {
+                report.rejected.push((
+                    completion.job_id,
+                    format!(
+                        "Job was not found or not in \"doing\" status (job id: {})",
+                        completion.job_id
+                    ),
+                ));
+            }
+        }
+        Ok(report)
     }
 
     async fn write_one_by_one(

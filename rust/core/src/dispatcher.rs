@@ -15,7 +15,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_postgres::Client;
 
-use crate::completer::{Completer, Completion};
+use crate::completer::{Completer, Completion, CompletionReport};
 use crate::config::WorkerConfig;
 use crate::connect::ConnectionTarget;
 use crate::errors::{is_connectivity_error, CoreError, CoreResult};
@@ -35,12 +35,94 @@ pub struct Dispatcher {
     pub target: ConnectionTarget,
     pub config: Arc<WorkerConfig>,
     pub worker_id: i64,
-    pub completions: mpsc::UnboundedReceiver<Completion>,
+    /// Outcomes from the runner, in the chunks it reported them.
+    pub completions: mpsc::UnboundedReceiver<Vec<Completion>>,
     pub wake: Arc<Notify>,
     pub stop_fetching: watch::Receiver<bool>,
     pub handoff: HandoffSender,
     /// Jobs claimed and not yet completed in the database (read by the abort poller).
     pub in_flight_count: Arc<AtomicUsize>,
+}
+
+type FlushResult = Option<Result<CompletionReport, tokio_postgres::Error>>;
+type ClaimResult = Option<Result<Vec<JobRow>, tokio_postgres::Error>>;
+
+/// What one round trip did: `None` where that step was not needed.
+struct RoundTrip {
+    flushed: FlushResult,
+    claimed: ClaimResult,
+}
+
+/// Send the pending completions and the claim in one pipelined round trip. When both are
+/// needed they share one transaction: one commit (one WAL flush) instead of two, and the
+/// claim sees the locks and slots the completions free.
+async fn round_trip(
+    connection: &Connection,
+    batch: &[Completion],
+    claim_limit: usize,
+) -> RoundTrip {
+    let client = &connection.client;
+    let completer = &connection.completer;
+    let fetcher = &connection.fetcher;
+    match (batch.is_empty(), claim_limit == 0) {
+        (true, true) => RoundTrip {
+            flushed: None,
+            claimed: None,
+        },
+        (false, true) => RoundTrip {
+            flushed: Some(completer.write(client, batch).await),
+            claimed: None,
+        },
+        (true, false) => RoundTrip {
+            flushed: None,
+            claimed: Some(fetcher.claim(client, claim_limit).await),
+        },
+        (false, false) => {
+            // Polled in order by join!, so sent in this order, in one round trip.
+            let (begin, flushed, claimed, commit) = tokio::join!(
+                client.batch_execute("BEGIN"),
+                completer.write_batch(client, batch),
+                fetcher.claim(client, claim_limit),
+                client.batch_execute("COMMIT"),
+            );
+            let results = [
+                begin.as_ref().err(),
+                flushed.as_ref().err(),
+                claimed.as_ref().err(),
+                commit.as_ref().err(),
+            ];
+            if results.iter().all(Option::is_none) {
+                return RoundTrip {
+                    flushed: Some(flushed),
+                    claimed: Some(claimed),
+                };
+            }
+            if results
+                .iter()
+                .flatten()
+                .any(|error| is_connectivity_error(error))
+            {
+                // Committed or not, nobody can tell: report the connection as lost; the
+                // dispatcher treats the batch as maybe written and recovers orphaned claims.
+                let error = [begin.err(), flushed.err(), claimed.err(), commit.err()]
+                    .into_iter()
+                    .flatten()
+                    .find(is_connectivity_error);
+                return RoundTrip {
+                    flushed: error.map(Err),
+                    claimed: None,
+                };
+            }
+            // A statement failed, so PostgreSQL rolled the transaction back (COMMIT answers
+            // ROLLBACK). Redo the steps on their own, where a bad completion cannot hold
+            // back the others.
+            let _ = client.batch_execute("ROLLBACK").await;
+            RoundTrip {
+                flushed: Some(completer.write(client, batch).await),
+                claimed: Some(fetcher.claim(client, claim_limit).await),
+            }
+        }
+    }
 }
 
 struct Connection {
@@ -82,8 +164,8 @@ impl Dispatcher {
         poll.tick().await;
 
         loop {
-            while let Ok(completion) = self.completions.try_recv() {
-                pending.push(completion);
+            while let Ok(mut chunk) = self.completions.try_recv() {
+                pending.append(&mut chunk);
             }
             if claiming && (!completions_open || *self.stop_fetching.borrow()) {
                 // Nobody could run (or complete) what would be claimed now.
@@ -105,7 +187,7 @@ impl Dispatcher {
                 }
                 tokio::select! {
                     completion = self.completions.recv(), if completions_open => match completion {
-                        Some(completion) => pending.push(completion),
+                        Some(mut chunk) => pending.append(&mut chunk),
                         None => completions_open = false,
                     },
                     _ = self.wake.notified(), if claiming => want_claim = true,
@@ -116,27 +198,7 @@ impl Dispatcher {
             }
 
             let batch = std::mem::take(&mut pending);
-            let (flushed, claimed) = {
-                let client = &connection.client;
-                let completer = &connection.completer;
-                let fetcher = &connection.fetcher;
-                let flush = async {
-                    if batch.is_empty() {
-                        None
-                    } else {
-                        Some(completer.write(client, &batch).await)
-                    }
-                };
-                let claim = async {
-                    if claim_limit == 0 {
-                        None
-                    } else {
-                        Some(fetcher.claim(client, claim_limit).await)
-                    }
-                };
-                // Polled in order: the completion request is sent first, then the claim.
-                tokio::join!(flush, claim)
-            };
+            let RoundTrip { flushed, claimed } = round_trip(&connection, &batch, claim_limit).await;
 
             let mut broken = false;
             match flushed {
@@ -193,6 +255,7 @@ impl Dispatcher {
                 .store(in_flight.len(), Ordering::Relaxed);
 
             if broken || connection.client.is_closed() {
+                want_claim = true;
                 let client = self
                     .target
                     .connect_with_backoff(self.config.reconnect_timeout)

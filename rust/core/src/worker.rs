@@ -32,7 +32,7 @@ pub struct WorkerCore {
     worker_id: i64,
     pruned_workers: Vec<i64>,
     recovered_jobs: Vec<i64>,
-    completions: Mutex<Option<mpsc::UnboundedSender<Completion>>>,
+    completions: Mutex<Option<mpsc::UnboundedSender<Vec<Completion>>>>,
     stop_fetching: watch::Sender<bool>,
     events: HandoffReceiver,
     running: tokio::sync::Mutex<Option<Running>>,
@@ -160,9 +160,18 @@ impl WorkerCore {
 
     /// Record how a claimed job ended. Never blocks; the dispatcher writes it in its next batch.
     pub fn complete(&self, completion: Completion) -> CoreResult<()> {
+        self.complete_many(vec![completion])
+    }
+
+    /// Record several outcomes at once: they reach the dispatcher together, so they go out
+    /// in the same batch.
+    pub fn complete_many(&self, completions: Vec<Completion>) -> CoreResult<()> {
+        if completions.is_empty() {
+            return Ok(());
+        }
         let guard = self.completions.lock().map_err(|_| CoreError::ShutDown)?;
         match guard.as_ref() {
-            Some(sender) => sender.send(completion).map_err(|_| CoreError::ShutDown),
+            Some(sender) => sender.send(completions).map_err(|_| CoreError::ShutDown),
             None => Err(CoreError::ShutDown),
         }
     }

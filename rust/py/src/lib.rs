@@ -132,6 +132,48 @@ impl WorkerCore {
             .map_err(|error| BindingError(error).into())
     }
 
+    /// Several outcomes in one call, written in the same batch:
+    /// `finished` as (job_id, status, delete), `retried` as (job_id, retry_at, priority, queue, lock).
+    #[allow(clippy::type_complexity)]
+    fn complete_many(
+        &self,
+        finished: Vec<(i64, String, bool)>,
+        retried: Vec<(
+            i64,
+            Option<String>,
+            Option<i32>,
+            Option<String>,
+            Option<String>,
+        )>,
+    ) -> PyResult<()> {
+        let mut completions = Vec::with_capacity(finished.len() + retried.len());
+        for (job_id, status, delete) in finished {
+            if !matches!(status.as_str(), "succeeded" | "failed" | "aborted") {
+                return Err(PyValueError::new_err(format!(
+                    "end status must be succeeded, failed or aborted, got {status:?}"
+                )));
+            }
+            completions.push(Completion {
+                job_id,
+                outcome: Outcome::Finish { status, delete },
+            });
+        }
+        for (job_id, retry_at, priority, queue, lock) in retried {
+            completions.push(Completion {
+                job_id,
+                outcome: Outcome::Retry {
+                    retry_at,
+                    priority,
+                    queue,
+                    lock,
+                },
+            });
+        }
+        self.core
+            .complete_many(completions)
+            .map_err(|error| BindingError(error).into())
+    }
+
     /// Stop claiming at once; running jobs go on and their outcomes are still written.
     fn stop_fetching(&self) {
         self.core.stop_fetching();
