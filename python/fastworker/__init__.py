@@ -13,7 +13,7 @@ from fastworker._core import (
     SchemaMissing,
     WorkerShutDown,
 )
-from fastworker.worker import Worker, run, run_async
+from fastworker.worker import JobTimeout, Worker, run, run_async
 
 __all__ = [
     "ConfigurationError",
@@ -21,6 +21,7 @@ __all__ = [
     "DatabaseError",
     "DatabaseUnreachable",
     "FastworkerError",
+    "JobTimeout",
     "SchemaMissing",
     "Worker",
     "WorkerShutDown",

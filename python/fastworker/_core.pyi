@@ -1,7 +1,7 @@
 """Type stub of the native module `fastworker._core` (Rust, PyO3)."""
 
 from collections.abc import Awaitable
-from typing import Any, Literal
+from typing import Literal
 
 JobRowTuple = tuple[
     int,  # id
@@ -50,6 +50,7 @@ class WorkerCore:
         reconnect_timeout: float = 60.0,
         max_batch_size: int = 500,
         recover_stalled_jobs: bool = False,
+        queue_concurrency: dict[str, int] | None = None,
     ) -> Awaitable[WorkerCore]: ...
     @property
     def worker_id(self) -> int: ...

@@ -17,6 +17,7 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from procrastinate import App, exceptions, job_context, jobs, middleware, retry, tasks, utils
@@ -62,6 +63,18 @@ def _job_from_row(row: _core.JobRowTuple) -> jobs.Job:
     )
 
 
+def _positive_or_none(name: str, seconds: float | None) -> float | None:
+    if seconds is None:
+        return None
+    if not isinstance(seconds, (int, float)) or seconds <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {seconds!r}")
+    return float(seconds)
+
+
+class JobTimeout(Exception):
+    """A job ran longer than its ``job_timeout`` / ``task_timeouts`` entry."""
+
+
 class Worker(procrastinate_worker.Worker):
     """Drop-in replacement for `procrastinate.worker.Worker`.
 
@@ -76,7 +89,15 @@ class Worker(procrastinate_worker.Worker):
       ``stalled_worker_timeout``), put the jobs they held in ``doing`` back to run, with
       procrastinate's retry semantics (``procrastinate_retry_job_v2``: event
       ``deferred_for_retry``, attempts + 1). Default False: like procrastinate, a pruned
-      worker's jobs stay ``doing``.
+      worker's jobs stay ``doing``;
+    - ``queue_concurrency``: ``{"queue": n}``, at most n jobs of that queue running at once
+      in this worker (within ``concurrency``); enforced when claiming, so no job is claimed
+      that could not start (procrastinate issue #1552);
+    - ``job_timeout``: seconds after which a running job is cancelled (like an abort) and
+      ends ``failed`` with `fastworker.JobTimeout`, or is retried if its retry strategy
+      says so (procrastinate issue #1281); ``task_timeouts``: ``{"task name": seconds}``
+      per task, over ``job_timeout``. A sync job cannot be interrupted: it sees
+      ``context.should_abort()`` and, if it raises ``JobAborted``, ends the same way.
     """
 
     def __init__(
@@ -87,6 +108,9 @@ class Worker(procrastinate_worker.Worker):
         reconnect_timeout: float = 60.0,
         max_batch_size: int = 500,
         recover_stalled_jobs: bool = False,
+        queue_concurrency: Mapping[str, int] | None = None,
+        job_timeout: float | None = None,
+        task_timeouts: Mapping[str, float] | None = None,
         **options: Any,
     ):
         # procrastinate's options, positional (in its order) or by keyword.
@@ -97,6 +121,18 @@ class Worker(procrastinate_worker.Worker):
         self.reconnect_timeout = reconnect_timeout
         self.max_batch_size = max_batch_size
         self.recover_stalled_jobs = recover_stalled_jobs
+        self.queue_concurrency = dict(queue_concurrency or {})
+        for queue, limit in self.queue_concurrency.items():
+            if not isinstance(limit, int) or limit < 1:
+                raise ValueError(
+                    f"queue_concurrency[{queue!r}] must be an integer >= 1, got {limit!r}"
+                )
+        self.job_timeout = _positive_or_none("job_timeout", job_timeout)
+        self.task_timeouts = {
+            name: _positive_or_none(f"task_timeouts[{name!r}]", seconds)
+            for name, seconds in (task_timeouts or {}).items()
+        }
+        self._timed_out: set[int] = set()
         if recover_stalled_jobs and self.update_heartbeat_interval >= self.stalled_worker_timeout:
             # Live workers would look stalled between two heartbeats: their running jobs
             # would be put back to run elsewhere, i.e. run twice.
@@ -219,6 +255,7 @@ class Worker(procrastinate_worker.Worker):
             reconnect_timeout=self.reconnect_timeout,
             max_batch_size=self.max_batch_size,
             recover_stalled_jobs=self.recover_stalled_jobs,
+            queue_concurrency=self.queue_concurrency or None,
         )
         self._core = core
         self.worker_id = core.worker_id
@@ -323,12 +360,41 @@ class Worker(procrastinate_worker.Worker):
         )
         self._running_jobs[job_task] = context
         job_task.add_done_callback(self._on_job_done)
+        timeout = self.task_timeouts.get(job.task_name, self.job_timeout)
+        if timeout is not None:
+            timer = asyncio.get_running_loop().call_later(
+                timeout, self._time_out_job, job_task, context, timeout
+            )
+            job_task.add_done_callback(lambda _: timer.cancel())
         if self._hard_stop.is_set():
             # Claimed by a request that was in flight when the hard stop came.
             self._abort_job(job_task, context, job_context.AbortReason.SHUTDOWN)
 
     def _on_job_done(self, task: asyncio.Task[Any]) -> None:
         self._running_jobs.pop(task, None)
+
+    def _time_out_job(
+        self, job_task: asyncio.Task[Any], context: job_context.JobContext, timeout: float
+    ) -> None:
+        """Cancel a job over its timeout, through the same path as an abort."""
+        job = context.job
+        if job_task.done() or job.id is None:
+            return
+        self._timed_out.add(job.id)
+        task = self.app.tasks.get(job.task_name)
+        is_async = task is not None and self._task_is_async(task)
+        self.logger.warning(
+            f"Job {job.call_string} exceeded its timeout of {timeout} s: "
+            + ("cancelling it" if is_async else "asking it to abort (sync job)"),
+            extra=self._log_extra(
+                action="job_timeout", context=context, job_result=None, timeout=timeout
+            ),
+        )
+        if is_async:
+            job_task.cancel()
+        else:
+            # A thread cannot be interrupted: the job sees context.should_abort().
+            self._job_ids_to_abort.setdefault(job.id, job_context.AbortReason.USER_REQUEST)
 
     def _task_is_async(self, task: tasks.Task[Any, Any, Any]) -> bool:
         is_async = self._async_tasks.get(task.name)
@@ -400,7 +466,14 @@ class Worker(procrastinate_worker.Worker):
                 )()
             else:
                 job_result.result = await run_job()
-        except BaseException as e:
+        except BaseException as raised:
+            e = raised
+            if job.id in self._timed_out and isinstance(
+                e, (asyncio.CancelledError, exceptions.JobAborted)
+            ):
+                # Over its timeout: a failure (retried if the strategy says so), not an abort.
+                e = JobTimeout(f"Job exceeded its timeout ({job.call_string})")
+                e.__cause__ = raised
             exc_info = e
             # An aborted job can be retried if the abort comes from a shutdown.
             if not isinstance(e, exceptions.JobAborted) or (
@@ -437,6 +510,8 @@ class Worker(procrastinate_worker.Worker):
                     job_retry=job_retry,
                     exc_info=exc_info,
                 )
+            if job.id is not None:
+                self._timed_out.discard(job.id)
             self._report_outcome(job, status, retry_decision, context, job_result)
 
     async def _persist_job_status(

@@ -1,6 +1,7 @@
 //! What the core needs to know: the procrastinate `WorkerOptions` that concern claiming,
 //! listening and bookkeeping. Running tasks (middleware, retry, context) is the Python side's.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 #[derive(Clone, Debug)]
@@ -26,6 +27,9 @@ pub struct WorkerConfig {
     pub recover_stalled_jobs: bool,
     /// Upper bound of a claimed batch, whatever the free slots (keeps statements short).
     pub max_batch_size: usize,
+    /// Not in procrastinate: at most this many jobs of a queue in `doing` at once for this
+    /// worker (procrastinate issue #1552). Queues not listed share `concurrency`.
+    pub queue_concurrency: HashMap<String, usize>,
 }
 
 impl WorkerConfig {
@@ -43,6 +47,7 @@ impl WorkerConfig {
             reconnect_timeout: Duration::from_secs(60),
             recover_stalled_jobs: false,
             max_batch_size: 500,
+            queue_concurrency: HashMap::new(),
         }
     }
 }

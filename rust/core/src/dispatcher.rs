@@ -8,7 +8,7 @@
 //! Claims follow procrastinate's worker: claim while claims come back full; after a short
 //! claim, wait for a `job_inserted` wake-up, the polling interval, or a stop.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -19,7 +19,7 @@ use crate::completer::{Completer, Completion, CompletionReport};
 use crate::config::WorkerConfig;
 use crate::connect::ConnectionTarget;
 use crate::errors::{is_connectivity_error, CoreError, CoreResult};
-use crate::fetcher::{Fetcher, JobRow};
+use crate::fetcher::{Fetcher, JobRow, QueueRoom};
 use crate::handoff::{HandoffEvent, HandoffSender, LogLevel};
 
 /// Jobs this worker holds in `doing` that the dispatcher does not know about: claims whose
@@ -44,6 +44,75 @@ pub struct Dispatcher {
     pub in_flight_count: Arc<AtomicUsize>,
 }
 
+/// Jobs claimed and not yet completed in the database, with per-queue counts for the
+/// queues that have a concurrency limit.
+struct InFlight {
+    queue_of: HashMap<i64, Option<String>>,
+    held: HashMap<String, usize>,
+    limits: HashMap<String, usize>,
+}
+
+impl InFlight {
+    fn new(limits: HashMap<String, usize>, capacity: usize) -> Self {
+        InFlight {
+            queue_of: HashMap::with_capacity(capacity),
+            held: HashMap::new(),
+            limits,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.queue_of.len()
+    }
+
+    fn insert(&mut self, job: &JobRow) {
+        let limited = self.limits.contains_key(&job.queue_name);
+        let queue = limited.then(|| job.queue_name.clone());
+        if let Some(queue) = &queue {
+            *self.held.entry(queue.clone()).or_default() += 1;
+        }
+        if let Some(Some(previous)) = self.queue_of.insert(job.id, queue) {
+            // Already known (an orphan handed again): count it once.
+            if let Some(count) = self.held.get_mut(&previous) {
+                *count = count.saturating_sub(1);
+            }
+        }
+    }
+
+    /// Whether the job was in a limited queue.
+    fn remove(&mut self, job_id: i64) -> bool {
+        match self.queue_of.remove(&job_id) {
+            Some(Some(queue)) => {
+                if let Some(count) = self.held.get_mut(&queue) {
+                    *count = count.saturating_sub(1);
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn ids(&self) -> Vec<i64> {
+        self.queue_of.keys().copied().collect()
+    }
+
+    /// Room per limited queue once `pending` completions are written.
+    fn room_after(&self, pending: &[Completion]) -> QueueRoom {
+        if self.limits.is_empty() {
+            return QueueRoom::default();
+        }
+        let mut held = self.held.clone();
+        for completion in pending {
+            if let Some(Some(queue)) = self.queue_of.get(&completion.job_id) {
+                if let Some(count) = held.get_mut(queue) {
+                    *count = count.saturating_sub(1);
+                }
+            }
+        }
+        QueueRoom::compute(&self.limits, &held)
+    }
+}
+
 type FlushResult = Option<Result<CompletionReport, tokio_postgres::Error>>;
 type ClaimResult = Option<Result<Vec<JobRow>, tokio_postgres::Error>>;
 
@@ -60,6 +129,7 @@ async fn round_trip(
     connection: &Connection,
     batch: &[Completion],
     claim_limit: usize,
+    room: &QueueRoom,
 ) -> RoundTrip {
     let client = &connection.client;
     let completer = &connection.completer;
@@ -75,14 +145,14 @@ async fn round_trip(
         },
         (true, false) => RoundTrip {
             flushed: None,
-            claimed: Some(fetcher.claim(client, claim_limit).await),
+            claimed: Some(fetcher.claim(client, claim_limit, room).await),
         },
         (false, false) => {
             // Polled in order by join!, so sent in this order, in one round trip.
             let (begin, flushed, claimed, commit) = tokio::join!(
                 client.batch_execute("BEGIN"),
                 completer.write_batch(client, batch),
-                fetcher.claim(client, claim_limit),
+                fetcher.claim(client, claim_limit, room),
                 client.batch_execute("COMMIT"),
             );
             let results = [
@@ -119,7 +189,7 @@ async fn round_trip(
             let _ = client.batch_execute("ROLLBACK").await;
             RoundTrip {
                 flushed: Some(completer.write(client, batch).await),
-                claimed: Some(fetcher.claim(client, claim_limit).await),
+                claimed: Some(fetcher.claim(client, claim_limit, room).await),
             }
         }
     }
@@ -152,7 +222,10 @@ impl Dispatcher {
     pub async fn run(mut self, client: Client) -> CoreResult<()> {
         let mut connection = self.prepare(client).await?;
         let concurrency = self.config.concurrency;
-        let mut in_flight: HashSet<i64> = HashSet::with_capacity(concurrency);
+        let mut in_flight = InFlight::new(self.config.queue_concurrency.clone(), concurrency);
+        // A claim came back short because a limited queue was full: claim again as soon as
+        // a job of a limited queue completes.
+        let mut claim_when_queue_frees = false;
         let mut pending: Vec<Completion> = Vec::new();
         // Completions that were sent when the connection broke: they may have been written.
         let mut maybe_written: HashSet<i64> = HashSet::new();
@@ -197,15 +270,20 @@ impl Dispatcher {
                 continue;
             }
 
+            let room = in_flight.room_after(&pending);
             let batch = std::mem::take(&mut pending);
-            let RoundTrip { flushed, claimed } = round_trip(&connection, &batch, claim_limit).await;
+            let RoundTrip { flushed, claimed } =
+                round_trip(&connection, &batch, claim_limit, &room).await;
 
             let mut broken = false;
             match flushed {
                 None => {}
                 Some(Ok(report)) => {
                     for job_id in &report.written {
-                        in_flight.remove(job_id);
+                        if in_flight.remove(*job_id) && claim_when_queue_frees {
+                            claim_when_queue_frees = false;
+                            want_claim = true;
+                        }
                     }
                     for (job_id, reason) in report.rejected {
                         let level = if maybe_written.contains(&job_id) {
@@ -232,10 +310,18 @@ impl Dispatcher {
             match claimed {
                 None => {}
                 Some(Ok(jobs)) => {
-                    want_claim = jobs.len() == claim_limit;
-                    let drained = !self.config.wait && jobs.len() < claim_limit;
+                    let full = jobs.len() == claim_limit;
+                    // With queue limits a claim can come back short while other queues
+                    // still have jobs: go on while claims make progress.
+                    let limited_progress = !room.is_empty() && !jobs.is_empty();
+                    want_claim = full || limited_progress;
+                    claim_when_queue_frees = !full && !room.full.is_empty();
+                    let drained =
+                        !self.config.wait && !full && !limited_progress && room.full.is_empty();
                     if !jobs.is_empty() {
-                        in_flight.extend(jobs.iter().map(|job| job.id));
+                        for job in &jobs {
+                            in_flight.insert(job);
+                        }
                         self.handoff.send(HandoffEvent::Jobs(jobs));
                     }
                     if drained {
@@ -268,7 +354,9 @@ impl Dispatcher {
                 );
                 let orphans = self.orphaned_claims(&connection.client, &in_flight).await?;
                 if !orphans.is_empty() {
-                    in_flight.extend(orphans.iter().map(|job| job.id));
+                    for job in &orphans {
+                        in_flight.insert(job);
+                    }
                     self.in_flight_count
                         .store(in_flight.len(), Ordering::Relaxed);
                     self.handoff.send(HandoffEvent::Jobs(orphans));
@@ -291,9 +379,9 @@ impl Dispatcher {
     async fn orphaned_claims(
         &self,
         client: &Client,
-        in_flight: &HashSet<i64>,
+        in_flight: &InFlight,
     ) -> CoreResult<Vec<JobRow>> {
-        let known: Vec<i64> = in_flight.iter().copied().collect();
+        let known: Vec<i64> = in_flight.ids();
         let rows = client
             .query(ORPHANED_CLAIMS, &[&self.worker_id, &known])
             .await

@@ -37,7 +37,7 @@ impl WorkerCore {
         conninfo, *, queues=None, concurrency=1, wait=true, fetch_job_polling_interval=5.0,
         abort_job_polling_interval=5.0, listen_notify=true, update_heartbeat_interval=10.0,
         stalled_worker_timeout=30.0, reconnect_timeout=60.0, max_batch_size=500,
-        recover_stalled_jobs=false
+        recover_stalled_jobs=false, queue_concurrency=None
     ))]
     #[allow(clippy::too_many_arguments)]
     fn start<'py>(
@@ -54,6 +54,7 @@ impl WorkerCore {
         reconnect_timeout: f64,
         max_batch_size: usize,
         recover_stalled_jobs: bool,
+        queue_concurrency: Option<std::collections::HashMap<String, usize>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let mut config = WorkerConfig::new(conninfo);
         config.queues = queues;
@@ -70,6 +71,7 @@ impl WorkerCore {
         config.reconnect_timeout = seconds("reconnect_timeout", reconnect_timeout)?;
         config.max_batch_size = max_batch_size.max(1);
         config.recover_stalled_jobs = recover_stalled_jobs;
+        config.queue_concurrency = queue_concurrency.unwrap_or_default();
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
             let core = fastworker_core::WorkerCore::start(config)
                 .await
