@@ -1,8 +1,9 @@
 """Where the core's own connections get their settings.
 
-In order: an explicit ``dsn``; the app's connector (for psycopg, the settings libpq actually
-resolved for one of the app's connections, so callables, ``PG*`` variables and defaults all
-count); else the libpq ``PG*`` environment variables.
+In order: an explicit ``dsn``; the app's connector (for psycopg and aiopg, the settings the
+driver actually resolved for one of the app's pooled connections, so callables, ``PG*``
+variables and defaults all count; for Django's, the database's connection parameters; else
+the arguments the connector was built with); else the libpq ``PG*`` environment variables.
 """
 
 from __future__ import annotations
@@ -90,6 +91,42 @@ async def _from_psycopg_connector(connector: Any) -> str | None:
     return _finish(params)
 
 
+async def _from_aiopg_connector(connector: Any) -> str | None:
+    """procrastinate's AiopgConnector: what psycopg2 resolved for one of the pool's
+    connections (the pool exists once the app is open)."""
+    pool = getattr(connector, "_pool", None)
+    if pool is None or not hasattr(pool, "acquire"):
+        return None
+    async with pool.acquire() as connection:
+        raw = getattr(connection, "raw", None)
+        info = getattr(raw, "info", None)
+        if raw is None or info is None:
+            return None
+        params: dict[str, Any] = dict(raw.get_dsn_parameters())
+        # psycopg2's libpq may be newer than psycopg's: leave its defaults out.
+        if params.get("load_balance_hosts") == "disable":
+            del params["load_balance_hosts"]
+        params["host"] = info.host
+        params["port"] = info.port
+        params["dbname"] = info.dbname
+        params["user"] = info.user
+        if info.password:
+            params["password"] = info.password
+    return _finish(params)
+
+
+def _from_django_connector(connector: Any) -> str | None:
+    """procrastinate's DjangoConnector: the Django database's connection parameters."""
+    connection = getattr(connector, "connection", None)
+    get_params = getattr(connection, "get_connection_params", None)
+    if not callable(get_params) or getattr(connection, "vendor", None) != "postgresql":
+        return None
+    params: dict[str, Any] = dict(get_params())
+    if "database" in params and "dbname" not in params:
+        params["dbname"] = params.pop("database")
+    return _finish(params)
+
+
 def _from_connector_arguments(connector: Any) -> str | None:
     arguments = getattr(connector, "_pool_args", None)
     if not isinstance(arguments, Mapping):
@@ -114,6 +151,10 @@ async def resolve_conninfo(app: Any, dsn: str | None = None) -> str:
         return conninfo_from_dsn(dsn)
     connector = app.connector
     resolved = await _from_psycopg_connector(connector)
+    if resolved is None:
+        resolved = await _from_aiopg_connector(connector)
+    if resolved is None:
+        resolved = _from_django_connector(connector)
     if resolved is None:
         resolved = _from_connector_arguments(connector)
     if resolved is None:
