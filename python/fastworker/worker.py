@@ -71,6 +71,12 @@ def _positive_or_none(name: str, seconds: float | None) -> float | None:
     return float(seconds)
 
 
+def _ran_for(job_result: job_context.JobResult | None) -> float:
+    if job_result is None or job_result.end_timestamp is None:
+        return 0.0
+    return max(0.0, job_result.end_timestamp - job_result.start_timestamp)
+
+
 class JobTimeout(Exception):
     """A job ran longer than its ``job_timeout`` / ``task_timeouts`` entry."""
 
@@ -97,7 +103,10 @@ class Worker(procrastinate_worker.Worker):
       ends ``failed`` with `fastworker.JobTimeout`, or is retried if its retry strategy
       says so (procrastinate issue #1281); ``task_timeouts``: ``{"task name": seconds}``
       per task, over ``job_timeout``. A sync job cannot be interrupted: it sees
-      ``context.should_abort()`` and, if it raises ``JobAborted``, ends the same way.
+      ``context.should_abort()`` and, if it raises ``JobAborted``, ends the same way;
+    - ``metrics_port``: serve Prometheus metrics on this port (``0``: any free port, see
+      ``metrics_server.port``) at ``metrics_address`` (default all interfaces); needs the
+      ``fastworker[metrics]`` extra.
     """
 
     def __init__(
@@ -111,6 +120,8 @@ class Worker(procrastinate_worker.Worker):
         queue_concurrency: Mapping[str, int] | None = None,
         job_timeout: float | None = None,
         task_timeouts: Mapping[str, float] | None = None,
+        metrics_port: int | None = None,
+        metrics_address: str = "0.0.0.0",
         **options: Any,
     ):
         # procrastinate's options, positional (in its order) or by keyword.
@@ -133,6 +144,12 @@ class Worker(procrastinate_worker.Worker):
             for name, seconds in (task_timeouts or {}).items()
         }
         self._timed_out: set[int] = set()
+        self.metrics_port = metrics_port
+        self.metrics_address = metrics_address
+        self.metrics_server: Any = None
+        if metrics_port is not None:
+            # Fail now, not at start, when the extra is missing.
+            from fastworker import metrics  # noqa: F401
         if recover_stalled_jobs and self.update_heartbeat_interval >= self.stalled_worker_timeout:
             # Live workers would look stalled between two heartbeats: their running jobs
             # would be put back to run elsewhere, i.e. run twice.
@@ -147,6 +164,9 @@ class Worker(procrastinate_worker.Worker):
         # Outcomes waiting for `_flush_outcomes` (see `_report_outcome`).
         self._finished: list[tuple[int, str, bool]] = []
         self._retried: list[tuple[int, str | None, int | None, str | None, str | None]] = []
+        # Seconds each job ran, in the order of _finished then _retried (for the metrics).
+        self._finished_durations: list[float] = []
+        self._retried_durations: list[float] = []
         self._flush_scheduled = False
         self._hard_stop = asyncio.Event()
         self._fetching_stopped: asyncio.Future[None] | None = None
@@ -266,12 +286,28 @@ class Worker(procrastinate_worker.Worker):
         logger.debug(f"Registered worker {self.worker_id} in the database")
         if self._stop_event.is_set():
             core.stop_fetching()
+        if self.metrics_port is not None:
+            self._start_metrics_server()
         try:
             await self._run_loop()
         finally:
             self._core = None
+            if self.metrics_server is not None:
+                self.metrics_server.close()
+                self.metrics_server = None
         if self._fatal_error is not None:
             raise self._fatal_error
+
+    def _start_metrics_server(self) -> None:
+        from fastworker.metrics import CoreCollector, MetricsServer
+
+        assert self.metrics_port is not None
+        collector = CoreCollector(lambda: self._core, lambda: len(self._running_jobs))
+        self.metrics_server = MetricsServer(self.metrics_port, self.metrics_address, collector)
+        logger.info(
+            f"Serving metrics on {self.metrics_address}:{self.metrics_server.port}/metrics",
+            extra={"action": "metrics_server_started", "port": self.metrics_server.port},
+        )
 
     async def _run_loop(self) -> None:
         self.logger.info(
@@ -548,6 +584,7 @@ class Worker(procrastinate_worker.Worker):
                     retry_decision.lock,
                 )
             )
+            self._retried_durations.append(_ran_for(job_result))
         else:
             delete_job = {
                 jobs.DeleteJobCondition.ALWAYS: True,
@@ -555,6 +592,7 @@ class Worker(procrastinate_worker.Worker):
                 jobs.DeleteJobCondition.SUCCESSFUL: status == jobs.Status.SUCCEEDED,
             }[self.delete_jobs]
             self._finished.append((job.id, status.value, delete_job))
+            self._finished_durations.append(_ran_for(job_result))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_outcomes)
@@ -573,11 +611,13 @@ class Worker(procrastinate_worker.Worker):
             return
         finished, self._finished = self._finished, []
         retried, self._retried = self._retried, []
+        durations = self._finished_durations + self._retried_durations
+        self._finished_durations, self._retried_durations = [], []
         core = self._core
         try:
             if core is None:
                 raise _core.WorkerShutDown("the worker core is shut down")
-            core.complete_many(finished, retried)
+            core.complete_many(finished, retried, durations)
         except _core.WorkerShutDown:
             # The core stopped on a fatal error (already logged and raised by run()):
             # nothing can write these outcomes any more; the jobs stay `doing`, like a

@@ -65,6 +65,14 @@ pub enum Outcome {
     },
 }
 
+/// Outcomes as the runner reported them in one call; `durations` (seconds each job ran)
+/// is either empty or one per completion, and only feeds the metrics.
+#[derive(Debug, Default)]
+pub struct Reported {
+    pub completions: Vec<Completion>,
+    pub durations: Vec<f64>,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Completion {
     pub job_id: i64,

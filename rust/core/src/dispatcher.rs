@@ -15,12 +15,13 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_postgres::Client;
 
-use crate::completer::{Completer, Completion, CompletionReport};
+use crate::completer::{Completer, Completion, CompletionReport, Outcome, Reported};
 use crate::config::WorkerConfig;
 use crate::connect::ConnectionTarget;
 use crate::errors::{is_connectivity_error, CoreError, CoreResult};
 use crate::fetcher::{Fetcher, JobRow, QueueRoom};
 use crate::handoff::{HandoffEvent, HandoffSender, LogLevel};
+use crate::metrics::{Histogram, MetricsSnapshot, TaskQueue, DURATION_BUCKETS};
 
 /// Jobs this worker holds in `doing` that the dispatcher does not know about: claims whose
 /// reply was lost with the connection. They are handed over like any claimed job.
@@ -36,7 +37,7 @@ pub struct Dispatcher {
     pub config: Arc<WorkerConfig>,
     pub worker_id: i64,
     /// Outcomes from the runner, in the chunks it reported them.
-    pub completions: mpsc::UnboundedReceiver<Vec<Completion>>,
+    pub completions: mpsc::UnboundedReceiver<Reported>,
     pub wake: Arc<Notify>,
     pub stop_fetching: watch::Receiver<bool>,
     pub handoff: HandoffSender,
@@ -47,53 +48,75 @@ pub struct Dispatcher {
 /// Jobs claimed and not yet completed in the database, with per-queue counts for the
 /// queues that have a concurrency limit.
 struct InFlight {
-    queue_of: HashMap<i64, Option<String>>,
+    jobs: HashMap<i64, Held>,
     held: HashMap<String, usize>,
     limits: HashMap<String, usize>,
+    /// Task and queue names, shared by all the jobs that have them.
+    names: HashSet<std::sync::Arc<str>>,
+}
+
+struct Held {
+    task_queue: TaskQueue,
+    limited: bool,
 }
 
 impl InFlight {
     fn new(limits: HashMap<String, usize>, capacity: usize) -> Self {
         InFlight {
-            queue_of: HashMap::with_capacity(capacity),
+            jobs: HashMap::with_capacity(capacity),
             held: HashMap::new(),
             limits,
+            names: HashSet::new(),
         }
     }
 
     fn len(&self) -> usize {
-        self.queue_of.len()
+        self.jobs.len()
     }
 
-    fn insert(&mut self, job: &JobRow) {
-        let limited = self.limits.contains_key(&job.queue_name);
-        let queue = limited.then(|| job.queue_name.clone());
-        if let Some(queue) = &queue {
-            *self.held.entry(queue.clone()).or_default() += 1;
+    fn name(&mut self, name: &str) -> std::sync::Arc<str> {
+        if let Some(shared) = self.names.get(name) {
+            return shared.clone();
         }
-        if let Some(Some(previous)) = self.queue_of.insert(job.id, queue) {
+        let shared: std::sync::Arc<str> = name.into();
+        self.names.insert(shared.clone());
+        shared
+    }
+
+    fn insert(&mut self, job: &JobRow) -> TaskQueue {
+        let limited = self.limits.contains_key(&job.queue_name);
+        if limited {
+            *self.held.entry(job.queue_name.clone()).or_default() += 1;
+        }
+        let task_queue = (self.name(&job.task_name), self.name(&job.queue_name));
+        let held = Held {
+            task_queue: task_queue.clone(),
+            limited,
+        };
+        if let Some(previous) = self.jobs.insert(job.id, held) {
             // Already known (an orphan handed again): count it once.
-            if let Some(count) = self.held.get_mut(&previous) {
+            if previous.limited {
+                if let Some(count) = self.held.get_mut(&*previous.task_queue.1) {
+                    *count = count.saturating_sub(1);
+                }
+            }
+        }
+        task_queue
+    }
+
+    /// The job's task and queue, and whether the queue is limited.
+    fn remove(&mut self, job_id: i64) -> Option<(TaskQueue, bool)> {
+        let held = self.jobs.remove(&job_id)?;
+        if held.limited {
+            if let Some(count) = self.held.get_mut(&*held.task_queue.1) {
                 *count = count.saturating_sub(1);
             }
         }
-    }
-
-    /// Whether the job was in a limited queue.
-    fn remove(&mut self, job_id: i64) -> bool {
-        match self.queue_of.remove(&job_id) {
-            Some(Some(queue)) => {
-                if let Some(count) = self.held.get_mut(&queue) {
-                    *count = count.saturating_sub(1);
-                }
-                true
-            }
-            _ => false,
-        }
+        Some((held.task_queue, held.limited))
     }
 
     fn ids(&self) -> Vec<i64> {
-        self.queue_of.keys().copied().collect()
+        self.jobs.keys().copied().collect()
     }
 
     /// Room per limited queue once `pending` completions are written.
@@ -103,9 +126,11 @@ impl InFlight {
         }
         let mut held = self.held.clone();
         for completion in pending {
-            if let Some(Some(queue)) = self.queue_of.get(&completion.job_id) {
-                if let Some(count) = held.get_mut(queue) {
-                    *count = count.saturating_sub(1);
+            if let Some(job) = self.jobs.get(&completion.job_id) {
+                if job.limited {
+                    if let Some(count) = held.get_mut(&*job.task_queue.1) {
+                        *count = count.saturating_sub(1);
+                    }
                 }
             }
         }
@@ -227,6 +252,9 @@ impl Dispatcher {
         // a job of a limited queue completes.
         let mut claim_when_queue_frees = false;
         let mut pending: Vec<Completion> = Vec::new();
+        // How long each reported job ran, by job id (only for the metrics).
+        let mut durations: HashMap<i64, f64> = HashMap::new();
+        self.handoff.metrics().set_connected("dispatcher", true);
         // Completions that were sent when the connection broke: they may have been written.
         let mut maybe_written: HashSet<i64> = HashSet::new();
         let mut claiming = true;
@@ -237,8 +265,8 @@ impl Dispatcher {
         poll.tick().await;
 
         loop {
-            while let Ok(mut chunk) = self.completions.try_recv() {
-                pending.append(&mut chunk);
+            while let Ok(reported) = self.completions.try_recv() {
+                receive(&mut pending, &mut durations, reported);
             }
             if claiming && (!completions_open || *self.stop_fetching.borrow()) {
                 // Nobody could run (or complete) what would be claimed now.
@@ -260,7 +288,7 @@ impl Dispatcher {
                 }
                 tokio::select! {
                     completion = self.completions.recv(), if completions_open => match completion {
-                        Some(mut chunk) => pending.append(&mut chunk),
+                        Some(reported) => receive(&mut pending, &mut durations, reported),
                         None => completions_open = false,
                     },
                     _ = self.wake.notified(), if claiming => want_claim = true,
@@ -279,12 +307,22 @@ impl Dispatcher {
             match flushed {
                 None => {}
                 Some(Ok(report)) => {
-                    for job_id in &report.written {
-                        if in_flight.remove(*job_id) && claim_when_queue_frees {
+                    let mut ended = Vec::with_capacity(report.written.len());
+                    for completion in &batch {
+                        let Some((task_queue, limited)) = in_flight.remove(completion.job_id)
+                        else {
+                            continue;
+                        };
+                        if limited && claim_when_queue_frees {
                             claim_when_queue_frees = false;
                             want_claim = true;
                         }
+                        let duration = durations.remove(&completion.job_id);
+                        ended.push((task_queue, outcome_label(&completion.outcome), duration));
                     }
+                    self.handoff
+                        .metrics()
+                        .update(|metrics| record_outcomes(metrics, ended, batch.len()));
                     for (job_id, reason) in report.rejected {
                         let level = if maybe_written.contains(&job_id) {
                             LogLevel::Debug
@@ -319,9 +357,11 @@ impl Dispatcher {
                     let drained =
                         !self.config.wait && !full && !limited_progress && room.full.is_empty();
                     if !jobs.is_empty() {
-                        for job in &jobs {
-                            in_flight.insert(job);
-                        }
+                        let claimed: Vec<TaskQueue> =
+                            jobs.iter().map(|job| in_flight.insert(job)).collect();
+                        self.handoff
+                            .metrics()
+                            .update(|metrics| record_claims(metrics, claimed));
                         self.handoff.send(HandoffEvent::Jobs(jobs));
                     }
                     if drained {
@@ -339,14 +379,21 @@ impl Dispatcher {
             }
             self.in_flight_count
                 .store(in_flight.len(), Ordering::Relaxed);
+            let (held, backlog) = (in_flight.len() as u64, pending.len() as u64);
+            self.handoff.metrics().update(|metrics| {
+                metrics.in_flight = held;
+                metrics.completer_backlog = backlog;
+            });
 
             if broken || connection.client.is_closed() {
                 want_claim = true;
+                self.handoff.metrics().set_connected("dispatcher", false);
                 let client = self
                     .target
                     .connect_with_backoff(self.config.reconnect_timeout)
                     .await?;
                 connection = self.prepare(client).await?;
+                self.handoff.metrics().set_connected("dispatcher", true);
                 self.handoff.log(
                     LogLevel::Info,
                     "dispatcher_reconnected",
@@ -390,5 +437,48 @@ impl Dispatcher {
             .map(JobRow::from_row)
             .collect::<Result<_, _>>()
             .map_err(|error| CoreError::database("looking for claims lost in transit", error))
+    }
+}
+
+fn receive(pending: &mut Vec<Completion>, durations: &mut HashMap<i64, f64>, reported: Reported) {
+    if reported.durations.len() == reported.completions.len() {
+        for (completion, seconds) in reported.completions.iter().zip(&reported.durations) {
+            durations.insert(completion.job_id, *seconds);
+        }
+    }
+    pending.extend(reported.completions);
+}
+
+fn outcome_label(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::Retry { .. } => "retried",
+        Outcome::Finish { status, .. } => match status.as_str() {
+            "succeeded" => "succeeded",
+            "aborted" => "aborted",
+            _ => "failed",
+        },
+    }
+}
+
+fn record_claims(metrics: &mut MetricsSnapshot, claimed: Vec<TaskQueue>) {
+    metrics.claim_batch_size.observe(claimed.len() as f64);
+    for task_queue in claimed {
+        *metrics.claimed.entry(task_queue).or_default() += 1;
+    }
+}
+
+type Ended = (TaskQueue, &'static str, Option<f64>);
+
+fn record_outcomes(metrics: &mut MetricsSnapshot, ended: Vec<Ended>, batch_size: usize) {
+    metrics.completion_batch_size.observe(batch_size as f64);
+    for ((task, queue), status, duration) in ended {
+        if let Some(seconds) = duration {
+            metrics
+                .job_duration
+                .entry((task.clone(), queue.clone()))
+                .or_insert_with(|| Histogram::new(DURATION_BUCKETS))
+                .observe(seconds);
+        }
+        *metrics.outcomes.entry((task, queue, status)).or_default() += 1;
     }
 }

@@ -2,10 +2,14 @@
 //! runner per batch, never one per job), together with abort requests, the end of a
 //! `wait=False` drain, log records and a fatal error, in the order they happened.
 
+use std::sync::Arc;
+use std::time::Instant;
+
 use tokio::sync::{mpsc, Mutex};
 
 use crate::errors::CoreError;
 use crate::fetcher::JobRow;
+use crate::metrics::Metrics;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogLevel {
@@ -41,13 +45,20 @@ pub enum HandoffEvent {
 
 #[derive(Clone)]
 pub struct HandoffSender {
-    sender: mpsc::UnboundedSender<HandoffEvent>,
+    // Stamped when sent, so the receiver can tell how long claimed jobs waited.
+    sender: mpsc::UnboundedSender<(Instant, HandoffEvent)>,
+    metrics: Arc<Metrics>,
 }
 
 impl HandoffSender {
+    /// The worker's metrics, for the roles that hold a sender.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     pub fn send(&self, event: HandoffEvent) {
         // A closed channel means the runner is gone; the event has nobody to go to.
-        let _ = self.sender.send(event);
+        let _ = self.sender.send((Instant::now(), event));
     }
 
     pub fn log(&self, level: LogLevel, action: &'static str, message: impl Into<String>) {
@@ -76,7 +87,8 @@ impl HandoffSender {
 }
 
 pub struct HandoffReceiver {
-    receiver: Mutex<mpsc::UnboundedReceiver<HandoffEvent>>,
+    receiver: Mutex<mpsc::UnboundedReceiver<(Instant, HandoffEvent)>>,
+    metrics: Arc<Metrics>,
 }
 
 impl HandoffReceiver {
@@ -85,31 +97,51 @@ impl HandoffReceiver {
     /// taken out of the channel by a call that returns it.
     pub async fn next_events(&self, max: usize) -> Option<Vec<HandoffEvent>> {
         let mut receiver = self.receiver.lock().await;
-        let mut events = Vec::new();
-        if receiver.recv_many(&mut events, max.max(1)).await == 0 {
+        let mut stamped = Vec::new();
+        if receiver.recv_many(&mut stamped, max.max(1)).await == 0 {
             return None;
         }
-        Some(events)
+        Some(self.unstamp(stamped))
     }
 
     /// Whatever is queued now, without waiting.
     pub fn try_events(&self) -> Vec<HandoffEvent> {
-        let mut events = Vec::new();
+        let mut stamped = Vec::new();
         if let Ok(mut receiver) = self.receiver.try_lock() {
             while let Ok(event) = receiver.try_recv() {
-                events.push(event);
+                stamped.push(event);
             }
         }
-        events
+        self.unstamp(stamped)
+    }
+
+    /// The runner starts every job of a batch as soon as it takes the batch: the time a
+    /// batch waited here is its jobs' claim-to-start latency.
+    fn unstamp(&self, stamped: Vec<(Instant, HandoffEvent)>) -> Vec<HandoffEvent> {
+        let now = Instant::now();
+        stamped
+            .into_iter()
+            .map(|(sent, event)| {
+                if let HandoffEvent::Jobs(jobs) = &event {
+                    self.metrics
+                        .observe_claim_to_start(now.duration_since(sent), jobs.len() as u64);
+                }
+                event
+            })
+            .collect()
     }
 }
 
-pub fn channel() -> (HandoffSender, HandoffReceiver) {
+pub fn channel(metrics: Arc<Metrics>) -> (HandoffSender, HandoffReceiver) {
     let (sender, receiver) = mpsc::unbounded_channel();
     (
-        HandoffSender { sender },
+        HandoffSender {
+            sender,
+            metrics: metrics.clone(),
+        },
         HandoffReceiver {
             receiver: Mutex::new(receiver),
+            metrics,
         },
     )
 }

@@ -7,6 +7,7 @@
 //! - [`completer`]: the batched terminal write (finish / retry / delete).
 //! - [`dispatcher`]: the loop that owns the job connection and decides when to claim and flush.
 //! - [`handoff`]: the channel of job batches and abort requests to the runner.
+//! - [`metrics`]: counters and histograms kept where the events happen, read on scrape.
 //! - [`registry`]: worker registration, heartbeat, stalled-worker pruning, abort polling.
 //! - [`connect`]: connection settings, connecting with backoff, redacted descriptions.
 //! - [`errors`]: the one error enum.
@@ -20,6 +21,7 @@ pub mod errors;
 pub mod fetcher;
 pub mod handoff;
 pub mod listener;
+pub mod metrics;
 pub mod registry;
 pub mod worker;
 
@@ -28,4 +30,5 @@ pub use config::WorkerConfig;
 pub use errors::{CoreError, CoreResult};
 pub use fetcher::JobRow;
 pub use handoff::{HandoffEvent, LogLevel, LogRecord};
+pub use metrics::{Metrics, MetricsSnapshot};
 pub use worker::WorkerCore;

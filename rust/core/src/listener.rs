@@ -99,6 +99,7 @@ impl Listener {
                 );
             }
             first = false;
+            self.handoff.metrics().set_connected("listener", true);
             // Anything inserted before this point, or while disconnected, was not notified.
             self.wake.notify_one();
             loop {
@@ -110,6 +111,7 @@ impl Listener {
                     _ = self.stop.changed() => return Ok(()),
                 }
             }
+            self.handoff.metrics().set_connected("listener", false);
             self.handoff.log(
                 LogLevel::Warning,
                 "listener_connection_lost",

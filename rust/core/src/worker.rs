@@ -12,13 +12,14 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 
-use crate::completer::Completion;
+use crate::completer::{Completion, Reported};
 use crate::config::WorkerConfig;
 use crate::connect::ConnectionTarget;
 use crate::dispatcher::Dispatcher;
 use crate::errors::{CoreError, CoreResult};
 use crate::handoff::{self, HandoffEvent, HandoffReceiver, LogLevel};
 use crate::listener::{self, Listener};
+use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::registry::{self, Registry};
 
 struct Running {
@@ -32,7 +33,8 @@ pub struct WorkerCore {
     worker_id: i64,
     pruned_workers: Vec<i64>,
     recovered_jobs: Vec<i64>,
-    completions: Mutex<Option<mpsc::UnboundedSender<Vec<Completion>>>>,
+    completions: Mutex<Option<mpsc::UnboundedSender<Reported>>>,
+    metrics: Arc<Metrics>,
     stop_fetching: watch::Sender<bool>,
     events: HandoffReceiver,
     running: tokio::sync::Mutex<Option<Running>>,
@@ -49,7 +51,8 @@ impl WorkerCore {
 
         let mut maintenance = target.connect().await?;
         registry::check_schema(&target, &maintenance).await?;
-        let (handoff, events) = handoff::channel();
+        let metrics = Arc::new(Metrics::default());
+        let (handoff, events) = handoff::channel(metrics.clone());
         let (pruned_workers, recovered_jobs) = if config.recover_stalled_jobs {
             let recovery = registry::prune_and_recover_stalled_jobs(
                 &mut maintenance,
@@ -134,6 +137,7 @@ impl WorkerCore {
             pruned_workers,
             recovered_jobs,
             completions: Mutex::new(Some(completions_sender)),
+            metrics,
             stop_fetching,
             events,
             running: tokio::sync::Mutex::new(Some(Running {
@@ -166,14 +170,27 @@ impl WorkerCore {
     /// Record several outcomes at once: they reach the dispatcher together, so they go out
     /// in the same batch.
     pub fn complete_many(&self, completions: Vec<Completion>) -> CoreResult<()> {
-        if completions.is_empty() {
+        self.report(Reported {
+            completions,
+            durations: Vec::new(),
+        })
+    }
+
+    /// Like [`WorkerCore::complete_many`], with how long each job ran (for the metrics).
+    pub fn report(&self, reported: Reported) -> CoreResult<()> {
+        if reported.completions.is_empty() {
             return Ok(());
         }
         let guard = self.completions.lock().map_err(|_| CoreError::ShutDown)?;
         match guard.as_ref() {
-            Some(sender) => sender.send(completions).map_err(|_| CoreError::ShutDown),
+            Some(sender) => sender.send(reported).map_err(|_| CoreError::ShutDown),
             None => Err(CoreError::ShutDown),
         }
+    }
+
+    /// Counters and histograms as of now.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.metrics.snapshot()
     }
 
     /// Stop claiming jobs, at once. Completions are still written.

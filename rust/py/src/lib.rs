@@ -8,10 +8,12 @@ mod errors;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fastworker_core::{Completion, HandoffEvent, LogLevel, Outcome, WorkerConfig};
+use fastworker_core::completer::Reported;
+use fastworker_core::metrics::Histogram;
+use fastworker_core::{Completion, HandoffEvent, LogLevel, MetricsSnapshot, Outcome, WorkerConfig};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyList, PyTuple};
+use pyo3::types::{PyDict, PyList, PyTuple};
 
 use crate::errors::BindingError;
 
@@ -136,7 +138,9 @@ impl WorkerCore {
 
     /// Several outcomes in one call, written in the same batch:
     /// `finished` as (job_id, status, delete), `retried` as (job_id, retry_at, priority, queue, lock).
+    /// `durations`: seconds each job ran, finished then retried (for the metrics only).
     #[allow(clippy::type_complexity)]
+    #[pyo3(signature = (finished, retried, durations=None))]
     fn complete_many(
         &self,
         finished: Vec<(i64, String, bool)>,
@@ -147,6 +151,7 @@ impl WorkerCore {
             Option<String>,
             Option<String>,
         )>,
+        durations: Option<Vec<f64>>,
     ) -> PyResult<()> {
         let mut completions = Vec::with_capacity(finished.len() + retried.len());
         for (job_id, status, delete) in finished {
@@ -171,9 +176,23 @@ impl WorkerCore {
                 },
             });
         }
+        let durations = durations.unwrap_or_default();
+        if !durations.is_empty() && durations.len() != completions.len() {
+            return Err(PyValueError::new_err(
+                "durations must have one entry per completion",
+            ));
+        }
         self.core
-            .complete_many(completions)
+            .report(Reported {
+                completions,
+                durations,
+            })
             .map_err(|error| BindingError(error).into())
+    }
+
+    /// Counters and histograms of this worker, for a metrics exporter.
+    fn metrics<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        metrics_to_python(py, self.core.metrics())
     }
 
     /// Stop claiming at once; running jobs go on and their outcomes are still written.
@@ -211,6 +230,54 @@ impl WorkerCore {
             Ok(())
         })
     }
+}
+
+fn histogram_to_python<'py>(
+    py: Python<'py>,
+    histogram: &Histogram,
+) -> PyResult<Bound<'py, PyDict>> {
+    let dict = PyDict::new(py);
+    dict.set_item("bounds", histogram.bounds.to_vec())?;
+    dict.set_item("counts", histogram.counts.clone())?;
+    dict.set_item("sum", histogram.sum)?;
+    dict.set_item("count", histogram.count)?;
+    Ok(dict)
+}
+
+fn metrics_to_python(py: Python<'_>, snapshot: MetricsSnapshot) -> PyResult<Bound<'_, PyDict>> {
+    let dict = PyDict::new(py);
+    let claimed = PyList::empty(py);
+    for ((task, queue), count) in &snapshot.claimed {
+        claimed.append((&**task, &**queue, *count))?;
+    }
+    dict.set_item("claimed", claimed)?;
+    let outcomes = PyList::empty(py);
+    for ((task, queue, status), count) in &snapshot.outcomes {
+        outcomes.append((&**task, &**queue, *status, *count))?;
+    }
+    dict.set_item("outcomes", outcomes)?;
+    let durations = PyList::empty(py);
+    for ((task, queue), histogram) in &snapshot.job_duration {
+        durations.append((&**task, &**queue, histogram_to_python(py, histogram)?))?;
+    }
+    dict.set_item("job_duration", durations)?;
+    dict.set_item(
+        "claim_batch_size",
+        histogram_to_python(py, &snapshot.claim_batch_size)?,
+    )?;
+    dict.set_item(
+        "completion_batch_size",
+        histogram_to_python(py, &snapshot.completion_batch_size)?,
+    )?;
+    dict.set_item(
+        "claim_to_start",
+        histogram_to_python(py, &snapshot.claim_to_start)?,
+    )?;
+    dict.set_item("completer_backlog", snapshot.completer_backlog)?;
+    dict.set_item("in_flight", snapshot.in_flight)?;
+    dict.set_item("connected", snapshot.connected)?;
+    dict.set_item("reconnects", snapshot.reconnects)?;
+    Ok(dict)
 }
 
 fn level_number(level: LogLevel) -> u8 {
@@ -268,6 +335,21 @@ fn events_to_python(py: Python<'_>, events: Vec<HandoffEvent>) -> PyResult<Bound
     Ok(list)
 }
 
+/// Registered with `atexit`: lets the runtime's threads finish handing results to asyncio
+/// before the interpreter finalizes.
+///
+/// pyo3-async-runtimes resolves each awaitable from a tokio blocking thread that holds the
+/// GIL while it calls `loop.call_soon_threadsafe`. The awaiting coroutine can resume (and
+/// `asyncio.run` return, and the interpreter start finalizing) before that thread has
+/// released the GIL; it then aborts the process with "PyGILState_Release: thread state
+/// must be current when releasing" (seen on a worker that exits at once, e.g. with an
+/// unreachable database). atexit callbacks run before finalization starts: releasing the
+/// GIL for a moment here lets any such thread finish first.
+#[pyfunction]
+fn _quiesce_before_exit(py: Python<'_>) {
+    py.detach(|| std::thread::sleep(Duration::from_millis(50)));
+}
+
 #[pymodule]
 fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     // The core's own runtime: one thread is enough (it waits on the network) and leaves
@@ -280,5 +362,11 @@ fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     pyo3_async_runtimes::tokio::init(builder);
     module.add_class::<WorkerCore>()?;
     errors::register(module)?;
+    let quiesce = wrap_pyfunction!(_quiesce_before_exit, module)?;
+    module.add_function(quiesce.clone())?;
+    module
+        .py()
+        .import("atexit")?
+        .call_method1("register", (quiesce,))?;
     Ok(())
 }
