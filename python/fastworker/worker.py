@@ -106,7 +106,9 @@ class Worker(procrastinate_worker.Worker):
       ``context.should_abort()`` and, if it raises ``JobAborted``, ends the same way;
     - ``metrics_port``: serve Prometheus metrics on this port (``0``: any free port, see
       ``metrics_server.port``) at ``metrics_address`` (default all interfaces); needs the
-      ``fastworker[metrics]`` extra.
+      ``fastworker[metrics]`` extra;
+    - ``opentelemetry``: one OpenTelemetry span per job (outermost worker middleware);
+      needs the ``fastworker[otel]`` extra.
     """
 
     def __init__(
@@ -122,6 +124,7 @@ class Worker(procrastinate_worker.Worker):
         task_timeouts: Mapping[str, float] | None = None,
         metrics_port: int | None = None,
         metrics_address: str = "0.0.0.0",
+        opentelemetry: bool = False,
         **options: Any,
     ):
         # procrastinate's options, positional (in its order) or by keyword.
@@ -147,6 +150,11 @@ class Worker(procrastinate_worker.Worker):
         self.metrics_port = metrics_port
         self.metrics_address = metrics_address
         self.metrics_server: Any = None
+        self.opentelemetry = opentelemetry
+        if opentelemetry:
+            from fastworker.otel import job_span_middleware
+
+            self.worker_middleware = [job_span_middleware, *self.worker_middleware]
         if metrics_port is not None:
             # Fail now, not at start, when the extra is missing.
             from fastworker import metrics  # noqa: F401
