@@ -11,6 +11,7 @@ import asyncio
 import os
 import random
 import time
+import uuid
 from typing import Any
 
 import procrastinate
@@ -24,10 +25,14 @@ CREATE TABLE IF NOT EXISTS fw_executions (
     job_id bigint NOT NULL,
     task text NOT NULL,
     pid integer NOT NULL,
+    run_id uuid UNIQUE,
     at timestamptz NOT NULL DEFAULT clock_timestamp()
 )"""
 
-RECORD = "INSERT INTO fw_executions (job_id, task, pid) VALUES (%(job_id)s, %(task)s, %(pid)s)"
+RECORD = (
+    "INSERT INTO fw_executions (job_id, task, pid, run_id) "
+    "VALUES (%(job_id)s, %(task)s, %(pid)s, %(run_id)s) ON CONFLICT (run_id) DO NOTHING"
+)
 
 
 class CustomBaseError(BaseException):
@@ -46,10 +51,24 @@ def make_app(dsn: str, *, pool_size: int = 8, periodic: bool = False) -> procras
     app.fw_pool_size = pool_size  # type: ignore[attr-defined]
 
     async def record(context: JobContext) -> None:
+        """One row per execution. Retried while the database is away (a restart, a killed
+        connection): the run id makes a retried insert that had committed count once."""
         assert context.job.id is not None
-        await app.connector.execute_query_async(
-            RECORD, job_id=context.job.id, task=context.job.task_name, pid=os.getpid()
-        )
+        run_id = str(uuid.uuid4())
+        for attempt in range(240):
+            try:
+                await app.connector.execute_query_async(
+                    RECORD,
+                    job_id=context.job.id,
+                    task=context.job.task_name,
+                    pid=os.getpid(),
+                    run_id=run_id,
+                )
+                return
+            except (procrastinate.exceptions.ConnectorException, psycopg.OperationalError):
+                if attempt == 239:
+                    raise
+                await asyncio.sleep(0.25)
 
     @app.task(name="record", pass_context=True)
     async def record_task(context: JobContext, n: int = 0, sleep: float = 0.0) -> int:
@@ -137,6 +156,8 @@ async def open_app(app: procrastinate.App) -> None:
         min_size=1,
         max_size=app.fw_pool_size,  # type: ignore[attr-defined]
         open=False,
+        # Recording an execution is a test probe: no need to wait for the WAL flush.
+        kwargs={"options": "-c synchronous_commit=off"},
         check=psycopg_pool.AsyncConnectionPool.check_connection,
         reconnect_timeout=300,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import logging
 import sys
 
@@ -68,6 +69,7 @@ async def main(arguments: argparse.Namespace) -> None:
 
 
 def run(argv: list[str] | None = None) -> int:
+    faulthandler.enable()  # a crash of the process leaves its Python stacks in the log
     arguments = parse(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(ExtraFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

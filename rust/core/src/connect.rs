@@ -66,7 +66,7 @@ impl ConnectionTarget {
                 .await
                 .map_err(|error| CoreError::Unreachable {
                     target: self.description.clone(),
-                    reason: error.to_string(),
+                    reason: error_chain(&error),
                 })?;
         tokio::spawn(async move {
             // Errors surface on the client's next request; nothing to do with them here.
@@ -91,7 +91,7 @@ impl ConnectionTarget {
                 .await
                 .map_err(|error| CoreError::Unreachable {
                     target: self.description.clone(),
-                    reason: error.to_string(),
+                    reason: error_chain(&error),
                 })?;
         tokio::spawn(async move {
             let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -147,6 +147,22 @@ fn lost(target: &ConnectionTarget, budget: Duration, error: CoreError) -> CoreEr
         },
         other => other,
     }
+}
+
+/// An error and its causes: tokio-postgres says "error connecting to server" and keeps the
+/// useful part ("Connection refused", a TLS failure, ...) in its source.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 fn describe(config: &Config) -> String {
