@@ -1,7 +1,7 @@
 """Type stub of the native module `fastworker._core` (Rust, PyO3)."""
 
 from collections.abc import Awaitable
-from typing import Literal
+from typing import Any, Literal
 
 JobRowTuple = tuple[
     int,  # id
@@ -71,7 +71,9 @@ class WorkerCore:
         self,
         finished: list[tuple[int, str, bool]],
         retried: list[tuple[int, str | None, int | None, str | None, str | None]],
+        durations: list[float] | None = None,
     ) -> None: ...
+    def metrics(self) -> dict[str, Any]: ...
     def stop_fetching(self) -> None: ...
     def next_events(self, max_events: int = 4096) -> Awaitable[list[Event] | None]: ...
     def pending_events(self) -> list[Event]: ...

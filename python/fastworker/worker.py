@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from procrastinate import App, exceptions, job_context, jobs, middleware, retry, tasks, utils
 from procrastinate import worker as procrastinate_worker
@@ -222,7 +222,7 @@ class Worker(procrastinate_worker.Worker):
             "Installing signal handler", extra={"action": "install_signal_handlers"}
         )
         loop = asyncio.get_running_loop()
-        previous = []
+        previous: list[tuple[int, Any]] = []
         for signum in (signal.SIGINT, signal.SIGTERM):
             previous.append((signum, signal.getsignal(signum)))
             loop.add_signal_handler(signum, self._on_signal, signum)
@@ -358,12 +358,12 @@ class Worker(procrastinate_worker.Worker):
     def _handle_events(self, events: list[_core.Event]) -> None:
         for kind, payload in events:
             if kind == "jobs":
-                for row in payload:  # type: ignore[union-attr]
-                    self._start_job(row)  # type: ignore[arg-type]
+                for row in cast("list[_core.JobRowTuple]", payload):
+                    self._start_job(row)
             elif kind == "abort":
-                self._handle_abort_jobs_requested(payload)  # type: ignore[arg-type]
+                self._handle_abort_jobs_requested(cast("list[int]", payload))
             elif kind == "log":
-                level, action, message, job_id = payload  # type: ignore[misc]
+                level, action, message, job_id = cast("_core.LogTuple", payload)
                 core_logger.log(level, message, extra={"action": action, "job_id": job_id})
             elif kind == "drained":
                 self._drained = True
