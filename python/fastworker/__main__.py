@@ -1,0 +1,7 @@
+"""``python -m fastworker``: the ``fastworker`` command."""
+
+import sys
+
+from fastworker.cli import main
+
+sys.exit(main())

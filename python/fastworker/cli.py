@@ -1,0 +1,585 @@
+"""The ``fastworker`` command: procrastinate's ``worker`` subcommand, run by fastworker.
+
+``procrastinate --app=mypkg.app worker --concurrency=50`` becomes
+``fastworker --app=mypkg.app worker --concurrency=50``: the worker flags are procrastinate's
+own (its parser builds them, so spelling, meaning and ``PROCRASTINATE_*`` environment
+variables are the same), plus a few fastworker flags (``--dsn``, ``--reconnect-timeout``, ...).
+
+Exit codes: 0 clean stop, 1 the worker failed, 2 bad arguments or app, 3 database
+unreachable or lost, 4 procrastinate schema missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.metadata
+import logging
+import os
+import re
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import procrastinate
+import psycopg
+from procrastinate import cli as procrastinate_cli
+from procrastinate import connector as procrastinate_connector
+from procrastinate import exceptions as procrastinate_exceptions
+from procrastinate import jobs
+from psycopg.conninfo import conninfo_to_dict
+
+import fastworker
+from fastworker.connection import conninfo_from_dsn
+
+PROGRAM_NAME = "fastworker"
+ENV_PREFIX = "FASTWORKER"
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_SCHEMA_MISSING = 4
+
+# How long the start-up check waits for the database before giving up (seconds).
+CONNECT_TIMEOUT = 10
+
+EXIT_CODES_HELP = f"""\
+exit codes:
+  {EXIT_OK}  the worker stopped cleanly (SIGINT/SIGTERM, or --one-shot and the queues are empty)
+  {EXIT_FAILURE}  the worker failed
+  {EXIT_USAGE}  bad arguments, environment variables or app
+  {EXIT_UNREACHABLE}  the database is unreachable, or was lost for longer than --reconnect-timeout
+  {EXIT_SCHEMA_MISSING}  the procrastinate schema is missing (run `procrastinate schema --apply`)
+
+A first SIGINT/SIGTERM stops claiming jobs and lets running jobs finish (their results are
+written); a second one, or --shutdown-graceful-timeout, aborts them.
+"""
+
+# Worker options that fastworker's `Worker` takes besides procrastinate's CLI flags.
+FASTWORKER_OPTIONS = ("dsn", "reconnect_timeout", "max_batch_size")
+EXTRA_WORKER_OPTIONS = ("update_heartbeat_interval", "stalled_worker_timeout")
+
+
+class CliError(Exception):
+    """An error reported as one line on stderr, with its exit code."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# --- argument parsing -----------------------------------------------------------------
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("fastworker")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - not installed
+        return "unknown"
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def _non_negative_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {value!r}") from None
+    if not number >= 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {value}")
+    return number
+
+
+def _abort_interval(value: str) -> float:
+    """procrastinate's ``worker -a`` is the abort polling interval, not the app."""
+    try:
+        return _non_negative_float(value)
+    except argparse.ArgumentTypeError as error:
+        if re.fullmatch(r"[A-Za-z_][\w.:]*", value):
+            raise argparse.ArgumentTypeError(
+                f"{error} (after `worker`, -a is --abort-job-polling-interval, as in "
+                f"procrastinate; give the app as `fastworker --app {value} worker` or "
+                f"`fastworker worker --app {value}`)"
+            ) from None
+        raise
+
+
+def _add_env_argument(
+    parser: argparse._ActionsContainer,
+    *flags: str,
+    envvar: str,
+    type: Callable[[str], Any],
+    help: str,
+    **kwargs: Any,
+) -> argparse.Action:
+    """A fastworker-only flag, defaulting to the ``FASTWORKER_<envvar>`` variable."""
+    variable = f"{ENV_PREFIX}_{envvar}"
+    value = os.environ.get(variable, "")
+    if value:
+        try:
+            kwargs["default"] = type(value)
+        except (argparse.ArgumentTypeError, ValueError) as error:
+            raise CliError(f"invalid value in ${variable}: {error}", EXIT_USAGE) from None
+    return parser.add_argument(*flags, type=type, help=f"{help} (env: {variable})", **kwargs)
+
+
+def _add_procrastinate_argument(
+    container: argparse._ActionsContainer,
+    *flags: str,
+    envvar: str,
+    in_subcommand: bool,
+    **kwargs: Any,
+) -> argparse.Action:
+    """A flag of procrastinate's CLI, read from the same ``PROCRASTINATE_*`` variable.
+
+    Its copy after ``worker`` only overrides: no default, and no environment default
+    either (that would override a value given before ``worker``)."""
+    if not in_subcommand:
+        return procrastinate_cli.add_argument(container, *flags, envvar=envvar, **kwargs)
+    for key in ("default", "envvar_type"):
+        kwargs.pop(key, None)
+    envvar_help = kwargs.pop("envvar_help", "")
+    variable = f"{procrastinate_cli.ENV_PREFIX}_{envvar}"
+    kwargs["help"] = (
+        f"{kwargs.get('help', '')} (env: {variable}{f': {envvar_help}' if envvar_help else ''})"
+    )
+    return container.add_argument(*flags, default=argparse.SUPPRESS, **kwargs)
+
+
+def _add_logging_arguments(parser: argparse.ArgumentParser, *, in_subcommand: bool) -> None:
+    """procrastinate's logging flags (same names, same PROCRASTINATE_* variables), accepted
+    before and after ``worker``."""
+    group = parser.add_argument_group("logging")
+    verbosity = group.add_mutually_exclusive_group()
+    _add_procrastinate_argument(
+        verbosity,
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="Use multiple times to increase verbosity (procrastinate deprecates it in "
+        "favour of --log-level)",
+        envvar="VERBOSE",
+        envvar_help="set to desired verbosity level",
+        envvar_type=int,
+        in_subcommand=in_subcommand,
+    )
+    _add_procrastinate_argument(
+        verbosity,
+        "--log-level",
+        choices=["debug", "info", "warning", "error", "critical"],
+        help="Set log level explicitly",
+        envvar="LOG_LEVEL",
+        envvar_help="set to desired log level",
+        in_subcommand=in_subcommand,
+    )
+    _add_procrastinate_argument(
+        group,
+        "--log-format",
+        default=logging.BASIC_FORMAT,
+        help="Format of the log lines (a logging.Formatter format string; default "
+        f"{logging.BASIC_FORMAT.replace('%', '%%')!r})",
+        envvar="LOG_FORMAT",
+        in_subcommand=in_subcommand,
+    )
+    _add_procrastinate_argument(
+        group,
+        "--log-format-style",
+        default="%",
+        choices=["%", "{", "$"],
+        help="Style of the --log-format string (default %%)",
+        envvar="LOG_FORMAT_STYLE",
+        in_subcommand=in_subcommand,
+    )
+
+
+def _with_env_suffix(text: str, old_help: str | None) -> str:
+    if old_help and " (env:" in old_help:
+        return text + old_help[old_help.index(" (env:") :]
+    return text
+
+
+def _configure_worker_parser(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    # procrastinate's own `worker` subcommand: same flags, same PROCRASTINATE_WORKER_* vars.
+    procrastinate_cli.configure_worker_parser(subparsers)
+    worker = subparsers.choices["worker"]
+    worker.description = (
+        "Run a fastworker worker for the app, listening on the given queues (or all\n"
+        "queues). Takes the flags of `procrastinate worker`, with the same meaning and\n"
+        "environment variables. Values default to App.worker_defaults, then to\n"
+        "procrastinate's worker defaults."
+    )
+    for choice in subparsers._choices_actions:
+        if choice.dest == "worker":
+            choice.help = "Run a fastworker worker (takes the flags of `procrastinate worker`)"
+    worker.epilog = EXIT_CODES_HELP
+    worker.formatter_class = argparse.RawDescriptionHelpFormatter
+    worker.set_defaults(func=None)
+    for action in worker._actions:
+        if action.dest == "concurrency":
+            action.type = _positive_int
+        elif action.dest in ("fetch_job_polling_interval", "shutdown_graceful_timeout"):
+            action.type = _non_negative_float
+        elif action.dest == "abort_job_polling_interval":
+            action.type = _abort_interval
+        elif action.dest == "delete_jobs":
+            action.metavar = "{" + ",".join(c.value for c in jobs.DeleteJobCondition) + "}"
+        elif action.dest == "wait":
+            action.help = _with_env_suffix(
+                "--wait (default): keep waiting for new jobs; --one-shot: stop once the "
+                "queues are empty",
+                action.help,
+            )
+        elif action.dest == "listen_notify":
+            action.help = _with_env_suffix(
+                "--listen-notify (default): be woken by PostgreSQL LISTEN/NOTIFY; "
+                "--no-listen-notify: only poll",
+                action.help,
+            )
+
+    # procrastinate drops a false boolean from the environment (`if env_var_default:`), so
+    # PROCRASTINATE_WORKER_WAIT=false would be ignored; honour it.
+    for dest, variable in (("wait", "WORKER_WAIT"), ("listen_notify", "WORKER_LISTEN_NOTIFY")):
+        value = os.environ.get(f"{procrastinate_cli.ENV_PREFIX}_{variable}", "")
+        if value:
+            boolean = procrastinate_cli.env_bool(value)
+            worker.set_defaults(**{dest: boolean})
+
+    _add_procrastinate_argument(
+        worker,
+        "--app",
+        help="Dotted path to the procrastinate app (also accepted before `worker`)",
+        envvar="APP",
+        in_subcommand=True,
+    )
+    _add_logging_arguments(worker, in_subcommand=True)
+
+    group = worker.add_argument_group("fastworker options")
+    _add_env_argument(
+        group,
+        "--dsn",
+        envvar="DSN",
+        type=str,
+        help="libpq connection string or URL for the worker's own connections (default: "
+        "the settings of the app's connector)",
+    )
+    _add_env_argument(
+        group,
+        "--reconnect-timeout",
+        envvar="RECONNECT_TIMEOUT",
+        type=_non_negative_float,
+        help="How long the database may be unreachable before the worker stops with exit "
+        "code 3 (seconds, default 60)",
+    )
+    _add_env_argument(
+        group,
+        "--max-batch-size",
+        envvar="MAX_BATCH_SIZE",
+        type=_positive_int,
+        help="Most jobs claimed by one statement (default 500)",
+    )
+    _add_env_argument(
+        group,
+        "--update-heartbeat-interval",
+        envvar="UPDATE_HEARTBEAT_INTERVAL",
+        type=_non_negative_float,
+        help="procrastinate's update_heartbeat_interval: seconds between heartbeats (default 10)",
+    )
+    _add_env_argument(
+        group,
+        "--stalled-worker-timeout",
+        envvar="STALLED_WORKER_TIMEOUT",
+        type=_non_negative_float,
+        help="procrastinate's stalled_worker_timeout: a worker without heartbeat for that "
+        "long is pruned at start (default 30)",
+    )
+    return worker
+
+
+def create_parser() -> argparse.ArgumentParser:
+    """The ``fastworker`` parser. Reads the environment (PROCRASTINATE_*, FASTWORKER_*)."""
+    parser = argparse.ArgumentParser(
+        prog=PROGRAM_NAME,
+        description="Run procrastinate jobs with fastworker, a Rust-accelerated drop-in worker:\n"
+        "`procrastinate --app=APP worker ...` becomes `fastworker --app=APP worker ...`.\n"
+        "See `fastworker worker --help` for the flags.",
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    procrastinate_cli.add_argument(
+        parser,
+        "-a",
+        "--app",
+        default="",
+        help="Dotted path to the procrastinate app",
+        envvar="APP",
+    )
+    _add_logging_arguments(parser, in_subcommand=False)
+    parser.add_argument(
+        "-V",
+        "--version",
+        action="version",
+        version=f"%(prog)s {_version()} (procrastinate {procrastinate.__version__})",
+        help="Print the version and exit",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _configure_worker_parser(subparsers)
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> dict[str, Any]:
+    try:
+        parser = create_parser()
+    except CliError:
+        raise
+    except (ValueError, argparse.ArgumentTypeError) as error:
+        # procrastinate converts its PROCRASTINATE_* variables while building the parser.
+        raise CliError(
+            f"invalid value in a PROCRASTINATE_* environment variable: {error}", EXIT_USAGE
+        ) from None
+    return vars(parser.parse_args(list(argv)))
+
+
+# --- loading and checking ---------------------------------------------------------------
+
+
+def load_app(path: str) -> procrastinate.App:
+    if not path:
+        raise CliError(
+            "no app given: pass --app=dotted.path.to.app or set PROCRASTINATE_APP",
+            EXIT_USAGE,
+        )
+    # As `python -m fastworker` would: the app's package may sit in the current directory.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        app = procrastinate.App.from_path(dotted_path=path)
+    except Exception as error:  # the import itself may raise anything
+        cause: BaseException = error
+        if isinstance(error, procrastinate_exceptions.LoadFromPathError):
+            cause = error.__cause__ or error
+        raise CliError(
+            f"could not load the app from {path!r}: {type(cause).__name__}: {cause}",
+            EXIT_USAGE,
+        ) from error
+    if not isinstance(app, procrastinate.App):
+        raise CliError(f"{path!r} is not a procrastinate App", EXIT_USAGE)
+    if not isinstance(app.connector, procrastinate_connector.BaseAsyncConnector):
+        raise CliError(
+            "the app's connector is not async; fastworker needs an async connector "
+            "(e.g. procrastinate.PsycopgConnector)",
+            EXIT_USAGE,
+        )
+    return app
+
+
+def _targets(params: dict[str, Any]) -> str:
+    """``host:port`` of each host a conninfo names (never the password)."""
+    hosts = str(params.get("host") or os.environ.get("PGHOST") or "").split(",")
+    ports = str(params.get("port") or os.environ.get("PGPORT") or "5432").split(",")
+    described = []
+    for index, host in enumerate(hosts):
+        port = ports[index] if index < len(ports) else ports[0]
+        if not host:
+            described.append(f"the local Unix socket (port {port})")
+        elif host.startswith("/") or host.startswith("@"):
+            described.append(f"{host}:{port} (Unix socket)")
+        else:
+            described.append(f"{host}:{port}")
+    return ", ".join(described)
+
+
+def _where(params: dict[str, Any]) -> str:
+    database = params.get("dbname") or os.environ.get("PGDATABASE")
+    user = params.get("user") or os.environ.get("PGUSER")
+    details = ", ".join(
+        f"{label} {value!r}" for label, value in (("database", database), ("user", user)) if value
+    )
+    return _targets(params) + (f" ({details})" if details else "")
+
+
+def _connect_reason(error: BaseException, password: str | None) -> str:
+    """libpq's reason, on one line, without the parts the caller already says."""
+    text = str(error).strip() or type(error).__name__
+    text = re.sub(r"^connection failed:\s*", "", text)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reasons = []
+    for line in lines:
+        line = re.sub(
+            r'^connection to server (at|on socket) ".*?"(, port \d+)? failed:\s*', "", line
+        )
+        line = re.sub(r"^multiple connection attempts failed\..*", "", line)
+        if line and line not in reasons:
+            reasons.append(line)
+    reason = "; ".join(reasons) or text.replace("\n", " ")
+    if password:
+        reason = reason.replace(password, "***")
+    return reason
+
+
+def _connection_arguments(
+    app: procrastinate.App, dsn: str | None
+) -> list[tuple[str, dict[str, Any]]]:
+    """(conninfo, kwargs) of the servers the app and the worker will connect to."""
+    targets: list[tuple[str, dict[str, Any]]] = []
+    connector = app.connector
+    if isinstance(connector, procrastinate.PsycopgConnector):
+        arguments = getattr(connector, "_pool_args", {})
+        conninfo = arguments.get("conninfo", "")
+        kwargs = arguments.get("kwargs") or {}
+        if isinstance(conninfo, str) and isinstance(kwargs, dict):
+            targets.append((conninfo, dict(kwargs)))
+    if dsn:
+        targets.append((conninfo_from_dsn(dsn), {}))
+    return targets
+
+
+async def check_database(app: procrastinate.App, dsn: str | None, app_path: str = "...") -> None:
+    """Fail fast and clearly when the database is unreachable or has no procrastinate
+    schema (the app's pool would otherwise retry for 30 s and then time out vaguely)."""
+    for conninfo, kwargs in _connection_arguments(app, dsn):
+        params = conninfo_to_dict(conninfo, **kwargs)
+        timeout = min(int(params.get("connect_timeout") or CONNECT_TIMEOUT), CONNECT_TIMEOUT)
+        if timeout <= 0:
+            timeout = CONNECT_TIMEOUT
+        kwargs = {**kwargs, "connect_timeout": timeout, "autocommit": True}
+        try:
+            connection = await psycopg.AsyncConnection.connect(conninfo, **kwargs)
+        except psycopg.OperationalError as error:
+            password = str(params.get("password") or os.environ.get("PGPASSWORD") or "")
+            raise CliError(
+                f"cannot connect to PostgreSQL at {_where(params)}: "
+                f"{_connect_reason(error, password)}",
+                EXIT_UNREACHABLE,
+            ) from None
+        async with connection:
+            cursor = await connection.execute(
+                "SELECT to_regclass('procrastinate_jobs') IS NOT NULL"
+            )
+            row = await cursor.fetchone()
+            database = connection.info.dbname
+            where = _targets({"host": connection.info.host, "port": connection.info.port})
+        if not (row and row[0]):
+            raise CliError(
+                f"the procrastinate schema is missing in database {database!r} at "
+                f"{where}: apply it with "
+                f"`procrastinate --app={app_path} schema --apply`",
+                EXIT_SCHEMA_MISSING,
+            )
+
+
+# --- running ----------------------------------------------------------------------------
+
+
+class _StartupSignals:
+    """Before the worker runs (loading, checking, opening the app), SIGINT/SIGTERM cancel
+    the start-up and the command exits 0; the worker then installs its own handlers."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._installed: list[int] = []
+
+    def install(self) -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+
+        def on_signal() -> None:
+            self.received = True
+            task.cancel()
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(signum, on_signal)
+            except (NotImplementedError, RuntimeError):  # not the main thread / Windows
+                continue
+            self._installed.append(signum)
+
+    def remove(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._installed:
+            loop.remove_signal_handler(self._installed.pop())
+
+
+async def run_worker(app_path: str, options: dict[str, Any]) -> int:
+    signals = _StartupSignals()
+    signals.install()
+    try:
+        app = load_app(app_path)
+        await check_database(app, options.get("dsn"), app_path)
+        async with app.open_async():
+            queues = options.get("queues")
+            print(
+                f"Launching a fastworker worker on {', '.join(queues) if queues else 'all queues'}",
+                file=sys.stderr,
+            )
+            signals.remove()
+            await fastworker.run_async(app, **options)
+    except asyncio.CancelledError:
+        if signals.received:
+            return EXIT_OK
+        raise
+    finally:
+        signals.remove()
+    return EXIT_OK
+
+
+def _error_for(error: BaseException) -> CliError:
+    if isinstance(error, CliError):
+        return error
+    if isinstance(error, fastworker.DatabaseUnreachable | fastworker.ConnectionLost):
+        return CliError(str(error), EXIT_UNREACHABLE)
+    if isinstance(error, fastworker.SchemaMissing):
+        return CliError(str(error), EXIT_SCHEMA_MISSING)
+    if isinstance(error, fastworker.ConfigurationError | ValueError | TypeError):
+        return CliError(f"invalid worker settings: {error}", EXIT_USAGE)
+    if isinstance(error, psycopg.OperationalError):
+        return CliError(f"database error: {_connect_reason(error, None)}", EXIT_UNREACHABLE)
+    return CliError(f"the worker failed: {type(error).__name__}: {error}", EXIT_FAILURE)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fastworker`` command; returns the exit code."""
+    try:
+        parsed = parse_args(sys.argv[1:] if argv is None else argv)
+    except CliError as error:
+        print(f"{PROGRAM_NAME}: error: {error}", file=sys.stderr)
+        return error.exit_code
+
+    procrastinate_cli.configure_logging(
+        verbosity=parsed.pop("verbose", None),
+        log_level=parsed.pop("log_level", None),
+        format=parsed.pop("log_format"),
+        style=parsed.pop("log_format_style"),
+    )
+    app_path: str = parsed.pop("app")
+    for key in ("command", "func"):
+        parsed.pop(key, None)
+    options = parsed  # only the flags given (or set in the environment)
+
+    try:
+        return asyncio.run(run_worker(app_path, options))
+    except KeyboardInterrupt:  # a SIGINT outside the worker's own handling
+        return 130
+    except Exception as error:
+        cli_error = _error_for(error)
+        logging.getLogger("fastworker.cli").debug("Exception details:", exc_info=error)
+        print(f"{PROGRAM_NAME}: error: {cli_error}", file=sys.stderr)
+        return cli_error.exit_code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

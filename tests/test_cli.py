@@ -1,0 +1,352 @@
+"""The ``fastworker`` command, run as a real process on a real database.
+
+No timed assertions: waits are bounded polling loops (or subprocess timeouts) whose limits
+only decide how long a failing test takes to fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import procrastinate
+import pytest
+from procrastinate import cli as procrastinate_cli
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from tests.conftest import create_database, drop_database, fetch_all, make_app
+
+#: Upper bound of every wait in this module (never a measured duration).
+PATIENCE = 90.0
+
+APP_MODULE = textwrap.dedent(
+    """
+    import os
+    import time
+    from pathlib import Path
+
+    import procrastinate
+
+    app = procrastinate.App(
+        connector=procrastinate.PsycopgConnector(conninfo=os.environ["CLI_TEST_APP_DSN"])
+    )
+
+
+    @app.task(name="quick")
+    async def quick(value: int) -> None:
+        pass
+
+
+    @app.task(name="gated")
+    def gated(gate: str) -> None:
+        # A sync job that runs until the test opens the gate (bounded, never hangs).
+        deadline = time.monotonic() + 120
+        while not Path(gate).exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    """
+)
+
+
+@pytest.fixture
+def app_dir(tmp_path: Path) -> Path:
+    (tmp_path / "cli_test_app.py").write_text(APP_MODULE)
+    return tmp_path
+
+
+def cli_env(app_dsn: str, **extra: str) -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("PROCRASTINATE_", "FASTWORKER_"))
+    }
+    env["CLI_TEST_APP_DSN"] = app_dsn
+    env.update(extra)
+    return env
+
+
+def fastworker_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fastworker", *args]
+
+
+def run_cli(
+    *args: str, cwd: Path, env: dict[str, str], timeout: float = PATIENCE
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        fastworker_command(*args),
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def wait_until(
+    predicate: Callable[[], bool], what: str, state: Callable[[], object] = lambda: None
+) -> None:
+    deadline = time.monotonic() + PATIENCE
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}; last state: {state()}")
+        time.sleep(0.05)
+
+
+def defer(dsn: str, task: str, kwargs_list: list[dict[str, object]], **options: str) -> None:
+    app = make_app(dsn)
+    with app.open():
+        deferrer = app.configure_task(name=task, allow_unknown=True, **options)  # type: ignore[arg-type]
+        deferrer.batch_defer(*kwargs_list)
+
+
+def status_counts(dsn: str) -> dict[str, int]:
+    return dict(  # type: ignore[arg-type]
+        fetch_all(dsn, "SELECT status::text, count(*) FROM procrastinate_jobs GROUP BY 1")
+    )
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("fastworker: error:")]
+
+
+@pytest.fixture
+def unreachable_dsn() -> str:
+    """A DSN nothing listens on (port 1), with a password that must never be printed."""
+    return "host=127.0.0.1 port=1 user=someone password=s3cr3t-pw dbname=nowhere connect_timeout=5"
+
+
+# --- help and arguments -------------------------------------------------------------------
+
+
+def procrastinate_worker_flags() -> list[str]:
+    parser = procrastinate_cli.create_parser()
+    procrastinate_cli.add_arguments(parser)
+    subparsers = next(
+        action for action in parser._actions if isinstance(action, argparse._SubParsersAction)
+    )
+    worker = subparsers.choices["worker"]
+    return [flag for action in worker._actions for flag in action.option_strings]
+
+
+def test_help_lists_procrastinate_flags(tmp_path: Path) -> None:
+    env = cli_env("")
+    script = Path(sys.executable).parent / "fastworker"
+    command = [str(script)] if script.exists() else fastworker_command()
+    worker_help = subprocess.run(
+        [*command, "worker", "--help"], env=env, capture_output=True, text=True, timeout=PATIENCE
+    )
+    assert worker_help.returncode == 0, worker_help.stderr
+    flags = procrastinate_worker_flags()
+    assert "--concurrency" in flags and "--one-shot" in flags  # the reference is complete
+    for flag in [*flags, "--app", "--verbose", "--log-level", "--log-format", "--dsn"]:
+        assert flag in worker_help.stdout, f"{flag} missing from `fastworker worker --help`"
+    for flag in ["--reconnect-timeout", "--log-format-style", "PROCRASTINATE_WORKER_CONCURRENCY"]:
+        assert flag in worker_help.stdout
+
+    main_help = subprocess.run(
+        [*command, "--help"], env=env, capture_output=True, text=True, timeout=PATIENCE
+    )
+    assert main_help.returncode == 0
+    for flag in ["--app", "--verbose", "--log-level", "--log-format", "--version", "worker"]:
+        assert flag in main_help.stdout
+    assert "exit codes" in main_help.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["worker", "--concurrency", "0"], "must be at least 1"),
+        (["worker", "--no-such-flag"], "unrecognized arguments"),
+        (["worker", "-a", "cli_test_app.app"], "-a is --abort-job-polling-interval"),
+        (["worker"], "no app given"),
+        (["--app", "no_such_module.app", "worker"], "could not load the app"),
+        (["--app", "cli_test_app.app", "worker", "--delete-jobs", "sometimes"], "invalid"),
+    ],
+)
+def test_bad_arguments_exit_2(app_dir: Path, dsn: str, args: list[str], expected: str) -> None:
+    result = run_cli(*args, cwd=app_dir, env=cli_env(dsn))
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_environment_variable_exit_2(app_dir: Path, dsn: str) -> None:
+    env = cli_env(dsn, PROCRASTINATE_WORKER_CONCURRENCY="lots")
+    result = run_cli("--app", "cli_test_app.app", "worker", cwd=app_dir, env=env)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert len(error_lines(result.stderr)) == 1
+
+
+# --- running ------------------------------------------------------------------------------
+
+
+def test_one_shot_drains_jobs_and_exits_0(app_dir: Path, dsn: str) -> None:
+    defer(dsn, "quick", [{"value": i} for i in range(300)])
+    result = run_cli(
+        "--app",
+        "cli_test_app.app",
+        "worker",
+        "--one-shot",
+        "--concurrency",
+        "20",
+        "--log-level",
+        "warning",
+        cwd=app_dir,
+        env=cli_env(dsn),
+    )
+    assert result.returncode == 0, result.stderr
+    assert status_counts(dsn) == {"succeeded": 300}
+    assert fetch_all(dsn, "SELECT count(*) FROM procrastinate_workers") == [(0,)]
+
+
+def test_procrastinate_environment_variables(app_dir: Path, dsn: str) -> None:
+    """PROCRASTINATE_APP, PROCRASTINATE_WORKER_WAIT and _QUEUES mean what they mean to
+    procrastinate; flags after `worker` override them."""
+    defer(dsn, "quick", [{"value": i} for i in range(20)], queue="mine")
+    defer(dsn, "quick", [{"value": i} for i in range(10)], queue="other")
+    env = cli_env(
+        dsn,
+        PROCRASTINATE_APP="cli_test_app.app",
+        PROCRASTINATE_WORKER_WAIT="false",
+        PROCRASTINATE_WORKER_QUEUES="mine",
+        PROCRASTINATE_LOG_LEVEL="warning",
+    )
+    result = run_cli("worker", "--name", "env-worker", cwd=app_dir, env=env)
+    assert result.returncode == 0, result.stderr
+    rows = fetch_all(
+        dsn, "SELECT queue_name, status::text, count(*) FROM procrastinate_jobs GROUP BY 1, 2"
+    )
+    assert sorted(rows) == [("mine", "succeeded", 20), ("other", "todo", 10)]
+
+    result = run_cli("worker", "--queues", "other", cwd=app_dir, env=env)
+    assert result.returncode == 0, result.stderr
+    assert status_counts(dsn) == {"succeeded": 30}
+
+
+@pytest.fixture
+def worker_process(app_dir: Path, dsn: str) -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    processes: list[subprocess.Popen[str]] = []
+
+    def start(*args: str) -> subprocess.Popen[str]:
+        process = subprocess.Popen(
+            fastworker_command("--app", "cli_test_app.app", "worker", *args),
+            cwd=app_dir,
+            env=cli_env(dsn),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=PATIENCE)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_stops_the_worker_cleanly(
+    worker_process: Callable[..., subprocess.Popen[str]],
+    dsn: str,
+    tmp_path: Path,
+    signum: signal.Signals,
+) -> None:
+    """A real signal while a job runs: the job finishes and is recorded, the worker
+    unregisters, the process exits 0."""
+    process = worker_process("--concurrency", "10", "--log-level", "info")
+    wait_until(
+        lambda: (
+            fetch_all(dsn, "SELECT count(*) FROM procrastinate_workers") == [(1,)]
+            or process.poll() is not None
+        ),
+        "the worker to register",
+    )
+    assert process.poll() is None, process.communicate()
+
+    gate = tmp_path / "gate"
+    defer(dsn, "quick", [{"value": i} for i in range(200)])
+    defer(dsn, "gated", [{"gate": str(gate)}])
+    wait_until(
+        lambda: status_counts(dsn) == {"succeeded": 200, "doing": 1} or process.poll() is not None,
+        "the quick jobs to finish while the gated one runs",
+        lambda: status_counts(dsn),
+    )
+    assert process.poll() is None, process.communicate()
+
+    process.send_signal(signum)
+    gate.touch()  # the gated job was running when the signal arrived; now it may end
+    _, stderr = process.communicate(timeout=PATIENCE)
+
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    assert status_counts(dsn) == {"succeeded": 201}
+    assert fetch_all(dsn, "SELECT count(*) FROM procrastinate_workers") == [(0,)]
+    assert "Stopped worker" in stderr
+
+
+# --- database errors ----------------------------------------------------------------------
+
+
+def test_unreachable_database_is_a_clear_error(app_dir: Path, unreachable_dsn: str) -> None:
+    result = run_cli(
+        "--app", "cli_test_app.app", "worker", cwd=app_dir, env=cli_env(unreachable_dsn)
+    )
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr
+    [line] = error_lines(result.stderr)
+    assert "127.0.0.1:1" in line
+    assert "s3cr3t-pw" not in result.stderr + result.stdout
+
+
+def test_unreachable_dsn_for_the_worker_is_a_clear_error(
+    app_dir: Path, dsn: str, unreachable_dsn: str
+) -> None:
+    result = run_cli(
+        "--app",
+        "cli_test_app.app",
+        "worker",
+        "--dsn",
+        unreachable_dsn,
+        cwd=app_dir,
+        env=cli_env(dsn),
+    )
+    assert result.returncode == 3, result.stderr
+    [line] = error_lines(result.stderr)
+    assert "127.0.0.1:1" in line
+    assert "s3cr3t-pw" not in result.stderr + result.stdout
+
+
+def test_missing_schema_is_a_clear_error(app_dir: Path, database_name: str) -> None:
+    bare = create_database(database_name, with_schema=False)
+    try:
+        with_password = make_conninfo(bare, password="s3cr3t-pw")
+        result = run_cli(
+            "--app", "cli_test_app.app", "worker", cwd=app_dir, env=cli_env(with_password)
+        )
+    finally:
+        drop_database(database_name)
+    assert result.returncode == 4, result.stderr
+    [line] = error_lines(result.stderr)
+    assert "schema" in line and database_name in line
+    params = conninfo_to_dict(bare)
+    assert f"{params.get('host', '')}:{params.get('port', 5432)}" in line
+    assert "s3cr3t-pw" not in result.stderr
+
+
+def test_version(tmp_path: Path) -> None:
+    result = subprocess.run(
+        fastworker_command("--version"), capture_output=True, text=True, timeout=PATIENCE
+    )
+    assert result.returncode == 0
+    assert "fastworker" in result.stdout and procrastinate.__version__ in result.stdout
