@@ -399,6 +399,9 @@ class Worker(procrastinate_worker.Worker):
             abort_reason=lambda: self._job_ids_to_abort.get(job_id) if job_id else None,
             start_timestamp=time.time(),
         )
+        if not isinstance(job.task_kwargs, dict):
+            self._refuse_job(context)
+            return
         job_task = asyncio.create_task(
             self._process_job(context), name=f"process job {job.task_name}[{job.id}]"
         )
@@ -413,6 +416,24 @@ class Worker(procrastinate_worker.Worker):
         if self._hard_stop.is_set():
             # Claimed by a request that was in flight when the hard stop came.
             self._abort_job(job_task, context, job_context.AbortReason.SHUTDOWN)
+
+    def _refuse_job(self, context: job_context.JobContext) -> None:
+        """A job whose args are not a JSON object (``null``, a list, a string ...) cannot be
+        called with keyword arguments, and procrastinate's own job logging
+        (``Job.call_string``) fails on it, so `_process_job` would end without writing
+        anything and the job would stay ``doing``. It fails at once instead, reason logged."""
+        job = context.job
+        found = json.dumps(job.task_kwargs)[:100]
+        context = context.evolve(job=job.evolve(task_kwargs={}))
+        self.logger.error(
+            f"Job {job.task_name}[{job.id}] failed: its args must be a JSON object, got {found}",
+            extra=self._log_extra(
+                action="job_error", context=context, job_result=None, exception="invalid args"
+            ),
+        )
+        now = time.time()
+        result = job_context.JobResult(start_timestamp=now, end_timestamp=now)
+        self._report_outcome(context.job, jobs.Status.FAILED, None, context, result)
 
     def _on_job_done(self, task: asyncio.Task[Any]) -> None:
         self._running_jobs.pop(task, None)
