@@ -58,7 +58,7 @@ written); a second one, or --shutdown-graceful-timeout, aborts them.
 """
 
 # Worker options that fastworker's `Worker` takes besides procrastinate's CLI flags.
-FASTWORKER_OPTIONS = ("dsn", "reconnect_timeout", "max_batch_size")
+FASTWORKER_OPTIONS = ("dsn", "reconnect_timeout", "max_batch_size", "recover_stalled_jobs")
 EXTRA_WORKER_OPTIONS = ("update_heartbeat_interval", "stalled_worker_timeout")
 
 
@@ -304,6 +304,18 @@ def _configure_worker_parser(
         type=_non_negative_float,
         help="procrastinate's stalled_worker_timeout: a worker without heartbeat for that "
         "long is pruned at start (default 30)",
+    )
+    recover_variable = f"{ENV_PREFIX}_RECOVER_STALLED_JOBS"
+    recover_from_env = os.environ.get(recover_variable, "").strip().lower()
+    group.add_argument(
+        "--recover-stalled-jobs",
+        action="store_true",
+        default=True
+        if recover_from_env in ("1", "y", "yes", "t", "true", "on")
+        else argparse.SUPPRESS,
+        help="Put the doing jobs of the stalled workers pruned (at start, then every "
+        "--stalled-worker-timeout) back to run, with procrastinate's retry semantics "
+        f"(default: off, as procrastinate) (env: {recover_variable}: use 1/y/t)",
     )
     return worker
 

@@ -4,12 +4,16 @@ procrastinate's retry semantics. Without the option, the end state is procrastin
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import fetch_all
 from tests.reliability.helpers import (
+    REPO,
     WorkerProcess,
     create_executions_table,
     defer_jobs,
@@ -201,6 +205,49 @@ async def test_without_the_option_stalled_jobs_stay_doing_like_procrastinate(
     assert statuses(dsn) == {"succeeded": 200 - len(held), "doing": len(held)}
     for _job_id, status, held_by, attempts, events in end_state(dsn, held):
         assert (status, held_by, attempts, events) == ("doing", None, 0, ["deferred", "started"])
+
+
+def test_cli_flag_recover_stalled_jobs(dsn: str, tmp_path: Path) -> None:
+    """`fastworker worker --recover-stalled-jobs`: the CLI's next worker puts a killed
+    worker's jobs back to run."""
+    create_executions_table(dsn)
+    defer_jobs(dsn, 200, task="record_after", args_sql="json_build_object('n', n, 'sleep', 0.3)")
+    worker_id, held = start_and_kill(dsn, tmp_path / "victim.log")
+    assert held
+    wait_until(lambda: stale(dsn, worker_id), timeout=30, what="stale heartbeat")
+    command = [
+        sys.executable,
+        "-m",
+        "fastworker",
+        "worker",
+        "--app",
+        "tests.reliability.cli_app.app",
+        "--one-shot",
+        "--concurrency",
+        "50",
+        "--recover-stalled-jobs",
+        "--stalled-worker-timeout",
+        STALLED,
+        "--update-heartbeat-interval",
+        HEARTBEAT,
+    ]
+    result = subprocess.run(
+        command,
+        cwd=REPO,
+        env={**os.environ, "FW_RELIABILITY_DSN": dsn},
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert statuses(dsn) == {"succeeded": 200}
+    assert 0 not in execution_histogram(dsn)
+    for _job_id, status, held_by, attempts, events in end_state(dsn, held):
+        assert status == "succeeded" and held_by is None and attempts == 2, events
+        # procrastinate_retry_job_v2's events (its scheduled_at also records `scheduled`).
+        assert events[:2] == ["deferred", "started"], events
+        assert "deferred_for_retry" in events and events[-2:] == ["started", "succeeded"], events
 
 
 def test_recovery_is_off_by_default() -> None:
