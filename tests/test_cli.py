@@ -28,6 +28,7 @@ PATIENCE = 90.0
 
 APP_MODULE = textwrap.dedent(
     """
+    import asyncio
     import os
     import time
     from pathlib import Path
@@ -42,6 +43,11 @@ APP_MODULE = textwrap.dedent(
     @app.task(name="quick")
     async def quick(value: int) -> None:
         pass
+
+
+    @app.task(name="sleepy")
+    async def sleepy() -> None:
+        await asyncio.sleep(120)
 
 
     @app.task(name="gated")
@@ -229,6 +235,34 @@ def test_procrastinate_environment_variables(app_dir: Path, dsn: str) -> None:
     result = run_cli("worker", "--queues", "other", cwd=app_dir, env=env)
     assert result.returncode == 0, result.stderr
     assert status_counts(dsn) == {"succeeded": 30}
+
+
+def test_fastworker_flags_reach_the_worker(app_dir: Path, dsn: str) -> None:
+    """--job-timeout ends an overlong job failed; --queue-limit and --max-batch-size are
+    accepted and the queue still drains."""
+    defer(dsn, "sleepy", [{}])
+    defer(dsn, "quick", [{"value": i} for i in range(30)], queue="limited")
+    result = run_cli(
+        "--app",
+        "cli_test_app.app",
+        "worker",
+        "--one-shot",
+        "--job-timeout",
+        "0.5",
+        "--queue-limit",
+        "limited=2",
+        "--max-batch-size",
+        "7",
+        "--log-level",
+        "warning",
+        cwd=app_dir,
+        env=cli_env(dsn),
+    )
+    assert result.returncode == 0, result.stderr
+    rows = fetch_all(
+        dsn, "SELECT task_name, status::text, count(*) FROM procrastinate_jobs GROUP BY 1, 2"
+    )
+    assert sorted(rows) == [("quick", "succeeded", 30), ("sleepy", "failed", 1)]
 
 
 @pytest.fixture

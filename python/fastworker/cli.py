@@ -58,7 +58,18 @@ written); a second one, or --shutdown-graceful-timeout, aborts them.
 """
 
 # Worker options that fastworker's `Worker` takes besides procrastinate's CLI flags.
-FASTWORKER_OPTIONS = ("dsn", "reconnect_timeout", "max_batch_size", "recover_stalled_jobs")
+FASTWORKER_OPTIONS = (
+    "dsn",
+    "reconnect_timeout",
+    "max_batch_size",
+    "recover_stalled_jobs",
+    "queue_concurrency",
+    "job_timeout",
+    "task_timeouts",
+    "metrics_port",
+    "metrics_address",
+    "opentelemetry",
+)
 EXTRA_WORKER_OPTIONS = ("update_heartbeat_interval", "stalled_worker_timeout")
 
 
@@ -100,6 +111,72 @@ def _non_negative_float(value: str) -> float:
     return number
 
 
+def _positive_float(value: str) -> float:
+    number = _non_negative_float(value)
+    if number == 0:
+        raise argparse.ArgumentTypeError("must be a number of seconds > 0, got 0")
+    return number
+
+
+def _port(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port: {value!r}") from None
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port: {number} (0-65535)")
+    return number
+
+
+def _mapping(value_type: Callable[[str], Any], form: str) -> Callable[[str], dict[str, Any]]:
+    """``KEY=VALUE[,KEY=VALUE...]`` into a dict."""
+
+    def parse(text: str) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for item in text.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            key, separator, raw = item.rpartition("=")
+            if not separator or not key.strip():
+                raise argparse.ArgumentTypeError(f"expected {form}, got {item!r}")
+            try:
+                result[key.strip()] = value_type(raw.strip())
+            except argparse.ArgumentTypeError as error:
+                raise argparse.ArgumentTypeError(f"{item!r}: {error}") from None
+        return result
+
+    return parse
+
+
+class _MergeMapping(argparse.Action):
+    """Repeatable ``KEY=VALUE`` flag: later keys override earlier ones."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        merged = dict(getattr(namespace, self.dest, None) or {})
+        merged.update(values)
+        setattr(namespace, self.dest, merged)
+
+
+class _StoreTrue(argparse.Action):
+    """store_true that keeps a ``type`` (used for the environment default)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, True)
+
+
 def _abort_interval(value: str) -> float:
     """procrastinate's ``worker -a`` is the abort polling interval, not the app."""
     try:
@@ -120,6 +197,7 @@ def _add_env_argument(
     envvar: str,
     type: Callable[[str], Any],
     help: str,
+    env_help: str = "",
     **kwargs: Any,
 ) -> argparse.Action:
     """A fastworker-only flag, defaulting to the ``FASTWORKER_<envvar>`` variable."""
@@ -130,7 +208,10 @@ def _add_env_argument(
             kwargs["default"] = type(value)
         except (argparse.ArgumentTypeError, ValueError) as error:
             raise CliError(f"invalid value in ${variable}: {error}", EXIT_USAGE) from None
-    return parser.add_argument(*flags, type=type, help=f"{help} (env: {variable})", **kwargs)
+    suffix = f": {env_help}" if env_help else ""
+    return parser.add_argument(
+        *flags, type=type, help=f"{help} (env: {variable}{suffix})", **kwargs
+    )
 
 
 def _add_procrastinate_argument(
@@ -316,6 +397,64 @@ def _configure_worker_parser(
         help="Put the doing jobs of the stalled workers pruned (at start, then every "
         "--stalled-worker-timeout) back to run, with procrastinate's retry semantics "
         f"(default: off, as procrastinate) (env: {recover_variable}: use 1/y/t)",
+    )
+    _add_env_argument(
+        group,
+        "--queue-limit",
+        envvar="QUEUE_LIMITS",
+        type=_mapping(_positive_int, "QUEUE=N"),
+        action=_MergeMapping,
+        dest="queue_concurrency",
+        metavar="QUEUE=N",
+        help="At most N jobs of QUEUE run at once, within --concurrency (repeatable, or "
+        "comma-separated); enforced when claiming, so no job is claimed that cannot start",
+    )
+    _add_env_argument(
+        group,
+        "--job-timeout",
+        envvar="JOB_TIMEOUT",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="A job running longer is cancelled like an abort and ends failed (retried if "
+        "its retry strategy says so) (default: none)",
+    )
+    _add_env_argument(
+        group,
+        "--task-timeout",
+        envvar="TASK_TIMEOUTS",
+        type=_mapping(_positive_float, "TASK=SECONDS"),
+        action=_MergeMapping,
+        dest="task_timeouts",
+        metavar="TASK=SECONDS",
+        help="Per-task timeout, overriding --job-timeout for the task named TASK "
+        "(repeatable, or comma-separated)",
+    )
+    _add_env_argument(
+        group,
+        "--metrics-port",
+        envvar="METRICS_PORT",
+        type=_port,
+        metavar="PORT",
+        help="Serve Prometheus metrics on PORT at /metrics (0: any free port; needs "
+        "fastworker[metrics]) (default: no metrics server)",
+    )
+    _add_env_argument(
+        group,
+        "--metrics-address",
+        envvar="METRICS_ADDRESS",
+        type=str,
+        metavar="ADDRESS",
+        help="Address the metrics server listens on (default 0.0.0.0)",
+    )
+    _add_env_argument(
+        group,
+        "--opentelemetry",
+        envvar="OPENTELEMETRY",
+        type=procrastinate_cli.env_bool,
+        nargs=0,
+        action=_StoreTrue,
+        help="One OpenTelemetry span per job (needs fastworker[otel]) (default: off)",
+        env_help="use 0/n/f or 1/y/t",
     )
     return worker
 
@@ -556,6 +695,8 @@ def _error_for(error: BaseException) -> CliError:
         return CliError(str(error), EXIT_UNREACHABLE)
     if isinstance(error, fastworker.SchemaMissing):
         return CliError(str(error), EXIT_SCHEMA_MISSING)
+    if isinstance(error, ImportError):  # an optional extra is missing
+        return CliError(str(error), EXIT_USAGE)
     if isinstance(error, fastworker.ConfigurationError | ValueError | TypeError):
         return CliError(f"invalid worker settings: {error}", EXIT_USAGE)
     if isinstance(error, psycopg.OperationalError):
