@@ -15,7 +15,9 @@ from typing import Any
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-# Keys tokio-postgres understands; libpq-only keys (sslrootcert, ...) are dropped.
+# Keys the core understands (tokio-postgres', plus the libpq TLS keys the core handles
+# itself: sslmode's verify-ca / verify-full, sslrootcert, sslcert, sslkey); other
+# libpq-only keys are dropped.
 _SUPPORTED_KEYS = frozenset(
     {
         "host",
@@ -27,6 +29,9 @@ _SUPPORTED_KEYS = frozenset(
         "options",
         "application_name",
         "sslmode",
+        "sslrootcert",
+        "sslcert",
+        "sslkey",
         "connect_timeout",
         "tcp_user_timeout",
         "keepalives",
@@ -48,6 +53,9 @@ _ENVIRONMENT = {
     "PGDATABASE": "dbname",
     "PGOPTIONS": "options",
     "PGSSLMODE": "sslmode",
+    "PGSSLROOTCERT": "sslrootcert",
+    "PGSSLCERT": "sslcert",
+    "PGSSLKEY": "sslkey",
     "PGCONNECT_TIMEOUT": "connect_timeout",
     "PGTARGETSESSIONATTRS": "target_session_attrs",
 }

@@ -104,7 +104,9 @@ def test_arguments_not_fitting_the_task_fail_the_job(
     wait_until(lambda: job_status(dsn, job_id) == "failed", timeout=60, what="the job to fail")
     log = finish(worker, dsn, 0)
     assert "action=job_error" in log
-    assert fetch_all(dsn, "SELECT count(*) FROM fw_executions WHERE job_id = %s", job_id) == [(runs,)]
+    assert fetch_all(dsn, "SELECT count(*) FROM fw_executions WHERE job_id = %s", job_id) == [
+        (runs,)
+    ]
 
 
 def test_arguments_of_several_megabytes(worker: WorkerProcess, dsn: str) -> None:

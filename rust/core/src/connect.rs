@@ -4,9 +4,11 @@
 use std::time::{Duration, Instant};
 
 use tokio_postgres::config::Host;
-use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres::{Client, Config};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::errors::{is_connectivity_error, CoreError, CoreResult};
+use crate::tls;
 
 /// Session settings for the core's own connections.
 /// `force_custom_plan`: the claim statement under a generic plan was measured 20x slower
@@ -17,6 +19,8 @@ const SESSION_SETUP: &str =
 #[derive(Clone)]
 pub struct ConnectionTarget {
     config: Config,
+    /// libpq's sslmode over rustls (see [`crate::tls`]); unused on Unix sockets.
+    tls: MakeRustlsConnect,
     description: String,
 }
 
@@ -29,6 +33,8 @@ impl std::fmt::Debug for ConnectionTarget {
 
 impl ConnectionTarget {
     pub fn parse(conninfo: &str) -> CoreResult<Self> {
+        // tokio-postgres knows neither verify-ca / verify-full nor certificate files.
+        let (conninfo, tls_settings) = tls::split_tls_settings(conninfo)?;
         let mut config: Config = conninfo.parse().map_err(|error: tokio_postgres::Error| {
             // The parser's message names the bad key, never the password value.
             CoreError::Config(error.to_string())
@@ -42,9 +48,12 @@ impl ConnectionTarget {
         }
         config.keepalives(true);
         config.keepalives_idle(Duration::from_secs(30));
+        config.ssl_mode(tls_settings.mode.protocol());
+        let tls = tls::connector(&tls_settings)?;
         let description = describe(&config);
         Ok(ConnectionTarget {
             config,
+            tls,
             description,
         })
     }
@@ -62,7 +71,7 @@ impl ConnectionTarget {
     pub async fn connect(&self) -> CoreResult<Client> {
         let (client, connection) =
             self.config
-                .connect(NoTls)
+                .connect(self.tls.clone())
                 .await
                 .map_err(|error| CoreError::Unreachable {
                     target: self.description.clone(),
@@ -87,7 +96,7 @@ impl ConnectionTarget {
         use futures_util::StreamExt;
         let (client, mut connection) =
             self.config
-                .connect(NoTls)
+                .connect(self.tls.clone())
                 .await
                 .map_err(|error| CoreError::Unreachable {
                     target: self.description.clone(),

@@ -10,6 +10,7 @@
 //! - [`metrics`]: counters and histograms kept where the events happen, read on scrape.
 //! - [`registry`]: worker registration, heartbeat, stalled-worker pruning, abort polling.
 //! - [`connect`]: connection settings, connecting with backoff, redacted descriptions.
+//! - [`tls`]: libpq's sslmode / sslrootcert / sslcert / sslkey over rustls.
 //! - [`errors`]: the one error enum.
 //! - [`worker`]: [`worker::WorkerCore`], which starts and stops all of the above.
 
@@ -23,6 +24,7 @@ pub mod handoff;
 pub mod listener;
 pub mod metrics;
 pub mod registry;
+pub mod tls;
 pub mod worker;
 
 pub use completer::{Completion, Outcome};
