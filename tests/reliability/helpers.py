@@ -189,7 +189,7 @@ class PrivateCluster:
 
     As root, the server runs as the `postgres` OS user (PostgreSQL refuses root)."""
 
-    def __init__(self, *, ssl_files: dict[str, Path] | None = None) -> None:
+    def __init__(self, *, ssl_files: dict[str, Path] | None = None, hba: str | None = None) -> None:
         self.bindir = _postgres_bindir()
         self.root = Path(tempfile.mkdtemp(prefix="fw-cluster-"))
         self.data = self.root / "data"
@@ -224,6 +224,8 @@ class PrivateCluster:
             (self.data / "pg_hba.conf").write_text(
                 "local all all trust\nhostssl all all 127.0.0.1/32 trust\n"
             )
+        if hba is not None:
+            (self.data / "pg_hba.conf").write_text(hba)
         with open(self.data / "postgresql.conf", "a") as conf:
             conf.write("\n".join(settings) + "\n")
         self.start()
