@@ -211,16 +211,19 @@ class ActionRecorder(logging.Handler):
 
 @contextlib.contextmanager
 def record_actions() -> Iterator[ActionRecorder]:
+    """Record procrastinate's log records and fastworker's own (`fastworker.core`)."""
     recorder = ActionRecorder()
-    root = logging.getLogger("procrastinate")
-    previous_level = root.level
-    root.addHandler(recorder)
-    root.setLevel(logging.DEBUG)
+    loggers = [logging.getLogger("procrastinate"), logging.getLogger("fastworker")]
+    previous_levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(recorder)
+        logger.setLevel(logging.DEBUG)
     try:
         yield recorder
     finally:
-        root.removeHandler(recorder)
-        root.setLevel(previous_level)
+        for logger, level in zip(loggers, previous_levels, strict=True):
+            logger.removeHandler(recorder)
+            logger.setLevel(level)
 
 
 # --- running a scenario on a fresh database ------------------------------------------------

@@ -290,3 +290,39 @@ async def test_task_arguments_and_results_round_trip(app: procrastinate.App, dsn
     await echo.defer_async(**payload)
     await fastworker.run_async(app, wait=False, install_signal_handlers=False)
     assert received == [payload]
+
+
+async def test_rejected_retry_matches_procrastinate() -> None:
+    """A retry the database refuses (another job with the same queueing lock is waiting):
+    procrastinate's worker gets the error from `procrastinate_retry_job_v2`, the job stays
+    `doing`, and the worker goes on with the next job."""
+
+    async def scenario(app: procrastinate.App, dsn: str, run: Runner) -> None:
+        @app.task(name="unique", retry=1, pass_context=True)
+        async def unique(context: job_context.JobContext, first: bool) -> None:
+            if first:
+                await context.app.configure_task(name="unique", queueing_lock="Q").defer_async(
+                    first=False
+                )
+                raise ValueError("retry me, while my twin waits")
+
+        await unique.configure(queueing_lock="Q").defer_async(first=True)
+        await run(app, concurrency=1, wait=False)
+
+    theirs, ours = await run_both(scenario)
+    assert [(row[3], row[4]) for row in theirs.snapshot.jobs] == [
+        ("doing", 0),
+        ("succeeded", 1),
+    ]
+    assert ours.snapshot.jobs == theirs.snapshot.jobs
+    assert ours.snapshot.events == theirs.snapshot.events
+    assert ours.snapshot.workers == 0
+    # procrastinate logs `finish_task` ("Acknowledged job completion") only once the write
+    # succeeded; fastworker hands the outcome over first (the write is batched), so it logs
+    # it, then reports the refusal on its own logger, with the job id and the reason.
+    assert ours.actions[1] == [*theirs.actions[1], "finish_task"]
+    assert ours.actions[2] == theirs.actions[2]
+    (refused,) = ours.recorder.with_action("finish_task_failed")
+    assert refused.levelno == logging.ERROR
+    assert refused.__dict__["job_id"] == 1
+    assert "queueing_lock" in refused.getMessage()

@@ -24,7 +24,8 @@ use crate::handoff::{HandoffEvent, HandoffSender, LogLevel};
 use crate::metrics::{Histogram, MetricsSnapshot, TaskQueue, DURATION_BUCKETS};
 
 /// Jobs this worker holds in `doing` that the dispatcher does not know about: claims whose
-/// reply was lost with the connection. They are handed over like any claimed job.
+/// reply was lost with the connection. They are handed over like any claimed job. (`$2`:
+/// the jobs it knows, running or abandoned after a refused terminal write.)
 const ORPHANED_CLAIMS: &str = "
 SELECT id, status::text, task_name, priority, lock, queueing_lock, args::text,
        (extract(epoch FROM scheduled_at) * 1000000)::bigint, queue_name, attempts, worker_id
@@ -155,6 +156,7 @@ async fn round_trip(
     batch: &[Completion],
     claim_limit: usize,
     room: &QueueRoom,
+    abandoned: &[i64],
 ) -> RoundTrip {
     let client = &connection.client;
     let completer = &connection.completer;
@@ -170,14 +172,14 @@ async fn round_trip(
         },
         (true, false) => RoundTrip {
             flushed: None,
-            claimed: Some(fetcher.claim(client, claim_limit, room).await),
+            claimed: Some(fetcher.claim(client, claim_limit, room, abandoned).await),
         },
         (false, false) => {
             // Polled in order by join!, so sent in this order, in one round trip.
             let (begin, flushed, claimed, commit) = tokio::join!(
                 client.batch_execute("BEGIN"),
                 completer.write_batch(client, batch),
-                fetcher.claim(client, claim_limit, room),
+                fetcher.claim(client, claim_limit, room, abandoned),
                 client.batch_execute("COMMIT"),
             );
             let results = [
@@ -212,9 +214,16 @@ async fn round_trip(
             // ROLLBACK). Redo the steps on their own, where a bad completion cannot hold
             // back the others.
             let _ = client.batch_execute("ROLLBACK").await;
+            let flushed = completer.write(client, batch).await;
+            // Writes refused just now free their slots for this very claim (with
+            // `wait=False` a short claim ends the run).
+            let mut refused = abandoned.to_vec();
+            if let Ok(report) = &flushed {
+                refused.extend(report.rejected.iter().map(|(job_id, _)| *job_id));
+            }
             RoundTrip {
-                flushed: Some(completer.write(client, batch).await),
-                claimed: Some(fetcher.claim(client, claim_limit, room).await),
+                flushed: Some(flushed),
+                claimed: Some(fetcher.claim(client, claim_limit, room, &refused).await),
             }
         }
     }
@@ -257,6 +266,10 @@ impl Dispatcher {
         self.handoff.metrics().set_connected("dispatcher", true);
         // Completions that were sent when the connection broke: they may have been written.
         let mut maybe_written: HashSet<i64> = HashSet::new();
+        // Jobs whose terminal write the database refused (procrastinate's worker gets the
+        // error and moves on): still `doing` for this worker, but their slot is free again,
+        // and they are not orphans to hand over after a reconnect.
+        let mut abandoned: Vec<i64> = Vec::new();
         let mut claiming = true;
         let mut want_claim = true;
         let mut completions_open = true;
@@ -301,7 +314,7 @@ impl Dispatcher {
             let room = in_flight.room_after(&pending);
             let batch = std::mem::take(&mut pending);
             let RoundTrip { flushed, claimed } =
-                round_trip(&connection, &batch, claim_limit, &room).await;
+                round_trip(&connection, &batch, claim_limit, &room, &abandoned).await;
 
             let mut broken = false;
             match flushed {
@@ -331,6 +344,7 @@ impl Dispatcher {
                         };
                         self.handoff
                             .log_job(level, "finish_task_failed", job_id, reason);
+                        abandoned.push(job_id);
                     }
                     for job_id in &report.written {
                         maybe_written.remove(job_id);
@@ -356,6 +370,11 @@ impl Dispatcher {
                     claim_when_queue_frees = !full && !room.full.is_empty();
                     let drained =
                         !self.config.wait && !full && !limited_progress && room.full.is_empty();
+                    if !abandoned.is_empty() {
+                        // Claimed again: its refused write had in fact gone through before a
+                        // connection loss (it was back in `todo`). It holds a slot again.
+                        abandoned.retain(|job_id| !jobs.iter().any(|job| job.id == *job_id));
+                    }
                     if !jobs.is_empty() {
                         let claimed: Vec<TaskQueue> =
                             jobs.iter().map(|job| in_flight.insert(job)).collect();
@@ -399,7 +418,9 @@ impl Dispatcher {
                     "dispatcher_reconnected",
                     format!("Reconnected to {}", self.target.description()),
                 );
-                let orphans = self.orphaned_claims(&connection.client, &in_flight).await?;
+                let orphans = self
+                    .orphaned_claims(&connection.client, &in_flight, &abandoned)
+                    .await?;
                 if !orphans.is_empty() {
                     for job in &orphans {
                         in_flight.insert(job);
@@ -427,8 +448,10 @@ impl Dispatcher {
         &self,
         client: &Client,
         in_flight: &InFlight,
+        abandoned: &[i64],
     ) -> CoreResult<Vec<JobRow>> {
-        let known: Vec<i64> = in_flight.ids();
+        let mut known: Vec<i64> = in_flight.ids();
+        known.extend_from_slice(abandoned);
         let rows = client
             .query(ORPHANED_CLAIMS, &[&self.worker_id, &known])
             .await

@@ -62,7 +62,10 @@ WITH candidate AS (
      ORDER BY within_queue_limits.priority DESC, within_queue_limits.id ASC
      LIMIT greatest(0, $4::bigint - (
                SELECT count(*) FROM procrastinate_jobs AS held
-                WHERE held.worker_id = $2::bigint AND held.status = 'doing'))
+                WHERE held.worker_id = $2::bigint AND held.status = 'doing'
+                  -- Jobs that ended but whose terminal write the database refused: they
+                  -- stay `doing`, yet no longer take a slot (procrastinate frees it too).
+                  AND NOT (held.id = ANY($8::bigint[]))))
 )
 UPDATE procrastinate_jobs AS job
    SET status = 'doing', worker_id = $2::bigint
@@ -170,11 +173,14 @@ impl Fetcher {
     }
 
     /// Claim up to `limit` jobs, in the order procrastinate would have fetched them one by one.
+    /// `abandoned`: jobs of this worker still `doing` whose terminal write was refused; they
+    /// do not count against `concurrency`.
     pub async fn claim(
         &self,
         client: &Client,
         limit: usize,
         room: &QueueRoom,
+        abandoned: &[i64],
     ) -> Result<Vec<JobRow>, tokio_postgres::Error> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = client
@@ -188,6 +194,7 @@ impl Fetcher {
                     &room.full,
                     &room.names,
                     &room.free,
+                    &abandoned,
                 ],
             )
             .await?;
