@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from tests.conftest import fetch_all
@@ -257,3 +258,42 @@ def test_recovery_is_off_by_default() -> None:
 
     parameter = inspect.signature(fastworker.Worker.__init__).parameters["recover_stalled_jobs"]
     assert parameter.default is False
+
+
+def test_a_stalled_job_whose_queueing_lock_is_taken_is_failed_not_lost(
+    dsn: str, tmp_path: Path
+) -> None:
+    """Recovery cannot put a job back to `todo` while another job with its queueing_lock
+    waits there (procrastinate's unique index): that job is marked failed and logged, the
+    rest of the dead worker's jobs are retried, nothing stays `doing`."""
+    create_executions_table(dsn)
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        row = connection.execute(
+            "INSERT INTO procrastinate_workers (last_heartbeat) "
+            "VALUES (now() - interval '1 hour') RETURNING id"
+        ).fetchone()
+        assert row is not None
+        dead = row[0]
+        connection.execute(
+            "INSERT INTO procrastinate_jobs (queue_name, task_name, args, status, worker_id, "
+            "queueing_lock) VALUES ('default', 'record', '{}', 'doing', %s, 'only-one'), "
+            "('default', 'record', '{}', 'doing', %s, NULL), "
+            "('default', 'record', '{}', 'todo', NULL, 'only-one')",
+            (dead, dead),
+        )
+    worker = WorkerProcess(
+        dsn,
+        tmp_path / "worker.log",
+        "--once",
+        "--recover-stalled-jobs",
+        "--heartbeat",
+        HEARTBEAT,
+        "--stalled-timeout",
+        STALLED,
+    )
+    assert worker.wait(timeout=120) == 0, worker.log()
+    assert fetch_all(
+        dsn, "SELECT id, status::text, queueing_lock FROM procrastinate_jobs ORDER BY id"
+    ) == [(1, "failed", "only-one"), (2, "succeeded", None), (3, "succeeded", "only-one")]
+    assert "action=stalled_job_failed" in worker.log()
+    assert worker_ids(dsn) == set()
