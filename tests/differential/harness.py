@@ -92,6 +92,8 @@ class Run:
     unordered_effects: bool = False
     #: Worker-level log actions a scenario does not compare (timing-dependent ones).
     ignored_worker_actions: set[str] = field(default_factory=set)
+    #: Per-job log actions a scenario does not compare (a documented difference).
+    ignored_job_actions: set[str] = field(default_factory=set)
     _signals: dict[str, asyncio.Event] = field(default_factory=dict)
     _loop: asyncio.AbstractEventLoop | None = None
 
@@ -139,9 +141,9 @@ class Run:
                 await task
         finally:
             if not task.done():
+                # The scenario failed: stop the worker without waiting on stuck jobs.
                 task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+                await asyncio.wait([task], timeout=5)
         return worker
 
     @contextlib.contextmanager
@@ -265,7 +267,9 @@ class Run:
             events.setdefault(job_id, []).append(kind)
         workers_left = (await self.query("SELECT count(*) FROM procrastinate_workers"))[0][0]
         effects = sorted(self.effects, key=repr) if self.unordered_effects else list(self.effects)
-        job_logs, worker_logs = _log_summary(records, self.ignored_worker_actions)
+        job_logs, worker_logs = _log_summary(
+            records, self.ignored_worker_actions, self.ignored_job_actions
+        )
         signal_logs = sorted(entry for entry in worker_logs if entry[0] == _SIGNALS_LOGGER)
         worker_logs = [entry for entry in worker_logs if entry[0] != _SIGNALS_LOGGER]
         return Outcome(
@@ -280,6 +284,7 @@ class Run:
         )
 
 
+_PLAIN_RECORD_KEYS = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 _SIGNALS_LOGGER = "procrastinate.signals"
 # The loggers of the worker's own records (procrastinate.jobs etc. log the scenario's calls).
 _WORKER_LOGGERS = ("procrastinate.worker", _SIGNALS_LOGGER, "procrastinate.periodic")
@@ -296,7 +301,7 @@ def _record_job_id(record: logging.LogRecord) -> int | None:
 
 
 def _log_summary(
-    records: Iterable[logging.LogRecord], ignored: set[str]
+    records: Iterable[logging.LogRecord], ignored: set[str], ignored_job_actions: set[str]
 ) -> tuple[dict[int, list[tuple[Any, ...]]], list[tuple[str, str, str]]]:
     job_logs: dict[int, list[tuple[Any, ...]]] = {}
     worker_logs: list[tuple[str, str, str]] = []
@@ -311,11 +316,19 @@ def _log_summary(
             if action not in ignored and record.name.startswith(_WORKER_LOGGERS):
                 worker_logs.append((record.name, record.levelname, action))
             continue
+        if action in ignored_job_actions:
+            continue
         job = getattr(record, "job", None)
         fields: dict[str, Any] = {}
         if isinstance(job, dict):
             fields = {key: job.get(key) for key in _LOGGED_JOB_FIELDS}
             fields["scheduled"] = job.get("scheduled_at") is not None
+        worker = getattr(record, "worker", None)
+        if isinstance(worker, dict):
+            fields["worker"] = (worker.get("name"), worker.get("queues"))
+        # Which extras the record carries (job_result's timestamps, exception, status...).
+        fields["extras"] = sorted(set(record.__dict__) - _PLAIN_RECORD_KEYS)
+        fields["exc_info"] = record.exc_info[0].__name__ if record.exc_info else None
         entry: tuple[Any, ...] = (record.name, record.levelname, action, fields)
         if action == "job_success":
             entry += (repr(getattr(record, "result", None)),)

@@ -1223,3 +1223,183 @@ async def scenario_periodic_too_old_is_skipped(run: Run) -> None:
         await run.until_status(job_id, "succeeded")
 
     await run.run_until(steps)
+
+
+# --- edges ----------------------------------------------------------------------------
+
+
+@scenario()
+async def scenario_task_alias(run: Run) -> None:
+    """A job deferred under a task's old name (an alias) runs the task."""
+
+    @run.app.task(name="new_name", aliases=["old_name"])
+    async def renamed(x: int) -> int:
+        run.effects.append(("renamed", x))
+        return x
+
+    await run.app.configure_task(name="old_name").defer_async(x=1)
+    await renamed.defer_async(x=2)
+    await run.run_worker(wait=False)
+
+
+@scenario()
+async def scenario_many_jobs_in_batches(run: Run) -> None:
+    """Enough jobs for several claims per round trip; every job ends once."""
+
+    @run.app.task(name="square")
+    async def square(n: int) -> int:
+        run.effects.append(n)
+        return n * n
+
+    @run.app.task(name="fail_some", retry=1)
+    def fail_some(n: int) -> None:
+        run.effects.append(-n)
+        if n % 3 == 0:
+            raise ValueError(n)
+
+    run.unordered_effects = True
+    await square.batch_defer_async(*({"n": n} for n in range(40)))
+    await fail_some.batch_defer_async(*({"n": n} for n in range(1, 16)))
+    await run.run_until(
+        lambda: run.until_db(
+            "SELECT count(*) FILTER (WHERE status = 'succeeded') = 50"
+            " AND count(*) FILTER (WHERE status = 'failed') = 5 FROM procrastinate_jobs"
+        ),
+        concurrency=5,
+    )
+
+
+@scenario()
+async def scenario_sync_task_system_exit(run: Run) -> None:
+    """A BaseException that is not an Exception, raised by a sync task: the job fails."""
+
+    @run.app.task(name="exit_now")
+    def exit_now() -> None:
+        run.effects.append("exiting")
+        raise SystemExit(3)
+
+    @run.app.task(name="after")
+    async def after() -> None:
+        run.effects.append("after")
+
+    await exit_now.defer_async()
+    await after.defer_async()
+    await run.run_worker(wait=False)
+
+
+@scenario()
+async def scenario_retry_conflicts_with_queueing_lock(run: Run) -> None:
+    """The retry of a job clashes with a todo job holding its queueing lock: the retry
+    write fails and the job stays `doing` (procrastinate's worker lets the error through)."""
+    # Known difference: procrastinate's worker logs "Acknowledged job completion"
+    # (finish_task) only once its write succeeded; fastworker logs it when it hands the
+    # outcome to the core, and reports the refused write as fastworker.core's
+    # finish_task_failed error. Everything else is compared.
+    run.ignored_job_actions = {"finish_task"}
+
+    @run.app.task(name="clash", retry=1, queueing_lock="q-lock")
+    async def clash(n: int) -> None:
+        run.effects.append(n)
+        if n == 1:
+            await clash.defer_async(n=2)
+            raise ValueError("retry me")
+
+    @run.app.task(name="after")
+    async def after() -> None:
+        run.effects.append("after")
+
+    first = await clash.defer_async(n=1)
+    await after.configure(priority=-1).defer_async()
+    await run.run_until(_until_succeeded(run, 2), concurrency=1)
+    run.effects.append(
+        await run.query("SELECT status::text FROM procrastinate_jobs WHERE id = %s", first)
+    )
+
+
+@scenario()
+async def scenario_job_row_deleted_while_running(run: Run) -> None:
+    """The job's row disappears while it runs: the finish write finds nothing."""
+    # Known difference: procrastinate's worker logs "Acknowledged job completion"
+    # (finish_task) only once its write succeeded; fastworker logs it when it hands the
+    # outcome to the core, and reports the refused write as fastworker.core's
+    # finish_task_failed error. Everything else is compared.
+    run.ignored_job_actions = {"finish_task"}
+
+    @run.app.task(name="vanish", pass_context=True)
+    async def vanish(context: JobContext) -> None:
+        await run.query("DELETE FROM procrastinate_jobs WHERE id = %s RETURNING id", context.job.id)
+        run.effects.append("deleted myself")
+
+    @run.app.task(name="after")
+    async def after() -> None:
+        run.effects.append("after")
+
+    await vanish.defer_async()
+    await after.configure(priority=-1).defer_async()
+    await run.run_until(_until_succeeded(run, 1))
+
+
+@scenario()
+async def scenario_cancel_run_task(run: Run) -> None:
+    """Cancelling the task running worker.run(): a graceful stop, then CancelledError."""
+
+    @run.app.task(name="slow")
+    async def slow() -> str:
+        run.signal("started")
+        await run.wait_signal("release")
+        run.effects.append("finished")
+        return "done"
+
+    await slow.defer_async()
+    worker = run.worker(wait=True)
+    task = asyncio.create_task(worker.run())
+    await run.wait_signal("started")
+    task.cancel()
+    await run.wait_log("ending_job")
+    run.signal("release")
+    try:
+        async with asyncio.timeout(20):
+            await task
+    except asyncio.CancelledError:
+        run.effects.append("run() raised CancelledError")
+
+
+@scenario()
+async def scenario_run_twice(run: Run) -> None:
+    """The same Worker object runs twice; a stop() between runs does not stick."""
+
+    @run.app.task(name="record")
+    async def record(n: int) -> None:
+        run.effects.append(n)
+
+    worker = run.worker(wait=False)
+    await record.defer_async(n=1)
+    async with asyncio.timeout(20):
+        await worker.run()
+    run.effects.append(("worker_id after run", worker.worker_id))
+    worker.stop()
+    await record.defer_async(n=2)
+    async with asyncio.timeout(20):
+        await worker.run()
+
+
+@scenario()
+async def scenario_abort_sync_with_retry_strategy(run: Run) -> None:
+    """A user abort of a sync job with a retry strategy: JobAborted is not retried."""
+
+    @run.app.task(name="polite", pass_context=True, retry=3)
+    def polite(context: JobContext) -> None:
+        run.signal("started")
+        while not context.should_abort():
+            time.sleep(0.01)
+        raise exceptions.JobAborted()
+
+    job_id = await polite.defer_async()
+
+    async def steps() -> None:
+        await run.wait_signal("started")
+        await run.until_listening()
+        assert await run.cancel(job_id)
+        await run.until_status(job_id, "aborted", "failed", "todo")
+
+    await run.run_until(steps)
