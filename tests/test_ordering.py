@@ -393,6 +393,74 @@ async def test_doing_never_exceeds_concurrency(app: procrastinate.App, dsn: str)
     assert set(snapshot(dsn).statuses().values()) == {"succeeded"}
 
 
+async def test_doing_never_exceeds_concurrency_while_jobs_keep_coming(
+    app: procrastinate.App, dsn: str
+) -> None:
+    """A running worker woken by notifications for jobs deferred one by one and in bursts,
+    while its slots are full and as they free up: `doing` (sampled from the database all
+    along) never exceeds `concurrency`."""
+    concurrency = 3
+    gate = asyncio.Semaphore(0)
+    running = 0
+    max_running = 0
+    finished = 0
+
+    @app.task(name="blocking")
+    async def blocking(i: int) -> None:
+        nonlocal running, max_running, finished
+        running += 1
+        max_running = max(max_running, running)
+        try:
+            await gate.acquire()
+        finally:
+            running -= 1
+            finished += 1
+
+    samples: list[int] = []
+    stop_sampling = asyncio.Event()
+
+    async def sample() -> None:
+        while not stop_sampling.is_set():
+            samples.append(await asyncio.to_thread(doing_count, dsn))
+
+    sampler = asyncio.create_task(sample())
+    worker = asyncio.create_task(
+        fastworker.run_async(
+            app, concurrency=concurrency, fetch_job_polling_interval=0.05, **NO_SIGNALS
+        )
+    )
+    total = 0
+    try:
+        for burst in (1, 1, 5, 1, 12, 2):
+            if burst == 1:
+                await blocking.defer_async(i=total)
+            else:
+                await blocking.batch_defer_async(*numbered(burst))
+            total += burst
+            await wait_for_value(
+                lambda: running, min(concurrency, total - finished), "running jobs"
+            )
+            ended = finished
+            gate.release()  # one job ends per step, so the backlog grows
+            await wait_for_value(lambda: finished, ended + 1, "one more job ended")
+        for _ in range(total):
+            gate.release()
+        await wait_for_rows(
+            dsn,
+            "SELECT status::text, count(*) FROM procrastinate_jobs GROUP BY 1",
+            [("succeeded", total)],
+        )
+    finally:
+        for _ in range(total):
+            gate.release()
+        stop_sampling.set()
+        await sampler
+        worker.cancel()
+        await finish(worker)
+    assert max_running == concurrency
+    assert len(samples) > 0 and max(samples) <= concurrency
+
+
 async def test_sync_jobs_never_exceed_concurrency(app: procrastinate.App, dsn: str) -> None:
     concurrency = 3
     lock = threading.Lock()

@@ -377,26 +377,32 @@ async def test_cancel_during_start_up_loses_nothing(app: procrastinate.App, dsn:
 @pytest.mark.skipif(
     threading.current_thread() is not threading.main_thread(), reason="signals: main thread"
 )
-async def test_sigterm_then_second_sigterm(app: procrastinate.App, dsn: str) -> None:
-    """With signal handlers: a first SIGTERM stops gracefully (the running job goes on), a
-    second one aborts it; the previous handlers are back afterwards."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_signal_then_second_signal(
+    app: procrastinate.App, dsn: str, signum: signal.Signals
+) -> None:
+    """With signal handlers: a first SIGTERM / SIGINT stops gracefully (the running job goes
+    on), a second one aborts it; the previous handlers are back afterwards.
+
+    (procrastinate's worker puts the previous handlers back at the first signal, so its
+    second SIGTERM kills the process and its second SIGINT raises KeyboardInterrupt.)"""
     blockers = register_blockers(app)
     await app.tasks["blocked"].defer_async(name="blocked")
     await app.tasks["blocked"].defer_async(name="never started")
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = signal.getsignal(signum)
     worker = asyncio.create_task(
         fastworker.run_async(app, fetch_job_polling_interval=0.05, install_signal_handlers=True)
     )
     try:
         await wait_for(lambda: blockers.started == ["blocked"], "the blocking job")
         # Never send a signal nobody handles: that would end the test run.
-        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, previous)
-        os.kill(os.getpid(), signal.SIGTERM)
+        assert signal.getsignal(signum) not in (signal.SIG_DFL, previous)
+        os.kill(os.getpid(), signum)
         for _ in range(10):
             await asyncio.sleep(0.01)
         assert not worker.done()
-        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, previous)
-        os.kill(os.getpid(), signal.SIGTERM)
+        assert signal.getsignal(signum) not in (signal.SIG_DFL, previous)
+        os.kill(os.getpid(), signum)
         ended = await finish(worker)
     finally:
         blockers.set_free()
@@ -404,16 +410,18 @@ async def test_sigterm_then_second_sigterm(app: procrastinate.App, dsn: str) -> 
             worker.cancel()
             await finish(worker)
     assert ended is None
-    assert signal.getsignal(signal.SIGTERM) == previous
+    assert signal.getsignal(signum) == previous
     assert [row[3] for row in snapshot(dsn).jobs] == ["aborted", "todo"]
     assert snapshot(dsn).workers == 0
 
 
-async def test_user_abort_requests_match_procrastinate() -> None:
-    """`cancel_job_by_id_async(abort=True)` on running jobs: async jobs are cancelled, sync
-    jobs see `should_abort()` (reason: user request). As under procrastinate's worker, an
-    aborted job is not retried, except that an async job with a retry strategy is handed to
-    `procrastinate_retry_job_v2`, which ends it `failed` because the abort was requested."""
+@pytest.mark.parametrize("listen_notify", [True, False], ids=["notified", "polled"])
+async def test_user_abort_requests_match_procrastinate(listen_notify: bool) -> None:
+    """`cancel_job_by_id_async(abort=True)` on running jobs (learnt from the notification,
+    or from polling): async jobs are cancelled, sync jobs see `should_abort()` (reason:
+    user request). As under procrastinate's worker, an aborted job is not retried, except
+    that an async job with a retry strategy is handed to `procrastinate_retry_job_v2`,
+    which ends it `failed` because the abort was requested."""
 
     async def scenario(app: procrastinate.App, dsn: str, run: Runner) -> dict[str, Any]:
         blockers = register_blockers(app)
@@ -424,6 +432,7 @@ async def test_user_abort_requests_match_procrastinate() -> None:
                 concurrency=4,
                 fetch_job_polling_interval=0.05,
                 abort_job_polling_interval=0.05,
+                listen_notify=listen_notify,
             )
         )
         try:
