@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import inspect
 import signal
 import time
 from typing import Any
@@ -858,7 +859,9 @@ def _sync_mw(run: Run, label: str) -> Any:
     def middleware(call_next: Any, context: JobContext, worker: Any) -> Any:
         run.effects.append(("enter", label, context.job.task_name))
         result = call_next()
-        run.effects.append(("exit", label, result))
+        run.effects.append(
+            ("exit", label, "<awaitable>" if inspect.isawaitable(result) else result)
+        )
         return result
 
     middleware.__name__ = f"sync_{label}"
@@ -1403,3 +1406,158 @@ async def scenario_abort_sync_with_retry_strategy(run: Run) -> None:
         await run.until_status(job_id, "aborted", "failed", "todo")
 
     await run.run_until(steps)
+
+
+@scenario()
+async def scenario_notify_on_queue_channel(run: Run) -> None:
+    """A worker on named queues (one with a quote and a space) is woken on their channels."""
+
+    @run.app.task(name="record")
+    async def record(label: str) -> None:
+        run.effects.append(label)
+
+    async def steps() -> None:
+        await run.until_listening()
+        first = await record.configure(queue='we"ird q').defer_async(label="weird")
+        await run.until_status(first, "succeeded")
+        await record.configure(queue="ignored").defer_async(label="other queue")
+        second = await record.configure(queue="plain").defer_async(label="plain")
+        await run.until_status(second, "succeeded")
+
+    await run.run_until(steps, queues=['we"ird q', "plain"], fetch_job_polling_interval=600)
+
+
+@scenario()
+async def scenario_abort_on_queue_channel(run: Run) -> None:
+    """The abort notification reaches a worker that listens on its queues' channels only."""
+
+    @run.app.task(name="forever", queue="jobs")
+    async def forever() -> None:
+        run.signal("started")
+        await asyncio.Event().wait()
+
+    job_id = await forever.defer_async()
+
+    async def steps() -> None:
+        await run.wait_signal("started")
+        await run.until_listening()
+        assert await run.cancel(job_id)
+        await run.until_status(job_id, "aborted")
+
+    await run.run_until(steps, queues=["jobs"], abort_job_polling_interval=600)
+
+
+@scenario()
+async def scenario_task_defers_followup(run: Run) -> None:
+    """A job defers another one; with wait=False the worker still runs it (a fetch after
+    the first job ends finds it)."""
+
+    @run.app.task(name="first")
+    async def first() -> None:
+        run.effects.append("first")
+        await second.defer_async(n=2)
+
+    @run.app.task(name="second")
+    def second(n: int) -> None:
+        run.effects.append(("second", n))
+
+    await first.defer_async()
+    await run.run_worker(wait=False)
+
+
+@scenario()
+async def scenario_lock_retry_keeps_its_turn(run: Run) -> None:
+    """A failing job with a lock is retried at once: it keeps its turn before the next job
+    with the same lock (lower id), until it gives up."""
+
+    @run.app.task(name="locked", retry=2, pass_context=True)
+    async def locked(context: JobContext, label: str) -> None:
+        run.effects.append((label, context.job.attempts))
+        if label == "flaky":
+            raise ValueError("again")
+
+    await locked.configure(lock="L").defer_async(label="flaky")
+    await locked.configure(lock="L").defer_async(label="steady")
+    await run.run_worker(wait=False)
+
+
+@scenario()
+async def scenario_graceful_timeout_zero(run: Run) -> None:
+    """shutdown_graceful_timeout=0: running jobs are aborted as soon as the worker stops."""
+
+    @run.app.task(name="forever")
+    async def forever() -> None:
+        run.signal("started")
+        await asyncio.Event().wait()
+
+    @run.app.task(name="polite", pass_context=True)
+    def polite(context: JobContext) -> None:
+        run.signal("polite started")
+        while not context.should_abort():
+            time.sleep(0.01)
+        raise exceptions.JobAborted()
+
+    await forever.defer_async()
+    await polite.defer_async()
+
+    async def steps() -> None:
+        await run.wait_signal("started")
+        await run.wait_signal("polite started")
+
+    await run.run_until(steps, concurrency=2, shutdown_graceful_timeout=0)
+
+
+@scenario()
+async def scenario_wait_false_stops_while_job_runs(run: Run) -> None:
+    """wait=False, two slots: the first empty fetch stops the worker while a job still runs;
+    the worker waits for it."""
+
+    @run.app.task(name="slow")
+    async def slow() -> None:
+        await run.wait_signal("release")
+        run.effects.append("slow done")
+
+    @run.app.task(name="quick")
+    async def quick() -> None:
+        run.effects.append("quick done")
+
+    await slow.defer_async()
+    await quick.defer_async()
+    worker = run.worker(wait=False, concurrency=2)
+    task = asyncio.create_task(worker.run())
+    await run.wait_log("ending_job")
+    run.signal("release")
+    async with asyncio.timeout(20):
+        await task
+
+
+@scenario()
+async def scenario_sync_awaitable_with_middleware(run: Run) -> None:
+    """A sync task returning an awaitable: its sync middleware only wraps the creation."""
+
+    async def later() -> str:
+        run.effects.append("awaitable runs")
+        return "late"
+
+    @run.app.task(name="lazy", task_middleware=[_sync_mw(run, "sync")])
+    def lazy() -> Any:
+        run.effects.append("sync body")
+        return later()
+
+    await lazy.defer_async()
+    await run.run_worker(wait=False, worker_middleware=[_async_mw(run, "worker")])
+
+
+@scenario()
+async def scenario_worker_middleware_short_circuit(run: Run) -> None:
+    """A worker middleware that never calls the task: the job succeeds with its result."""
+
+    async def skip(call_next: Any, context: JobContext, worker: Any) -> Any:
+        return {"skipped": context.job.task_name}
+
+    @run.app.task(name="never_body")
+    async def never_body() -> None:
+        run.effects.append("body ran")
+
+    await never_body.defer_async()
+    await run.run_worker(wait=False, worker_middleware=[skip])
