@@ -23,9 +23,10 @@ ensure_postgres() {
         installed_now=1
     fi
     if ! server_is_up; then
-        version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1)
+        version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1 || true)
         if [ -z "$version" ]; then
-            version=$(ls /usr/lib/postgresql | sort -V | tail -n 1)
+            version=$(ls /usr/lib/postgresql 2>/dev/null | sort -V | tail -n 1 || true)
+            [ -n "$version" ] || die "PostgreSQL server binaries not found"
             say "creating PostgreSQL $version cluster 'main'"
             pg_createcluster "$version" main
         fi
