@@ -1,0 +1,372 @@
+"""Soak: a mixed workload under random faults, then a check of every job in the database.
+
+    python benches/soak.py --seconds 300 [--workers 2] [--rate 150] [--seed 1]
+
+Runs on a private PostgreSQL cluster it creates (PostgreSQL restarts are among the faults,
+so never on a shared server) and removes at the end. For `--seconds`:
+
+- jobs are deferred while the workers drain (`--rate` per second): short jobs, 5% of
+  jobs failing and retried by procrastinate's RetryStrategy, long abortable jobs of which
+  some get an abort request (running) or are cancelled (waiting), and a periodic task
+  every second (procrastinate's periodic deferrer, in every worker);
+- every few seconds a random fault: pg_terminate_backend on a worker's LISTEN, job or
+  registry connection, SIGKILL of a worker (a new one starts, with
+  --recover-stalled-jobs, and the others recover its jobs), a PostgreSQL restart.
+
+Then deferring stops, the queue drains, the workers stop, and the database is checked:
+no job lost (every id the deferrer got back is there, none left todo/doing), none run
+without its own claim (executions <= `started` events per job), every claim ended by
+exactly one write (`started` events == attempts), one periodic job per second at most,
+and the RSS of the worker that was never killed stays flat. Exit status 1 if any check
+fails. Loopback only; bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import psycopg
+from tests.reliability.helpers import (
+    PrivateCluster,
+    WorkerProcess,
+    create_executions_table,
+    fastworker_backends,
+    terminate_backend,
+)
+
+DATABASE = "soak"
+HEARTBEAT, STALLED = "1", "4"
+
+
+def rss_kib(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class Deferrer(threading.Thread):
+    """Defers jobs at `rate` per second until stopped; survives restarts and killed
+    connections (a batch whose commit is in doubt is not counted as deferred)."""
+
+    def __init__(self, dsn: str, rate: int, rng: random.Random) -> None:
+        super().__init__(daemon=True)
+        self.dsn, self.rate, self.rng = dsn, rate, rng
+        self.ids: dict[str, list[int]] = {"record": [], "flaky": [], "abortable": []}
+        self.stopping = threading.Event()
+        self.errors = 0
+
+    def batch(self) -> list[tuple[str, str]]:
+        jobs = []
+        for _ in range(max(1, self.rate // 10)):
+            roll = self.rng.random()
+            if roll < 0.02:
+                jobs.append(("abortable", json.dumps({"sleep": 20})))
+            elif roll < 0.5:
+                jobs.append(("flaky", json.dumps({"n": 0, "fail_percent": 5})))
+            else:
+                jobs.append(("record", json.dumps({"n": 0, "sleep": self.rng.random() * 0.05})))
+        return jobs
+
+    def run(self) -> None:
+        connection: psycopg.Connection[Any] | None = None
+        while not self.stopping.is_set():
+            started = time.monotonic()
+            try:
+                if connection is None or connection.closed:
+                    connection = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5)
+                jobs = self.batch()
+                rows = connection.execute(
+                    "INSERT INTO procrastinate_jobs (queue_name, task_name, args) "
+                    "SELECT 'default', t, a::jsonb FROM unnest(%s::text[], %s::text[]) AS j(t, a) "
+                    "RETURNING id, task_name",
+                    ([task for task, _ in jobs], [args for _, args in jobs]),
+                ).fetchall()
+                for job_id, task in rows:
+                    self.ids[task].append(job_id)
+            except psycopg.Error:
+                self.errors += 1
+                connection = None
+                time.sleep(0.2)
+            time.sleep(max(0.0, 0.1 - (time.monotonic() - started)))
+
+
+def query(dsn: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    for attempt in range(60):
+        try:
+            with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as connection:
+                return connection.execute(sql, params).fetchall()  # type: ignore[arg-type]
+        except psycopg.OperationalError:
+            if attempt == 59:
+                raise
+            time.sleep(0.5)
+    return []
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=120)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--rate", type=int, default=150, help="jobs deferred per second")
+    parser.add_argument("--concurrency", type=int, default=30)
+    parser.add_argument("--fault-every", type=float, default=6.0, help="mean seconds")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--logs", type=Path, default=None, help="keep worker logs here")
+    arguments = parser.parse_args()
+    seed = arguments.seed if arguments.seed is not None else random.randrange(1 << 30)
+    rng = random.Random(seed)
+    print(f"soak: {arguments.seconds:.0f} s, {arguments.workers} workers, seed {seed}", flush=True)
+
+    logs = arguments.logs or Path(f"/tmp/fastworker-soak-{seed}")
+    logs.mkdir(parents=True, exist_ok=True)
+    cluster = PrivateCluster()
+    try:
+        cluster.create_database(DATABASE)
+        dsn = cluster.dsn(DATABASE)
+        create_executions_table(dsn)
+        return soak(arguments, rng, cluster, dsn, logs)
+    finally:
+        cluster.destroy()
+
+
+def soak(
+    arguments: argparse.Namespace,
+    rng: random.Random,
+    cluster: PrivateCluster,
+    dsn: str,
+    logs: Path,
+) -> int:
+    spawned = 0
+
+    def spawn(periodic: bool = True) -> WorkerProcess:
+        nonlocal spawned
+        spawned += 1
+        options = [
+            "--concurrency", str(arguments.concurrency), "--recover-stalled-jobs",
+            "--heartbeat", HEARTBEAT, "--stalled-timeout", STALLED, "--polling", "2",
+            "--abort-polling", "1", "--reconnect-timeout", "120", "--log-level", "WARNING",
+        ]  # fmt: skip
+        if periodic:
+            options.append("--periodic")
+        return WorkerProcess(dsn, logs / f"worker{spawned}.log", *options)
+
+    # Worker 0 is never killed: its RSS is the memory figure.
+    steady = spawn()
+    others = [spawn() for _ in range(arguments.workers - 1)]
+    deferrer = Deferrer(dsn, arguments.rate, rng)
+    deferrer.start()
+    faults: Counter[str] = Counter()
+    rss: list[tuple[float, int]] = []
+    started = time.monotonic()
+    next_fault = started + rng.expovariate(1 / arguments.fault_every)
+    next_abort = started + 1
+    next_sample = started + 2
+    try:
+        while (now := time.monotonic()) - started < arguments.seconds:
+            time.sleep(0.2)
+            if now >= next_sample:
+                sample = rss_kib(steady.pid)
+                if sample:
+                    rss.append((now - started, sample))
+                next_sample = now + 2
+            if now >= next_abort:
+                next_abort = now + 1.5
+                abort_some(dsn, rng, faults)
+            if now >= next_fault:
+                next_fault = now + rng.expovariate(1 / arguments.fault_every)
+                others = inject(rng, cluster, dsn, steady, others, spawn, faults)
+            for worker in [steady, *others]:
+                if not worker.alive():
+                    print(f"worker {worker.pid} exited: {worker.log()[-2000:]}", flush=True)
+                    return 1
+    finally:
+        deferrer.stopping.set()
+        deferrer.join(timeout=30)
+    elapsed = time.monotonic() - started
+    print(f"deferring stopped after {elapsed:.0f} s; draining", flush=True)
+
+    # Drain: cancel/abort what is left of the long jobs, wait for the rest.
+    drained = False
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        query(dsn, "SELECT procrastinate_cancel_job_v1(id, true, false) FROM procrastinate_jobs "
+                   "WHERE task_name = 'abortable' AND status IN ('todo', 'doing') "
+                   "AND NOT abort_requested")  # fmt: skip
+        left = query(
+            dsn,
+            "SELECT count(*) FROM procrastinate_jobs WHERE status IN ('todo', 'doing') "
+            "AND (task_name <> 'periodic_tick' OR scheduled_at IS NULL OR scheduled_at <= now())",
+        )[0][0]
+        if left == 0:
+            drained = True
+            break
+        time.sleep(1)
+    codes = [worker.stop(timeout=120) for worker in [steady, *others]]
+    return report(dsn, deferrer, faults, rss, elapsed, drained, codes)
+
+
+def abort_some(dsn: str, rng: random.Random, faults: Counter[str]) -> None:
+    """Abort a running long job, or cancel a waiting one."""
+    try:
+        rows = query(
+            dsn,
+            "SELECT id, status::text FROM procrastinate_jobs WHERE task_name = 'abortable' "
+            "AND status IN ('todo', 'doing') AND NOT abort_requested ORDER BY random() LIMIT 1",
+        )
+        if rows and rng.random() < 0.7:
+            job_id, status = rows[0]
+            query(dsn, "SELECT procrastinate_cancel_job_v1(%s, true, false)", job_id)
+            faults["abort requested" if status == "doing" else "cancelled while waiting"] += 1
+    except psycopg.Error:
+        pass
+
+
+def inject(
+    rng: random.Random,
+    cluster: PrivateCluster,
+    dsn: str,
+    steady: WorkerProcess,
+    others: list[WorkerProcess],
+    spawn: Any,
+    faults: Counter[str],
+) -> list[WorkerProcess]:
+    kind = rng.choices(
+        ["listen", "jobs", "registry", "sigkill", "restart"], weights=[4, 4, 2, 2, 1]
+    )[0]
+    if kind == "sigkill":
+        if others:
+            victim = others.pop(rng.randrange(len(others)))
+            victim.kill()
+            others.append(spawn())
+            faults["SIGKILL a worker (and start a new one)"] += 1
+        return others
+    if kind == "restart":
+        cluster.restart()
+        faults["PostgreSQL restart"] += 1
+        return others
+    try:
+        backends = [pid for pid, role in fastworker_backends(dsn, DATABASE) if role == kind]
+        if backends:
+            terminate_backend(dsn, rng.choice(backends))
+            faults[f"pg_terminate_backend ({kind} connection)"] += 1
+    except psycopg.Error:
+        pass
+    return others
+
+
+def report(
+    dsn: str,
+    deferrer: Deferrer,
+    faults: Counter[str],
+    rss: list[tuple[float, int]],
+    elapsed: float,
+    drained: bool,
+    codes: list[int],
+) -> int:
+    failures: list[str] = []
+    deferred = [job_id for ids in deferrer.ids.values() for job_id in ids]
+    statuses = dict(query(dsn, "SELECT status::text, count(*) FROM procrastinate_jobs GROUP BY 1"))
+    by_task = query(
+        dsn,
+        "SELECT task_name, status::text, count(*) FROM procrastinate_jobs "
+        "GROUP BY 1, 2 ORDER BY 1, 2",
+    )
+    present = {
+        row[0]
+        for row in query(dsn, "SELECT id FROM procrastinate_jobs WHERE id = ANY(%s)", deferred)
+    }
+    lost = len(deferred) - len(present)
+    unfinished = statuses.get("todo", 0) + statuses.get("doing", 0)
+    # Each execution recorded needs its own claim ('started' event); each claim exactly one
+    # terminal or retry write (attempts).
+    per_job = query(
+        dsn,
+        """SELECT j.id, j.status::text, j.attempts, j.abort_requested,
+                  coalesce(e.starts, 0), coalesce(x.runs, 0)
+             FROM procrastinate_jobs j
+             LEFT JOIN (SELECT job_id, count(*) AS starts FROM procrastinate_events
+                         WHERE type = 'started' GROUP BY 1) e ON e.job_id = j.id
+             LEFT JOIN (SELECT job_id, count(*) AS runs FROM fw_executions GROUP BY 1) x
+                    ON x.job_id = j.id
+            WHERE j.status NOT IN ('todo', 'doing')""",
+    )
+    run_without_claim = [row for row in per_job if row[5] > row[4]]
+    # procrastinate_retry_job_v2 on a job whose abort was requested marks it failed without
+    # counting the attempt (and leaves abort_requested set): e.g. a killed worker's job
+    # aborted before stalled-job recovery retried it.
+    claim_not_ended_once = [
+        row
+        for row in per_job
+        if row[4] != row[2] and not (row[1] == "failed" and row[3] and row[4] == row[2] + 1)
+    ]
+    succeeded_never_ran = [row for row in per_job if row[1] == "succeeded" and row[5] == 0]
+    duplicate_periodic = query(
+        dsn,
+        "SELECT args->>'timestamp', count(*) FROM procrastinate_jobs "
+        "WHERE task_name = 'periodic_tick' GROUP BY 1 HAVING count(*) > 1",
+    )
+    executions = query(dsn, "SELECT count(*) FROM fw_executions")[0][0]
+    reruns = sum(max(0, row[5] - 1) for row in per_job)
+
+    print(f"\n== soak figures ({elapsed:.0f} s of load)")
+    print(f"jobs deferred by the load: {len(deferred)} ({deferrer.errors} batches failed)")
+    print(f"jobs in the database by status: {statuses}")
+    for task, status, count in by_task:
+        print(f"  {task:>14} {status:>10} {count}")
+    print(f"executions recorded: {executions} (re-runs after retries/faults: {reruns})")
+    print("faults injected:")
+    for kind, count in sorted(faults.items()):
+        print(f"  {count:4d}  {kind}")
+    if rss:
+        quarter = max(1, len(rss) // 4)
+        first = statistics.median(sample for _, sample in rss[:quarter])
+        last = statistics.median(sample for _, sample in rss[-quarter:])
+        peak = max(sample for _, sample in rss)
+        growth = last - first
+        print(
+            f"RSS of the never-killed worker: first quarter median {first / 1024:.1f} MiB, "
+            f"last quarter median {last / 1024:.1f} MiB, peak {peak / 1024:.1f} MiB, "
+            f"growth {growth / 1024:+.1f} MiB over {len(rss)} samples"
+        )
+        if growth > max(16 * 1024, 0.15 * first):
+            failures.append(f"RSS grew by {growth / 1024:.1f} MiB")
+    checks = {
+        "the queue drained": drained and unfinished == 0,
+        "workers stopped cleanly (exit 0)": all(code == 0 for code in codes),
+        "no deferred job lost": lost == 0,
+        "no execution without its own claim": not run_without_claim,
+        "every claim ended by exactly one write": not claim_not_ended_once,
+        "every succeeded job ran": not succeeded_never_ran,
+        "one periodic job per second": not duplicate_periodic,
+    }
+    for name, ok in checks.items():
+        print(f"{'ok  ' if ok else 'FAIL'} {name}")
+        if not ok:
+            failures.append(name)
+    for label, rows in (
+        ("run without claim", run_without_claim),
+        ("claim not ended once", claim_not_ended_once),
+        ("succeeded, never ran", succeeded_never_ran),
+    ):
+        if rows:
+            print(f"  {label}: {rows[:10]}")
+    print(f"exit codes: {codes}; lost: {lost}; left todo/doing: {unfinished}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
