@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
@@ -73,11 +74,11 @@ class Outcome:
     workers_left: int
     effects: list[Any]
     job_logs: dict[int, list[tuple[Any, ...]]]
-    worker_logs: list[tuple[str, str, str]]
+    worker_logs: list[tuple[str, str, str, str]]
     #: procrastinate.signals records, compared as a sorted list: fastworker installs its
     #: handlers before connecting (so a signal during start-up stops it cleanly), hence
     #: earlier in the sequence than procrastinate's worker does.
-    signal_logs: list[tuple[str, str, str]]
+    signal_logs: list[tuple[str, str, str, str]]
 
 
 @dataclass
@@ -290,6 +291,16 @@ _SIGNALS_LOGGER = "procrastinate.signals"
 _WORKER_LOGGERS = ("procrastinate.worker", _SIGNALS_LOGGER, "procrastinate.periodic")
 
 
+_DURATION = re.compile(r"\d+(?:\.\d+)? s\b")
+_NUMBERS_AFTER = re.compile(r"(timestamp |next tasks to defer \(|worker )\d+")
+
+
+def _message(record: logging.LogRecord) -> str:
+    """The record's text, with durations and other run-dependent numbers masked."""
+    text = _DURATION.sub("<duration>", record.getMessage())
+    return _NUMBERS_AFTER.sub(r"\1<n>", text)
+
+
 def _record_job_id(record: logging.LogRecord) -> int | None:
     job = getattr(record, "job", None)
     if isinstance(job, dict) and job.get("id") is not None:
@@ -302,9 +313,9 @@ def _record_job_id(record: logging.LogRecord) -> int | None:
 
 def _log_summary(
     records: Iterable[logging.LogRecord], ignored: set[str], ignored_job_actions: set[str]
-) -> tuple[dict[int, list[tuple[Any, ...]]], list[tuple[str, str, str]]]:
+) -> tuple[dict[int, list[tuple[Any, ...]]], list[tuple[str, str, str, str]]]:
     job_logs: dict[int, list[tuple[Any, ...]]] = {}
-    worker_logs: list[tuple[str, str, str]] = []
+    worker_logs: list[tuple[str, str, str, str]] = []
     for record in records:
         if not record.name.startswith("procrastinate"):
             continue
@@ -314,7 +325,7 @@ def _log_summary(
         job_id = _record_job_id(record)
         if job_id is None:
             if action not in ignored and record.name.startswith(_WORKER_LOGGERS):
-                worker_logs.append((record.name, record.levelname, action))
+                worker_logs.append((record.name, record.levelname, action, _message(record)))
             continue
         if action in ignored_job_actions:
             continue
@@ -329,7 +340,7 @@ def _log_summary(
         # Which extras the record carries (job_result's timestamps, exception, status...).
         fields["extras"] = sorted(set(record.__dict__) - _PLAIN_RECORD_KEYS)
         fields["exc_info"] = record.exc_info[0].__name__ if record.exc_info else None
-        entry: tuple[Any, ...] = (record.name, record.levelname, action, fields)
+        entry: tuple[Any, ...] = (record.name, record.levelname, action, _message(record), fields)
         if action == "job_success":
             entry += (repr(getattr(record, "result", None)),)
         job_logs.setdefault(job_id, []).append(entry)
