@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import os
 import signal
 import subprocess
@@ -374,3 +375,42 @@ def test_sigint_stops_cleanly(dsn: str, when: str) -> None:
         assert "job finished" in out
         assert fetch_all(dsn, "SELECT status::text FROM procrastinate_jobs") == [("succeeded",)]
     assert fetch_all(dsn, "SELECT count(*) FROM procrastinate_workers") == [(0,)]
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_worker_in_another_thread_skips_signal_handlers(
+    impl: Impl, dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Run from a thread other than the main one: handlers are skipped with procrastinate's
+    warning (procrastinate.signals, action skip_signal_handlers), and jobs still run."""
+    caplog.set_level(logging.DEBUG, logger="procrastinate")
+    errors: list[BaseException] = []
+
+    def in_thread() -> None:
+        async def main() -> None:
+            app = make_app(dsn)
+
+            @app.task(name="ping")
+            async def ping() -> None:
+                pass
+
+            async with app.open_async():
+                await ping.defer_async()
+                await worker_class(impl)(app=app, wait=False).run()
+
+        try:
+            asyncio.run(main())
+        except BaseException as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=in_thread)
+    thread.start()
+    thread.join(GUARD_SECONDS)
+    assert not thread.is_alive() and not errors
+    signal_records = [
+        (record.levelname, getattr(record, "action", None))
+        for record in caplog.records
+        if record.name == "procrastinate.signals"
+    ]
+    assert signal_records == [("WARNING", "skip_signal_handlers")]
+    assert fetch_all(dsn, "SELECT status::text FROM procrastinate_jobs") == [("succeeded",)]
