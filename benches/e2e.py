@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 
 SYSTEMS = ("procrastinate", "fastworker")
 HERE = Path(__file__).resolve().parent
@@ -55,11 +56,15 @@ def build_app(dsn: str) -> Any:
     @app.task(name="stamp")
     async def stamp(t: float) -> None:
         LATENCIES.append(time.time() - t)
+        if len(LATENCIES) >= EXPECTED[0] > 0:
+            ALL_STAMPED.set()
 
     return app
 
 
 LATENCIES: list[float] = []
+EXPECTED = [0]  # how many stamped jobs the latency run waits for
+ALL_STAMPED = asyncio.Event()
 
 
 # --- child: one drain or one latency run ------------------------------------------------
@@ -100,9 +105,9 @@ async def child_latency(system: str, dsn: str, expected: int) -> dict[str, Any]:
             )
         task = asyncio.create_task(worker.run())
         print("ready", flush=True)
-        deadline = time.monotonic() + 120
-        while len(LATENCIES) < expected and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        EXPECTED[0] = expected
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ALL_STAMPED.wait(), timeout=120)
         worker.stop()
         await task
     return {"latencies": LATENCIES}
@@ -117,9 +122,7 @@ def server_cpu_seconds(dsn: str) -> float | None:
         with psycopg.connect(dsn, autocommit=True) as connection:
             backend = connection.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
             # Read while the backend lives: its parent is the postmaster.
-            postmaster = int(
-                Path(f"/proc/{backend}/stat").read_text().rsplit(")", 1)[1].split()[1]
-            )
+            postmaster = int(Path(f"/proc/{backend}/stat").read_text().rsplit(")", 1)[1].split()[1])
     except (OSError, ValueError, IndexError):
         return None  # not a local server
 
@@ -237,7 +240,7 @@ def latency(dsn: str, system: str, seconds: float, interval: float) -> dict[str,
         raise RuntimeError(stderr[-3000:])
     values = sorted(json.loads(stdout.strip().splitlines()[-1])["latencies"])
     ms = [value * 1000 for value in values]
-    quantiles = statistics.quantiles(ms, n=100)
+    quantiles = statistics.quantiles(ms, n=100, method="inclusive")
     return {
         "count": len(ms),
         "p50_ms": statistics.median(ms),
@@ -269,7 +272,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dsn", help="database to use (its procrastinate tables are emptied)")
     parser.add_argument("--jobs", type=int, default=20000)
     parser.add_argument("--concurrency", default="1,10,100", help="async task concurrencies")
@@ -299,19 +304,32 @@ def main() -> None:
     results: dict[str, Any] = {"jobs": args.jobs, "drain": [], "latency": {}}
     try:
         for kind, concurrency in settings:
-            entry: dict[str, Any] = {"label": f"C={concurrency} {kind}", "kind": kind, "concurrency": concurrency}
+            entry: dict[str, Any] = {
+                "label": f"C={concurrency} {kind}",
+                "kind": kind,
+                "concurrency": concurrency,
+            }
             for system in systems:
                 entry[system] = drain(dsn, system, concurrency, kind, args.jobs)
-                print(f"{entry['label']:>12} {system:>13}: {entry[system]['jobs_per_s']:8.0f} jobs/s", flush=True)
+                print(
+                    f"{entry['label']:>12} {system:>13}: {entry[system]['jobs_per_s']:8.0f} jobs/s",
+                    flush=True,
+                )
             if "procrastinate" in entry and "fastworker" in entry:
-                entry["ratio"] = entry["fastworker"]["jobs_per_s"] / entry["procrastinate"]["jobs_per_s"]
+                entry["ratio"] = (
+                    entry["fastworker"]["jobs_per_s"] / entry["procrastinate"]["jobs_per_s"]
+                )
             results["drain"].append(entry)
         if args.latency_seconds > 0:
             for system in systems:
-                results["latency"][system] = latency(dsn, system, args.latency_seconds, args.latency_interval)
+                results["latency"][system] = latency(
+                    dsn, system, args.latency_seconds, args.latency_interval
+                )
     finally:
         if scratch:
-            with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as connection:
+            with psycopg.connect(
+                "host=127.0.0.1 user=postgres dbname=postgres", autocommit=True
+            ) as connection:
                 connection.execute(f'DROP DATABASE IF EXISTS "{scratch}" WITH (FORCE)')
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -325,21 +343,28 @@ def main() -> None:
 
 def report(results: dict[str, Any], systems: list[str]) -> str:
     lines = [
-        "| setting | system | jobs/s | ratio | worker CPU µs/job | server CPU µs/job | commits/job |",
+        "| setting | system | jobs/s | ratio | worker CPU µs/job | server CPU µs/job "
+        "| commits/job |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for entry in results["drain"]:
         for system in systems:
             measured = entry[system]
-            ratio = f"{entry['ratio']:.1f}x" if system == "fastworker" and "ratio" in entry else ""
+            shown = system == "fastworker" and "ratio" in entry
+            ratio = f"{entry['ratio']:.1f}x" if shown else ""
             server = measured.get("server_cpu_us_per_job")
             lines.append(
                 f"| {entry['label']} | {system} | {measured['jobs_per_s']:.0f} | {ratio} | "
                 f"{measured['worker_cpu_us_per_job']:.0f} | "
-                f"{'n/a' if server is None else f'{server:.0f}'} | {measured['commits_per_job']:.3f} |"
+                f"{'n/a' if server is None else f'{server:.0f}'} | "
+                f"{measured['commits_per_job']:.3f} |"
             )
     if results["latency"]:
-        lines += ["", "| pickup latency | p50 ms | p90 ms | p99 ms | max ms | jobs |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "| pickup latency | p50 ms | p90 ms | p99 ms | max ms | jobs |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for system, measured in results["latency"].items():
             lines.append(
                 f"| {system} | {measured['p50_ms']:.2f} | {measured['p90_ms']:.2f} | "
