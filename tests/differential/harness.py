@@ -224,6 +224,7 @@ class Run:
         await self.until_db(
             "SELECT count(*) > 0 FROM pg_stat_activity"
             " WHERE datname = current_database() AND query ILIKE '%%LISTEN %%'"
+            " AND state = 'idle'"
             " AND pid <> pg_backend_pid()"
         )
 

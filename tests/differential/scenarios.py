@@ -18,7 +18,7 @@ from typing import Any
 from procrastinate import JobContext, RetryStrategy, exceptions, jobs, retry
 from procrastinate import worker as procrastinate_worker
 
-from tests.differential.harness import Run, scenario
+from tests.differential.harness import GUARD_SECONDS, Run, scenario
 
 
 def _until_succeeded(run: Run, count: int) -> Any:
@@ -26,6 +26,14 @@ def _until_succeeded(run: Run, count: int) -> Any:
     return lambda: run.until_db(
         "SELECT count(*) >= %s FROM procrastinate_jobs WHERE status = 'succeeded'", count
     )
+
+
+def _wait_for_abort(context: JobContext) -> None:
+    """What a sync task does to honour aborts: poll ``context.should_abort()`` (bounded,
+    so that a missing abort fails the scenario instead of leaving a thread spinning)."""
+    deadline = time.monotonic() + GUARD_SECONDS
+    while not context.should_abort() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 # --- how a single job ends -------------------------------------------------------------
@@ -683,7 +691,7 @@ async def scenario_install_signal_handlers_sigterm(run: Run) -> None:
     @run.app.task(name="first")
     async def first() -> None:
         signal.raise_signal(signal.SIGTERM)
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # the handler runs: the worker is stopping
         run.effects.append("first done")
 
     @run.app.task(name="second")
@@ -815,8 +823,7 @@ async def scenario_graceful_timeout_sync_should_abort(run: Run) -> None:
     @run.app.task(name="polite", pass_context=True, retry=1)
     def polite(context: JobContext) -> None:
         run.signal("started")
-        while not context.should_abort():
-            time.sleep(0.01)
+        _wait_for_abort(context)
         reason = context.abort_reason()
         run.effects.append(("abort reason", reason.value if reason else None))
         raise exceptions.JobAborted()
@@ -1079,8 +1086,7 @@ async def _abort_sync(run: Run, **options: Any) -> None:
     @run.app.task(name="polite", pass_context=True)
     def polite(context: JobContext) -> None:
         run.signal("started")
-        while not context.should_abort():
-            time.sleep(0.01)
+        _wait_for_abort(context)
         reason = context.abort_reason()
         run.effects.append(("abort reason", reason.value if reason else None))
         raise exceptions.JobAborted()
@@ -1114,8 +1120,7 @@ async def scenario_abort_sync_ignored(run: Run) -> None:
     @run.app.task(name="stubborn", pass_context=True)
     def stubborn(context: JobContext) -> str:
         run.signal("started")
-        while not context.should_abort():
-            time.sleep(0.01)
+        _wait_for_abort(context)
         run.effects.append("saw the request, finishing anyway")
         return "finished"
 
@@ -1159,8 +1164,7 @@ async def scenario_abort_sync_self_requested(run: Run) -> None:
     def self_abort(context: JobContext) -> None:
         assert context.job.id is not None
         run.effects.append(context.app.job_manager.cancel_job_by_id(context.job.id, abort=True))
-        while not context.should_abort():
-            time.sleep(0.01)
+        _wait_for_abort(context)
         raise exceptions.JobAborted()
 
     job_id = await self_abort.defer_async()
@@ -1393,8 +1397,7 @@ async def scenario_abort_sync_with_retry_strategy(run: Run) -> None:
     @run.app.task(name="polite", pass_context=True, retry=3)
     def polite(context: JobContext) -> None:
         run.signal("started")
-        while not context.should_abort():
-            time.sleep(0.01)
+        _wait_for_abort(context)
         raise exceptions.JobAborted()
 
     job_id = await polite.defer_async()
@@ -1493,8 +1496,7 @@ async def scenario_graceful_timeout_zero(run: Run) -> None:
     @run.app.task(name="polite", pass_context=True)
     def polite(context: JobContext) -> None:
         run.signal("polite started")
-        while not context.should_abort():
-            time.sleep(0.01)
+        _wait_for_abort(context)
         raise exceptions.JobAborted()
 
     await forever.defer_async()
