@@ -24,7 +24,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 import fastworker
 from fastworker.connection import resolve_conninfo
-from tests.conftest import fetch_all, make_app
+from tests.conftest import create_database, fetch_all, make_app
 from tests.differential.harness import GUARD_SECONDS, IMPLEMENTATIONS, Impl, worker_class
 
 REPO = Path(__file__).resolve().parents[2]
@@ -414,3 +414,18 @@ def test_worker_in_another_thread_skips_signal_handlers(
     ]
     assert signal_records == [("WARNING", "skip_signal_handlers")]
     assert fetch_all(dsn, "SELECT status::text FROM procrastinate_jobs") == [("succeeded",)]
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+async def test_database_errors_are_procrastinate_connector_exceptions(
+    impl: Impl, database_name: str
+) -> None:
+    """A database without procrastinate's schema: both workers raise a ConnectorException,
+    so code that catches procrastinate's exceptions around the worker keeps working."""
+    dsn = create_database(database_name, with_schema=False)
+    app = make_app(dsn)
+    async with app.open_async():
+        worker = worker_class(impl)(app=app, wait=False, install_signal_handlers=False)
+        with pytest.raises(procrastinate.exceptions.ConnectorException):
+            async with asyncio.timeout(GUARD_SECONDS):
+                await worker.run()
