@@ -1563,3 +1563,31 @@ async def scenario_worker_middleware_short_circuit(run: Run) -> None:
 
     await never_body.defer_async()
     await run.run_worker(wait=False, worker_middleware=[skip])
+
+
+@scenario()
+async def scenario_zero_polling_intervals(run: Run) -> None:
+    """Polling intervals of 0 (procrastinate polls back to back), without notifications: a
+    job deferred later runs, and an abort request reaches a running sync job."""
+
+    @run.app.task(name="record")
+    async def record() -> None:
+        run.effects.append("record ran")
+
+    @run.app.task(name="polite", pass_context=True)
+    def polite(context: JobContext) -> None:
+        run.signal("started")
+        _wait_for_abort(context)
+        raise exceptions.JobAborted()
+
+    async def steps() -> None:
+        first = await record.defer_async()
+        await run.until_status(first, "succeeded")
+        second = await polite.defer_async()
+        await run.wait_signal("started")
+        assert await run.cancel(second)
+        await run.until_status(second, "aborted")
+
+    await run.run_until(
+        steps, listen_notify=False, fetch_job_polling_interval=0, abort_job_polling_interval=0
+    )

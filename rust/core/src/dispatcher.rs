@@ -273,7 +273,12 @@ impl Dispatcher {
         let mut claiming = true;
         let mut want_claim = true;
         let mut completions_open = true;
-        let mut poll = tokio::time::interval(self.config.fetch_job_polling_interval);
+        // procrastinate takes 0 (poll back to back); tokio's interval needs a period.
+        let mut poll = tokio::time::interval(
+            self.config
+                .fetch_job_polling_interval
+                .max(std::time::Duration::from_millis(1)),
+        );
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         poll.tick().await;
 
