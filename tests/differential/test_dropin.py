@@ -429,3 +429,34 @@ async def test_database_errors_are_procrastinate_connector_exceptions(
         with pytest.raises(procrastinate.exceptions.ConnectorException):
             async with asyncio.timeout(GUARD_SECONDS):
                 await worker.run()
+
+
+@pytest.mark.parametrize("entry", ["app.run_worker", "fastworker.run"])
+def test_blocking_entry_points(entry: str, dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """procrastinate's blocking ``App.run_worker`` with the patched class, and
+    ``fastworker.run``: both open the app, drain the queue and close it."""
+    seen: list[type] = []
+
+    async def record_worker(call_next: Any, context: Any, worker: Any) -> Any:
+        seen.append(type(worker))
+        return await call_next()
+
+    app = make_app(dsn)
+
+    @app.task(name="ping")
+    def ping() -> None:
+        pass
+
+    with app.open():
+        ping.defer()
+        ping.defer()
+    options: dict[str, Any] = {"wait": False, "worker_middleware": [record_worker]}
+    if entry == "app.run_worker":
+        monkeypatch.setattr(procrastinate_worker, "Worker", fastworker.Worker)
+        app.run_worker(**options)
+    else:
+        fastworker.run(app, **options)
+    assert seen == [fastworker.Worker, fastworker.Worker]
+    assert fetch_all(dsn, "SELECT status::text, count(*) FROM procrastinate_jobs GROUP BY 1") == [
+        ("succeeded", 2)
+    ]
