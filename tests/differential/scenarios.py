@@ -1591,3 +1591,16 @@ async def scenario_zero_polling_intervals(run: Run) -> None:
     await run.run_until(
         steps, listen_notify=False, fetch_job_polling_interval=0, abort_job_polling_interval=0
     )
+
+
+@scenario(periodic_defaults={"max_delay": 2 * 86400})
+async def scenario_periodic_deferrer_fails(run: Run) -> None:
+    """The periodic deferrer fails (arguments that cannot be stored): the side task failure
+    is logged and the worker stops."""
+
+    @run.app.periodic(cron="0 0 * * *", task_kwargs={"unstorable": {1, 2}})
+    @run.app.task(name="nightly")
+    async def nightly(timestamp: int, unstorable: Any) -> None:
+        run.effects.append("should not run")
+
+    await run.run_worker(wait=True)
