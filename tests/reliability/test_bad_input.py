@@ -16,6 +16,7 @@ from tests.reliability.helpers import (
     WorkerProcess,
     create_executions_table,
     defer_jobs,
+    fastworker_backends,
     statuses,
     wait_until,
 )
@@ -44,7 +45,7 @@ def terminal(dsn: str) -> bool:
 
 
 @pytest.fixture
-def worker(dsn: str, tmp_path: Path) -> Iterator[WorkerProcess]:
+def worker(dsn: str, database_name: str, tmp_path: Path) -> Iterator[WorkerProcess]:
     create_executions_table(dsn)
     process = WorkerProcess(
         dsn,
@@ -56,10 +57,11 @@ def worker(dsn: str, tmp_path: Path) -> Iterator[WorkerProcess]:
         "--heartbeat",
         "0.2",
     )
+    # Started means listening: a notification sent before LISTEN would reach nobody.
     wait_until(
-        lambda: fetch_all(dsn, "SELECT count(*) FROM procrastinate_workers") == [(1,)],
+        lambda: any(role == "listen" for _, role in fastworker_backends(dsn, database_name)),
         timeout=60,
-        what="the worker to start",
+        what="the worker to listen",
     )
     yield process
     if process.alive():
