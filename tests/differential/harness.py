@@ -74,11 +74,11 @@ class Outcome:
     workers_left: int
     effects: list[Any]
     job_logs: dict[int, list[tuple[Any, ...]]]
-    worker_logs: list[tuple[str, str, str, str]]
+    worker_logs: list[tuple[str, str, str, str, Any]]
     #: procrastinate.signals records, compared as a sorted list: fastworker installs its
     #: handlers before connecting (so a signal during start-up stops it cleanly), hence
     #: earlier in the sequence than procrastinate's worker does.
-    signal_logs: list[tuple[str, str, str, str]]
+    signal_logs: list[tuple[str, str, str, str, Any]]
 
 
 @dataclass
@@ -314,9 +314,9 @@ def _record_job_id(record: logging.LogRecord) -> int | None:
 
 def _log_summary(
     records: Iterable[logging.LogRecord], ignored: set[str], ignored_job_actions: set[str]
-) -> tuple[dict[int, list[tuple[Any, ...]]], list[tuple[str, str, str, str]]]:
+) -> tuple[dict[int, list[tuple[Any, ...]]], list[tuple[str, str, str, str, Any]]]:
     job_logs: dict[int, list[tuple[Any, ...]]] = {}
-    worker_logs: list[tuple[str, str, str, str]] = []
+    worker_logs: list[tuple[str, str, str, str, Any]] = []
     for record in records:
         if not record.name.startswith("procrastinate"):
             continue
@@ -326,7 +326,11 @@ def _log_summary(
         job_id = _record_job_id(record)
         if job_id is None:
             if action not in ignored and record.name.startswith(_WORKER_LOGGERS):
-                worker_logs.append((record.name, record.levelname, action, _message(record)))
+                worker = getattr(record, "worker", None)
+                worker_id = worker.get("worker_id") if isinstance(worker, dict) else None
+                worker_logs.append(
+                    (record.name, record.levelname, action, _message(record), worker_id)
+                )
             continue
         if action in ignored_job_actions:
             continue
@@ -337,7 +341,7 @@ def _log_summary(
             fields["scheduled"] = job.get("scheduled_at") is not None
         worker = getattr(record, "worker", None)
         if isinstance(worker, dict):
-            fields["worker"] = (worker.get("name"), worker.get("queues"))
+            fields["worker"] = (worker.get("name"), worker.get("queues"), worker.get("worker_id"))
         # Which extras the record carries (job_result's timestamps, exception, status...).
         fields["extras"] = sorted(set(record.__dict__) - _PLAIN_RECORD_KEYS)
         fields["exc_info"] = record.exc_info[0].__name__ if record.exc_info else None

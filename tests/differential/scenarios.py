@@ -691,7 +691,7 @@ async def scenario_install_signal_handlers_sigterm(run: Run) -> None:
     @run.app.task(name="first")
     async def first() -> None:
         signal.raise_signal(signal.SIGTERM)
-        await asyncio.sleep(0)  # the handler runs: the worker is stopping
+        await run.wait_log("ending_job")  # the worker has stopped and waits for this job
         run.effects.append("first done")
 
     @run.app.task(name="second")
