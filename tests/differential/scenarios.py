@@ -1604,3 +1604,42 @@ async def scenario_periodic_deferrer_fails(run: Run) -> None:
         run.effects.append("should not run")
 
     await run.run_worker(wait=True)
+
+
+@scenario()
+async def scenario_wrong_arguments_and_long_result(run: Run) -> None:
+    """Arguments the task does not take: the job fails (TypeError). A long result is cut
+    in the outcome's log message."""
+
+    @run.app.task(name="strict")
+    async def strict(a: int) -> str:
+        run.effects.append(a)
+        return "x" * 400
+
+    await strict.defer_async(a=1)
+    await run.app.configure_task(name="strict").defer_async(b=2)
+    await run.app.configure_task(name="strict").defer_async()
+    await run.run_worker(wait=False)
+
+
+class NaiveStrategy(retry.BaseRetryStrategy):
+    """Retries once at a naive datetime an hour ahead (PostgreSQL reads it in its zone)."""
+
+    def get_retry_decision(
+        self, *, exception: BaseException, job: jobs.Job
+    ) -> retry.RetryDecision | None:
+        if job.attempts:
+            return None
+        later = datetime.datetime.now() + datetime.timedelta(hours=1)
+        return retry.RetryDecision(retry_at=later)
+
+
+@scenario()
+async def scenario_retry_at_naive_datetime(run: Run) -> None:
+    @run.app.task(name="naive", retry=NaiveStrategy())
+    def naive() -> None:
+        run.effects.append("ran")
+        raise ValueError("later")
+
+    await naive.defer_async()
+    await run.run_worker(wait=False)
