@@ -665,11 +665,14 @@ class _StartupSignals:
             loop.remove_signal_handler(self._installed.pop())
 
 
-async def run_worker(app_path: str, options: dict[str, Any]) -> int:
+async def run_worker(
+    app_path: str, options: dict[str, Any], app: procrastinate.App | None = None
+) -> int:
     signals = _StartupSignals()
     signals.install()
     try:
-        app = load_app(app_path)
+        if app is None:
+            app = load_app(app_path)
         await check_database(app, options.get("dsn"), app_path)
         async with app.open_async():
             queues = options.get("queues")
@@ -704,8 +707,11 @@ def _error_for(error: BaseException) -> CliError:
     return CliError(f"the worker failed: {type(error).__name__}: {error}", EXIT_FAILURE)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fastworker`` command; returns the exit code."""
+def main(argv: Sequence[str] | None = None, *, app: procrastinate.App | None = None) -> int:
+    """Entry point of the ``fastworker`` command; returns the exit code.
+
+    ``app``: run for this app instead of the one ``--app`` names (the Django command).
+    """
     try:
         parsed = parse_args(sys.argv[1:] if argv is None else argv)
     except CliError as error:
@@ -724,7 +730,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parsed  # only the flags given (or set in the environment)
 
     try:
-        return asyncio.run(run_worker(app_path, options))
+        return asyncio.run(run_worker(app_path, options, app))
     except KeyboardInterrupt:  # a SIGINT outside the worker's own handling
         return 130
     except Exception as error:
