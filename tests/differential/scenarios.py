@@ -12,6 +12,7 @@ import asyncio
 import datetime
 import inspect
 import signal
+import sys
 import time
 from typing import Any
 
@@ -1643,3 +1644,16 @@ async def scenario_retry_at_naive_datetime(run: Run) -> None:
 
     await naive.defer_async()
     await run.run_worker(wait=False)
+
+
+@scenario()
+async def scenario_huge_concurrency(run: Run) -> None:
+    """An unbounded-looking concurrency (procrastinate's semaphore takes any int)."""
+
+    @run.app.task(name="record")
+    async def record(n: int) -> None:
+        run.effects.append(n)
+
+    run.unordered_effects = True
+    await record.batch_defer_async(*({"n": n} for n in range(5)))
+    await run.run_until(_until_succeeded(run, 5), concurrency=sys.maxsize)

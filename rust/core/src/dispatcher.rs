@@ -64,7 +64,9 @@ struct Held {
 impl InFlight {
     fn new(limits: HashMap<String, usize>, capacity: usize) -> Self {
         InFlight {
-            jobs: HashMap::with_capacity(capacity),
+            // `capacity` is the concurrency, which may be huge ("unbounded", as procrastinate
+            // allows): reserve for a sensible number of jobs, grow beyond that if needed.
+            jobs: HashMap::with_capacity(capacity.min(1024)),
             held: HashMap::new(),
             limits,
             names: HashSet::new(),
