@@ -12,6 +12,8 @@ from tests.differential.harness import SCENARIOS, ScenarioSpec, run_scenario
 
 
 @pytest.mark.parametrize("spec", SCENARIOS, ids=[spec.name for spec in SCENARIOS])
+# A scenario exercises procrastinate's deprecated retry API on purpose.
+@pytest.mark.filterwarnings("ignore:`get_schedule_in` is deprecated:DeprecationWarning")
 async def test_same_outcome(spec: ScenarioSpec, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="procrastinate")
     expected = await run_scenario(spec, "procrastinate", caplog)
