@@ -45,7 +45,9 @@ GUARD_SECONDS = 20.0
 #: Short intervals so that a scenario takes about a second (overridable per scenario).
 FAST_OPTIONS: dict[str, Any] = {
     "fetch_job_polling_interval": 0.05,
-    "abort_job_polling_interval": 0.05,
+    # Aborts come by notification unless a scenario says otherwise; a slow abort poll
+    # keeps procrastinate's end-of-job abort race (scenario_zero_polling_intervals) away.
+    "abort_job_polling_interval": 1.0,
     "install_signal_handlers": False,
 }
 

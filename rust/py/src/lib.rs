@@ -25,6 +25,16 @@ fn seconds(name: &str, value: f64) -> PyResult<Duration> {
     })
 }
 
+/// A polling or heartbeat interval. procrastinate sleeps for it, so `float("inf")` (or any
+/// huge value) means "never": such values become a century, which timers can still add.
+fn interval(name: &str, value: f64) -> PyResult<Duration> {
+    const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    if value.is_infinite() && value > 0.0 {
+        return Ok(NEVER);
+    }
+    Ok(seconds(name, value)?.min(NEVER))
+}
+
 /// The Rust side of one running worker: claims jobs, hands them over, writes outcomes.
 #[pyclass(frozen, module = "fastworker._core")]
 struct WorkerCore {
@@ -63,12 +73,12 @@ impl WorkerCore {
         config.concurrency = concurrency;
         config.wait = wait;
         config.fetch_job_polling_interval =
-            seconds("fetch_job_polling_interval", fetch_job_polling_interval)?;
+            interval("fetch_job_polling_interval", fetch_job_polling_interval)?;
         config.abort_job_polling_interval =
-            seconds("abort_job_polling_interval", abort_job_polling_interval)?;
+            interval("abort_job_polling_interval", abort_job_polling_interval)?;
         config.listen_notify = listen_notify;
         config.update_heartbeat_interval =
-            seconds("update_heartbeat_interval", update_heartbeat_interval)?;
+            interval("update_heartbeat_interval", update_heartbeat_interval)?;
         config.stalled_worker_timeout = seconds("stalled_worker_timeout", stalled_worker_timeout)?;
         config.reconnect_timeout = seconds("reconnect_timeout", reconnect_timeout)?;
         config.max_batch_size = max_batch_size.max(1);
