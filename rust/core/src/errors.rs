@@ -36,6 +36,10 @@ pub enum CoreError {
     /// The worker was used after `shutdown`.
     #[error("the worker core is shut down")]
     ShutDown,
+
+    /// A bug: one of the core's tasks panicked. Reported instead of leaving the runner waiting.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl CoreError {

@@ -29,6 +29,31 @@ struct Running {
     stop_background: watch::Sender<bool>,
 }
 
+/// Spawn one of the core's roles. Its error, or its panic (a bug), reaches the runner as a
+/// fatal error, followed by `then`: never a silent stop that leaves the runner waiting.
+fn supervise<F>(
+    role: &'static str,
+    work: F,
+    fatal: handoff::HandoffSender,
+    then: Option<HandoffEvent>,
+) -> JoinHandle<()>
+where
+    F: std::future::Future<Output = CoreResult<()>> + Send + 'static,
+{
+    let work = tokio::spawn(work);
+    tokio::spawn(async move {
+        let error = match work.await {
+            Ok(Ok(())) => return,
+            Ok(Err(error)) => error,
+            Err(failure) => CoreError::Internal(format!("the {role} stopped: {failure}")),
+        };
+        fatal.send(HandoffEvent::Fatal(error));
+        if let Some(event) = then {
+            fatal.send(event);
+        }
+    })
+}
+
 pub struct WorkerCore {
     worker_id: i64,
     pruned_workers: Vec<i64>,
@@ -87,14 +112,13 @@ impl WorkerCore {
             handoff: handoff.clone(),
             in_flight_count: in_flight.clone(),
         };
-        let fatal = handoff.clone();
-        let dispatcher = tokio::spawn(async move {
-            if let Err(error) = dispatcher.run(job_connection).await {
-                fatal.send(HandoffEvent::Fatal(error));
-                // Nothing more will be claimed: let the runner's shutdown go on.
-                fatal.send(HandoffEvent::FetchingStopped);
-            }
-        });
+        // Nothing more will be claimed after it fails: let the runner's shutdown go on.
+        let dispatcher = supervise(
+            "dispatcher",
+            dispatcher.run(job_connection),
+            handoff.clone(),
+            Some(HandoffEvent::FetchingStopped),
+        );
 
         let listener = if config.listen_notify {
             let listener = Listener {
@@ -105,12 +129,7 @@ impl WorkerCore {
                 stop: stop_background_receiver.clone(),
                 reconnect_timeout: config.reconnect_timeout,
             };
-            let fatal = handoff.clone();
-            Some(tokio::spawn(async move {
-                if let Err(error) = listener.run().await {
-                    fatal.send(HandoffEvent::Fatal(error));
-                }
-            }))
+            Some(supervise("listener", listener.run(), handoff.clone(), None))
         } else {
             None
         };
@@ -238,5 +257,28 @@ impl WorkerCore {
             );
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_role_is_a_fatal_error_not_a_hang() {
+        let (sender, events) = handoff::channel(Arc::new(Metrics::default()));
+        let role = supervise(
+            "dispatcher",
+            async { panic!("boom") },
+            sender,
+            Some(HandoffEvent::FetchingStopped),
+        );
+        role.await.unwrap();
+        let events = events.next_events(10).await.unwrap();
+        assert!(matches!(
+            events.as_slice(),
+            [HandoffEvent::Fatal(CoreError::Internal(message)), HandoffEvent::FetchingStopped]
+                if message.contains("dispatcher") && message.contains("boom")
+        ));
     }
 }

@@ -62,6 +62,7 @@ impl From<BindingError> for PyErr {
             CoreError::ConnectionLost { .. } => ConnectionLost::new_err(message),
             CoreError::Database { .. } => DatabaseError::new_err(message),
             CoreError::ShutDown => WorkerShutDown::new_err(message),
+            CoreError::Internal(_) => FastworkerError::new_err(message),
         }
     }
 }
