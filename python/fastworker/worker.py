@@ -17,7 +17,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 from procrastinate import App, exceptions, job_context, jobs, middleware, retry, tasks, utils
@@ -32,7 +32,14 @@ core_logger = logging.getLogger("fastworker.core")
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 
 
-def _job_from_row(row: _core.JobRowTuple) -> jobs.Job:
+def _connector_json_loads(connector: Any) -> Callable[[str], Any]:
+    """The JSON decoder the app's connector uses for job arguments (procrastinate's
+    connectors take a ``json_loads``), else the standard one."""
+    loads = getattr(connector, "_json_loads", None) or getattr(connector, "json_loads", None)
+    return loads if callable(loads) else json.loads
+
+
+def _job_from_row(row: _core.JobRowTuple, loads: Callable[[str], Any] = json.loads) -> jobs.Job:
     (
         job_id,
         status,
@@ -53,7 +60,7 @@ def _job_from_row(row: _core.JobRowTuple) -> jobs.Job:
         lock=lock,
         queueing_lock=queueing_lock,
         task_name=task_name,
-        task_kwargs=json.loads(args),
+        task_kwargs=loads(args),
         scheduled_at=None
         if scheduled_at_us is None
         else _EPOCH + datetime.timedelta(microseconds=scheduled_at_us),
@@ -169,6 +176,7 @@ class Worker(procrastinate_worker.Worker):
             )
         self._core: _core.WorkerCore | None = None
         self._async_tasks: dict[str, bool] = {}
+        self._json_loads: Callable[[str], Any] = json.loads
         # Outcomes waiting for `_flush_outcomes` (see `_report_outcome`).
         self._finished: list[tuple[int, str, bool]] = []
         self._retried: list[tuple[int, str | None, int | None, str | None, str | None]] = []
@@ -269,6 +277,7 @@ class Worker(procrastinate_worker.Worker):
             self._loop = None
 
     async def _start_and_run(self) -> None:
+        self._json_loads = _connector_json_loads(self.app.connector)
         conninfo = await resolve_conninfo(self.app, self._dsn)
         core = await _core.WorkerCore.start(
             conninfo,
@@ -388,7 +397,7 @@ class Worker(procrastinate_worker.Worker):
             self._fetching_stopped.set_result(None)
 
     def _start_job(self, row: _core.JobRowTuple) -> None:
-        job = _job_from_row(row)
+        job = _job_from_row(row, self._json_loads)
         job_id = job.id
         context = job_context.JobContext(
             app=self.app,

@@ -375,31 +375,44 @@ class ScenarioSpec:
     name: str
     fn: Scenario
     app_options: dict[str, Any]
+    connector_options: dict[str, Any] = field(default_factory=dict)
 
 
 SCENARIOS: list[ScenarioSpec] = []
 
 
 def scenario(
+    connector_options: dict[str, Any] | None = None,
     **app_options: Any,
 ) -> Callable[[Scenario], Scenario]:
-    """Register a scenario; ``app_options`` go to the `procrastinate.App` of each run."""
+    """Register a scenario; ``app_options`` go to the `procrastinate.App` of each run,
+    ``connector_options`` to its `procrastinate.PsycopgConnector`."""
 
     def register(fn: Scenario) -> Scenario:
         name = fn.__name__.removeprefix("scenario_")
-        SCENARIOS.append(ScenarioSpec(name=name, fn=fn, app_options=app_options))
+        SCENARIOS.append(
+            ScenarioSpec(
+                name=name,
+                fn=fn,
+                app_options=app_options,
+                connector_options=connector_options or {},
+            )
+        )
         return fn
 
     return register
 
 
 @contextlib.asynccontextmanager
-async def fresh_run(impl: Impl, **app_options: Any) -> AsyncIterator[Run]:
+async def fresh_run(
+    impl: Impl, connector_options: dict[str, Any] | None = None, **app_options: Any
+) -> AsyncIterator[Run]:
     database = f"fw_diff_{impl[:4]}_{uuid.uuid4().hex[:10]}"
     dsn = await asyncio.to_thread(create_database, database)
     try:
         app = procrastinate.App(
-            connector=procrastinate.PsycopgConnector(conninfo=dsn), **app_options
+            connector=procrastinate.PsycopgConnector(conninfo=dsn, **(connector_options or {})),
+            **app_options,
         )
         run = Run(impl=impl, dsn=dsn, app=app, _loop=asyncio.get_running_loop())
         handler = _ActionSignals(run)
@@ -416,7 +429,7 @@ async def fresh_run(impl: Impl, **app_options: Any) -> AsyncIterator[Run]:
 
 async def run_scenario(spec: ScenarioSpec, impl: Impl, caplog: pytest.LogCaptureFixture) -> Outcome:
     caplog.clear()
-    async with fresh_run(impl, **spec.app_options) as run:
+    async with fresh_run(impl, spec.connector_options, **spec.app_options) as run:
         try:
             async with asyncio.timeout(GUARD_SECONDS * 2):
                 await spec.fn(run)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import decimal
 import inspect
+import json
 import signal
 import sys
 import time
@@ -1695,3 +1697,23 @@ async def scenario_infinite_intervals(run: Run) -> None:
         abort_job_polling_interval=inf,
         update_heartbeat_interval=inf,
     )
+
+
+def _decimal_loads(text: str | bytes) -> Any:
+    return json.loads(text, parse_float=decimal.Decimal)
+
+
+def _decimal_dumps(value: Any) -> str:
+    return json.dumps(value, default=str)
+
+
+@scenario(connector_options={"json_loads": _decimal_loads, "json_dumps": _decimal_dumps})
+async def scenario_connector_json_loads(run: Run) -> None:
+    """The connector's own json_loads decodes the job's arguments (here: floats as Decimal)."""
+
+    @run.app.task(name="money")
+    async def money(amount: Any, items: Any) -> None:
+        run.effects.append((type(amount).__name__, str(amount), [type(i).__name__ for i in items]))
+
+    await money.defer_async(amount=decimal.Decimal("12.10"), items=[1.5, 2])
+    await run.run_worker(wait=False)
