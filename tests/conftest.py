@@ -17,7 +17,9 @@ import pytest
 from procrastinate import schema
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-ADMIN_DSN = os.environ.get("FASTWORKER_TEST_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
+ADMIN_DSN = os.environ.get(
+    "FASTWORKER_TEST_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+)
 
 
 def dsn_for(database: str) -> str:
