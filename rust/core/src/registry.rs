@@ -6,8 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
-use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, GenericClient};
+use tokio_postgres::Client;
 
 use crate::connect::ConnectionTarget;
 use crate::errors::{is_connectivity_error, CoreError, CoreResult};
@@ -56,25 +55,16 @@ pub async fn check_schema(target: &ConnectionTarget, client: &Client) -> CoreRes
     }
 }
 
-/// The first column (a bigint id) of every row the statement returns.
-async fn query_ids(
-    client: &impl GenericClient,
-    statement: &str,
-    params: &[&(dyn ToSql + Sync)],
-) -> Result<Vec<i64>, tokio_postgres::Error> {
-    client
-        .query(statement, params)
-        .await?
-        .iter()
-        .map(|row| row.try_get(0))
-        .collect()
-}
-
 /// Delete workers whose heartbeat is older than `stalled_worker_timeout`, as procrastinate's
 /// worker does at start. Their `doing` jobs keep running nowhere (worker_id becomes NULL).
 pub async fn prune_stalled_workers(client: &Client, timeout: Duration) -> CoreResult<Vec<i64>> {
-    query_ids(client, PRUNE_STALLED_WORKERS, &[&timeout.as_secs_f64()])
+    let rows = client
+        .query(PRUNE_STALLED_WORKERS, &[&timeout.as_secs_f64()])
         .await
+        .map_err(|error| CoreError::database("pruning stalled workers", error))?;
+    rows.iter()
+        .map(|row| row.try_get(0))
+        .collect::<Result<_, _>>()
         .map_err(|error| CoreError::database("pruning stalled workers", error))
 }
 
@@ -111,18 +101,33 @@ pub async fn prune_and_recover_stalled_jobs(
             .map_err(db)?;
     }
     let seconds = timeout.as_secs_f64();
-    let stalled: Vec<i64> = query_ids(&transaction, LOCK_STALLED_WORKERS, &[&seconds])
+    let stalled: Vec<i64> = transaction
+        .query(LOCK_STALLED_WORKERS, &[&seconds])
         .await
+        .map_err(db)?
+        .iter()
+        .map(|row| row.try_get(0))
+        .collect::<Result<_, _>>()
         .map_err(db)?;
     if stalled.is_empty() {
         transaction.commit().await.map_err(db)?;
         return Ok(Recovery::default());
     }
-    let jobs: Vec<i64> = query_ids(&transaction, JOBS_OF_WORKERS, &[&stalled])
+    let jobs: Vec<i64> = transaction
+        .query(JOBS_OF_WORKERS, &[&stalled])
         .await
+        .map_err(db)?
+        .iter()
+        .map(|row| row.try_get(0))
+        .collect::<Result<_, _>>()
         .map_err(db)?;
-    let pruned_workers: Vec<i64> = query_ids(&transaction, PRUNE_STALLED_WORKERS, &[&seconds])
+    let pruned_workers: Vec<i64> = transaction
+        .query(PRUNE_STALLED_WORKERS, &[&seconds])
         .await
+        .map_err(db)?
+        .iter()
+        .map(|row| row.try_get(0))
+        .collect::<Result<_, _>>()
         .map_err(db)?;
     let mut recovery = Recovery {
         pruned_workers,
