@@ -362,3 +362,128 @@ async fn a_database_without_the_schema_is_refused() {
         .await
         .unwrap();
 }
+
+/// Every node of an `EXPLAIN (FORMAT JSON)` plan, depth first.
+fn plan_nodes(node: &serde_json::Value, out: &mut Vec<serde_json::Value>) {
+    out.push(node.clone());
+    if let Some(children) = node.get("Plans").and_then(|plans| plans.as_array()) {
+        for child in children {
+            plan_nodes(child, out);
+        }
+    }
+}
+
+async fn explain_execute(client: &Client, execute: &str) -> (Vec<serde_json::Value>, String) {
+    let messages = client
+        .simple_query(&format!("EXPLAIN (ANALYZE, FORMAT JSON) {execute}"))
+        .await
+        .expect("explain");
+    let text = messages
+        .iter()
+        .find_map(|message| match message {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_string),
+            _ => None,
+        })
+        .expect("a plan");
+    let explained: serde_json::Value = serde_json::from_str(&text).expect("plan JSON");
+    let mut nodes = Vec::new();
+    plan_nodes(&explained[0]["Plan"], &mut nodes);
+    (nodes, text)
+}
+
+/// The core's sessions plan each statement once (generic plans) with JIT off. The claim's
+/// generic plan must still walk procrastinate's priority index, never read the whole table,
+/// even when it was planned while the table was empty (a new deployment) and the table has
+/// grown since without an ANALYZE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_claim_and_completion_plans_stay_on_indexes_when_planned_once() {
+    use fastworker_core::completer::COMPLETE_JOBS;
+    use fastworker_core::connect::ConnectionTarget;
+    use fastworker_core::fetcher::CLAIM_JOBS;
+
+    let db = TestDatabase::create("plans").await;
+    let worker_id: i64 = db
+        .client
+        .query_one(
+            "INSERT INTO procrastinate_workers DEFAULT VALUES RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let session = ConnectionTarget::parse(&db.dsn)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mode: String = session
+        .query_one("SHOW plan_cache_mode", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(mode, "force_generic_plan");
+    session
+        .batch_execute(&format!(
+            "PREPARE claim(varchar[], bigint, bigint, bigint, varchar[], varchar[], bigint[], \
+             bigint[]) AS {CLAIM_JOBS}; \
+             PREPARE complete(bigint[], text[], bigint[], bigint[], text[], int[], text[], \
+             text[]) AS {COMPLETE_JOBS}"
+        ))
+        .await
+        .unwrap();
+    // Planned on the empty table: a claim that finds nothing.
+    let claim = format!("EXECUTE claim(NULL, {worker_id}, 1, 1, '{{}}', '{{}}', '{{}}', '{{}}')");
+    let (_, _) = explain_execute(&session, &claim).await;
+    db.client
+        .batch_execute(
+            "INSERT INTO procrastinate_jobs (queue_name, task_name, args)
+             SELECT 'default', 'noop', '{}' FROM generate_series(1, 20000)",
+        )
+        .await
+        .unwrap();
+
+    for (limit, analyze) in [(1, false), (100, false), (1, true), (100, true)] {
+        if analyze {
+            // New statistics invalidate the cached plans: they are planned again, now with
+            // a cost estimate that JIT would have compiled.
+            db.client
+                .batch_execute("ANALYZE procrastinate_jobs")
+                .await
+                .unwrap();
+        }
+        // Concurrency far above the jobs held, so `limit` alone caps the claim.
+        let claim = format!(
+            "EXECUTE claim(NULL, {worker_id}, {limit}, 1000000, '{{}}', '{{}}', '{{}}', '{{}}')"
+        );
+        let (nodes, text) = explain_execute(&session, &claim).await;
+        assert!(!text.contains("\"JIT\""), "JIT compiled the claim: {text}");
+        let scans_jobs_by_priority = nodes.iter().any(|node| {
+            node["Node Type"] == "Index Scan"
+                && node["Index Name"] == "procrastinate_jobs_priority_idx_v1"
+        });
+        assert!(scans_jobs_by_priority, "claim plan: {text}");
+        let reads_whole_table = nodes.iter().any(|node| {
+            node["Node Type"] == "Seq Scan" && node["Relation Name"] == "procrastinate_jobs"
+        });
+        assert!(!reads_whole_table, "claim plan: {text}");
+        let claimed = nodes[0]["Actual Rows"].as_i64().unwrap_or(-1);
+        assert_eq!(claimed, limit, "claim plan: {text}");
+
+        let (nodes, text) = explain_execute(
+            &session,
+            "EXECUTE complete(ARRAY[1, 2]::bigint[], ARRAY['succeeded', 'failed'], '{}', \
+             '{}', '{}', '{}', '{}', '{}')",
+        )
+        .await;
+        assert!(
+            !text.contains("\"JIT\""),
+            "JIT compiled the completion: {text}"
+        );
+        let reads_whole_table = nodes.iter().any(|node| {
+            node["Node Type"] == "Seq Scan" && node["Relation Name"] == "procrastinate_jobs"
+        });
+        assert!(!reads_whole_table, "completion plan: {text}");
+    }
+    drop(session);
+    db.drop_database().await;
+}
