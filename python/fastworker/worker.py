@@ -357,12 +357,47 @@ class Worker(procrastinate_worker.Worker):
     async def _consume_events(self) -> None:
         core = self._core
         assert core is not None
+        loop = asyncio.get_running_loop()
+        fd = core.events_fd()
+        if fd is not None:
+            try:
+                await self._consume_events_on_wakeups(core, loop, fd)
+                return
+            except NotImplementedError:
+                pass  # an event loop without add_reader (Windows' proactor)
         while True:
             events = await core.next_events()
             if events is None:
                 self._mark_fetching_stopped()
                 return
             self._handle_events(events)
+
+    async def _consume_events_on_wakeups(
+        self, core: _core.WorkerCore, loop: asyncio.AbstractEventLoop, fd: int
+    ) -> None:
+        """Take the core's events when its descriptor turns readable: the core writes a byte
+        from its own thread, and the jobs start in this very loop iteration (no future to
+        resolve from another thread, no GIL hand-over in between)."""
+        ended: asyncio.Future[None] = loop.create_future()
+
+        def on_readable() -> None:
+            if ended.done():
+                return
+            try:
+                events = core.take_events()
+                if events is None:
+                    ended.set_result(None)
+                else:
+                    self._handle_events(events)
+            except BaseException as error:  # surfaces in the awaiting task
+                ended.set_exception(error)
+
+        loop.add_reader(fd, on_readable)
+        try:
+            await ended
+        finally:
+            loop.remove_reader(fd)
+        self._mark_fetching_stopped()
 
     def _handle_events(self, events: list[_core.Event]) -> None:
         for kind, payload in events:

@@ -222,6 +222,17 @@ impl WorkerCore {
         self.events.next_events(max).await
     }
 
+    /// A descriptor that turns readable when [`WorkerCore::take_events`] has events (Unix).
+    pub fn events_fd(&self) -> Option<i32> {
+        self.events.doorbell_fd()
+    }
+
+    /// Every event queued now, or `None` once the core is shut down and all was delivered.
+    /// For a runner that watches [`WorkerCore::events_fd`].
+    pub fn take_events(&self) -> Option<Vec<HandoffEvent>> {
+        self.events.take_events()
+    }
+
     /// Events already queued, without waiting.
     pub fn try_events(&self) -> Vec<HandoffEvent> {
         self.events.try_events()

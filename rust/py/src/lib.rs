@@ -227,6 +227,21 @@ impl WorkerCore {
         })
     }
 
+    /// A file descriptor that turns readable when `take_events` has something to return
+    /// (for `loop.add_reader`), or None where the platform has none: use `next_events`.
+    fn events_fd(&self) -> Option<i32> {
+        self.core.events_fd()
+    }
+
+    /// For a runner woken by `events_fd`: every event queued now, or None once the core is
+    /// shut down and everything was delivered.
+    fn take_events<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyList>>> {
+        match self.core.take_events() {
+            None => Ok(None),
+            Some(events) => Ok(Some(events_to_python(py, events)?)),
+        }
+    }
+
     /// Events already queued, without waiting (used while shutting down).
     fn pending_events<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         events_to_python(py, self.core.try_events())
