@@ -7,7 +7,9 @@ turn (each drain in its own process, so its CPU time is its own), and the script
 per system: jobs/s, the ratio fastworker/procrastinate, worker CPU µs per job, PostgreSQL
 server CPU µs per job (all backends, from /proc, when the server is local) and commits per
 job (pg_stat_database.xact_commit). Then pickup latency: an idle listening worker, one job
-deferred every 20 ms, time from defer to task start (p50/p90/p99/max).
+deferred every 20 ms, time from defer to task start (p50/p90/p99/max). Then memory:
+fastworker alone drains 200,000 jobs at concurrency 100 and 1,000, its RSS sampled from
+/proc every 0.2 s.
 
 Output: a table on stdout, `benches/results/e2e.json` and `benches/results/e2e.png`.
 Without --dsn, a scratch database is created on the local server
@@ -250,6 +252,58 @@ def latency(dsn: str, system: str, seconds: float, interval: float) -> dict[str,
     }
 
 
+def rss_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def memory(dsn: str, concurrency: int, jobs: int) -> dict[str, float]:
+    """fastworker alone drains `jobs` jobs; its RSS is sampled every 0.2 s from /proc."""
+    reset_queue(dsn, jobs, "noop")
+    with open(os.devnull, "w") as devnull:
+        child = subprocess.Popen(
+            [sys.executable, __file__, "_drain", "fastworker", dsn, str(concurrency)],
+            stdout=subprocess.PIPE,
+            stderr=devnull,
+            text=True,
+        )
+        samples: list[float] = []
+        while child.poll() is None:
+            rss = rss_mib(child.pid)
+            if rss is not None:
+                samples.append(rss)
+            time.sleep(0.2)
+        stdout, _ = child.communicate()
+    if child.returncode != 0 or len(samples) < 5:
+        raise RuntimeError(f"memory drain at C={concurrency} failed ({len(samples)} samples)")
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        left = connection.execute(
+            "SELECT count(*) FROM procrastinate_jobs WHERE status <> 'succeeded'"
+        ).fetchone()[0]  # type: ignore[index]
+    if left:
+        raise RuntimeError(f"fastworker left {left} jobs not succeeded")
+    wall = json.loads(stdout.strip().splitlines()[-1])["wall"]
+
+    def at(fraction: float) -> float:
+        return samples[min(len(samples) - 1, int(len(samples) * fraction))]
+
+    return {
+        "concurrency": concurrency,
+        "jobs": jobs,
+        "jobs_per_s": jobs / wall,
+        "samples": len(samples),
+        "rss_mib_at_10pct": at(0.1),
+        "rss_mib_at_50pct": at(0.5),
+        "rss_mib_at_end": samples[-1],
+        "rss_mib_max": max(samples),
+    }
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -282,6 +336,12 @@ def main() -> None:
     parser.add_argument("--latency-seconds", type=float, default=10.0)
     parser.add_argument("--latency-interval", type=float, default=0.02)
     parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument(
+        "--memory-jobs", type=int, default=200000, help="jobs per memory drain (0: skip)"
+    )
+    parser.add_argument(
+        "--memory-concurrency", default="100,1000", help="concurrencies of the memory drains"
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     systems = [system for system in args.systems.split(",") if system]
@@ -301,7 +361,7 @@ def main() -> None:
     settings = [("async", int(c)) for c in args.concurrency.split(",") if c] + [
         ("sync", int(c)) for c in args.sync.split(",") if c
     ]
-    results: dict[str, Any] = {"jobs": args.jobs, "drain": [], "latency": {}}
+    results: dict[str, Any] = {"jobs": args.jobs, "drain": [], "latency": {}, "memory": []}
     try:
         for kind, concurrency in settings:
             entry: dict[str, Any] = {
@@ -325,6 +385,10 @@ def main() -> None:
                 results["latency"][system] = latency(
                     dsn, system, args.latency_seconds, args.latency_interval
                 )
+        if args.memory_jobs > 0 and "fastworker" in systems:
+            for concurrency in [int(c) for c in args.memory_concurrency.split(",") if c]:
+                results["memory"].append(memory(dsn, concurrency, args.memory_jobs))
+                print(f"memory drain C={concurrency}: done", flush=True)
     finally:
         if scratch:
             with psycopg.connect(
@@ -336,9 +400,14 @@ def main() -> None:
     (args.out / "e2e.json").write_text(json.dumps(results, indent=2))
     print()
     print(report(results, systems))
+    print(f"\nwrote {args.out / 'e2e.json'}")
     if "procrastinate" in systems and "fastworker" in systems:
-        plot(results, args.out / "e2e.png")
-        print(f"\nwrote {args.out / 'e2e.json'} and {args.out / 'e2e.png'}")
+        try:
+            plot(results, args.out / "e2e.png")
+        except ImportError:
+            print("no plot: matplotlib is not installed (pip install 'fastworker[bench]')")
+        else:
+            print(f"wrote {args.out / 'e2e.png'}")
 
 
 def report(results: dict[str, Any], systems: list[str]) -> str:
@@ -369,6 +438,20 @@ def report(results: dict[str, Any], systems: list[str]) -> str:
             lines.append(
                 f"| {system} | {measured['p50_ms']:.2f} | {measured['p90_ms']:.2f} | "
                 f"{measured['p99_ms']:.2f} | {measured['max_ms']:.2f} | {measured['count']} |"
+            )
+    if results.get("memory"):
+        lines += [
+            "",
+            "| fastworker RSS, drain | jobs | jobs/s | at 10% MiB | at 50% MiB | at end MiB "
+            "| max MiB |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for measured in results["memory"]:
+            lines.append(
+                f"| C={measured['concurrency']} | {measured['jobs']} | "
+                f"{measured['jobs_per_s']:.0f} | {measured['rss_mib_at_10pct']:.1f} | "
+                f"{measured['rss_mib_at_50pct']:.1f} | {measured['rss_mib_at_end']:.1f} | "
+                f"{measured['rss_mib_max']:.1f} |"
             )
     return "\n".join(lines)
 
