@@ -130,7 +130,7 @@ SQL_CALL = re.compile(
     r"(\w+)\s*\.(?:batch_execute|execute|query|query_one|query_opt|query_raw|prepare|simple_query)"
     r"\(\s*([^,)]+)"
 )
-CONSTANT = re.compile(r'&?[A-Z][A-Z0-9_]*|&self\.statement|"[A-Z ]+"')
+CONSTANT = re.compile(r'&?[A-Z][A-Z0-9_]*|&self\.\w*statement|"[A-Z ]+"')
 
 
 def test_rust_sql_is_constant_or_quoted() -> None:

@@ -10,20 +10,41 @@ use tokio_postgres::{Client, Statement};
 
 use crate::errors::{CoreError, CoreResult};
 
-pub const COMPLETE_JOBS: &str = "
-WITH finished AS (
+/// The `finished` and `deleted` steps (procrastinate_finish_job_v1's two branches), with
+/// the numbers of their parameters: shared by [`COMPLETE_JOBS`] and the claim statement
+/// that completes a batch on its way ([`crate::fetcher::COMPLETE_AND_CLAIM_JOBS`]).
+macro_rules! finish_and_delete_steps {
+    ($finish_ids:literal, $finish_statuses:literal, $delete_ids:literal) => {
+        concat!(
+            "
+finished AS (
     UPDATE procrastinate_jobs AS job
        SET status = f.status::procrastinate_job_status,
            abort_requested = false,
            attempts = CASE job.status WHEN 'doing' THEN job.attempts + 1 ELSE job.attempts END
-      FROM unnest($1::bigint[], $2::text[]) AS f(id, status)
+      FROM unnest(",
+            $finish_ids,
+            "::bigint[], ",
+            $finish_statuses,
+            "::text[]) AS f(id, status)
      WHERE job.id = f.id AND job.status IN ('todo', 'doing')
     RETURNING job.id
 ), deleted AS (
     DELETE FROM procrastinate_jobs AS job
-     WHERE job.id = ANY($3::bigint[]) AND job.status IN ('todo', 'doing')
+     WHERE job.id = ANY(",
+            $delete_ids,
+            "::bigint[]) AND job.status IN ('todo', 'doing')
     RETURNING job.id
-), retried AS (
+)"
+        )
+    };
+}
+pub(crate) use finish_and_delete_steps;
+
+pub const COMPLETE_JOBS: &str = concat!(
+    "WITH ",
+    finish_and_delete_steps!("$1", "$2", "$3"),
+    ", retried AS (
     UPDATE procrastinate_jobs AS job
        SET status = CASE WHEN job.status = 'doing' AND job.abort_requested
                          THEN 'failed' ELSE 'todo' END::procrastinate_job_status,
@@ -44,7 +65,8 @@ WITH finished AS (
 )
 SELECT id FROM finished
 UNION ALL SELECT id FROM deleted
-UNION ALL SELECT id FROM retried";
+UNION ALL SELECT id FROM retried"
+);
 
 const FINISH_ONE: &str = "SELECT procrastinate_finish_job_v1($1::bigint, $2::text::procrastinate_job_status, $3::boolean)";
 const RETRY_ONE: &str = "SELECT procrastinate_retry_job_v2($1::bigint, $2::text::timestamptz, $3::int, $4::text, $5::text)";
@@ -118,6 +140,19 @@ impl CompletionBatch {
         }
         batch
     }
+
+    pub fn has_retries(&self) -> bool {
+        !self.retry_ids.is_empty()
+    }
+
+    /// The jobs this batch ends for good (finished or deleted, not retried).
+    pub fn ending_ids(&self) -> Vec<i64> {
+        self.finish_ids
+            .iter()
+            .chain(&self.delete_ids)
+            .copied()
+            .collect()
+    }
 }
 
 /// What writing a batch did.
@@ -128,6 +163,30 @@ pub struct CompletionReport {
     /// Jobs that were not in a state procrastinate's functions accept (procrastinate's
     /// worker gets an exception from the function in that case), with the reason.
     pub rejected: Vec<(i64, String)>,
+}
+
+impl CompletionReport {
+    /// The report of a batched write whose statement returned the ids in `done`: the others
+    /// were not in a state procrastinate's functions accept.
+    pub fn of_batch(
+        completions: &[Completion],
+        done: &std::collections::HashSet<i64>,
+    ) -> CompletionReport {
+        let mut report = CompletionReport::default();
+        for completion in completions {
+            report.written.push(completion.job_id);
+            if !done.contains(&completion.job_id) {
+                report.rejected.push((
+                    completion.job_id,
+                    format!(
+                        "Job was not found or not in \"doing\" status (job id: {})",
+                        completion.job_id
+                    ),
+                ));
+            }
+        }
+        report
+    }
 }
 
 pub struct Completer {
@@ -185,20 +244,7 @@ impl Completer {
         for row in rows {
             done.insert(row.try_get::<_, i64>(0)?);
         }
-        let mut report = CompletionReport::default();
-        for completion in completions {
-            report.written.push(completion.job_id);
-            if !done.contains(&completion.job_id) {
-                report.rejected.push((
-                    completion.job_id,
-                    format!(
-                        "Job was not found or not in \"doing\" status (job id: {})",
-                        completion.job_id
-                    ),
-                ));
-            }
-        }
-        Ok(report)
+        Ok(CompletionReport::of_batch(completions, &done))
     }
 
     async fn write_one_by_one(

@@ -1,9 +1,9 @@
 //! The dispatcher owns the job connection and runs the claim/complete cycle.
 //!
-//! Each round trip sends the pending completions and then, pipelined on the same
-//! connection, a claim for the slots they free. The completion statement commits before the
-//! claim runs, so freed locks and slots are visible to it. Completions batch themselves:
-//! whatever arrived while the previous round trip was in flight goes out in the next one.
+//! Each round trip sends the pending completions and a claim for the slots they free, in
+//! one transaction, so freed locks and slots count for that claim. Completions batch
+//! themselves: whatever arrived while the previous round trip was in flight goes out in the
+//! next one.
 //!
 //! Claims follow procrastinate's worker: claim while claims come back full; after a short
 //! claim, wait for a `job_inserted` wake-up, the polling interval, or a stop.
@@ -15,7 +15,9 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_postgres::Client;
 
-use crate::completer::{Completer, Completion, CompletionReport, Outcome, Reported};
+use crate::completer::{
+    Completer, Completion, CompletionBatch, CompletionReport, Outcome, Reported,
+};
 use crate::config::WorkerConfig;
 use crate::connect::ConnectionTarget;
 use crate::errors::{is_connectivity_error, CoreError, CoreResult};
@@ -150,9 +152,10 @@ struct RoundTrip {
     claimed: ClaimResult,
 }
 
-/// Send the pending completions and the claim in one pipelined round trip. When both are
-/// needed they share one transaction: one commit (one WAL flush) instead of two, and the
-/// claim sees the locks and slots the completions free.
+/// Send the pending completions and the claim in one round trip. When both are needed they
+/// share one transaction: one commit (one WAL flush) instead of two, and the claim counts
+/// the locks and slots the completions free. Without retries it is a single statement
+/// (one message each way); with retries, two statements pipelined in a transaction.
 async fn round_trip(
     connection: &Connection,
     batch: &[Completion],
@@ -177,7 +180,30 @@ async fn round_trip(
             claimed: Some(fetcher.claim(client, claim_limit, room, abandoned).await),
         },
         (false, false) => {
-            // Polled in order by join!, so sent in this order, in one round trip.
+            let written = CompletionBatch::build(batch);
+            if !written.has_retries() {
+                // One statement: one message, one commit.
+                return match fetcher
+                    .complete_and_claim(client, &written, claim_limit, room, abandoned)
+                    .await
+                {
+                    Ok((jobs, done)) => RoundTrip {
+                        flushed: Some(Ok(CompletionReport::of_batch(batch, &done))),
+                        claimed: Some(Ok(jobs)),
+                    },
+                    // Committed or not, nobody can tell: as with the transaction below.
+                    Err(error) if is_connectivity_error(&error) => RoundTrip {
+                        flushed: Some(Err(error)),
+                        claimed: None,
+                    },
+                    // Nothing was written (the statement is its own transaction): redo the
+                    // steps on their own, where a bad completion cannot hold back the others.
+                    Err(_) => separately(connection, batch, claim_limit, room, abandoned).await,
+                };
+            }
+            // Retries: completions, then the claim, in one transaction, so the claim sees
+            // a retried job that is due at once. Polled in order by join!, so sent in this
+            // order, in one round trip.
             let (begin, flushed, claimed, commit) = tokio::join!(
                 client.batch_execute("BEGIN"),
                 completer.write_batch(client, batch),
@@ -216,18 +242,35 @@ async fn round_trip(
             // ROLLBACK). Redo the steps on their own, where a bad completion cannot hold
             // back the others.
             let _ = client.batch_execute("ROLLBACK").await;
-            let flushed = completer.write(client, batch).await;
-            // Writes refused just now free their slots for this very claim (with
-            // `wait=False` a short claim ends the run).
-            let mut refused = abandoned.to_vec();
-            if let Ok(report) = &flushed {
-                refused.extend(report.rejected.iter().map(|(job_id, _)| *job_id));
-            }
-            RoundTrip {
-                flushed: Some(flushed),
-                claimed: Some(fetcher.claim(client, claim_limit, room, &refused).await),
-            }
+            separately(connection, batch, claim_limit, room, abandoned).await
         }
+    }
+}
+
+/// The completions (batched, else one by one), then the claim, each on its own.
+async fn separately(
+    connection: &Connection,
+    batch: &[Completion],
+    claim_limit: usize,
+    room: &QueueRoom,
+    abandoned: &[i64],
+) -> RoundTrip {
+    let client = &connection.client;
+    let flushed = connection.completer.write(client, batch).await;
+    // Writes refused just now free their slots for this very claim (with `wait=False` a
+    // short claim ends the run).
+    let mut refused = abandoned.to_vec();
+    if let Ok(report) = &flushed {
+        refused.extend(report.rejected.iter().map(|(job_id, _)| *job_id));
+    }
+    RoundTrip {
+        flushed: Some(flushed),
+        claimed: Some(
+            connection
+                .fetcher
+                .claim(client, claim_limit, room, &refused)
+                .await,
+        ),
     }
 }
 

@@ -6,12 +6,22 @@
 //! database itself enforces "never more than `concurrency` jobs in `doing`", even if the
 //! core's own bookkeeping were wrong (a lost reply, a completion not yet written).
 
+use std::collections::HashSet;
+
 use tokio_postgres::{Client, Row, Statement};
 
+use crate::completer::CompletionBatch;
 use crate::errors::{CoreError, CoreResult};
 
-pub const CLAIM_JOBS: &str = "
-WITH candidate AS (
+/// The claim's steps up to the choice of jobs (`allowed`). Parameters: `$1` queues, `$2`
+/// worker id, `$3` limit, `$4` concurrency, `$5` full queues, `$6`/`$7` room per limited
+/// queue, `$8` abandoned jobs, `$9` jobs the same statement ends (see
+/// [`COMPLETE_AND_CLAIM_JOBS`]): they are still `doing` in its snapshot, yet hold neither a
+/// lock nor a slot once it commits.
+macro_rules! claim_steps {
+    () => {
+        "
+candidate AS (
     SELECT jobs.id, jobs.priority, jobs.queue_name
       FROM procrastinate_jobs AS jobs
      -- procrastinate's lock rule. Written as `lock IS NULL OR NOT EXISTS` (the same truth
@@ -22,6 +32,7 @@ WITH candidate AS (
                SELECT 1
                  FROM procrastinate_jobs AS other_jobs
                 WHERE other_jobs.lock = jobs.lock
+                  AND NOT (other_jobs.id = ANY($9::bigint[]))
                   AND (
                         other_jobs.status = 'doing'
                         OR (
@@ -38,6 +49,7 @@ WITH candidate AS (
        AND (jobs.scheduled_at IS NULL OR jobs.scheduled_at <= now())
        -- Queues at their per-queue concurrency limit (fastworker's queue_concurrency).
        AND NOT (jobs.queue_name = ANY($5::varchar[]))
+       AND NOT (jobs.id = ANY($9::bigint[]))
      ORDER BY jobs.priority DESC, jobs.id ASC
      -- A plain parameter: the planner sees the value and walks the priority index. (An
      -- expression here made it sort the whole table: 20 ms per claim on 20,000 jobs.)
@@ -65,15 +77,49 @@ WITH candidate AS (
                 WHERE held.worker_id = $2::bigint AND held.status = 'doing'
                   -- Jobs that ended but whose terminal write the database refused: they
                   -- stay `doing`, yet no longer take a slot (procrastinate frees it too).
-                  AND NOT (held.id = ANY($8::bigint[]))))
-)
+                  AND NOT (held.id = ANY($8::bigint[]))
+                  AND NOT (held.id = ANY($9::bigint[]))))
+)"
+    };
+}
+
+/// `status = 'doing'` and the worker on the allowed jobs, returning what the runner needs.
+macro_rules! claim_update {
+    () => {
+        "
 UPDATE procrastinate_jobs AS job
    SET status = 'doing', worker_id = $2::bigint
   FROM allowed
  WHERE job.id = allowed.id
-RETURNING job.id, job.status::text, job.task_name, job.priority, job.lock, job.queueing_lock,
-          job.args::text, (extract(epoch FROM job.scheduled_at) * 1000000)::bigint,
-          job.queue_name, job.attempts, job.worker_id";
+RETURNING job.id, job.status::text AS status, job.task_name, job.priority, job.lock,
+          job.queueing_lock, job.args::text AS args,
+          (extract(epoch FROM job.scheduled_at) * 1000000)::bigint AS scheduled_at_us,
+          job.queue_name, job.attempts, job.worker_id"
+    };
+}
+
+pub const CLAIM_JOBS: &str = concat!("WITH ", claim_steps!(), claim_update!());
+
+/// One statement, so one message and one commit for a whole round trip: the batch's
+/// finished and deleted jobs (`$10` ids, `$11` statuses, `$12` deleted ids, as in
+/// [`crate::completer::COMPLETE_JOBS`]) and the claim of the slots they free (`$9` = the
+/// ids of `$10` and `$12`). Rows: the claimed jobs with `true` last, then one row per
+/// written completion (its id, `false` last). Retries go through the two-statement
+/// transaction instead: a retried job may be claimable at once, which this statement's
+/// snapshot could not see.
+pub const COMPLETE_AND_CLAIM_JOBS: &str = concat!(
+    "WITH ",
+    crate::completer::finish_and_delete_steps!("$10", "$11", "$12"),
+    ", ",
+    claim_steps!(),
+    ", claimed AS (",
+    claim_update!(),
+    "
+)
+SELECT claimed.*, true FROM claimed
+UNION ALL SELECT id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, false FROM finished
+UNION ALL SELECT id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, false FROM deleted"
+);
 
 /// One claimed job, as the runner needs it. `args` stays JSON text: the runner parses it
 /// with its own JSON decoder, which is faster than building objects field by field.
@@ -148,6 +194,7 @@ impl QueueRoom {
 
 pub struct Fetcher {
     statement: Statement,
+    completing_statement: Statement,
     queues: Option<Vec<String>>,
     worker_id: i64,
     concurrency: i64,
@@ -164,8 +211,13 @@ impl Fetcher {
             .prepare(CLAIM_JOBS)
             .await
             .map_err(|error| CoreError::database("preparing the claim statement", error))?;
+        let completing_statement = client
+            .prepare(COMPLETE_AND_CLAIM_JOBS)
+            .await
+            .map_err(|error| CoreError::database("preparing the claim statement", error))?;
         Ok(Fetcher {
             statement,
+            completing_statement,
             queues,
             worker_id,
             concurrency: i64::try_from(concurrency).unwrap_or(i64::MAX),
@@ -183,6 +235,7 @@ impl Fetcher {
         abandoned: &[i64],
     ) -> Result<Vec<JobRow>, tokio_postgres::Error> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let none_ending: &[i64] = &[];
         let rows = client
             .query(
                 &self.statement,
@@ -195,18 +248,68 @@ impl Fetcher {
                     &room.names,
                     &room.free,
                     &abandoned,
+                    &none_ending,
                 ],
             )
             .await?;
-        let mut jobs = rows
+        let jobs = rows
             .iter()
             .map(JobRow::from_row)
             .collect::<Result<Vec<_>, _>>()?;
-        // UPDATE ... RETURNING does not keep the candidate order; restore it so jobs start
-        // in the order procrastinate's one-by-one fetch would start them.
-        jobs.sort_unstable_by(|a, b| b.priority.cmp(&a.priority).then(a.id.cmp(&b.id)));
-        Ok(jobs)
+        Ok(in_start_order(jobs))
     }
+
+    /// Write a batch without retries and claim in the same statement
+    /// ([`COMPLETE_AND_CLAIM_JOBS`]): the claimed jobs, and the ids whose write was done.
+    pub async fn complete_and_claim(
+        &self,
+        client: &Client,
+        batch: &CompletionBatch,
+        limit: usize,
+        room: &QueueRoom,
+        abandoned: &[i64],
+    ) -> Result<(Vec<JobRow>, HashSet<i64>), tokio_postgres::Error> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = client
+            .query(
+                &self.completing_statement,
+                &[
+                    &self.queues,
+                    &self.worker_id,
+                    &limit,
+                    &self.concurrency,
+                    &room.full,
+                    &room.names,
+                    &room.free,
+                    &abandoned,
+                    &batch.ending_ids(),
+                    &batch.finish_ids,
+                    &batch.finish_statuses,
+                    &batch.delete_ids,
+                ],
+            )
+            .await?;
+        let mut jobs = Vec::new();
+        let mut done = HashSet::new();
+        for row in &rows {
+            if row.try_get::<_, bool>(CLAIMED_COLUMN)? {
+                jobs.push(JobRow::from_row(row)?);
+            } else {
+                done.insert(row.try_get::<_, i64>(0)?);
+            }
+        }
+        Ok((in_start_order(jobs), done))
+    }
+}
+
+/// The last column of [`COMPLETE_AND_CLAIM_JOBS`]: a claimed job, or a written completion.
+const CLAIMED_COLUMN: usize = 11;
+
+/// UPDATE ... RETURNING does not keep the candidate order; restore it so jobs start in the
+/// order procrastinate's one-by-one fetch would start them.
+fn in_start_order(mut jobs: Vec<JobRow>) -> Vec<JobRow> {
+    jobs.sort_unstable_by(|a, b| b.priority.cmp(&a.priority).then(a.id.cmp(&b.id)));
+    jobs
 }
 
 #[cfg(test)]

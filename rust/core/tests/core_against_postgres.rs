@@ -326,6 +326,71 @@ async fn wait_false_reports_drained() {
     db.drop_database().await;
 }
 
+/// Completing a job and claiming the next happen in one statement, whose snapshot still
+/// shows the completed job `doing`: it must not hold its lock nor its slot for that claim.
+/// With concurrency 1, `wait=False` and no polling to catch up, a chain of same-lock jobs
+/// only drains if each completion frees the next job in the very same round trip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_frees_its_lock_and_slot_for_the_claim_in_the_same_statement() {
+    let db = TestDatabase::create("chain").await;
+    let first = db.defer("t", "default", 0, Some("L")).await;
+    let second = db.defer("t", "default", 0, Some("L")).await;
+    let third = db.defer("t", "default", 0, Some("L")).await;
+    let mut config = config(&db, 1);
+    config.wait = false;
+    config.listen_notify = false;
+    config.fetch_job_polling_interval = Duration::from_secs(3600);
+    let core = WorkerCore::start(config).await.expect("start");
+    let mut claimed = Vec::new();
+    let mut drained = false;
+    while !drained {
+        let events = tokio::time::timeout(Duration::from_secs(20), core.next_events(100))
+            .await
+            .expect("the chain should go on without polling")
+            .expect("running");
+        for event in events {
+            match event {
+                HandoffEvent::Jobs(jobs) => {
+                    assert_eq!(jobs.len(), 1, "concurrency 1");
+                    let job_id = jobs[0].id;
+                    claimed.push(job_id);
+                    let outcome = if job_id == second {
+                        // The delete branch ends a job too.
+                        Outcome::Finish {
+                            status: "succeeded".into(),
+                            delete: true,
+                        }
+                    } else {
+                        Outcome::Finish {
+                            status: "failed".into(),
+                            delete: false,
+                        }
+                    };
+                    core.complete(Completion { job_id, outcome }).unwrap();
+                }
+                HandoffEvent::Drained => drained = true,
+                HandoffEvent::Fatal(error) => panic!("fatal: {error}"),
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(claimed, vec![first, second, third]);
+    core.shutdown().await.expect("shutdown");
+    assert_eq!(db.status(first).await.0, "failed");
+    assert_eq!(db.status(third).await.0, "failed");
+    let left: i64 = db
+        .client
+        .query_one(
+            "SELECT count(*) FROM procrastinate_jobs WHERE id = $1",
+            &[&second],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "deleted");
+    db.drop_database().await;
+}
+
 #[tokio::test]
 async fn an_unreachable_database_is_a_clear_error_without_the_password() {
     let mut config = WorkerConfig::new(
@@ -399,7 +464,7 @@ async fn explain_execute(client: &Client, execute: &str) -> (Vec<serde_json::Val
 async fn the_claim_and_completion_plans_stay_on_indexes_when_planned_once() {
     use fastworker_core::completer::COMPLETE_JOBS;
     use fastworker_core::connect::ConnectionTarget;
-    use fastworker_core::fetcher::CLAIM_JOBS;
+    use fastworker_core::fetcher::{CLAIM_JOBS, COMPLETE_AND_CLAIM_JOBS};
 
     let db = TestDatabase::create("plans").await;
     let worker_id: i64 = db
@@ -425,14 +490,18 @@ async fn the_claim_and_completion_plans_stay_on_indexes_when_planned_once() {
     session
         .batch_execute(&format!(
             "PREPARE claim(varchar[], bigint, bigint, bigint, varchar[], varchar[], bigint[], \
-             bigint[]) AS {CLAIM_JOBS}; \
+             bigint[], bigint[]) AS {CLAIM_JOBS}; \
+             PREPARE complete_and_claim(varchar[], bigint, bigint, bigint, varchar[], \
+             varchar[], bigint[], bigint[], bigint[], bigint[], text[], bigint[]) \
+             AS {COMPLETE_AND_CLAIM_JOBS}; \
              PREPARE complete(bigint[], text[], bigint[], bigint[], text[], int[], text[], \
              text[]) AS {COMPLETE_JOBS}"
         ))
         .await
         .unwrap();
     // Planned on the empty table: a claim that finds nothing.
-    let claim = format!("EXECUTE claim(NULL, {worker_id}, 1, 1, '{{}}', '{{}}', '{{}}', '{{}}')");
+    let claim =
+        format!("EXECUTE claim(NULL, {worker_id}, 1, 1, '{{}}', '{{}}', '{{}}', '{{}}', '{{}}')");
     let (_, _) = explain_execute(&session, &claim).await;
     db.client
         .batch_execute(
@@ -453,21 +522,50 @@ async fn the_claim_and_completion_plans_stay_on_indexes_when_planned_once() {
         }
         // Concurrency far above the jobs held, so `limit` alone caps the claim.
         let claim = format!(
-            "EXECUTE claim(NULL, {worker_id}, {limit}, 1000000, '{{}}', '{{}}', '{{}}', '{{}}')"
+            "EXECUTE claim(NULL, {worker_id}, {limit}, 1000000, '{{}}', '{{}}', '{{}}', '{{}}', \
+             '{{}}')"
         );
-        let (nodes, text) = explain_execute(&session, &claim).await;
-        assert!(!text.contains("\"JIT\""), "JIT compiled the claim: {text}");
-        let scans_jobs_by_priority = nodes.iter().any(|node| {
-            node["Node Type"] == "Index Scan"
-                && node["Index Name"] == "procrastinate_jobs_priority_idx_v1"
-        });
-        assert!(scans_jobs_by_priority, "claim plan: {text}");
-        let reads_whole_table = nodes.iter().any(|node| {
-            node["Node Type"] == "Seq Scan" && node["Relation Name"] == "procrastinate_jobs"
-        });
-        assert!(!reads_whole_table, "claim plan: {text}");
-        let claimed = nodes[0]["Actual Rows"].as_i64().unwrap_or(-1);
-        assert_eq!(claimed, limit, "claim plan: {text}");
+        // The same claim, ending two claimed jobs on the way (the oldest still `doing`).
+        let doing: Vec<i64> = db
+            .client
+            .query(
+                "SELECT id FROM procrastinate_jobs WHERE status = 'doing' ORDER BY id LIMIT 2",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let ending = format!("{doing:?}").replace('[', "{").replace(']', "}");
+        let complete_and_claim = format!(
+            "EXECUTE complete_and_claim(NULL, {worker_id}, {limit}, 1000000, '{{}}', '{{}}', \
+             '{{}}', '{{}}', '{ending}', '{ending}', \
+             array_fill('succeeded'::text, ARRAY[{}]), '{{}}')",
+            doing.len()
+        );
+        for (name, execute, expected_rows) in [
+            ("claim", &claim, limit),
+            (
+                "complete_and_claim",
+                &complete_and_claim,
+                limit + doing.len() as i64,
+            ),
+        ] {
+            let (nodes, text) = explain_execute(&session, execute).await;
+            assert!(!text.contains("\"JIT\""), "JIT compiled {name}: {text}");
+            let scans_jobs_by_priority = nodes.iter().any(|node| {
+                node["Node Type"] == "Index Scan"
+                    && node["Index Name"] == "procrastinate_jobs_priority_idx_v1"
+            });
+            assert!(scans_jobs_by_priority, "{name} plan: {text}");
+            let reads_whole_table = nodes.iter().any(|node| {
+                node["Node Type"] == "Seq Scan" && node["Relation Name"] == "procrastinate_jobs"
+            });
+            assert!(!reads_whole_table, "{name} plan: {text}");
+            let rows = nodes[0]["Actual Rows"].as_i64().unwrap_or(-1);
+            assert_eq!(rows, expected_rows, "{name} plan: {text}");
+        }
 
         let (nodes, text) = explain_execute(
             &session,
