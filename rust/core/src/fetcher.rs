@@ -8,6 +8,7 @@
 
 use std::collections::HashSet;
 
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row, Statement};
 
 use crate::completer::CompletionBatch;
@@ -235,23 +236,9 @@ impl Fetcher {
         abandoned: &[i64],
     ) -> Result<Vec<JobRow>, tokio_postgres::Error> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let none_ending: &[i64] = &[];
-        let rows = client
-            .query(
-                &self.statement,
-                &[
-                    &self.queues,
-                    &self.worker_id,
-                    &limit,
-                    &self.concurrency,
-                    &room.full,
-                    &room.names,
-                    &room.free,
-                    &abandoned,
-                    &none_ending,
-                ],
-            )
-            .await?;
+        let none_ending: Vec<i64> = Vec::new();
+        let params = self.claim_params(&limit, room, &abandoned, &none_ending);
+        let rows = client.query(&self.statement, &params).await?;
         let jobs = rows
             .iter()
             .map(JobRow::from_row)
@@ -270,25 +257,14 @@ impl Fetcher {
         abandoned: &[i64],
     ) -> Result<(Vec<JobRow>, HashSet<i64>), tokio_postgres::Error> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = client
-            .query(
-                &self.completing_statement,
-                &[
-                    &self.queues,
-                    &self.worker_id,
-                    &limit,
-                    &self.concurrency,
-                    &room.full,
-                    &room.names,
-                    &room.free,
-                    &abandoned,
-                    &batch.ending_ids(),
-                    &batch.finish_ids,
-                    &batch.finish_statuses,
-                    &batch.delete_ids,
-                ],
-            )
-            .await?;
+        let ending = batch.ending_ids();
+        let mut params = self.claim_params(&limit, room, &abandoned, &ending);
+        params.extend([
+            &batch.finish_ids as &(dyn ToSql + Sync),
+            &batch.finish_statuses,
+            &batch.delete_ids,
+        ]);
+        let rows = client.query(&self.completing_statement, &params).await?;
         let mut jobs = Vec::new();
         let mut done = HashSet::new();
         for row in &rows {
@@ -299,6 +275,29 @@ impl Fetcher {
             }
         }
         Ok((in_start_order(jobs), done))
+    }
+}
+
+impl Fetcher {
+    /// `$1` to `$9` of both claim statements (see [`claim_steps`]).
+    fn claim_params<'a>(
+        &'a self,
+        limit: &'a i64,
+        room: &'a QueueRoom,
+        abandoned: &'a &[i64],
+        ending: &'a Vec<i64>,
+    ) -> Vec<&'a (dyn ToSql + Sync)> {
+        vec![
+            &self.queues,
+            &self.worker_id,
+            limit,
+            &self.concurrency,
+            &room.full,
+            &room.names,
+            &room.free,
+            abandoned,
+            ending,
+        ]
     }
 }
 
