@@ -4,12 +4,18 @@
 
 For each setting, the same pre-loaded queue of no-op jobs is drained by each system in
 turn (each drain in its own process, so its CPU time is its own), and the script reports
-per system: jobs/s, the ratio fastworker/procrastinate, worker CPU µs per job, PostgreSQL
-server CPU µs per job (all backends, from /proc, when the server is local) and commits per
-job (pg_stat_database.xact_commit). Then pickup latency: an idle listening worker, one job
-deferred every 20 ms, time from defer to task start (p50/p90/p99/max). Then memory:
-fastworker alone drains 200,000 jobs at concurrency 100 and 1,000, its RSS sampled from
-/proc every 0.2 s.
+per system: jobs/s, the ratio of its jobs/s to procrastinate's, worker CPU µs per job,
+PostgreSQL server CPU µs per job (all backends, from /proc, when the server is local) and
+commits per job (pg_stat_database.xact_commit). Then pickup latency: an idle listening
+worker, one job deferred every 20 ms, time from defer to task start (p50/p90/p99/max).
+Then memory: fastworker alone drains 200,000 jobs at concurrency 100 and 1,000, its RSS
+sampled from /proc every 0.2 s.
+
+When pgqueuer (another PostgreSQL job queue, with its own schema) and asyncpg are
+installed, pgqueuer is a third system: its schema goes into the same database, next to
+procrastinate's, and it drains its own pre-loaded queue of the same size the same way
+(its QueueManager in drain mode, at most C jobs running at once). It has no sync
+entrypoints, so its sync settings are n/a.
 
 Output: a table on stdout, `benches/results/e2e.json` and `benches/results/e2e.png`.
 Without --dsn, a scratch database is created on the local server
@@ -28,18 +34,38 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+from urllib.parse import urlencode
 
 import psycopg
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-SYSTEMS = ("procrastinate", "fastworker")
+SYSTEMS = ("procrastinate", "fastworker", "pgqueuer")  # pgqueuer: when installed
 HERE = Path(__file__).resolve().parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# pgqueuer's tables under its default names (no PGQUEUER_* settings in the environment).
+PGQUEUER_TABLES = ("pgqueuer", "pgqueuer_log", "pgqueuer_statistics", "pgqueuer_schedules")
+# pgqueuer 1.x runs async entrypoints only: registering a plain function raises TypeError
+# ("Sync entrypoints are no longer supported", its EntrypointExecutor). Its own advice is
+# an async entrypoint around asyncio.to_thread, which is not a sync entrypoint, so the
+# sync settings report n/a for pgqueuer.
+PGQUEUER_SYNC = "n/a: pgqueuer has no sync entrypoints"
 
 
-# --- the app both systems run (imported by the child processes) -------------------------
+def pgqueuer_available() -> bool:
+    """pgqueuer runs here on its asyncpg driver (see pgqueuer_connect), so both must import."""
+    try:
+        import asyncpg  # noqa: F401
+        import pgqueuer  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# --- the app procrastinate and fastworker run (imported by the child processes) ---------
 
 
 def build_app(dsn: str) -> Any:
@@ -69,10 +95,126 @@ EXPECTED = [0]  # how many stamped jobs the latency run waits for
 ALL_STAMPED = asyncio.Event()
 
 
+# --- pgqueuer: its queue manager, entrypoints and limits (also in the child processes) ---
+
+
+class PgqueuerLimits(NamedTuple):
+    concurrency_limit: int  # QueueManager.entrypoint(concurrency_limit=)
+    batch_size: int  # QueueManager.run(batch_size=)
+    max_concurrent_tasks: int | None  # QueueManager.run(max_concurrent_tasks=)
+
+
+def pgqueuer_limits(concurrency: int) -> PgqueuerLimits:
+    """At most `concurrency` jobs picked, hence running, at once.
+
+    max_concurrent_tasks is pgqueuer's cap on one worker's picked jobs, enforced by its
+    dequeue statement, like procrastinate's concurrency; it must be at least twice the
+    batch size, so the batch is half of it. At 1 it cannot be used: the entrypoint's
+    concurrency_limit (picked jobs of the entrypoint, enforced in SQL too) caps instead,
+    with batches of 1. A job stays picked until its completion is written, so a finished
+    job still holds its place until then.
+    """
+    if concurrency >= 2:
+        return PgqueuerLimits(0, concurrency // 2, concurrency)
+    return PgqueuerLimits(concurrency, 1, None)
+
+
+async def pgqueuer_connect(dsn: str) -> Any:
+    """An asyncpg connection, for pgqueuer's AsyncpgDriver.
+
+    Not its PsycopgDriver: that one waits for notifications in connection.notifies(timeout=
+    1.0) while holding the connection's lock, so each query of the worker can wait up to a
+    second (measured: 20 jobs/s at C=10, well under 1 job/s at C=1). asyncpg takes URIs
+    only.
+    """
+    import asyncpg
+
+    return await asyncpg.connect("postgresql://?" + urlencode(conninfo_to_dict(dsn)))
+
+
+def build_queue_manager(connection: Any, concurrency: int, entrypoint: str) -> Any:
+    from pgqueuer import AsyncpgDriver, Queries, QueueManager
+    from pgqueuer.models import Job
+
+    manager = QueueManager(Queries(AsyncpgDriver(connection)))
+    limit = pgqueuer_limits(concurrency).concurrency_limit
+    # Only the entrypoint in use: the dequeue statement looks at each registered one.
+    if entrypoint == "noop":
+
+        @manager.entrypoint("noop", concurrency_limit=limit)
+        async def noop(job: Job) -> None:
+            return None
+
+    else:
+
+        @manager.entrypoint("stamp", concurrency_limit=limit)
+        async def stamp(job: Job) -> None:
+            assert job.payload is not None
+            LATENCIES.append(time.time() - float(job.payload))
+            if len(LATENCIES) >= EXPECTED[0] > 0:
+                ALL_STAMPED.set()
+
+    return manager
+
+
+async def run_queue_manager(manager: Any, concurrency: int, drain: bool) -> None:
+    from pgqueuer.types import QueueExecutionMode
+
+    limits = pgqueuer_limits(concurrency)
+    await manager.run(
+        batch_size=limits.batch_size,
+        max_concurrent_tasks=limits.max_concurrent_tasks,
+        # drain: returns once no job is queued and its tasks have finished.
+        mode=QueueExecutionMode.drain if drain else QueueExecutionMode.continuous,
+    )
+
+
+def enqueue_pgqueuer(
+    connection: psycopg.Connection[Any],
+) -> Callable[[str, list[bytes | None]], Any]:
+    """pgqueuer's own (sync) enqueue: job rows and their 'queued' log rows, one statement."""
+    from pgqueuer.db import SyncPsycopgDriver
+    from pgqueuer.queries import SyncQueries
+
+    queries = SyncQueries(SyncPsycopgDriver(connection))
+
+    def enqueue(entrypoint: str, payloads: list[bytes | None]) -> Any:
+        return queries.enqueue([entrypoint] * len(payloads), list(payloads), [0] * len(payloads))
+
+    return enqueue
+
+
+def install_pgqueuer(dsn: str) -> None:
+    from pgqueuer import AsyncpgDriver, Queries
+
+    async def install() -> None:
+        connection = await pgqueuer_connect(dsn)
+        try:
+            queries = Queries(AsyncpgDriver(connection))
+            if not await queries.schema_is_installed():
+                await queries.install()  # what `pgq install` runs
+        finally:
+            await connection.close()
+
+    asyncio.run(install())
+
+
 # --- child: one drain or one latency run ------------------------------------------------
 
 
 async def child_drain(system: str, dsn: str, concurrency: int) -> dict[str, float]:
+    if system == "pgqueuer":
+        connection = await pgqueuer_connect(dsn)
+        try:
+            manager = build_queue_manager(connection, concurrency, "noop")
+            cpu = time.process_time()
+            wall = time.perf_counter()
+            await run_queue_manager(manager, concurrency, drain=True)
+            wall = time.perf_counter() - wall
+            cpu = time.process_time() - cpu
+        finally:
+            await connection.close()
+        return {"wall": wall, "cpu": cpu}
     app = build_app(dsn)
     async with app.open_async():
         cpu = time.process_time()
@@ -92,7 +234,35 @@ async def child_drain(system: str, dsn: str, concurrency: int) -> dict[str, floa
     return {"wall": wall, "cpu": cpu}
 
 
+async def child_latency_pgqueuer(dsn: str, expected: int) -> dict[str, Any]:
+    from pgqueuer.errors import FailingListenerError
+
+    connection = await pgqueuer_connect(dsn)
+    try:
+        manager = build_queue_manager(connection, 10, "stamp")
+        task = asyncio.create_task(run_queue_manager(manager, 10, drain=False))
+        # Ready once a NOTIFY sent now comes back through the worker's LISTEN.
+        while True:
+            try:
+                await manager.listener_healthy(timeout=timedelta(seconds=0.5))
+                break
+            except FailingListenerError:
+                if task.done():
+                    await task  # raises what stopped it
+        print("ready", flush=True)
+        EXPECTED[0] = expected
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ALL_STAMPED.wait(), timeout=120)
+        manager.shutdown.set()
+        await task
+    finally:
+        await connection.close()
+    return {"latencies": LATENCIES}
+
+
 async def child_latency(system: str, dsn: str, expected: int) -> dict[str, Any]:
+    if system == "pgqueuer":
+        return await child_latency_pgqueuer(dsn, expected)
     app = build_app(dsn)
     async with app.open_async():
         if system == "fastworker":
@@ -160,22 +330,51 @@ def commits(dsn: str) -> int:
     return int(row[0]) if row else 0
 
 
-def reset_queue(dsn: str, jobs: int, task_name: str) -> None:
+def reset_queue(dsn: str, jobs: int, task_name: str, system: str = "procrastinate") -> None:
+    """Empty both systems' tables, load `jobs` jobs for `system`, VACUUM and CHECKPOINT."""
     with psycopg.connect(dsn, autocommit=True) as connection:
         connection.execute(
             "TRUNCATE procrastinate_events, procrastinate_periodic_defers, procrastinate_jobs,"
             " procrastinate_workers RESTART IDENTITY CASCADE"
         )
-        connection.execute(
-            "INSERT INTO procrastinate_jobs (queue_name, task_name, args)"
-            " SELECT 'default', %s, '{}' FROM generate_series(1, %s)",
-            (task_name, jobs),
-        )
-        connection.execute("VACUUM ANALYZE procrastinate_jobs")
-        connection.execute("VACUUM ANALYZE procrastinate_events")
+        tables = ["procrastinate_jobs", "procrastinate_events"]
+        if connection.execute("SELECT to_regclass('pgqueuer_log')").fetchone()[0]:  # type: ignore[index]
+            connection.execute(f"TRUNCATE {', '.join(PGQUEUER_TABLES)} RESTART IDENTITY")
+            tables += ["pgqueuer", "pgqueuer_log"]
+        if system == "pgqueuer":
+            enqueue = enqueue_pgqueuer(connection)
+            for start in range(0, jobs, 10000):
+                enqueue(task_name, [None] * min(10000, jobs - start))
+        else:
+            connection.execute(
+                "INSERT INTO procrastinate_jobs (queue_name, task_name, args)"
+                " SELECT 'default', %s, '{}' FROM generate_series(1, %s)",
+                (task_name, jobs),
+            )
+        for table in tables:
+            connection.execute(f"VACUUM ANALYZE {table}")
         # Each measurement starts from the same state: the WAL of the previous drains (up to
         # a gigabyte) is not checkpointed in the middle of the next one.
         connection.execute("CHECKPOINT")
+
+
+def check_drained(dsn: str, system: str, jobs: int) -> None:
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        if system == "pgqueuer":
+            # A finished job's row is deleted from pgqueuer and its status logged in
+            # pgqueuer_log; the aggregation into pgqueuer_statistics only marks log rows.
+            left = connection.execute("SELECT count(*) FROM pgqueuer").fetchone()[0]  # type: ignore[index]
+            done = connection.execute(
+                "SELECT count(*) FROM pgqueuer_log WHERE status = 'successful'"
+            ).fetchone()[0]  # type: ignore[index]
+            if left or done != jobs:
+                raise RuntimeError(f"pgqueuer left {left} jobs, {done} of {jobs} successful")
+            return
+        left = connection.execute(
+            "SELECT count(*) FROM procrastinate_jobs WHERE status <> 'succeeded'"
+        ).fetchone()[0]  # type: ignore[index]
+    if left:
+        raise RuntimeError(f"{system} left {left} jobs not succeeded")
 
 
 def run_child(*args: str) -> dict[str, Any]:
@@ -187,8 +386,10 @@ def run_child(*args: str) -> dict[str, Any]:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def drain(dsn: str, system: str, concurrency: int, kind: str, jobs: int) -> dict[str, float]:
-    reset_queue(dsn, jobs, "noop" if kind == "async" else "noop_sync")
+def drain(dsn: str, system: str, concurrency: int, kind: str, jobs: int) -> dict[str, float] | None:
+    if system == "pgqueuer" and kind == "sync":
+        return None  # PGQUEUER_SYNC
+    reset_queue(dsn, jobs, "noop" if kind == "async" else "noop_sync", system)
     time.sleep(1.1)  # let the stats of the reset reach pg_stat_database
     commits_before = commits(dsn)
     server_before = server_cpu_seconds(dsn)
@@ -196,12 +397,7 @@ def drain(dsn: str, system: str, concurrency: int, kind: str, jobs: int) -> dict
     server_after = server_cpu_seconds(dsn)
     time.sleep(1.1)  # backends flush their stats when they exit, at most once a second
     commits_after = commits(dsn)
-    with psycopg.connect(dsn, autocommit=True) as connection:
-        left = connection.execute(
-            "SELECT count(*) FROM procrastinate_jobs WHERE status <> 'succeeded'"
-        ).fetchone()[0]  # type: ignore[index]
-    if left:
-        raise RuntimeError(f"{system} left {left} jobs not succeeded")
+    check_drained(dsn, system, jobs)
     measured: dict[str, float] = {
         "jobs_per_s": jobs / result["wall"],
         "worker_cpu_us_per_job": result["cpu"] / jobs * 1e6,
@@ -214,7 +410,7 @@ def drain(dsn: str, system: str, concurrency: int, kind: str, jobs: int) -> dict
 
 
 def latency(dsn: str, system: str, seconds: float, interval: float) -> dict[str, float]:
-    reset_queue(dsn, 0, "stamp")
+    reset_queue(dsn, 0, "stamp", system)
     expected = int(seconds / interval)
     child = subprocess.Popen(
         [sys.executable, __file__, "_latency", system, dsn, str(expected)],
@@ -226,18 +422,25 @@ def latency(dsn: str, system: str, seconds: float, interval: float) -> dict[str,
     if child.stdout.readline().strip() != "ready":
         raise RuntimeError(child.stderr.read() if child.stderr else "child failed")
     with psycopg.connect(dsn, autocommit=True) as connection:
-        for _ in range(100):  # wait until the worker is registered, then a little more
-            if connection.execute("SELECT count(*) FROM procrastinate_workers").fetchone()[0]:  # type: ignore[index]
-                break
-            time.sleep(0.05)
+        if system == "pgqueuer":
+            # Its worker registers nowhere; the child said ready once it heard its own NOTIFY.
+            enqueue = enqueue_pgqueuer(connection)
+        else:
+            for _ in range(100):  # wait until the worker is registered, then a little more
+                if connection.execute("SELECT count(*) FROM procrastinate_workers").fetchone()[0]:  # type: ignore[index]
+                    break
+                time.sleep(0.05)
         time.sleep(0.5)
         next_at = time.perf_counter()
         for _ in range(expected):
-            connection.execute(
-                "INSERT INTO procrastinate_jobs (queue_name, task_name, args)"
-                " VALUES ('default', 'stamp', json_build_object('t', %s::float8))",
-                (time.time(),),
-            )
+            if system == "pgqueuer":
+                enqueue("stamp", [repr(time.time()).encode()])
+            else:
+                connection.execute(
+                    "INSERT INTO procrastinate_jobs (queue_name, task_name, args)"
+                    " VALUES ('default', 'stamp', json_build_object('t', %s::float8))",
+                    (time.time(),),
+                )
             next_at += interval
             time.sleep(max(0.0, next_at - time.perf_counter()))
     stdout, stderr = child.communicate(timeout=180)
@@ -284,12 +487,7 @@ def memory(dsn: str, concurrency: int, jobs: int) -> dict[str, float]:
         stdout, _ = child.communicate()
     if child.returncode != 0 or len(samples) < 5:
         raise RuntimeError(f"memory drain at C={concurrency} failed ({len(samples)} samples)")
-    with psycopg.connect(dsn, autocommit=True) as connection:
-        left = connection.execute(
-            "SELECT count(*) FROM procrastinate_jobs WHERE status <> 'succeeded'"
-        ).fetchone()[0]  # type: ignore[index]
-    if left:
-        raise RuntimeError(f"fastworker left {left} jobs not succeeded")
+    check_drained(dsn, "fastworker", jobs)
     wall = json.loads(stdout.strip().splitlines()[-1])["wall"]
 
     def at(fraction: float) -> float:
@@ -314,11 +512,22 @@ def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels = [entry["label"] for entry in results["drain"]]
+    systems = results["systems"]
     figure, axis = plt.subplots(figsize=(8, 4.5))
-    width = 0.38
-    for offset, system in ((-width / 2, "procrastinate"), (width / 2, "fastworker")):
-        values = [entry[system]["jobs_per_s"] for entry in results["drain"]]
-        bars = axis.bar([i + offset for i in range(len(labels))], values, width, label=system)
+    width = 0.8 / len(systems)
+    for index, system in enumerate(systems):
+        offset = (index - (len(systems) - 1) / 2) * width
+        shown = [
+            (i, entry[system])
+            for i, entry in enumerate(results["drain"])
+            if entry[system] is not None
+        ]
+        bars = axis.bar(
+            [i + offset for i, _ in shown],
+            [measured["jobs_per_s"] for _, measured in shown],
+            width,
+            label=system,
+        )
         axis.bar_label(bars, fmt="%.0f", fontsize=8)
     axis.set_xticks(range(len(labels)), labels)
     axis.set_ylabel("jobs/s (no-op jobs, drain)")
@@ -332,13 +541,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--dsn", help="database to use (its procrastinate tables are emptied)")
+    parser.add_argument(
+        "--dsn", help="database to use (its procrastinate and pgqueuer tables are emptied)"
+    )
     parser.add_argument("--jobs", type=int, default=20000)
     parser.add_argument("--concurrency", default="1,10,100", help="async task concurrencies")
     parser.add_argument("--sync", default="10", help="sync task concurrencies ('' for none)")
     parser.add_argument("--latency-seconds", type=float, default=10.0)
     parser.add_argument("--latency-interval", type=float, default=0.02)
-    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS if pgqueuer_available() else SYSTEMS[:2]),
+        help=f"comma-separated, of {', '.join(SYSTEMS)} (default: pgqueuer only when it and"
+        " asyncpg are installed)",
+    )
     parser.add_argument(
         "--memory-jobs", type=int, default=200000, help="jobs per memory drain (0: skip)"
     )
@@ -348,6 +564,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     systems = [system for system in args.systems.split(",") if system]
+    for system in systems:
+        if system not in SYSTEMS:
+            parser.error(f"unknown system {system!r}")
+        if system == "pgqueuer" and not pgqueuer_available():
+            parser.error("pgqueuer needs `pip install pgqueuer asyncpg`")
 
     scratch = None
     dsn = args.dsn
@@ -361,10 +582,28 @@ def main() -> None:
 
         with psycopg.connect(dsn, autocommit=True) as connection:
             connection.execute(schema.SchemaManager.get_schema())  # type: ignore[arg-type]
+    if "pgqueuer" in systems:
+        install_pgqueuer(dsn)
     settings = [("async", int(c)) for c in args.concurrency.split(",") if c] + [
         ("sync", int(c)) for c in args.sync.split(",") if c
     ]
-    results: dict[str, Any] = {"jobs": args.jobs, "drain": [], "latency": {}, "memory": []}
+    results: dict[str, Any] = {
+        "jobs": args.jobs,
+        "systems": systems,
+        "drain": [],
+        "latency": {},
+        "memory": [],
+    }
+    if "pgqueuer" in systems:
+        import asyncpg
+        import pgqueuer
+
+        results["pgqueuer"] = {
+            "version": pgqueuer.__version__,
+            "driver": f"asyncpg {asyncpg.__version__}",
+            "limits": {f"C={c}": pgqueuer_limits(c)._asdict() for _, c in settings},
+            "sync": PGQUEUER_SYNC,
+        }
     try:
         for kind, concurrency in settings:
             entry: dict[str, Any] = {
@@ -373,15 +612,15 @@ def main() -> None:
                 "concurrency": concurrency,
             }
             for system in systems:
-                entry[system] = drain(dsn, system, concurrency, kind, args.jobs)
-                print(
-                    f"{entry['label']:>12} {system:>13}: {entry[system]['jobs_per_s']:8.0f} jobs/s",
-                    flush=True,
-                )
-            if "procrastinate" in entry and "fastworker" in entry:
-                entry["ratio"] = (
-                    entry["fastworker"]["jobs_per_s"] / entry["procrastinate"]["jobs_per_s"]
-                )
+                measured = entry[system] = drain(dsn, system, concurrency, kind, args.jobs)
+                speed = "n/a" if measured is None else f"{measured['jobs_per_s']:8.0f} jobs/s"
+                print(f"{entry['label']:>12} {system:>13}: {speed}", flush=True)
+            if "procrastinate" in entry:
+                for system in systems:
+                    if system != "procrastinate" and entry[system] is not None:
+                        entry[system]["ratio"] = (
+                            entry[system]["jobs_per_s"] / entry["procrastinate"]["jobs_per_s"]
+                        )
             results["drain"].append(entry)
         if args.latency_seconds > 0:
             for system in systems:
@@ -404,7 +643,7 @@ def main() -> None:
     print()
     print(report(results, systems))
     print(f"\nwrote {args.out / 'e2e.json'}")
-    if "procrastinate" in systems and "fastworker" in systems:
+    if results["drain"] and systems:
         try:
             plot(results, args.out / "e2e.png")
         except ImportError:
@@ -422,8 +661,10 @@ def report(results: dict[str, Any], systems: list[str]) -> str:
     for entry in results["drain"]:
         for system in systems:
             measured = entry[system]
-            shown = system == "fastworker" and "ratio" in entry
-            ratio = f"{entry['ratio']:.1f}x" if shown else ""
+            if measured is None:
+                lines.append(f"| {entry['label']} | {system} | n/a |  | n/a | n/a | n/a |")
+                continue
+            ratio = f"{measured['ratio']:.1f}x" if "ratio" in measured else ""
             server = measured.get("server_cpu_us_per_job")
             lines.append(
                 f"| {entry['label']} | {system} | {measured['jobs_per_s']:.0f} | {ratio} | "
