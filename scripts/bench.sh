@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The side-by-side benchmark, on a fresh machine: .venv with fastworker (release build) and
-# the bench extra (matplotlib for the plot, pgqueuer as a third system), a local PostgreSQL (installed and started if
-# needed), then benches/e2e.py. Arguments go to it, e.g.
+# the bench extra (matplotlib for the plot, pgqueuer as a third system), a local PostgreSQL
+# (installed and started if needed), then benches/e2e.py. Arguments go to it, e.g.
 #   bash scripts/bench.sh --jobs 5000 --memory-jobs 0
 #   bash scripts/bench.sh --dsn "host=db.example user=bench dbname=bench"
 set -euo pipefail
