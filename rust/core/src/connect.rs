@@ -19,12 +19,9 @@ use crate::tls;
 /// - `jit = off`: a generic plan's cost is estimated without the `LIMIT` value, which puts
 ///   the claim over `jit_above_cost`; compiling it took 250-300 ms per call. JIT never pays
 ///   off for statements that touch a few rows by index.
-/// - `enable_sort = off`: for the same reason (a `LIMIT` of unknown value is taken as 10% of
-///   the rows), a generic plan may read every `todo` job and sort them rather than walk the
-///   priority index, which already gives the claim order (seen on a table grown since its
-///   last ANALYZE). Sorts that have no alternative (a few claimed rows) still happen.
+///
+/// The job connection adds `enable_sort = off` for the claim (see [`crate::fetcher`]).
 const SESSION_SETUP: &str = "SET plan_cache_mode TO force_generic_plan; SET jit TO off; \
-     SET enable_sort TO off; \
      SET application_name TO 'fastworker'";
 
 #[derive(Clone)]

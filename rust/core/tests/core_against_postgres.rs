@@ -456,7 +456,8 @@ async fn explain_execute(client: &Client, execute: &str) -> (Vec<serde_json::Val
     (nodes, text)
 }
 
-/// The core's sessions plan each statement once (generic plans) with JIT off. The claim's
+/// The core's sessions plan each statement once (generic plans) with JIT off, and the job
+/// connection disables sorts. The claim's
 /// generic plan must still walk procrastinate's priority index, never read the whole table,
 /// even when it was planned while the table was empty (a new deployment) and the table has
 /// grown since without an ANALYZE.
@@ -479,6 +480,10 @@ async fn the_claim_and_completion_plans_stay_on_indexes_when_planned_once() {
     let session = ConnectionTarget::parse(&db.dsn)
         .unwrap()
         .connect()
+        .await
+        .unwrap();
+    // As the dispatcher sets up its job connection.
+    fastworker_core::fetcher::Fetcher::prepare(&session, None, worker_id, 1)
         .await
         .unwrap();
     let mode: String = session
