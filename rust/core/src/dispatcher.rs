@@ -35,6 +35,13 @@ SELECT id, status::text, task_name, priority, lock, queueing_lock, args::text,
  WHERE worker_id = $1::bigint AND status = 'doing' AND NOT (id = ANY($2::bigint[]))
  ORDER BY priority DESC, id ASC";
 
+const BACKEND_PID: &str = "SELECT pg_backend_pid()";
+const BACKEND_ALIVE: &str = "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1::int)";
+
+/// How long a reconnected dispatcher waits for its old backend to be gone (see
+/// `wait_for_old_backend`); past that (a pooler may reuse the pid), it goes on.
+const OLD_BACKEND_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub struct Dispatcher {
     pub target: ConnectionTarget,
     pub config: Arc<WorkerConfig>,
@@ -278,6 +285,8 @@ struct Connection {
     client: Client,
     fetcher: Fetcher,
     completer: Completer,
+    /// The server process of this connection, to tell when it is gone after a loss.
+    backend_pid: i32,
 }
 
 impl Dispatcher {
@@ -290,11 +299,34 @@ impl Dispatcher {
         )
         .await?;
         let completer = Completer::prepare(&client).await?;
+        let backend_pid = client
+            .query_one(BACKEND_PID, &[])
+            .await
+            .and_then(|row| row.try_get(0))
+            .map_err(|error| CoreError::database("setting up the job session", error))?;
         Ok(Connection {
             client,
             fetcher,
             completer,
+            backend_pid,
         })
+    }
+
+    /// A killed backend can close its socket before its transaction is rolled back, so a
+    /// claim on the new connection could still skip (SKIP LOCKED) the rows the lost one
+    /// was claiming: a short claim, and with no notification to come those jobs would wait
+    /// for the next poll. Its entry leaves pg_stat_activity after the rollback: wait for
+    /// that, briefly, before the orphan check and the first claim.
+    async fn wait_for_old_backend(&self, client: &Client, old_pid: i32) {
+        let started = std::time::Instant::now();
+        while started.elapsed() < OLD_BACKEND_WAIT {
+            match client.query_one(BACKEND_ALIVE, &[&old_pid]).await {
+                Ok(row) if row.try_get::<_, bool>(0).unwrap_or(false) => {}
+                // Gone, or the check failed (the claim that follows will tell).
+                _ => return,
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 
     /// Runs until the completion sender is dropped and every completion is written.
@@ -461,7 +493,9 @@ impl Dispatcher {
                     .target
                     .connect_with_backoff(self.config.reconnect_timeout)
                     .await?;
+                let old_pid = connection.backend_pid;
                 connection = self.prepare(client).await?;
+                self.wait_for_old_backend(&connection.client, old_pid).await;
                 self.handoff.metrics().set_connected("dispatcher", true);
                 self.handoff.log(
                     LogLevel::Info,
