@@ -103,6 +103,51 @@ def test_killing_worker_connections_twenty_times_loses_nothing(
     assert "action=finish_task_failed" not in log
 
 
+def test_connections_killed_while_the_worker_sets_them_up_again(
+    dsn: str, database_name: str, tmp_path: Path
+) -> None:
+    """Every connection of the worker but its LISTEN one is killed again and again, every
+    few milliseconds, so new connections die while they are being set up (statements
+    prepared, orphaned claims looked up): each loss means another reconnect, never a dead
+    worker, and every job still runs exactly once."""
+    create_executions_table(dsn)
+    worker = WorkerProcess(
+        dsn,
+        tmp_path / "worker.log",
+        "--concurrency",
+        "20",
+        "--polling",
+        "0.5",
+        "--heartbeat",
+        "1",
+        "--reconnect-timeout",
+        "120",
+    )
+    total = 0
+    try:
+        wait_until(
+            lambda: pids(dsn, database_name, "jobs"), timeout=60, what="the worker's connections"
+        )
+        for _ in range(5):
+            defer_jobs(dsn, 100, args_sql="json_build_object('n', n, 'sleep', 0.01)")
+            total += 100
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline:
+                for pid, role in fastworker_backends(dsn, database_name):
+                    if role != "listen":
+                        terminate_backend(dsn, pid)
+                time.sleep(0.005)
+            assert worker.alive(), worker.log()[-3000:]
+            wait_until(lambda: all_done(dsn), timeout=120, what="the wave to drain")
+    finally:
+        code = worker.stop()
+    log = worker.log()
+    assert code == 0, log[-5000:]
+    assert statuses(dsn) == {"succeeded": total}
+    assert execution_histogram(dsn) == {1: total}
+    assert "core_failed" not in log, log[-5000:]
+
+
 @pytest.mark.slow
 def test_postgres_restart_during_a_drain(tmp_path: Path) -> None:
     """A private cluster (other tests share the main server): restarted mid-drain, the

@@ -489,22 +489,16 @@ impl Dispatcher {
             if broken || connection.client.is_closed() {
                 want_claim = true;
                 self.handoff.metrics().set_connected("dispatcher", false);
-                let client = self
-                    .target
-                    .connect_with_backoff(self.config.reconnect_timeout)
+                let orphans;
+                (connection, orphans) = self
+                    .reconnect(connection.backend_pid, &in_flight, &abandoned)
                     .await?;
-                let old_pid = connection.backend_pid;
-                connection = self.prepare(client).await?;
-                self.wait_for_old_backend(&connection.client, old_pid).await;
                 self.handoff.metrics().set_connected("dispatcher", true);
                 self.handoff.log(
                     LogLevel::Info,
                     "dispatcher_reconnected",
                     format!("Reconnected to {}", self.target.description()),
                 );
-                let orphans = self
-                    .orphaned_claims(&connection.client, &in_flight, &abandoned)
-                    .await?;
                 if !orphans.is_empty() {
                     for job in &orphans {
                         in_flight.insert(job);
@@ -513,6 +507,48 @@ impl Dispatcher {
                         .store(in_flight.len(), Ordering::Relaxed);
                     self.handoff.send(HandoffEvent::Jobs(orphans));
                 }
+            }
+        }
+    }
+
+    /// A new job connection, set up, with the claims the lost one made that never reached
+    /// the dispatcher. The connection can be lost again while it is being set up: that
+    /// means another attempt, within the same reconnect budget, never a fatal error.
+    async fn reconnect(
+        &self,
+        old_pid: i32,
+        in_flight: &InFlight,
+        abandoned: &[i64],
+    ) -> CoreResult<(Connection, Vec<JobRow>)> {
+        let started = std::time::Instant::now();
+        let budget = self.config.reconnect_timeout;
+        loop {
+            let client = self
+                .target
+                .connect_with_backoff(budget.saturating_sub(started.elapsed()))
+                .await?;
+            let set_up = async {
+                let connection = self.prepare(client).await?;
+                self.wait_for_old_backend(&connection.client, old_pid).await;
+                let orphans = self
+                    .orphaned_claims(&connection.client, in_flight, abandoned)
+                    .await?;
+                Ok::<_, CoreError>((connection, orphans))
+            };
+            match set_up.await {
+                Ok(ready) => return Ok(ready),
+                Err(error) if error.is_connectivity() && started.elapsed() < budget => {
+                    self.handoff.log(
+                        LogLevel::Warning,
+                        "dispatcher_connection_lost",
+                        format!(
+                            "Connection to {} lost again while setting it up ({error}); \
+                             reconnecting",
+                            self.target.description()
+                        ),
+                    );
+                }
+                Err(error) => return Err(error),
             }
         }
     }

@@ -46,6 +46,14 @@ impl CoreError {
     pub fn database(context: &'static str, source: tokio_postgres::Error) -> Self {
         CoreError::Database { context, source }
     }
+
+    /// A statement that failed because the connection went away: worth a reconnect.
+    pub fn is_connectivity(&self) -> bool {
+        match self {
+            CoreError::Database { source, .. } => is_connectivity_error(source),
+            _ => false,
+        }
+    }
 }
 
 /// tokio-postgres shows a server error as just "db error"; say what the server said.
