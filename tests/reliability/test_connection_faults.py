@@ -37,18 +37,15 @@ def all_done(dsn: str) -> bool:
     return not current.get("todo") and not current.get("doing")
 
 
-@pytest.mark.slow
-def test_killing_worker_connections_twenty_times_loses_nothing(
-    dsn: str, database_name: str, tmp_path: Path
-) -> None:
-    create_executions_table(dsn)
-    worker = WorkerProcess(
+def start_worker(dsn: str, tmp_path: Path, polling: str) -> WorkerProcess:
+    """20 slots, heartbeat and abort polling every second, a long reconnect budget."""
+    return WorkerProcess(
         dsn,
         tmp_path / "worker.log",
         "--concurrency",
         "20",
         "--polling",
-        NO_POLLING,
+        polling,
         "--heartbeat",
         "1",
         "--abort-polling",
@@ -56,6 +53,25 @@ def test_killing_worker_connections_twenty_times_loses_nothing(
         "--reconnect-timeout",
         "120",
     )
+
+
+def stop_and_check_every_job_ran_once(worker: WorkerProcess, dsn: str, total: int) -> str:
+    """Stop the worker (it must exit 0): every job succeeded and ran exactly once (no
+    completion lost, no claim run twice). Returns the worker's log."""
+    code = worker.stop()
+    log = worker.log()
+    assert code == 0, log[-5000:]
+    assert statuses(dsn) == {"succeeded": total}
+    assert execution_histogram(dsn) == {1: total}
+    return log
+
+
+@pytest.mark.slow
+def test_killing_worker_connections_twenty_times_loses_nothing(
+    dsn: str, database_name: str, tmp_path: Path
+) -> None:
+    create_executions_table(dsn)
+    worker = start_worker(dsn, tmp_path, NO_POLLING)
     total = 0
     try:
         wait_until(
@@ -91,13 +107,10 @@ def test_killing_worker_connections_twenty_times_loses_nothing(
         defer_jobs(dsn, 1)
         total += 1
         wait_until(lambda: all_done(dsn), timeout=60, what="a notified job")
-    finally:
-        code = worker.stop()
-    log = worker.log()
-    assert code == 0, log[-5000:]
-    assert statuses(dsn) == {"succeeded": total}
-    # Every job ran exactly once: no completion lost, no claim run twice.
-    assert execution_histogram(dsn) == {1: total}
+    except BaseException:
+        worker.stop()
+        raise
+    log = stop_and_check_every_job_ran_once(worker, dsn, total)
     assert log.count("action=listener_reconnected") >= 20
     assert "action=dispatcher_reconnected" in log
     assert "action=finish_task_failed" not in log
@@ -111,18 +124,7 @@ def test_connections_killed_while_the_worker_sets_them_up_again(
     prepared, orphaned claims looked up): each loss means another reconnect, never a dead
     worker, and every job still runs exactly once."""
     create_executions_table(dsn)
-    worker = WorkerProcess(
-        dsn,
-        tmp_path / "worker.log",
-        "--concurrency",
-        "20",
-        "--polling",
-        "0.5",
-        "--heartbeat",
-        "1",
-        "--reconnect-timeout",
-        "120",
-    )
+    worker = start_worker(dsn, tmp_path, "0.5")
     total = 0
     try:
         wait_until(
@@ -139,12 +141,10 @@ def test_connections_killed_while_the_worker_sets_them_up_again(
                 time.sleep(0.005)
             assert worker.alive(), worker.log()[-3000:]
             wait_until(lambda: all_done(dsn), timeout=120, what="the wave to drain")
-    finally:
-        code = worker.stop()
-    log = worker.log()
-    assert code == 0, log[-5000:]
-    assert statuses(dsn) == {"succeeded": total}
-    assert execution_histogram(dsn) == {1: total}
+    except BaseException:
+        worker.stop()
+        raise
+    log = stop_and_check_every_job_ran_once(worker, dsn, total)
     assert "core_failed" not in log, log[-5000:]
 
 
