@@ -63,6 +63,25 @@ def write_project(root: Path, dsn: str, marker: Path) -> None:
     )
 
 
+def manage_py(project: Path, *arguments: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """`django-admin fastworker ARGUMENTS` in the project written by `write_project`."""
+    environment = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "djangoproject.settings",
+        # Only the project: fastworker comes from the installed package (its native module).
+        "PYTHONPATH": str(project),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "django", "fastworker", *arguments],
+        cwd=project,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def test_manage_py_fastworker_runs_the_django_apps_jobs(dsn: str, tmp_path: Path) -> None:
     marker = tmp_path / "ran.txt"
     write_project(tmp_path, dsn, marker)
@@ -72,21 +91,7 @@ def test_manage_py_fastworker_runs_the_django_apps_jobs(dsn: str, tmp_path: Path
         f"INSERT INTO procrastinate_jobs (queue_name, task_name, args) VALUES {with_values}"
         " RETURNING id",
     )
-    environment = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "djangoproject.settings",
-        # Only the project: fastworker comes from the installed package (its native module).
-        "PYTHONPATH": str(tmp_path),
-    }
-    completed = subprocess.run(
-        [sys.executable, "-m", "django", "fastworker", "--one-shot", "--concurrency", "2"],
-        cwd=tmp_path,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    completed = manage_py(tmp_path, "--one-shot", "--concurrency", "2", timeout=120)
     assert completed.returncode == 0, completed.stderr
     assert sorted(marker.read_text().split()) == ["0", "1", "2", "3", "4"]
     assert fetch_all(dsn, "SELECT status::text, count(*) FROM procrastinate_jobs GROUP BY 1") == [
@@ -96,21 +101,7 @@ def test_manage_py_fastworker_runs_the_django_apps_jobs(dsn: str, tmp_path: Path
 
 def test_manage_py_fastworker_help_lists_the_worker_flags(dsn: str, tmp_path: Path) -> None:
     write_project(tmp_path, dsn, tmp_path / "unused.txt")
-    environment = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "djangoproject.settings",
-        # Only the project: fastworker comes from the installed package (its native module).
-        "PYTHONPATH": str(tmp_path),
-    }
-    completed = subprocess.run(
-        [sys.executable, "-m", "django", "fastworker", "--help"],
-        cwd=tmp_path,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    completed = manage_py(tmp_path, "--help", timeout=60)
     assert completed.returncode == 0, completed.stderr
     for flag in ("--concurrency", "--queues", "--one-shot", "--queue-limit", "--job-timeout"):
         assert flag in completed.stdout

@@ -159,6 +159,14 @@ struct RoundTrip {
     claimed: ClaimResult,
 }
 
+/// The claim part of a round trip: up to `limit` jobs, within the queues' `room`;
+/// `abandoned` jobs (refused terminal writes) hold no slot.
+struct ClaimRequest<'a> {
+    limit: usize,
+    room: &'a QueueRoom,
+    abandoned: &'a [i64],
+}
+
 /// Send the pending completions and the claim in one round trip. When both are needed they
 /// share one transaction: one commit (one WAL flush) instead of two, and the claim counts
 /// the locks and slots the completions free. Without retries it is a single statement
@@ -166,14 +174,17 @@ struct RoundTrip {
 async fn round_trip(
     connection: &Connection,
     batch: &[Completion],
-    claim_limit: usize,
-    room: &QueueRoom,
-    abandoned: &[i64],
+    claim: &ClaimRequest<'_>,
 ) -> RoundTrip {
     let client = &connection.client;
     let completer = &connection.completer;
     let fetcher = &connection.fetcher;
-    match (batch.is_empty(), claim_limit == 0) {
+    let ClaimRequest {
+        limit,
+        room,
+        abandoned,
+    } = *claim;
+    match (batch.is_empty(), limit == 0) {
         (true, true) => RoundTrip {
             flushed: None,
             claimed: None,
@@ -184,14 +195,14 @@ async fn round_trip(
         },
         (true, false) => RoundTrip {
             flushed: None,
-            claimed: Some(fetcher.claim(client, claim_limit, room, abandoned).await),
+            claimed: Some(fetcher.claim(client, limit, room, abandoned).await),
         },
         (false, false) => {
             let written = CompletionBatch::build(batch);
             if !written.has_retries() {
                 // One statement: one message, one commit.
                 return match fetcher
-                    .complete_and_claim(client, &written, claim_limit, room, abandoned)
+                    .complete_and_claim(client, &written, limit, room, abandoned)
                     .await
                 {
                     Ok((jobs, done)) => RoundTrip {
@@ -205,7 +216,7 @@ async fn round_trip(
                     },
                     // Nothing was written (the statement is its own transaction): redo the
                     // steps on their own, where a bad completion cannot hold back the others.
-                    Err(_) => separately(connection, batch, claim_limit, room, abandoned).await,
+                    Err(_) => separately(connection, batch, claim).await,
                 };
             }
             // Retries: completions, then the claim, in one transaction, so the claim sees
@@ -214,7 +225,7 @@ async fn round_trip(
             let (begin, flushed, claimed, commit) = tokio::join!(
                 client.batch_execute("BEGIN"),
                 completer.write_batch(client, batch),
-                fetcher.claim(client, claim_limit, room, abandoned),
+                fetcher.claim(client, limit, room, abandoned),
                 client.batch_execute("COMMIT"),
             );
             let results = [
@@ -249,7 +260,7 @@ async fn round_trip(
             // ROLLBACK). Redo the steps on their own, where a bad completion cannot hold
             // back the others.
             let _ = client.batch_execute("ROLLBACK").await;
-            separately(connection, batch, claim_limit, room, abandoned).await
+            separately(connection, batch, claim).await
         }
     }
 }
@@ -258,15 +269,13 @@ async fn round_trip(
 async fn separately(
     connection: &Connection,
     batch: &[Completion],
-    claim_limit: usize,
-    room: &QueueRoom,
-    abandoned: &[i64],
+    claim: &ClaimRequest<'_>,
 ) -> RoundTrip {
     let client = &connection.client;
     let flushed = connection.completer.write(client, batch).await;
     // Writes refused just now free their slots for this very claim (with `wait=False` a
     // short claim ends the run).
-    let mut refused = abandoned.to_vec();
+    let mut refused = claim.abandoned.to_vec();
     if let Ok(report) = &flushed {
         refused.extend(report.rejected.iter().map(|(job_id, _)| *job_id));
     }
@@ -275,7 +284,7 @@ async fn separately(
         claimed: Some(
             connection
                 .fetcher
-                .claim(client, claim_limit, room, &refused)
+                .claim(client, claim.limit, claim.room, &refused)
                 .await,
         ),
     }
@@ -395,8 +404,16 @@ impl Dispatcher {
 
             let room = in_flight.room_after(&pending);
             let batch = std::mem::take(&mut pending);
-            let RoundTrip { flushed, claimed } =
-                round_trip(&connection, &batch, claim_limit, &room, &abandoned).await;
+            let RoundTrip { flushed, claimed } = round_trip(
+                &connection,
+                &batch,
+                &ClaimRequest {
+                    limit: claim_limit,
+                    room: &room,
+                    abandoned: &abandoned,
+                },
+            )
+            .await;
 
             let mut broken = false;
             match flushed {

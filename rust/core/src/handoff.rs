@@ -232,17 +232,6 @@ impl HandoffReceiver {
         Some(self.unstamp(stamped))
     }
 
-    /// Whatever is queued now, without waiting.
-    pub fn try_events(&self) -> Vec<HandoffEvent> {
-        let mut stamped = Vec::new();
-        if let Ok(mut receiver) = self.receiver.try_lock() {
-            while let Ok(event) = receiver.try_recv() {
-                stamped.push(event);
-            }
-        }
-        self.unstamp(stamped)
-    }
-
     /// The runner starts every job of a batch as soon as it takes the batch: the time a
     /// batch waited here is its jobs' claim-to-start latency.
     fn unstamp(&self, stamped: Vec<(Instant, HandoffEvent)>) -> Vec<HandoffEvent> {

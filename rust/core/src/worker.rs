@@ -233,11 +233,6 @@ impl WorkerCore {
         self.events.take_events()
     }
 
-    /// Events already queued, without waiting.
-    pub fn try_events(&self) -> Vec<HandoffEvent> {
-        self.events.try_events()
-    }
-
     /// Write every reported completion, stop everything, unregister the worker.
     /// Jobs claimed but never completed stay `doing` (as a killed worker's would).
     pub async fn shutdown(&self) -> CoreResult<()> {

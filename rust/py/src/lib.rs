@@ -242,11 +242,6 @@ impl WorkerCore {
         }
     }
 
-    /// Events already queued, without waiting (used while shutting down).
-    fn pending_events<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
-        events_to_python(py, self.core.try_events())
-    }
-
     /// Awaitable: write every reported outcome, stop, unregister the worker.
     fn shutdown<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let core = self.core.clone();
