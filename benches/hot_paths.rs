@@ -51,6 +51,7 @@ fn completion_statement(c: &mut Criterion) {
     let completions: Vec<Completion> = (0..BATCH as i64)
         .map(|job_id| Completion {
             job_id,
+            attempts: 0,
             outcome: if job_id % 20 == 0 {
                 Outcome::Retry {
                     retry_at: Some("2030-01-01T00:00:00+00:00".into()),

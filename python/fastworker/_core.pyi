@@ -22,6 +22,7 @@ Event = (
     | tuple[Literal["abort"], list[int]]
     | tuple[Literal["drained"], None]
     | tuple[Literal["fetching_stopped"], None]
+    | tuple[Literal["worker_id"], int]
     | tuple[Literal["log"], LogTuple]
     | tuple[Literal["fatal"], BaseException]
 )
@@ -51,6 +52,7 @@ class WorkerCore:
         max_batch_size: int = 500,
         recover_stalled_jobs: bool = False,
         queue_concurrency: dict[str, int] | None = None,
+        response_timeout: float = 30.0,
     ) -> Awaitable[WorkerCore]: ...
     @property
     def worker_id(self) -> int: ...
@@ -58,23 +60,16 @@ class WorkerCore:
     def pruned_workers(self) -> list[int]: ...
     @property
     def recovered_jobs(self) -> list[int]: ...
-    def finish(self, job_id: int, status: str, delete: bool) -> None: ...
-    def retry(
-        self,
-        job_id: int,
-        retry_at: str | None = None,
-        priority: int | None = None,
-        queue: str | None = None,
-        lock: str | None = None,
-    ) -> None: ...
     def complete_many(
         self,
-        finished: list[tuple[int, str, bool]],
-        retried: list[tuple[int, str | None, int | None, str | None, str | None]],
+        finished: list[tuple[int, int, str, bool]],  # job id, attempts, status, delete
+        # job id, attempts, retry_at, priority, queue, lock
+        retried: list[tuple[int, int, str | None, int | None, str | None, str | None]],
         durations: list[float] | None = None,
     ) -> None: ...
     def metrics(self) -> dict[str, Any]: ...
     def stop_fetching(self) -> None: ...
+    def hard_stop(self) -> None: ...
     def next_events(self, max_events: int = 4096) -> Awaitable[list[Event] | None]: ...
     def events_fd(self) -> int | None: ...
     def take_events(self) -> list[Event] | None: ...

@@ -61,6 +61,7 @@ written); a second one, or --shutdown-graceful-timeout, aborts them.
 FASTWORKER_OPTIONS = (
     "dsn",
     "reconnect_timeout",
+    "response_timeout",
     "max_batch_size",
     "recover_stalled_jobs",
     "queue_concurrency",
@@ -363,6 +364,14 @@ def _configure_worker_parser(
         type=_non_negative_float,
         help="How long the database may be unreachable before the worker stops with exit "
         "code 3 (seconds, default 60)",
+    )
+    _add_env_argument(
+        group,
+        "--response-timeout",
+        envvar="RESPONSE_TIMEOUT",
+        type=_positive_float,
+        help="How long a statement of the worker may go unanswered before its connection is "
+        "taken for dead (half-open) and replaced (seconds, default 30)",
     )
     _add_env_argument(
         group,

@@ -30,6 +30,10 @@ logger = logging.getLogger("procrastinate.worker")
 core_logger = logging.getLogger("fastworker.core")
 
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+# The core's `scheduled_at` for a date no datetime can hold (±infinity, a year outside
+# 1-9999): such a job fails alone, with this said.
+_UNREPRESENTABLE_SCHEDULED_AT = -(2**63)
+_INT32 = range(-(2**31), 2**31)
 
 
 def _connector_json_loads(connector: Any) -> Callable[[str], Any]:
@@ -53,6 +57,11 @@ def _job_from_row(row: _core.JobRowTuple, loads: Callable[[str], Any] = json.loa
         attempts,
         worker_id,
     ) = row
+    if scheduled_at_us == _UNREPRESENTABLE_SCHEDULED_AT:
+        raise ValueError(
+            "its scheduled_at is a date Python cannot represent (infinity, or a year outside "
+            "1-9999)"
+        )
     return jobs.Job(
         id=job_id,
         status=status,
@@ -68,6 +77,38 @@ def _job_from_row(row: _core.JobRowTuple, loads: Callable[[str], Any] = json.loa
         attempts=attempts,
         worker_id=worker_id,
     )
+
+
+def _undecodable_job(row: _core.JobRowTuple) -> jobs.Job:
+    """The job of a row that could not be decoded, with what is safe to show in logs."""
+    job_id, status, task_name, priority, lock, queueing_lock, _, _, queue, attempts, worker = row
+    return jobs.Job(
+        id=job_id,
+        status=status,
+        priority=priority,
+        lock=lock,
+        queueing_lock=queueing_lock,
+        task_name=task_name,
+        task_kwargs={},
+        queue=queue,
+        attempts=attempts,
+        worker_id=worker,
+    )
+
+
+def _retry_decision_problem(decision: retry.RetryDecision) -> str | None:
+    """Why the core could not write this retry decision, or None if it can."""
+    if decision.priority is not None and (
+        not isinstance(decision.priority, int) or decision.priority not in _INT32
+    ):
+        return f"priority {decision.priority!r} is not a 32-bit integer"
+    for name in ("queue", "lock"):
+        value = getattr(decision, name)
+        if value is not None and not isinstance(value, str):
+            return f"{name} {value!r} is not a string"
+    if decision.retry_at is not None and not isinstance(decision.retry_at, datetime.datetime):
+        return f"retry_at {decision.retry_at!r} is not a datetime"
+    return None
 
 
 def _positive_or_none(name: str, seconds: float | None) -> float | None:
@@ -97,6 +138,8 @@ class Worker(procrastinate_worker.Worker):
       does not expose its settings;
     - ``reconnect_timeout``: how long the database may be unreachable before the worker
       stops with `fastworker.ConnectionLost` (seconds, default 60);
+    - ``response_timeout``: how long a statement of the core may go unanswered before its
+      connection is taken for dead (half-open) and replaced (seconds, default 30);
     - ``max_batch_size``: the most jobs claimed by one statement (default 500);
     - ``recover_stalled_jobs``: when pruning stalled workers (at start, and then every
       ``stalled_worker_timeout``), put the jobs they held in ``doing`` back to run, with
@@ -124,6 +167,7 @@ class Worker(procrastinate_worker.Worker):
         *args: Any,
         dsn: str | None = None,
         reconnect_timeout: float = 60.0,
+        response_timeout: float = 30.0,
         max_batch_size: int = 500,
         recover_stalled_jobs: bool = False,
         queue_concurrency: Mapping[str, int] | None = None,
@@ -140,6 +184,7 @@ class Worker(procrastinate_worker.Worker):
             raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
         self._dsn = dsn
         self.reconnect_timeout = reconnect_timeout
+        self.response_timeout = response_timeout
         self.max_batch_size = max_batch_size
         self.recover_stalled_jobs = recover_stalled_jobs
         self.queue_concurrency = dict(queue_concurrency or {})
@@ -178,8 +223,12 @@ class Worker(procrastinate_worker.Worker):
         self._async_tasks: dict[str, bool] = {}
         self._json_loads: Callable[[str], Any] = json.loads
         # Outcomes waiting for `_flush_outcomes` (see `_report_outcome`).
-        self._finished: list[tuple[int, str, bool]] = []
-        self._retried: list[tuple[int, str | None, int | None, str | None, str | None]] = []
+        self._finished: list[tuple[int, int, str, bool]] = []
+        self._retried: list[tuple[int, int, str | None, int | None, str | None, str | None]] = []
+        # Jobs handed over whose outcome is not reported yet (see `_on_job_done`).
+        self._awaiting_outcome: dict[int, job_context.JobContext] = {}
+        # Jobs whose `_process_job` has begun: only those may be cancelled (see `_abort_job`).
+        self._started: set[int] = set()
         # Seconds each job ran, in the order of _finished then _retried (for the metrics).
         self._finished_durations: list[float] = []
         self._retried_durations: list[float] = []
@@ -201,6 +250,10 @@ class Worker(procrastinate_worker.Worker):
         super().stop()
 
     def _request_hard_stop(self) -> None:
+        core = self._core
+        if core is not None:
+            # Also ends, at once, the core's attempts to reach an unreachable database.
+            core.hard_stop()
         if self._loop is not None and self._loop is not _running_loop():
             self._loop.call_soon_threadsafe(self._hard_stop.set)
         else:
@@ -290,6 +343,7 @@ class Worker(procrastinate_worker.Worker):
             update_heartbeat_interval=self.update_heartbeat_interval,
             stalled_worker_timeout=self.stalled_worker_timeout,
             reconnect_timeout=self.reconnect_timeout,
+            response_timeout=self.response_timeout,
             max_batch_size=self.max_batch_size,
             recover_stalled_jobs=self.recover_stalled_jobs,
             queue_concurrency=self.queue_concurrency or None,
@@ -414,6 +468,8 @@ class Worker(procrastinate_worker.Worker):
                 self._stop_event.set()
             elif kind == "fetching_stopped":
                 self._mark_fetching_stopped()
+            elif kind == "worker_id":
+                self.worker_id = cast("int", payload)
             elif kind == "fatal":
                 error = payload
                 assert isinstance(error, BaseException)
@@ -432,7 +488,14 @@ class Worker(procrastinate_worker.Worker):
             self._fetching_stopped.set_result(None)
 
     def _start_job(self, row: _core.JobRowTuple) -> None:
-        job = _job_from_row(row, self._json_loads)
+        """Start one claimed job. Whatever happens, it gets exactly one outcome: a row that
+        cannot be decoded (arguments the connector's JSON decoder rejects, a date Python
+        cannot hold) fails that job alone, with the reason logged."""
+        try:
+            job = _job_from_row(row, self._json_loads)
+        except Exception as error:  # RecursionError, OverflowError, ValueError, ...
+            self._fail_undecodable(_undecodable_job(row), error)
+            return
         job_id = job.id
         context = job_context.JobContext(
             app=self.app,
@@ -446,6 +509,8 @@ class Worker(procrastinate_worker.Worker):
         if not isinstance(job.task_kwargs, dict):
             self._refuse_job(context)
             return
+        assert job_id is not None
+        self._awaiting_outcome[job_id] = context
         job_task = asyncio.create_task(
             self._process_job(context), name=f"process job {job.task_name}[{job.id}]"
         )
@@ -460,6 +525,27 @@ class Worker(procrastinate_worker.Worker):
         if self._hard_stop.is_set():
             # Claimed by a request that was in flight when the hard stop came.
             self._abort_job(job_task, context, job_context.AbortReason.SHUTDOWN)
+
+    def _fail_undecodable(self, job: jobs.Job, error: BaseException) -> None:
+        reason = f"{type(error).__name__}: {error}"[:300]
+        context = job_context.JobContext(
+            app=self.app,
+            worker_name=self.worker_name,
+            worker_queues=self.queues,
+            additional_context={},
+            job=job,
+            abort_reason=lambda: None,
+            start_timestamp=time.time(),
+        )
+        self.logger.error(
+            f"Job {job.task_name}[{job.id}] failed: its row cannot be decoded ({reason})",
+            extra=self._log_extra(
+                action="job_error", context=context, job_result=None, exception=reason
+            ),
+        )
+        now = time.time()
+        result = job_context.JobResult(start_timestamp=now, end_timestamp=now)
+        self._report_outcome(job, jobs.Status.FAILED, None, context, result)
 
     def _refuse_job(self, context: job_context.JobContext) -> None:
         """A job whose args are not a JSON object (``null``, a list, a string ...) cannot be
@@ -480,7 +566,46 @@ class Worker(procrastinate_worker.Worker):
         self._report_outcome(context.job, jobs.Status.FAILED, None, context, result)
 
     def _on_job_done(self, task: asyncio.Task[Any]) -> None:
-        self._running_jobs.pop(task, None)
+        context = self._running_jobs.pop(task, None)
+        if context is None:
+            return
+        self._started.discard(context.job.id)  # type: ignore[arg-type]
+        if context.job.id not in self._awaiting_outcome:
+            return
+        # The task ended without reporting an outcome: it was cancelled before its first
+        # step (`_abort_job` defers such cancels, but anyone may cancel a task). Its job
+        # still gets one, so that it leaves `doing` and frees its slot.
+        job = context.job
+        self.logger.warning(
+            f"Job {job.call_string} was cancelled before it started: ending it aborted",
+            extra=self._log_extra(
+                action="job_cancelled_before_start", context=context, job_result=None
+            ),
+        )
+        now = time.time()
+        result = job_context.JobResult(start_timestamp=now, end_timestamp=now)
+        self._report_outcome(job, jobs.Status.ABORTED, None, context, result)
+
+    def _abort_job(
+        self,
+        process_job_task: asyncio.Task[Any],
+        context: job_context.JobContext,
+        reason: job_context.AbortReason,
+    ) -> None:
+        """procrastinate's `_abort_job`, except for a job whose task has not taken its first
+        step yet (an abort in the same batch of events as the job, or a hard stop already
+        set when a claim lands): cancelling it then would end it before `_process_job`'s
+        first line, with no outcome. Its abort reason is set, and `_process_job` raises the
+        cancellation itself as it starts."""
+        if context.job.id in self._started or process_job_task.done():
+            super()._abort_job(process_job_task, context, reason)
+            return
+        assert context.job.id
+        self._job_ids_to_abort[context.job.id] = reason
+        self.logger.debug(
+            "Received a request to abort a job that has not started yet: it ends at its first step",
+            extra=self._log_extra(action="abort_job", context=context, job_result=None),
+        )
 
     def _time_out_job(
         self, job_task: asyncio.Task[Any], context: job_context.JobContext, timeout: float
@@ -526,7 +651,13 @@ class Worker(procrastinate_worker.Worker):
         exc_info: bool | BaseException = False
         retry_decision = None
         job_result = job_context.JobResult(start_timestamp=context.start_timestamp)
+        if job.id is not None:
+            self._started.add(job.id)
         try:
+            if task is not None and job.id in self._job_ids_to_abort and self._task_is_async(task):
+                # Aborted before it started (see `_abort_job`): cancelled at its first
+                # step, as the cancel would have done.
+                raise asyncio.CancelledError()
             if not task:
                 raise exceptions.TaskNotFound
             if self.logger.isEnabledFor(logging.DEBUG):
@@ -645,12 +776,27 @@ class Worker(procrastinate_worker.Worker):
         # Collected and handed to the core once per event-loop iteration (see
         # `_flush_outcomes`), so outcomes of jobs ending together go out in one batch.
         assert job.id is not None
+        if self._awaiting_outcome.pop(job.id, None) is None and job.id in self._started:
+            # Reported already (a middleware or an override calling this twice): the
+            # first outcome stands, as the database would refuse a second one anyway.
+            return
+        problem = _retry_decision_problem(retry_decision) if retry_decision else None
+        if problem is not None:
+            self.logger.error(
+                f"Job {job.call_string} cannot be retried as its retry strategy decided "
+                f"({problem}): it fails instead",
+                extra=self._log_extra(
+                    action="job_error", context=context, job_result=job_result, exception=problem
+                ),
+            )
+            retry_decision, status = None, jobs.Status.FAILED
         if retry_decision:
             # As procrastinate's JobManager.retry_job: no retry_at means now.
             retry_at = retry_decision.retry_at or utils.utcnow()
             self._retried.append(
                 (
                     job.id,
+                    job.attempts,
                     retry_at.isoformat(),
                     retry_decision.priority,
                     retry_decision.queue,
@@ -664,7 +810,7 @@ class Worker(procrastinate_worker.Worker):
                 jobs.DeleteJobCondition.NEVER: False,
                 jobs.DeleteJobCondition.SUCCESSFUL: status == jobs.Status.SUCCEEDED,
             }[self.delete_jobs]
-            self._finished.append((job.id, status.value, delete_job))
+            self._finished.append((job.id, job.attempts, status.value, delete_job))
             self._finished_durations.append(_ran_for(job_result))
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -690,11 +836,14 @@ class Worker(procrastinate_worker.Worker):
         try:
             if core is None:
                 raise _core.WorkerShutDown("the worker core is shut down")
-            core.complete_many(finished, retried, durations)
+            try:
+                core.complete_many(finished, retried, durations)
+            except (TypeError, ValueError, OverflowError):
+                # One entry the core cannot take must not cost the others their outcome.
+                self._report_one_by_one(core, finished, retried, durations)
         except _core.WorkerShutDown:
-            # The core stopped on a fatal error (already logged and raised by run()):
-            # nothing can write these outcomes any more; the jobs stay `doing`, like a
-            # killed worker's, for stalled-job recovery.
+            # The core is shut down (run() is over): nothing can write these outcomes any
+            # more; the jobs stay `doing`, like a killed worker's, for stalled-job recovery.
             job_ids = [entry[0] for entry in finished] + [entry[0] for entry in retried]
             self.logger.error(
                 f"Could not record the end of jobs {job_ids}: the worker core has stopped;"
@@ -703,6 +852,36 @@ class Worker(procrastinate_worker.Worker):
                     action="finish_task_failed", context=None, job_result=None, job_ids=job_ids
                 ),
             )
+
+    def _report_one_by_one(
+        self,
+        core: _core.WorkerCore,
+        finished: list[tuple[int, int, str, bool]],
+        retried: list[tuple[int, int, str | None, int | None, str | None, str | None]],
+        durations: list[float],
+    ) -> None:
+        entries: list[tuple[Any, bool]] = [(entry, True) for entry in finished]
+        entries += [(entry, False) for entry in retried]
+        for (entry, is_finish), duration in zip(entries, durations, strict=True):
+            try:
+                if is_finish:
+                    core.complete_many([entry], [], [duration])
+                else:
+                    core.complete_many([], [entry], [duration])
+            except (TypeError, ValueError, OverflowError) as error:
+                job_id, attempts = entry[0], entry[1]
+                self.logger.error(
+                    f"The outcome of job {job_id} could not be handed to the core ({error}):"
+                    " it fails instead",
+                    extra=self._log_extra(
+                        action="finish_task_failed",
+                        context=None,
+                        job_result=None,
+                        job_id=job_id,
+                        exception=str(error),
+                    ),
+                )
+                core.complete_many([(job_id, attempts, jobs.Status.FAILED.value, False)], [])
 
     # --- shutting down --------------------------------------------------------------
 

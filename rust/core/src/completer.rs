@@ -1,75 +1,18 @@
 //! The terminal write of every claimed job, batched: one statement per batch with the
 //! effects of `procrastinate_finish_job_v1` / `procrastinate_retry_job_v2` (and the delete
 //! branch of the former), so procrastinate's triggers record the same events per row.
+//! Each write is conditioned on the claim it ends (see [`crate::sql`]), so it can be
+//! re-sent after a lost reply without ending a later run of the job.
 //!
-//! If the batched statement fails for a reason other than connectivity, each completion is
-//! written on its own through procrastinate's functions, so one bad row cannot hold back the
-//! others and its error is reported with its job id, never dropped silently.
+//! If the batched statement is refused, each completion is written on its own through
+//! procrastinate's functions, so one bad row cannot hold back the others: its error is
+//! reported with its job id, never dropped silently, and a write that failed for a passing
+//! reason (a lock timeout, a cancelled statement) is kept to be sent again.
 
 use tokio_postgres::{Client, Statement};
 
-use crate::errors::{CoreError, CoreResult};
-
-/// The `finished` and `deleted` steps (procrastinate_finish_job_v1's two branches), with
-/// the numbers of their parameters: shared by [`COMPLETE_JOBS`] and the claim statement
-/// that completes a batch on its way ([`crate::fetcher::COMPLETE_AND_CLAIM_JOBS`]).
-macro_rules! finish_and_delete_steps {
-    ($finish_ids:literal, $finish_statuses:literal, $delete_ids:literal) => {
-        concat!(
-            "
-finished AS (
-    UPDATE procrastinate_jobs AS job
-       SET status = f.status::procrastinate_job_status,
-           abort_requested = false,
-           attempts = CASE job.status WHEN 'doing' THEN job.attempts + 1 ELSE job.attempts END
-      FROM unnest(",
-            $finish_ids,
-            "::bigint[], ",
-            $finish_statuses,
-            "::text[]) AS f(id, status)
-     WHERE job.id = f.id AND job.status IN ('todo', 'doing')
-    RETURNING job.id
-), deleted AS (
-    DELETE FROM procrastinate_jobs AS job
-     WHERE job.id = ANY(",
-            $delete_ids,
-            "::bigint[]) AND job.status IN ('todo', 'doing')
-    RETURNING job.id
-)"
-        )
-    };
-}
-pub(crate) use finish_and_delete_steps;
-
-pub const COMPLETE_JOBS: &str = concat!(
-    "WITH ",
-    finish_and_delete_steps!("$1", "$2", "$3"),
-    ", retried AS (
-    UPDATE procrastinate_jobs AS job
-       SET status = CASE WHEN job.status = 'doing' AND job.abort_requested
-                         THEN 'failed' ELSE 'todo' END::procrastinate_job_status,
-           attempts = CASE WHEN job.status = 'doing' AND job.abort_requested
-                           THEN job.attempts ELSE job.attempts + 1 END,
-           scheduled_at = CASE WHEN job.status = 'doing' AND job.abort_requested
-                               THEN job.scheduled_at ELSE r.retry_at::timestamptz END,
-           priority = CASE WHEN job.status = 'doing' AND job.abort_requested
-                           THEN job.priority ELSE coalesce(r.priority, job.priority) END,
-           queue_name = CASE WHEN job.status = 'doing' AND job.abort_requested
-                             THEN job.queue_name ELSE coalesce(r.queue_name, job.queue_name) END,
-           lock = CASE WHEN job.status = 'doing' AND job.abort_requested
-                       THEN job.lock ELSE coalesce(r.lock, job.lock) END
-      FROM unnest($4::bigint[], $5::text[], $6::int[], $7::text[], $8::text[])
-           AS r(id, retry_at, priority, queue_name, lock)
-     WHERE job.id = r.id AND job.status IN ('doing', 'failed')
-    RETURNING job.id
-)
-SELECT id FROM finished
-UNION ALL SELECT id FROM deleted
-UNION ALL SELECT id FROM retried"
-);
-
-const FINISH_ONE: &str = "SELECT procrastinate_finish_job_v1($1::bigint, $2::text::procrastinate_job_status, $3::boolean)";
-const RETRY_ONE: &str = "SELECT procrastinate_retry_job_v2($1::bigint, $2::text::timestamptz, $3::int, $4::text, $5::text)";
+use crate::errors::{classify, CoreError, CoreResult, Failed, Failure};
+use crate::sql;
 
 /// How a job ended, as procrastinate's worker decides it.
 #[derive(Clone, Debug, PartialEq)]
@@ -95,19 +38,35 @@ pub struct Reported {
     pub durations: Vec<f64>,
 }
 
+/// One claim: a job, and the attempts it had when it was claimed. A job is claimed again
+/// only after a terminal write (which raises its attempts) or a recovery (likewise), so
+/// the pair names one run of one job.
+pub type ClaimKey = (i64, i32);
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Completion {
     pub job_id: i64,
+    /// The job's attempts when it was claimed (the row the runner was handed).
+    pub attempts: i32,
     pub outcome: Outcome,
+}
+
+impl Completion {
+    pub fn key(&self) -> ClaimKey {
+        (self.job_id, self.attempts)
+    }
 }
 
 /// The parameter arrays of one batched statement.
 #[derive(Default, Debug, PartialEq)]
 pub struct CompletionBatch {
     pub finish_ids: Vec<i64>,
+    pub finish_attempts: Vec<i32>,
     pub finish_statuses: Vec<String>,
     pub delete_ids: Vec<i64>,
+    pub delete_attempts: Vec<i32>,
     pub retry_ids: Vec<i64>,
+    pub retry_attempts: Vec<i32>,
     pub retry_at: Vec<Option<String>>,
     pub retry_priorities: Vec<Option<i32>>,
     pub retry_queues: Vec<Option<String>>,
@@ -119,9 +78,13 @@ impl CompletionBatch {
         let mut batch = CompletionBatch::default();
         for completion in completions {
             match &completion.outcome {
-                Outcome::Finish { delete: true, .. } => batch.delete_ids.push(completion.job_id),
+                Outcome::Finish { delete: true, .. } => {
+                    batch.delete_ids.push(completion.job_id);
+                    batch.delete_attempts.push(completion.attempts);
+                }
                 Outcome::Finish { status, .. } => {
                     batch.finish_ids.push(completion.job_id);
+                    batch.finish_attempts.push(completion.attempts);
                     batch.finish_statuses.push(status.clone());
                 }
                 Outcome::Retry {
@@ -131,6 +94,7 @@ impl CompletionBatch {
                     lock,
                 } => {
                     batch.retry_ids.push(completion.job_id);
+                    batch.retry_attempts.push(completion.attempts);
                     batch.retry_at.push(retry_at.clone());
                     batch.retry_priorities.push(*priority);
                     batch.retry_queues.push(queue.clone());
@@ -155,34 +119,33 @@ impl CompletionBatch {
     }
 }
 
-/// What writing a batch did.
+/// What writing a batch did, completion by completion.
 #[derive(Debug, Default)]
 pub struct CompletionReport {
-    /// Jobs whose terminal write is done (including those whose row had disappeared).
-    pub written: Vec<i64>,
-    /// Jobs that were not in a state procrastinate's functions accept (procrastinate's
-    /// worker gets an exception from the function in that case), with the reason.
-    pub rejected: Vec<(i64, String)>,
+    /// Claims this write ended.
+    pub written: Vec<ClaimKey>,
+    /// Claims that were no longer current (the job ended, was deleted, recovered, or this
+    /// very write had gone through before a lost reply): nothing to write any more.
+    pub not_current: Vec<ClaimKey>,
+    /// Claims whose write procrastinate's function refused (procrastinate's worker gets
+    /// an exception in that case and the job stays `doing`), with the reason.
+    pub refused: Vec<(ClaimKey, String)>,
+    /// Completions to send again later: their statement failed for a passing reason.
+    pub retry_later: Vec<Completion>,
 }
 
 impl CompletionReport {
-    /// The report of a batched write whose statement returned the ids in `done`: the others
-    /// were not in a state procrastinate's functions accept.
+    /// The report of a batched write whose statement returned the ids in `done`.
     pub fn of_batch(
         completions: &[Completion],
         done: &std::collections::HashSet<i64>,
     ) -> CompletionReport {
         let mut report = CompletionReport::default();
         for completion in completions {
-            report.written.push(completion.job_id);
-            if !done.contains(&completion.job_id) {
-                report.rejected.push((
-                    completion.job_id,
-                    format!(
-                        "Job was not found or not in \"doing\" status (job id: {})",
-                        completion.job_id
-                    ),
-                ));
+            if done.contains(&completion.job_id) {
+                report.written.push(completion.key());
+            } else {
+                report.not_current.push(completion.key());
             }
         }
         report
@@ -191,29 +154,39 @@ impl CompletionReport {
 
 pub struct Completer {
     statement: Statement,
+    finish_one: Statement,
+    retry_one: Statement,
 }
 
 impl Completer {
     pub async fn prepare(client: &Client) -> CoreResult<Self> {
-        let statement = client
-            .prepare(COMPLETE_JOBS)
-            .await
-            .map_err(|error| CoreError::database("preparing the completion statement", error))?;
-        Ok(Completer { statement })
+        let failed = |error| CoreError::database("preparing the completion statements", error);
+        Ok(Completer {
+            statement: client.prepare(sql::COMPLETE).await.map_err(failed)?,
+            finish_one: client.prepare(sql::FINISH_ONE).await.map_err(failed)?,
+            retry_one: client.prepare(sql::RETRY_ONE).await.map_err(failed)?,
+        })
     }
 
-    /// Write the batch: one statement, or, if that statement fails for a reason other than
-    /// connectivity, one procrastinate function call per completion. A connectivity error
-    /// comes back as `Err` for the caller to retry.
+    /// Write the batch: one statement, or, if that statement is refused, one
+    /// procrastinate function call per completion. `Err`: nothing is known to be written
+    /// (a lost connection: maybe; anything else: no).
     pub async fn write(
         &self,
         client: &Client,
         completions: &[Completion],
-    ) -> Result<CompletionReport, tokio_postgres::Error> {
-        match self.write_batch(client, completions).await {
+        workers: &[i64],
+    ) -> Result<CompletionReport, Failed> {
+        match self.write_batch(client, completions, workers).await {
             Ok(report) => Ok(report),
-            Err(error) if crate::errors::is_connectivity_error(&error) => Err(error),
-            Err(_) => self.write_one_by_one(client, completions).await,
+            // One job can hold back a batch: a refused row, or a row another session keeps
+            // locked (the job session's lock_timeout). One by one, the others go through.
+            Err(error) => match classify(&error) {
+                Failure::Refused | Failure::Transient => {
+                    self.write_one_by_one(client, completions, workers).await
+                }
+                _ => Err(Failed::new(&error)),
+            },
         }
     }
 
@@ -222,24 +195,28 @@ impl Completer {
         &self,
         client: &Client,
         completions: &[Completion],
+        workers: &[i64],
     ) -> Result<CompletionReport, tokio_postgres::Error> {
         let batch = CompletionBatch::build(completions);
-        let result = client
+        let rows = client
             .query(
                 &self.statement,
                 &[
                     &batch.finish_ids,
+                    &batch.finish_attempts,
                     &batch.finish_statuses,
                     &batch.delete_ids,
+                    &batch.delete_attempts,
                     &batch.retry_ids,
+                    &batch.retry_attempts,
                     &batch.retry_at,
                     &batch.retry_priorities,
                     &batch.retry_queues,
                     &batch.retry_locks,
+                    &workers,
                 ],
             )
-            .await;
-        let rows = result?;
+            .await?;
         let mut done = std::collections::HashSet::with_capacity(rows.len());
         for row in rows {
             done.insert(row.try_get::<_, i64>(0)?);
@@ -247,17 +224,31 @@ impl Completer {
         Ok(CompletionReport::of_batch(completions, &done))
     }
 
+    /// Each completion on its own (autocommit), so that one refused write leaves the
+    /// others written. A lost connection stops here (`Err`: the ones before may be
+    /// written, the caller re-sends them all, conditioned on their claims).
     async fn write_one_by_one(
         &self,
         client: &Client,
         completions: &[Completion],
-    ) -> Result<CompletionReport, tokio_postgres::Error> {
+        workers: &[i64],
+    ) -> Result<CompletionReport, Failed> {
         let mut report = CompletionReport::default();
-        for completion in completions {
+        let mut remaining = completions.iter();
+        while let Some(completion) = remaining.next() {
             let result = match &completion.outcome {
                 Outcome::Finish { status, delete } => {
                     client
-                        .execute(FINISH_ONE, &[&completion.job_id, status, delete])
+                        .query(
+                            &self.finish_one,
+                            &[
+                                &completion.job_id,
+                                &completion.attempts,
+                                &workers,
+                                status,
+                                delete,
+                            ],
+                        )
                         .await
                 }
                 Outcome::Retry {
@@ -267,28 +258,54 @@ impl Completer {
                     lock,
                 } => {
                     client
-                        .execute(
-                            RETRY_ONE,
-                            &[&completion.job_id, retry_at, priority, queue, lock],
+                        .query(
+                            &self.retry_one,
+                            &[
+                                &completion.job_id,
+                                &completion.attempts,
+                                &workers,
+                                retry_at,
+                                priority,
+                                queue,
+                                lock,
+                            ],
                         )
                         .await
                 }
             };
             match result {
-                Ok(_) => report.written.push(completion.job_id),
-                Err(error) if crate::errors::is_connectivity_error(&error) => return Err(error),
-                Err(error) => {
-                    report.written.push(completion.job_id);
-                    let reason = error
-                        .as_db_error()
-                        .map(|db| db.message().to_string())
-                        .unwrap_or_else(|| error.to_string());
-                    report.rejected.push((completion.job_id, reason));
-                }
+                Ok(rows) if rows.is_empty() => report.not_current.push(completion.key()),
+                Ok(_) => report.written.push(completion.key()),
+                Err(error) => match classify(&error) {
+                    Failure::Refused | Failure::Pruned => {
+                        let reason = error
+                            .as_db_error()
+                            .map(|db| db.message().to_string())
+                            .unwrap_or_else(|| error.to_string());
+                        report.refused.push((completion.key(), reason));
+                    }
+                    Failure::Transient => {
+                        report.retry_later.push(completion.clone());
+                        if !is_about_one_row(&error) {
+                            // The server refuses any statement now (a cancel, resources, a
+                            // read-only server): the rest would fail alike. Later, all.
+                            report.retry_later.extend(remaining.cloned());
+                            break;
+                        }
+                    }
+                    Failure::Connection => return Err(Failed::new(&error)),
+                },
             }
         }
         Ok(report)
     }
+}
+
+/// A passing failure caused by the row this statement touched (another session holds its
+/// lock, or a deadlock over it), not by the state of the server.
+fn is_about_one_row(error: &tokio_postgres::Error) -> bool {
+    let code = error.as_db_error().map(|db| db.code().code());
+    matches!(code, Some("55P03" | "40P01" | "40001"))
 }
 
 #[cfg(test)]
@@ -300,6 +317,7 @@ mod tests {
         let completions = vec![
             Completion {
                 job_id: 1,
+                attempts: 0,
                 outcome: Outcome::Finish {
                     status: "succeeded".into(),
                     delete: false,
@@ -307,6 +325,7 @@ mod tests {
             },
             Completion {
                 job_id: 2,
+                attempts: 1,
                 outcome: Outcome::Finish {
                     status: "failed".into(),
                     delete: true,
@@ -314,6 +333,7 @@ mod tests {
             },
             Completion {
                 job_id: 3,
+                attempts: 2,
                 outcome: Outcome::Retry {
                     retry_at: Some("2030-01-01T00:00:00+00:00".into()),
                     priority: Some(5),
@@ -325,7 +345,10 @@ mod tests {
         let batch = CompletionBatch::build(&completions);
         assert_eq!(batch.finish_ids, vec![1]);
         assert_eq!(batch.finish_statuses, vec!["succeeded".to_string()]);
+        assert_eq!(batch.finish_attempts, vec![0]);
         assert_eq!(batch.delete_ids, vec![2]);
+        assert_eq!(batch.delete_attempts, vec![1]);
+        assert_eq!(batch.retry_attempts, vec![2]);
         assert_eq!(batch.retry_ids, vec![3]);
         assert_eq!(batch.retry_priorities, vec![Some(5)]);
         assert_eq!(batch.retry_queues, vec![None]);

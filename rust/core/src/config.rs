@@ -21,6 +21,9 @@ pub struct WorkerConfig {
     pub stalled_worker_timeout: Duration,
     /// How long connectivity may be lost before the core gives up with a fatal error.
     pub reconnect_timeout: Duration,
+    /// How long a statement may go unanswered before its connection is taken for dead (a
+    /// half-open connection: the peer stopped answering without closing) and replaced.
+    pub response_timeout: Duration,
     /// Not in procrastinate: at start (and every `stalled_worker_timeout`), put the `doing`
     /// jobs of the stalled workers it prunes back to `todo` (`procrastinate_retry_job_v2`).
     /// Off by default, like procrastinate, whose pruned workers' jobs stay `doing`.
@@ -45,6 +48,7 @@ impl WorkerConfig {
             update_heartbeat_interval: Duration::from_secs(10),
             stalled_worker_timeout: Duration::from_secs(30),
             reconnect_timeout: Duration::from_secs(60),
+            response_timeout: Duration::from_secs(30),
             recover_stalled_jobs: false,
             max_batch_size: 500,
             queue_concurrency: HashMap::new(),

@@ -20,13 +20,36 @@ use crate::tls;
 ///   the claim over `jit_above_cost`; compiling it took 250-300 ms per call. JIT never pays
 ///   off for statements that touch a few rows by index.
 ///
+///
 /// The job connection adds `enable_sort = off` for the claim (see [`crate::fetcher`]).
 const SESSION_SETUP: &str = "SET plan_cache_mode TO force_generic_plan; SET jit TO off; \
      SET application_name TO 'fastworker'";
 
+/// `lock_timeout`: no statement of the core waits long for a row that another session
+/// keeps locked (a DBA, another worker's recovery); it fails, and is tried again later,
+/// rather than holding back the connection's other duties (a heartbeat, a claim). Well
+/// below the response timeout, so that such a wait is never taken for a dead connection.
+fn lock_timeout_for(response_timeout: Duration) -> Duration {
+    (response_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(2))
+}
+
+/// TCP settings unless the connection string has its own (libpq's `keepalives_*`,
+/// `tcp_user_timeout`): a peer that vanished (a dead host, a dropped route) fails a waiting
+/// connection within about 30 s, idle (keepalives: 10 + 4 x 5 s) or sending
+/// (`tcp_user_timeout`), instead of the system's default of about 15 minutes.
+const KEEPALIVES_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVES_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVES_RETRIES: u32 = 4;
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+/// tokio-postgres' own default idle time, i.e. none given.
+const UNSET_KEEPALIVES_IDLE: Duration = Duration::from_secs(2 * 60 * 60);
+
 #[derive(Clone)]
 pub struct ConnectionTarget {
     config: Config,
+    /// `SET lock_timeout ...` (see [`lock_timeout_for`]): the setting is a number this
+    /// module computes, never user input.
+    lock_timeout_statement: String,
     /// libpq's sslmode over rustls (see [`crate::tls`]); unused on Unix sockets.
     tls: MakeRustlsConnect,
     description: String,
@@ -54,16 +77,42 @@ impl ConnectionTarget {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(10));
         }
-        config.keepalives(true);
-        config.keepalives_idle(Duration::from_secs(30));
+        if config.get_keepalives_idle() == UNSET_KEEPALIVES_IDLE {
+            config.keepalives_idle(KEEPALIVES_IDLE);
+        }
+        if config.get_keepalives_interval().is_none() {
+            config.keepalives_interval(KEEPALIVES_INTERVAL);
+        }
+        if config.get_keepalives_retries().is_none() {
+            config.keepalives_retries(KEEPALIVES_RETRIES);
+        }
+        match config.get_tcp_user_timeout().copied() {
+            None => {
+                config.tcp_user_timeout(TCP_USER_TIMEOUT);
+            }
+            // libpq's tcp_user_timeout is in milliseconds; tokio-postgres reads seconds.
+            Some(given) => {
+                config.tcp_user_timeout(Duration::from_millis(given.as_secs()));
+            }
+        }
         config.ssl_mode(tls_settings.mode.protocol());
         let tls = tls::connector(&tls_settings)?;
         let description = describe(&config);
         Ok(ConnectionTarget {
             config,
+            lock_timeout_statement: lock_timeout_statement(lock_timeout_for(Duration::from_secs(
+                30,
+            ))),
             tls,
             description,
         })
+    }
+
+    /// Statements may wait `response_timeout` for an answer: row locks are waited for
+    /// well below that (see [`lock_timeout_for`]).
+    pub fn with_response_timeout(mut self, response_timeout: Duration) -> Self {
+        self.lock_timeout_statement = lock_timeout_statement(lock_timeout_for(response_timeout));
+        self
     }
 
     /// `host:port/dbname` (or the socket directory), never the password.
@@ -77,29 +126,20 @@ impl ConnectionTarget {
 
     /// One attempt. The connection task runs on the current tokio runtime.
     pub async fn connect(&self) -> CoreResult<Client> {
-        let (client, connection) =
-            self.config
-                .connect(self.tls.clone())
-                .await
-                .map_err(|error| CoreError::Unreachable {
-                    target: self.description.clone(),
-                    reason: error_chain(&error),
-                })?;
-        tokio::spawn(async move {
-            // Errors surface on the client's next request; nothing to do with them here.
-            let _ = connection.await;
-        });
-        client
-            .batch_execute(SESSION_SETUP)
-            .await
-            .map_err(|error| CoreError::database("setting up the session", error))?;
-        Ok(client)
+        self.open(None).await
     }
 
     /// A connection whose notifications are forwarded to `notifications`.
     pub async fn connect_listening(
         &self,
         notifications: tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>,
+    ) -> CoreResult<Client> {
+        self.open(Some(notifications)).await
+    }
+
+    async fn open(
+        &self,
+        notifications: Option<tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>>,
     ) -> CoreResult<Client> {
         use futures_util::StreamExt;
         let (client, mut connection) =
@@ -111,6 +151,11 @@ impl ConnectionTarget {
                     reason: error_chain(&error),
                 })?;
         tokio::spawn(async move {
+            let Some(notifications) = notifications else {
+                // Errors surface on the client's next request; nothing to do with them here.
+                let _ = connection.await;
+                return;
+            };
             let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
             while let Some(message) = messages.next().await {
                 match message {
@@ -126,6 +171,10 @@ impl ConnectionTarget {
         });
         client
             .batch_execute(SESSION_SETUP)
+            .await
+            .map_err(|error| CoreError::database("setting up the session", error))?;
+        client
+            .batch_execute(&self.lock_timeout_statement)
             .await
             .map_err(|error| CoreError::database("setting up the session", error))?;
         Ok(client)
@@ -153,6 +202,10 @@ impl ConnectionTarget {
             delay = (delay * 2).min(Duration::from_secs(2));
         }
     }
+}
+
+fn lock_timeout_statement(timeout: Duration) -> String {
+    format!("SET lock_timeout TO {}", timeout.as_millis())
 }
 
 fn lost(target: &ConnectionTarget, budget: Duration, error: CoreError) -> CoreError {
@@ -234,6 +287,46 @@ mod tests {
         let error = ConnectionTarget::parse("host=x password=hunter2 bogus_key=1").unwrap_err();
         assert!(matches!(error, CoreError::Config(_)));
         assert!(!error.to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn a_dead_peer_fails_within_about_30_s_unless_the_dsn_says_otherwise() {
+        let target = ConnectionTarget::parse("host=h user=u dbname=d").expect("valid");
+        assert_eq!(target.config.get_keepalives_idle(), KEEPALIVES_IDLE);
+        assert_eq!(
+            target.config.get_keepalives_interval(),
+            Some(KEEPALIVES_INTERVAL)
+        );
+        assert_eq!(
+            target.config.get_keepalives_retries(),
+            Some(KEEPALIVES_RETRIES)
+        );
+        assert_eq!(
+            target.config.get_tcp_user_timeout(),
+            Some(&TCP_USER_TIMEOUT)
+        );
+        let idle_and_probes = KEEPALIVES_IDLE + KEEPALIVES_INTERVAL * KEEPALIVES_RETRIES;
+        assert!(
+            idle_and_probes <= Duration::from_secs(35)
+                && TCP_USER_TIMEOUT <= Duration::from_secs(35)
+        );
+
+        let target = ConnectionTarget::parse(
+            "host=h user=u dbname=d keepalives=0 keepalives_idle=77 keepalives_interval=9 \
+             keepalives_retries=2 tcp_user_timeout=12000",
+        )
+        .expect("valid");
+        assert!(!target.config.get_keepalives());
+        assert_eq!(target.config.get_keepalives_idle(), Duration::from_secs(77));
+        assert_eq!(
+            target.config.get_keepalives_interval(),
+            Some(Duration::from_secs(9))
+        );
+        assert_eq!(target.config.get_keepalives_retries(), Some(2));
+        assert_eq!(
+            target.config.get_tcp_user_timeout(),
+            Some(&Duration::from_millis(12000))
+        );
     }
 
     #[test]

@@ -25,6 +25,14 @@ pub enum CoreError {
         reason: String,
     },
 
+    /// The database refused the core's statements for longer than the reconnect budget.
+    #[error("PostgreSQL at {target} refused the worker's statements for longer than {budget:?}: {reason}")]
+    Unusable {
+        target: String,
+        budget: Duration,
+        reason: String,
+    },
+
     /// A statement failed for a reason other than connectivity.
     #[error("{context}: {}", describe_postgres_error(.source))]
     Database {
@@ -67,6 +75,74 @@ pub fn describe_postgres_error(error: &tokio_postgres::Error) -> String {
         ),
         None => error.to_string(),
     }
+}
+
+/// What a failed statement means for the one who sent it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The connection is gone (or unusable): reconnect. A write sent on it may or may not
+    /// have committed.
+    Connection,
+    /// This worker's row in `procrastinate_workers` is gone (a foreign key on
+    /// `procrastinate_jobs.worker_id`): it was pruned as stalled; register again.
+    Pruned,
+    /// The statement was refused because of the job it names (procrastinate's functions
+    /// raise, a constraint, bad data): the job's write will not go through on a retry.
+    Refused,
+    /// Anything else (a cancelled statement, a lock or statement timeout, a deadlock, a
+    /// serialization failure, resources, a read-only server...): nothing was written;
+    /// the same statement may go through later. Retried with backoff.
+    Transient,
+}
+
+/// A statement that failed, sorted ([`Failure`]), with the server's words for it.
+#[derive(Clone, Debug)]
+pub struct Failed {
+    pub failure: Failure,
+    pub reason: String,
+}
+
+impl Failed {
+    pub fn new(error: &tokio_postgres::Error) -> Failed {
+        Failed {
+            failure: classify(error),
+            reason: describe_postgres_error(error),
+        }
+    }
+
+    /// The server gave no answer in time: the connection is taken for dead.
+    pub fn no_answer(limit: Duration) -> Failed {
+        Failed {
+            failure: Failure::Connection,
+            reason: format!("no answer from the server within {limit:?}"),
+        }
+    }
+}
+
+/// Sort a failed statement into what to do about it ([`Failure`]).
+pub fn classify(error: &tokio_postgres::Error) -> Failure {
+    if is_connectivity_error(error) {
+        return Failure::Connection;
+    }
+    let Some(db_error) = error.as_db_error() else {
+        return Failure::Connection;
+    };
+    let code = db_error.code().code();
+    let names_workers = db_error
+        .constraint()
+        .is_some_and(|name| name.contains("worker_id"))
+        || db_error
+            .detail()
+            .is_some_and(|detail| detail.contains("procrastinate_workers"));
+    if code == "23503" && names_workers {
+        return Failure::Pruned;
+    }
+    // Class 22 (data exception), 23 (integrity constraint), P0 (raised by plpgsql, as
+    // procrastinate's functions do when a job is not in the expected state).
+    if code.starts_with("22") || code.starts_with("23") || code.starts_with("P0") {
+        return Failure::Refused;
+    }
+    Failure::Transient
 }
 
 /// Connectivity errors are retried with backoff; anything else is a real failure.

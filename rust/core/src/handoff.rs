@@ -45,8 +45,11 @@ pub enum HandoffEvent {
     /// The dispatcher will claim nothing more; every claimed job was handed over before this.
     FetchingStopped,
     Log(LogRecord),
-    /// The core cannot go on; the runner should stop and raise it.
+    /// The core cannot go on; the runner should stop and raise it. The core still writes
+    /// every outcome reported after this, as far as the database lets it.
     Fatal(CoreError),
+    /// This worker's row was pruned and it registered again under this id.
+    WorkerId(i64),
 }
 
 /// Rings a file descriptor when events are waiting. At most one byte is in flight: the

@@ -9,6 +9,7 @@
 //! - [`handoff`]: the channel of job batches and abort requests to the runner.
 //! - [`metrics`]: counters and histograms kept where the events happen, read on scrape.
 //! - [`registry`]: worker registration, heartbeat, stalled-worker pruning, abort polling.
+//! - [`sql`]: every statement the core sends, with its parameters.
 //! - [`connect`]: connection settings, connecting with backoff, redacted descriptions.
 //! - [`tls`]: libpq's sslmode / sslrootcert / sslcert / sslkey over rustls.
 //! - [`errors`]: the one error enum.
@@ -24,6 +25,7 @@ pub mod handoff;
 pub mod listener;
 pub mod metrics;
 pub mod registry;
+pub mod sql;
 pub mod tls;
 pub mod worker;
 

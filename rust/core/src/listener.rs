@@ -72,6 +72,9 @@ pub struct Listener {
     pub handoff: HandoffSender,
     pub stop: watch::Receiver<bool>,
     pub reconnect_timeout: std::time::Duration,
+    pub response_timeout: std::time::Duration,
+    /// How often an idle connection is asked whether it still answers.
+    pub ping_interval: std::time::Duration,
 }
 
 impl Listener {
@@ -79,15 +82,20 @@ impl Listener {
         let mut first = true;
         loop {
             let (sender, mut notifications) = mpsc::unbounded_channel();
-            let client = if first {
-                self.target.connect_listening(sender).await?
+            let subscribed = if first {
+                match self.subscribe(sender.clone()).await {
+                    Ok(client) => Some(client),
+                    // A refusal (LISTEN not allowed...) is a clear error at start; a
+                    // connection lost on the way is one more reconnect.
+                    Err(error) if is_lost(&error) => self.reconnect(sender).await?,
+                    Err(error) => return Err(error),
+                }
             } else {
                 self.reconnect(sender).await?
             };
-            client
-                .batch_execute(&listen_statements(&self.channels))
-                .await
-                .map_err(|error| CoreError::database("subscribing to notifications", error))?;
+            let Some(client) = subscribed else {
+                return Ok(()); // stopped while reconnecting
+            };
             if !first {
                 self.handoff.log(
                     LogLevel::Info,
@@ -102,12 +110,23 @@ impl Listener {
             self.handoff.metrics().set_connected("listener", true);
             // Anything inserted before this point, or while disconnected, was not notified.
             self.wake.notify_one();
+            // A connection that stops answering without closing (half-open) would never
+            // deliver a notification again: ask it something now and then.
+            let mut ping = tokio::time::interval(self.ping_interval);
+            ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ping.tick().await;
             loop {
                 tokio::select! {
                     notification = notifications.recv() => match notification {
                         Some(notification) => self.handle(notification.channel(), notification.payload()),
                         None => break,
                     },
+                    _ = ping.tick() => {
+                        let answered = tokio::time::timeout(self.response_timeout, client.simple_query("")).await;
+                        if !matches!(answered, Ok(Ok(_))) {
+                            break;
+                        }
+                    }
                     _ = self.stop.changed() => return Ok(()),
                 }
             }
@@ -123,25 +142,52 @@ impl Listener {
         }
     }
 
-    async fn reconnect(
+    /// A connection, subscribed to the channels.
+    async fn subscribe(
         &self,
         sender: mpsc::UnboundedSender<tokio_postgres::Notification>,
     ) -> CoreResult<tokio_postgres::Client> {
+        let client = self.target.connect_listening(sender).await?;
+        let listening = tokio::time::timeout(
+            self.response_timeout,
+            client.batch_execute(&listen_statements(&self.channels)),
+        )
+        .await;
+        match listening {
+            Ok(Ok(())) => Ok(client),
+            Ok(Err(error)) => Err(CoreError::database("subscribing to notifications", error)),
+            Err(_) => Err(CoreError::Unreachable {
+                target: self.target.description().to_string(),
+                reason: "no answer to LISTEN".into(),
+            }),
+        }
+    }
+
+    /// `None`: stopped while the database was away.
+    async fn reconnect(
+        &self,
+        sender: mpsc::UnboundedSender<tokio_postgres::Notification>,
+    ) -> CoreResult<Option<tokio_postgres::Client>> {
         let started = std::time::Instant::now();
         let mut delay = std::time::Duration::from_millis(50);
         loop {
-            match self.target.connect_listening(sender.clone()).await {
-                Ok(client) => return Ok(client),
-                Err(error) if started.elapsed() + delay > self.reconnect_timeout => {
-                    return Err(CoreError::ConnectionLost {
-                        target: self.target.description().to_string(),
-                        budget: self.reconnect_timeout,
-                        reason: error.to_string(),
-                    })
-                }
-                Err(_) => {}
+            let error = match self.subscribe(sender.clone()).await {
+                Ok(client) => return Ok(Some(client)),
+                Err(error) => error,
+            };
+            if started.elapsed() + delay > self.reconnect_timeout {
+                return Err(CoreError::ConnectionLost {
+                    target: self.target.description().to_string(),
+                    budget: self.reconnect_timeout,
+                    reason: error.to_string(),
+                });
             }
-            tokio::time::sleep(delay).await;
+            let mut stop = self.stop.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                // Stopping while the database is away: nothing left to listen for.
+                _ = stop.changed() => return Ok(None),
+            }
             delay = (delay * 2).min(std::time::Duration::from_secs(2));
         }
     }
@@ -162,6 +208,10 @@ impl Listener {
             }
         }
     }
+}
+
+fn is_lost(error: &CoreError) -> bool {
+    error.is_connectivity() || matches!(error, CoreError::Unreachable { .. })
 }
 
 #[cfg(test)]

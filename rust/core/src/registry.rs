@@ -1,7 +1,11 @@
-//! The worker's row in `procrastinate_workers` (through procrastinate's own functions) and
-//! the slow periodic duties: heartbeat, abort-request polling.
+//! The worker's row in `procrastinate_workers` and the slow periodic duties around it:
+//! - [`Identity`]: this process's worker id, registered again if the row disappears;
+//! - [`Registry`]: heartbeat and abort-request polling, on a connection of their own;
+//! - [`Recovery`] (`recover_stalled_jobs`): pruning stalled workers and putting their jobs
+//!   back to run, on another connection, so a recovery that waits for row locks can never
+//!   delay this worker's own heartbeat (and get it pruned while it runs).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,37 +14,13 @@ use tokio_postgres::Client;
 
 use crate::connect::ConnectionTarget;
 use crate::errors::{is_connectivity_error, CoreError, CoreResult};
+use crate::fetcher::Claimant;
 use crate::handoff::{HandoffEvent, HandoffSender, LogLevel};
-
-const CHECK_SCHEMA: &str = "SELECT to_regclass('procrastinate_jobs') IS NOT NULL";
-const PRUNE_STALLED_WORKERS: &str =
-    "SELECT worker_id FROM procrastinate_prune_stalled_workers_v1($1::float8)";
-const REGISTER_WORKER: &str = "SELECT worker_id FROM procrastinate_register_worker_v1()";
-const UNREGISTER_WORKER: &str = "SELECT procrastinate_unregister_worker_v1($1::bigint)";
-const UPDATE_HEARTBEAT: &str = "SELECT procrastinate_update_heartbeat_v1($1::bigint)";
-/// The stalled workers, locked until the end of the recovery transaction. Same rule as
-/// `procrastinate_prune_stalled_workers_v1`; `now()` is the transaction's start, so the
-/// function, run later in the same transaction, deletes exactly these rows.
-const LOCK_STALLED_WORKERS: &str = "SELECT id FROM procrastinate_workers
- WHERE last_heartbeat < now() - ($1::float8 || ' SECOND')::interval
- ORDER BY id FOR UPDATE";
-/// Their `doing` jobs, read (and locked) before the prune sets their `worker_id` to NULL.
-const JOBS_OF_WORKERS: &str = "SELECT id FROM procrastinate_jobs
- WHERE worker_id = ANY($1::bigint[]) AND status = 'doing' ORDER BY id FOR UPDATE";
-/// `procrastinate_retry_job_v2` for each job, as procrastinate's `JobManager.retry_job(job)`
-/// does (retry now, priority, queue and lock unchanged): event `deferred_for_retry`.
-const RETRY_JOBS: &str =
-    "SELECT procrastinate_retry_job_v2(id, now(), NULL, NULL, NULL) FROM unnest($1::bigint[]) AS id";
-const RETRY_ONE_JOB: &str =
-    "SELECT procrastinate_retry_job_v2($1::bigint, now(), NULL, NULL, NULL)";
-const FAIL_ONE_JOB: &str =
-    "SELECT procrastinate_finish_job_v1($1::bigint, 'failed'::procrastinate_job_status, false)";
-const JOBS_TO_ABORT: &str = "SELECT id FROM procrastinate_jobs
- WHERE status = 'doing' AND abort_requested AND worker_id = $1::bigint";
+use crate::sql;
 
 pub async fn check_schema(target: &ConnectionTarget, client: &Client) -> CoreResult<()> {
     let row = client
-        .query_one(CHECK_SCHEMA, &[])
+        .query_one(sql::CHECK_SCHEMA, &[])
         .await
         .map_err(|error| CoreError::database("checking the procrastinate schema", error))?;
     let present: bool = row
@@ -55,22 +35,35 @@ pub async fn check_schema(target: &ConnectionTarget, client: &Client) -> CoreRes
     }
 }
 
+/// The first column of every row, as ids.
+async fn query_ids(
+    client: &impl tokio_postgres::GenericClient,
+    statement: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<i64>, tokio_postgres::Error> {
+    client
+        .query(statement, params)
+        .await?
+        .iter()
+        .map(|row| row.try_get(0))
+        .collect()
+}
+
 /// Delete workers whose heartbeat is older than `stalled_worker_timeout`, as procrastinate's
 /// worker does at start. Their `doing` jobs keep running nowhere (worker_id becomes NULL).
 pub async fn prune_stalled_workers(client: &Client, timeout: Duration) -> CoreResult<Vec<i64>> {
-    let rows = client
-        .query(PRUNE_STALLED_WORKERS, &[&timeout.as_secs_f64()])
-        .await
-        .map_err(|error| CoreError::database("pruning stalled workers", error))?;
-    rows.iter()
-        .map(|row| row.try_get(0))
-        .collect::<Result<_, _>>()
-        .map_err(|error| CoreError::database("pruning stalled workers", error))
+    query_ids(
+        client,
+        sql::PRUNE_STALLED_WORKERS,
+        &[&timeout.as_secs_f64()],
+    )
+    .await
+    .map_err(|error| CoreError::database("pruning stalled workers", error))
 }
 
 /// What [`prune_and_recover_stalled_jobs`] did.
 #[derive(Debug, Default, Clone, PartialEq)]
-pub struct Recovery {
+pub struct Recovered {
     pub pruned_workers: Vec<i64>,
     /// Jobs of the pruned workers put back to `todo` (`procrastinate_retry_job_v2`).
     pub retried: Vec<i64>,
@@ -81,68 +74,47 @@ pub struct Recovery {
 
 /// `recover_stalled_jobs=True`: prune the stalled workers like procrastinate, and put the
 /// jobs they held in `doing` back to run, in one transaction. Two workers doing this at
-/// once recover each job once: the worker rows are locked, the second finds them gone.
-///
-/// `own_worker_id`: the running worker's own row gets its heartbeat in the same transaction
-/// first, so it never prunes itself (its heartbeat could be late if the registry's
-/// connection was down for a while).
+/// once recover each job once: the worker rows are locked (`SKIP LOCKED`: one that another
+/// recovery holds is its to handle). `own`: this process's worker ids, never pruned by
+/// itself, however late its heartbeat. Row locks held by another session make it fail
+/// after the session's `lock_timeout`, to be tried again at the next round.
 pub async fn prune_and_recover_stalled_jobs(
     client: &mut Client,
     timeout: Duration,
-    own_worker_id: Option<i64>,
-) -> CoreResult<Recovery> {
+    own: &[i64],
+) -> CoreResult<Recovered> {
     const WHAT: &str = "pruning stalled workers and recovering their jobs";
     let db = |error| CoreError::database(WHAT, error);
-    let mut transaction = client.transaction().await.map_err(db)?;
-    if let Some(worker_id) = own_worker_id {
-        transaction
-            .execute(UPDATE_HEARTBEAT, &[&worker_id])
-            .await
-            .map_err(db)?;
-    }
+    let transaction = client.transaction().await.map_err(db)?;
     let seconds = timeout.as_secs_f64();
-    let stalled: Vec<i64> = transaction
-        .query(LOCK_STALLED_WORKERS, &[&seconds])
+    let stalled = query_ids(&transaction, sql::LOCK_STALLED_WORKERS, &[&seconds, &own])
         .await
-        .map_err(db)?
-        .iter()
-        .map(|row| row.try_get(0))
-        .collect::<Result<_, _>>()
         .map_err(db)?;
     if stalled.is_empty() {
         transaction.commit().await.map_err(db)?;
-        return Ok(Recovery::default());
+        return Ok(Recovered::default());
     }
-    let jobs: Vec<i64> = transaction
-        .query(JOBS_OF_WORKERS, &[&stalled])
+    let jobs = query_ids(&transaction, sql::JOBS_OF_WORKERS, &[&stalled])
         .await
-        .map_err(db)?
-        .iter()
-        .map(|row| row.try_get(0))
-        .collect::<Result<_, _>>()
         .map_err(db)?;
-    let pruned_workers: Vec<i64> = transaction
-        .query(PRUNE_STALLED_WORKERS, &[&seconds])
+    let pruned_workers = query_ids(&transaction, sql::DELETE_WORKERS, &[&stalled])
         .await
-        .map_err(db)?
-        .iter()
-        .map(|row| row.try_get(0))
-        .collect::<Result<_, _>>()
         .map_err(db)?;
-    let mut recovery = Recovery {
+    let mut recovered = Recovered {
         pruned_workers,
-        ..Recovery::default()
+        ..Recovered::default()
     };
     if !jobs.is_empty() {
         // All at once; if one job refuses (a queueing_lock conflict), one by one.
+        let mut transaction = transaction;
         let all = transaction
             .savepoint("fastworker_recover_all")
             .await
             .map_err(db)?;
-        match all.execute(RETRY_JOBS, &[&jobs]).await {
+        match all.execute(sql::RETRY_JOBS, &[&jobs]).await {
             Ok(_) => {
                 all.commit().await.map_err(db)?;
-                recovery.retried = jobs;
+                recovered.retried = jobs;
             }
             Err(error) if is_connectivity_error(&error) => return Err(db(error)),
             Err(_) => {
@@ -152,10 +124,10 @@ pub async fn prune_and_recover_stalled_jobs(
                         .savepoint("fastworker_recover_one")
                         .await
                         .map_err(db)?;
-                    match one.execute(RETRY_ONE_JOB, &[&job_id]).await {
+                    match one.execute(sql::RETRY_JOB, &[&job_id]).await {
                         Ok(_) => {
                             one.commit().await.map_err(db)?;
-                            recovery.retried.push(job_id);
+                            recovered.retried.push(job_id);
                             continue;
                         }
                         Err(error) if is_connectivity_error(&error) => return Err(db(error)),
@@ -166,35 +138,37 @@ pub async fn prune_and_recover_stalled_jobs(
                                 .map(|db_error| db_error.message().to_string())
                                 .unwrap_or_else(|| error.to_string());
                             transaction
-                                .execute(FAIL_ONE_JOB, &[&job_id])
+                                .execute(sql::FAIL_JOB, &[&job_id])
                                 .await
                                 .map_err(db)?;
-                            recovery.failed.push((job_id, reason));
+                            recovered.failed.push((job_id, reason));
                         }
                     }
                 }
             }
         }
+        transaction.commit().await.map_err(db)?;
+        return Ok(recovered);
     }
     transaction.commit().await.map_err(db)?;
-    Ok(recovery)
+    Ok(recovered)
 }
 
 /// Log what a recovery did, with procrastinate-style `action` extras.
-pub fn log_recovery(handoff: &HandoffSender, recovery: &Recovery) {
-    if !recovery.retried.is_empty() {
+pub fn log_recovery(handoff: &HandoffSender, recovered: &Recovered) {
+    if !recovered.retried.is_empty() {
         handoff.log(
             LogLevel::Warning,
             "stalled_jobs_retried",
             format!(
                 "Put {} jobs of stalled workers {:?} back to run: {:?}",
-                recovery.retried.len(),
-                recovery.pruned_workers,
-                recovery.retried
+                recovered.retried.len(),
+                recovered.pruned_workers,
+                recovered.retried
             ),
         );
     }
-    for (job_id, reason) in &recovery.failed {
+    for (job_id, reason) in &recovered.failed {
         handoff.log_job(
             LogLevel::Error,
             "stalled_job_failed",
@@ -206,26 +180,111 @@ pub fn log_recovery(handoff: &HandoffSender, recovery: &Recovery) {
 
 pub async fn register_worker(client: &Client) -> CoreResult<i64> {
     let row = client
-        .query_one(REGISTER_WORKER, &[])
+        .query_one(sql::REGISTER_WORKER, &[])
         .await
         .map_err(|error| CoreError::database("registering the worker", error))?;
     row.try_get(0)
         .map_err(|error| CoreError::database("registering the worker", error))
 }
 
+/// This process's worker id. If its row in `procrastinate_workers` disappears (another
+/// worker pruned it as stalled, someone deleted it), the first role to notice registers a
+/// new one; the jobs claimed under the old id are still this process's to end, so every
+/// id it has had stays known.
+pub struct Identity {
+    current: AtomicI64,
+    all: std::sync::Mutex<Vec<i64>>,
+    registering: tokio::sync::Mutex<()>,
+}
+
+impl Identity {
+    pub fn new(worker_id: i64) -> Identity {
+        Identity {
+            current: AtomicI64::new(worker_id),
+            all: std::sync::Mutex::new(vec![worker_id]),
+            registering: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn current(&self) -> i64 {
+        self.current.load(Ordering::SeqCst)
+    }
+
+    /// Every worker id this process has had, the current one first.
+    pub fn all(&self) -> Vec<i64> {
+        let mut ids = match self.all.lock() {
+            Ok(ids) => ids.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        ids.reverse();
+        ids
+    }
+
+    pub fn claimant(&self) -> Claimant {
+        Claimant {
+            worker_id: self.current(),
+            worker_ids: self.all(),
+        }
+    }
+
+    /// `gone` has no row any more: register again (once, whoever notices first) and say
+    /// so. Returns the id to use from now on.
+    pub async fn register_again(
+        &self,
+        client: &Client,
+        gone: i64,
+        handoff: &HandoffSender,
+        noticed: &str,
+    ) -> CoreResult<i64> {
+        let _one_at_a_time = self.registering.lock().await;
+        let current = self.current();
+        if current != gone {
+            return Ok(current);
+        }
+        let worker_id = register_worker(client).await?;
+        match self.all.lock() {
+            Ok(mut ids) => ids.push(worker_id),
+            Err(poisoned) => poisoned.into_inner().push(worker_id),
+        }
+        self.current.store(worker_id, Ordering::SeqCst);
+        handoff.log(
+            LogLevel::Warning,
+            "worker_registered_again",
+            format!(
+                "Worker {gone} is no longer in procrastinate_workers ({noticed}): another \
+                 worker pruned it as stalled, or its row was deleted. Registered again as \
+                 worker {worker_id}; the jobs it runs are still ended by it"
+            ),
+        );
+        handoff.send(HandoffEvent::WorkerId(worker_id));
+        Ok(worker_id)
+    }
+}
+
+/// A statement of the registry roles, bounded: a server that stops answering (a half-open
+/// connection) counts as a lost connection after `limit`.
+async fn bounded<T>(
+    limit: Duration,
+    work: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(limit, work).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(crate::errors::describe_postgres_error(&error)),
+        Err(_) => Err(format!("no answer from the server within {limit:?}")),
+    }
+}
+
 pub struct Registry {
     pub target: ConnectionTarget,
-    pub client: Client,
-    pub worker_id: i64,
+    /// `None` while disconnected: the next duty connects again.
+    pub client: Option<Client>,
+    pub identity: Arc<Identity>,
     pub handoff: HandoffSender,
     pub in_flight: Arc<AtomicUsize>,
     pub heartbeat_interval: Duration,
     pub abort_polling_interval: Duration,
+    pub response_timeout: Duration,
     pub stop: watch::Receiver<bool>,
-    /// `recover_stalled_jobs`: also prune and recover periodically (every
-    /// `stalled_worker_timeout`), waking the dispatcher when jobs went back to `todo`.
-    pub recover_stalled: Option<Duration>,
-    pub wake: Arc<Notify>,
 }
 
 impl Registry {
@@ -239,85 +298,183 @@ impl Registry {
             tokio::time::interval(self.abort_polling_interval.max(Duration::from_millis(10)));
         abort_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         abort_poll.tick().await;
-        let recover_period = self
-            .recover_stalled
-            .unwrap_or(Duration::from_secs(3600))
-            .max(Duration::from_secs(1));
-        let mut recover = tokio::time::interval(recover_period);
-        recover.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        recover.tick().await;
         loop {
             tokio::select! {
                 _ = self.stop.changed() => return self,
                 _ = heartbeat.tick() => {
-                    let result = self.client.execute(UPDATE_HEARTBEAT, &[&self.worker_id]).await;
-                    self.after(result.map(|_| ()), "heartbeat_failed", "updating the heartbeat").await;
-                }
-                _ = recover.tick(), if self.recover_stalled.is_some() => {
-                    let timeout = self.recover_stalled.unwrap_or_default();
-                    match prune_and_recover_stalled_jobs(&mut self.client, timeout, Some(self.worker_id)).await {
-                        Ok(recovery) => {
-                            log_recovery(&self.handoff, &recovery);
-                            if !recovery.retried.is_empty() {
-                                self.wake.notify_one();
+                    // A failed heartbeat is sent again at once on a new connection: a
+                    // heartbeat that waits for the next tick may come too late.
+                    if let Err(error) = self.heartbeat().await {
+                        self.lost("heartbeat_failed", "updating the heartbeat", &error);
+                        if self.connect().await {
+                            if let Err(error) = self.heartbeat().await {
+                                self.lost("heartbeat_failed", "updating the heartbeat", &error);
                             }
                         }
-                        Err(CoreError::Database { source, .. }) => {
-                            self.after(Err(source), "recover_stalled_jobs_error", "recovering stalled jobs").await;
-                        }
-                        Err(error) => self.handoff.log(
-                            LogLevel::Warning,
-                            "recover_stalled_jobs_error",
-                            format!("Error recovering stalled jobs: {error}"),
-                        ),
                     }
                 }
                 _ = abort_poll.tick() => {
                     if self.in_flight.load(Ordering::Relaxed) == 0 {
                         continue;
                     }
-                    match self.client.query(JOBS_TO_ABORT, &[&self.worker_id]).await {
-                        Ok(rows) => {
-                            let ids: Vec<i64> = rows.iter().filter_map(|row| row.try_get(0).ok()).collect();
-                            if !ids.is_empty() {
-                                self.handoff.send(HandoffEvent::Abort(ids));
-                            }
-                        }
-                        Err(error) => self.after(Err(error), "poll_jobs_to_abort_error", "polling jobs to abort").await,
+                    if let Err(error) = self.poll_aborts().await {
+                        self.lost("poll_jobs_to_abort_error", "polling jobs to abort", &error);
                     }
                 }
             }
         }
     }
 
-    async fn after(
-        &mut self,
-        result: Result<(), tokio_postgres::Error>,
-        action: &'static str,
-        what: &str,
-    ) {
-        let Err(error) = result else { return };
-        self.handoff
-            .log(LogLevel::Warning, action, format!("Error {what}: {error}"));
-        if is_connectivity_error(&error) || self.client.is_closed() {
-            // One attempt per tick: these duties are periodic, the next tick retries.
-            if let Ok(client) = self.target.connect().await {
-                self.client = client;
+    async fn heartbeat(&mut self) -> Result<(), String> {
+        self.ensure_connected().await?;
+        let client = self.client.as_ref().ok_or("not connected")?;
+        let worker_id = self.identity.current();
+        let rows = bounded(
+            self.response_timeout,
+            client.query(sql::UPDATE_HEARTBEAT, &[&worker_id]),
+        )
+        .await?;
+        if rows.is_empty() {
+            self.identity
+                .register_again(
+                    client,
+                    worker_id,
+                    &self.handoff,
+                    "its heartbeat found no row",
+                )
+                .await
+                .map_err(|error| error.to_string())?;
+        }
+        Ok(())
+    }
+
+    async fn poll_aborts(&mut self) -> Result<(), String> {
+        self.ensure_connected().await?;
+        let client = self.client.as_ref().ok_or("not connected")?;
+        let ids = bounded(
+            self.response_timeout,
+            query_ids(client, sql::JOBS_TO_ABORT, &[&self.identity.all()]),
+        )
+        .await?;
+        if !ids.is_empty() {
+            self.handoff.send(HandoffEvent::Abort(ids));
+        }
+        Ok(())
+    }
+
+    async fn ensure_connected(&mut self) -> Result<(), String> {
+        if self.client.as_ref().is_none_or(Client::is_closed) && !self.connect().await {
+            return Err("not connected".into());
+        }
+        Ok(())
+    }
+
+    /// One attempt at a new connection.
+    async fn connect(&mut self) -> bool {
+        self.client = None;
+        match self.target.connect().await {
+            Ok(client) => {
+                self.client = Some(client);
+                true
             }
+            Err(_) => false,
         }
     }
 
+    /// Log a failed duty; drop the connection, which the next duty opens again (a
+    /// statement error on a live connection costs one reconnect, a cheap certainty).
+    fn lost(&mut self, action: &'static str, what: &str, error: &str) {
+        self.handoff
+            .log(LogLevel::Warning, action, format!("Error {what}: {error}"));
+        self.client = None;
+    }
+
     pub async fn unregister(&mut self) -> CoreResult<()> {
-        if self.client.is_closed() {
-            self.client = self
-                .target
-                .connect_with_backoff(Duration::from_secs(5))
-                .await?;
+        if self.client.as_ref().is_none_or(Client::is_closed) {
+            self.client = Some(
+                self.target
+                    .connect_with_backoff(Duration::from_secs(5))
+                    .await?,
+            );
         }
-        self.client
-            .execute(UNREGISTER_WORKER, &[&self.worker_id])
-            .await
-            .map_err(|error| CoreError::database("unregistering the worker", error))?;
+        let Some(client) = self.client.as_ref() else {
+            return Ok(());
+        };
+        let worker_id = self.identity.current();
+        bounded(
+            self.response_timeout,
+            client.execute(sql::UNREGISTER_WORKER, &[&worker_id]),
+        )
+        .await
+        .map_err(|reason| CoreError::Unreachable {
+            target: self.target.description().to_string(),
+            reason: format!("unregistering worker {worker_id}: {reason}"),
+        })?;
         Ok(())
+    }
+}
+
+/// `recover_stalled_jobs`: every `stalled_worker_timeout`, prune the stalled workers and
+/// put their jobs back to run, on a connection of its own.
+pub struct Recovery {
+    pub target: ConnectionTarget,
+    pub identity: Arc<Identity>,
+    pub handoff: HandoffSender,
+    pub stalled_worker_timeout: Duration,
+    pub response_timeout: Duration,
+    pub stop: watch::Receiver<bool>,
+    /// Woken when jobs went back to `todo`.
+    pub wake: Arc<Notify>,
+}
+
+impl Recovery {
+    pub async fn run(mut self) {
+        let mut client: Option<Client> = None;
+        let mut tick =
+            tokio::time::interval(self.stalled_worker_timeout.max(Duration::from_secs(1)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = self.stop.changed() => return,
+                _ = tick.tick() => {}
+            }
+            if client.as_ref().is_none_or(Client::is_closed) {
+                client = self.target.connect().await.ok();
+            }
+            let Some(connection) = client.as_mut() else {
+                continue;
+            };
+            let own = self.identity.all();
+            let attempt = tokio::time::timeout(
+                self.response_timeout,
+                prune_and_recover_stalled_jobs(connection, self.stalled_worker_timeout, &own),
+            )
+            .await;
+            match attempt {
+                Ok(Ok(recovered)) => {
+                    log_recovery(&self.handoff, &recovered);
+                    if !recovered.retried.is_empty() {
+                        self.wake.notify_one();
+                    }
+                }
+                Ok(Err(error)) => {
+                    self.handoff.log(
+                        LogLevel::Warning,
+                        "recover_stalled_jobs_error",
+                        format!("Error recovering stalled jobs (tried again later): {error}"),
+                    );
+                    client = None;
+                }
+                Err(_) => {
+                    self.handoff.log(
+                        LogLevel::Warning,
+                        "recover_stalled_jobs_error",
+                        "Error recovering stalled jobs (tried again later): no answer from the server",
+                    );
+                    client = None;
+                }
+            }
+        }
     }
 }

@@ -20,12 +20,13 @@ use crate::errors::{CoreError, CoreResult};
 use crate::handoff::{self, HandoffEvent, HandoffReceiver, LogLevel};
 use crate::listener::{self, Listener};
 use crate::metrics::{Metrics, MetricsSnapshot};
-use crate::registry::{self, Registry};
+use crate::registry::{self, Identity, Recovery, Registry};
 
 struct Running {
     dispatcher: JoinHandle<()>,
     listener: Option<JoinHandle<()>>,
     registry: JoinHandle<Registry>,
+    recovery: Option<JoinHandle<()>>,
     stop_background: watch::Sender<bool>,
 }
 
@@ -55,7 +56,8 @@ where
 }
 
 pub struct WorkerCore {
-    worker_id: i64,
+    identity: Arc<Identity>,
+    hard_stop: watch::Sender<bool>,
     pruned_workers: Vec<i64>,
     recovered_jobs: Vec<i64>,
     completions: Mutex<Option<mpsc::UnboundedSender<Reported>>>,
@@ -72,43 +74,64 @@ impl WorkerCore {
             return Err(CoreError::Config("concurrency must be at least 1".into()));
         }
         let config = Arc::new(config);
-        let target = ConnectionTarget::parse(&config.conninfo)?;
+        let target = ConnectionTarget::parse(&config.conninfo)?
+            .with_response_timeout(config.response_timeout);
 
         let mut maintenance = target.connect().await?;
         registry::check_schema(&target, &maintenance).await?;
         let metrics = Arc::new(Metrics::default());
         let (handoff, events) = handoff::channel(metrics.clone());
-        let (pruned_workers, recovered_jobs) = if config.recover_stalled_jobs {
-            let recovery = registry::prune_and_recover_stalled_jobs(
+        // At start, as procrastinate's worker does. A prune that another session's locks
+        // hold up is not worth failing the start for: it is logged, and done next time.
+        let pruning = if config.recover_stalled_jobs {
+            registry::prune_and_recover_stalled_jobs(
                 &mut maintenance,
                 config.stalled_worker_timeout,
-                None,
+                &[],
             )
-            .await?;
-            registry::log_recovery(&handoff, &recovery);
-            (recovery.pruned_workers, recovery.retried)
+            .await
+            .map(|recovered| {
+                registry::log_recovery(&handoff, &recovered);
+                (recovered.pruned_workers, recovered.retried)
+            })
         } else {
-            let pruned =
-                registry::prune_stalled_workers(&maintenance, config.stalled_worker_timeout)
-                    .await?;
-            (pruned, Vec::new())
+            registry::prune_stalled_workers(&maintenance, config.stalled_worker_timeout)
+                .await
+                .map(|pruned| (pruned, Vec::new()))
         };
-        let worker_id = registry::register_worker(&maintenance).await?;
+        let (pruned_workers, recovered_jobs) = match pruning {
+            Ok(done) => done,
+            Err(error) if error.is_connectivity() => return Err(error),
+            Err(error) => {
+                handoff.log(
+                    LogLevel::Warning,
+                    "prune_stalled_workers_error",
+                    format!("Stalled workers not pruned at start: {error}"),
+                );
+                (Vec::new(), Vec::new())
+            }
+        };
+        let identity = Arc::new(Identity::new(
+            registry::register_worker(&maintenance).await?,
+        ));
         let job_connection = target.connect().await?;
 
         let (completions_sender, completions) = mpsc::unbounded_channel();
         let (stop_fetching, stop_fetching_receiver) = watch::channel(false);
         let (stop_background, stop_background_receiver) = watch::channel(false);
+        let (hard_stop, hard_stop_receiver) = watch::channel(false);
         let wake = Arc::new(Notify::new());
         let in_flight = Arc::new(AtomicUsize::new(0));
 
         let dispatcher = Dispatcher {
             target: target.clone(),
             config: config.clone(),
-            worker_id,
+            identity: identity.clone(),
             completions,
             wake: wake.clone(),
             stop_fetching: stop_fetching_receiver,
+            hard_stop: hard_stop_receiver,
+            hard_stop_open: true,
             handoff: handoff.clone(),
             in_flight_count: in_flight.clone(),
         };
@@ -128,31 +151,45 @@ impl WorkerCore {
                 handoff: handoff.clone(),
                 stop: stop_background_receiver.clone(),
                 reconnect_timeout: config.reconnect_timeout,
+                response_timeout: config.response_timeout,
+                ping_interval: config.response_timeout,
             };
             Some(supervise("listener", listener.run(), handoff.clone(), None))
         } else {
             None
         };
 
+        let recovery = config.recover_stalled_jobs.then(|| {
+            tokio::spawn(
+                Recovery {
+                    target: target.clone(),
+                    identity: identity.clone(),
+                    handoff: handoff.clone(),
+                    stalled_worker_timeout: config.stalled_worker_timeout,
+                    response_timeout: config.response_timeout,
+                    stop: stop_background_receiver.clone(),
+                    wake,
+                }
+                .run(),
+            )
+        });
         let registry = Registry {
             target,
-            client: maintenance,
-            worker_id,
+            client: Some(maintenance),
+            identity: identity.clone(),
             handoff: handoff.clone(),
             in_flight,
             heartbeat_interval: config.update_heartbeat_interval,
             abort_polling_interval: config.abort_job_polling_interval,
+            response_timeout: config.response_timeout,
             stop: stop_background_receiver,
-            recover_stalled: config
-                .recover_stalled_jobs
-                .then_some(config.stalled_worker_timeout),
-            wake,
         };
         let registry = tokio::spawn(registry.run());
         drop(handoff);
 
         Ok(WorkerCore {
-            worker_id,
+            identity,
+            hard_stop,
             pruned_workers,
             recovered_jobs,
             completions: Mutex::new(Some(completions_sender)),
@@ -163,13 +200,15 @@ impl WorkerCore {
                 dispatcher,
                 listener,
                 registry,
+                recovery,
                 stop_background,
             })),
         })
     }
 
+    /// This worker's id now (a new one if it was pruned and registered again).
     pub fn worker_id(&self) -> i64 {
-        self.worker_id
+        self.identity.current()
     }
 
     pub fn pruned_workers(&self) -> &[i64] {
@@ -212,6 +251,14 @@ impl WorkerCore {
         self.metrics.snapshot()
     }
 
+    /// A hard stop (a second signal): stop claiming, and once the runner has shut down,
+    /// give up at once on outcomes that an unreachable database keeps from being written,
+    /// instead of trying for the rest of the reconnect budget.
+    pub fn hard_stop(&self) {
+        self.stop_fetching();
+        let _ = self.hard_stop.send(true);
+    }
+
     /// Stop claiming jobs, at once. Completions are still written.
     pub fn stop_fetching(&self) {
         let _ = self.stop_fetching.send(true);
@@ -250,16 +297,26 @@ impl WorkerCore {
         if let Some(listener) = running.listener {
             let _ = listener.await;
         }
+        if let Some(recovery) = running.recovery {
+            let _ = recovery.await;
+        }
         let mut registry = running
             .registry
             .await
-            .map_err(|_| CoreError::Config("the registry task panicked".into()))?;
+            .map_err(|failure| CoreError::Internal(format!("the registry stopped: {failure}")))?;
+        if *self.hard_stop.borrow() && registry.client.as_ref().is_none_or(|c| c.is_closed()) {
+            // A hard stop with the database out of reach: the row will be pruned as stalled.
+            return Ok(());
+        }
         let result = registry.unregister().await;
         if let Err(error) = &result {
             registry.handoff.log(
                 LogLevel::Warning,
                 "unregister_failed",
-                format!("Could not unregister worker {}: {error}", self.worker_id),
+                format!(
+                    "Could not unregister worker {}: {error}",
+                    self.identity.current()
+                ),
             );
         }
         result

@@ -141,6 +141,7 @@ async fn next_jobs(core: &WorkerCore) -> Vec<JobRow> {
 fn succeeded(job_id: i64) -> Completion {
     Completion {
         job_id,
+        attempts: 0,
         outcome: Outcome::Finish {
             status: "succeeded".into(),
             delete: false,
@@ -235,6 +236,7 @@ async fn retry_and_delete_follow_procrastinate_functions() {
     }
     core.complete(Completion {
         job_id: retried,
+        attempts: 0,
         outcome: Outcome::Retry {
             retry_at: Some("2999-01-01T00:00:00+00:00".into()),
             priority: Some(7),
@@ -245,6 +247,7 @@ async fn retry_and_delete_follow_procrastinate_functions() {
     .unwrap();
     core.complete(Completion {
         job_id: deleted,
+        attempts: 0,
         outcome: Outcome::Finish {
             status: "succeeded".into(),
             delete: true,
@@ -253,6 +256,7 @@ async fn retry_and_delete_follow_procrastinate_functions() {
     .unwrap();
     core.complete(Completion {
         job_id: failed,
+        attempts: 0,
         outcome: Outcome::Finish {
             status: "failed".into(),
             delete: false,
@@ -366,7 +370,12 @@ async fn a_completion_frees_its_lock_and_slot_for_the_claim_in_the_same_statemen
                             delete: false,
                         }
                     };
-                    core.complete(Completion { job_id, outcome }).unwrap();
+                    core.complete(Completion {
+                        job_id,
+                        attempts: 0,
+                        outcome,
+                    })
+                    .unwrap();
                 }
                 HandoffEvent::Drained => drained = true,
                 HandoffEvent::Fatal(error) => panic!("fatal: {error}"),
@@ -463,9 +472,8 @@ async fn explain_execute(client: &Client, execute: &str) -> (Vec<serde_json::Val
 /// grown since without an ANALYZE.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_claim_and_completion_plans_stay_on_indexes_when_planned_once() {
-    use fastworker_core::completer::COMPLETE_JOBS;
     use fastworker_core::connect::ConnectionTarget;
-    use fastworker_core::fetcher::{CLAIM_JOBS, COMPLETE_AND_CLAIM_JOBS};
+    use fastworker_core::sql::{CLAIM, COMPLETE, COMPLETE_AND_CLAIM};
 
     let db = TestDatabase::create("plans").await;
     let worker_id: i64 = db
@@ -483,7 +491,7 @@ async fn the_claim_and_completion_plans_stay_on_indexes_when_planned_once() {
         .await
         .unwrap();
     // As the dispatcher sets up its job connection.
-    fastworker_core::fetcher::Fetcher::prepare(&session, None, worker_id, 1)
+    fastworker_core::fetcher::Fetcher::prepare(&session, None, 1)
         .await
         .unwrap();
     let mode: String = session
@@ -495,12 +503,12 @@ async fn the_claim_and_completion_plans_stay_on_indexes_when_planned_once() {
     session
         .batch_execute(&format!(
             "PREPARE claim(varchar[], bigint, bigint, bigint, varchar[], varchar[], bigint[], \
-             bigint[], bigint[]) AS {CLAIM_JOBS}; \
+             bigint[], bigint[]) AS {CLAIM}; \
              PREPARE complete_and_claim(varchar[], bigint, bigint, bigint, varchar[], \
-             varchar[], bigint[], bigint[], bigint[], bigint[], text[], bigint[]) \
-             AS {COMPLETE_AND_CLAIM_JOBS}; \
-             PREPARE complete(bigint[], text[], bigint[], bigint[], text[], int[], text[], \
-             text[]) AS {COMPLETE_JOBS}"
+             varchar[], bigint[], bigint[], bigint[], bigint[], int[], text[], bigint[], \
+             int[], bigint[]) AS {COMPLETE_AND_CLAIM}; \
+             PREPARE complete(bigint[], int[], text[], bigint[], int[], bigint[], int[], \
+             text[], int[], text[], text[], bigint[]) AS {COMPLETE}"
         ))
         .await
         .unwrap();
@@ -545,9 +553,9 @@ async fn the_claim_and_completion_plans_stay_on_indexes_when_planned_once() {
         let ending = format!("{doing:?}").replace('[', "{").replace(']', "}");
         let complete_and_claim = format!(
             "EXECUTE complete_and_claim(NULL, {worker_id}, {limit}, 1000000, '{{}}', '{{}}', \
-             '{{}}', '{{}}', '{ending}', '{ending}', \
-             array_fill('succeeded'::text, ARRAY[{}]), '{{}}')",
-            doing.len()
+             '{{}}', '{{}}', '{ending}', '{ending}', array_fill(0, ARRAY[{n}]), \
+             array_fill('succeeded'::text, ARRAY[{n}]), '{{}}', '{{}}', '{{{worker_id}}}')",
+            n = doing.len()
         );
         for (name, execute, expected_rows) in [
             ("claim", &claim, limit),
@@ -574,8 +582,8 @@ async fn the_claim_and_completion_plans_stay_on_indexes_when_planned_once() {
 
         let (nodes, text) = explain_execute(
             &session,
-            "EXECUTE complete(ARRAY[1, 2]::bigint[], ARRAY['succeeded', 'failed'], '{}', \
-             '{}', '{}', '{}', '{}', '{}')",
+            "EXECUTE complete(ARRAY[1, 2]::bigint[], ARRAY[0, 0], ARRAY['succeeded', 'failed'], \
+             '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{1}')",
         )
         .await;
         assert!(

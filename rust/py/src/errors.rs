@@ -60,7 +60,9 @@ impl From<BindingError> for PyErr {
             CoreError::Unreachable { .. } => DatabaseUnreachable::new_err(message),
             CoreError::SchemaMissing { .. } => SchemaMissing::new_err(message),
             CoreError::ConnectionLost { .. } => ConnectionLost::new_err(message),
-            CoreError::Database { .. } => DatabaseError::new_err(message),
+            CoreError::Database { .. } | CoreError::Unusable { .. } => {
+                DatabaseError::new_err(message)
+            }
             CoreError::ShutDown => WorkerShutDown::new_err(message),
             CoreError::Internal(_) => FastworkerError::new_err(message),
         }

@@ -49,7 +49,7 @@ impl WorkerCore {
         conninfo, *, queues=None, concurrency=1, wait=true, fetch_job_polling_interval=5.0,
         abort_job_polling_interval=5.0, listen_notify=true, update_heartbeat_interval=10.0,
         stalled_worker_timeout=30.0, reconnect_timeout=60.0, max_batch_size=500,
-        recover_stalled_jobs=false, queue_concurrency=None
+        recover_stalled_jobs=false, queue_concurrency=None, response_timeout=30.0
     ))]
     #[allow(clippy::too_many_arguments)]
     fn start<'py>(
@@ -67,6 +67,7 @@ impl WorkerCore {
         max_batch_size: usize,
         recover_stalled_jobs: bool,
         queue_concurrency: Option<std::collections::HashMap<String, usize>>,
+        response_timeout: f64,
     ) -> PyResult<Bound<'py, PyAny>> {
         let mut config = WorkerConfig::new(conninfo);
         config.queues = queues;
@@ -81,6 +82,10 @@ impl WorkerCore {
             interval("update_heartbeat_interval", update_heartbeat_interval)?;
         config.stalled_worker_timeout = seconds("stalled_worker_timeout", stalled_worker_timeout)?;
         config.reconnect_timeout = seconds("reconnect_timeout", reconnect_timeout)?;
+        config.response_timeout = seconds("response_timeout", response_timeout)?;
+        if config.response_timeout.is_zero() {
+            return Err(PyValueError::new_err("response_timeout must be positive"));
+        }
         config.max_batch_size = max_batch_size.max(1);
         config.recover_stalled_jobs = recover_stalled_jobs;
         config.queue_concurrency = queue_concurrency.unwrap_or_default();
@@ -109,53 +114,18 @@ impl WorkerCore {
         self.core.recovered_jobs().to_vec()
     }
 
-    /// The job ended `succeeded`, `failed` or `aborted` (or is deleted when `delete`).
-    fn finish(&self, job_id: i64, status: &str, delete: bool) -> PyResult<()> {
-        if !matches!(status, "succeeded" | "failed" | "aborted") {
-            return Err(PyValueError::new_err(format!(
-                "end status must be succeeded, failed or aborted, got {status:?}"
-            )));
-        }
-        let outcome = Outcome::Finish {
-            status: status.to_string(),
-            delete,
-        };
-        self.core
-            .complete(Completion { job_id, outcome })
-            .map_err(|error| BindingError(error).into())
-    }
-
-    /// The job goes back to `todo` (procrastinate_retry_job_v2 semantics).
-    #[pyo3(signature = (job_id, retry_at=None, priority=None, queue=None, lock=None))]
-    fn retry(
-        &self,
-        job_id: i64,
-        retry_at: Option<String>,
-        priority: Option<i32>,
-        queue: Option<String>,
-        lock: Option<String>,
-    ) -> PyResult<()> {
-        let outcome = Outcome::Retry {
-            retry_at,
-            priority,
-            queue,
-            lock,
-        };
-        self.core
-            .complete(Completion { job_id, outcome })
-            .map_err(|error| BindingError(error).into())
-    }
-
-    /// Several outcomes in one call, written in the same batch:
-    /// `finished` as (job_id, status, delete), `retried` as (job_id, retry_at, priority, queue, lock).
+    /// Several outcomes in one call, written in the same batch: `finished` as
+    /// (job_id, attempts, status, delete), `retried` as (job_id, attempts, retry_at,
+    /// priority, queue, lock), `attempts` being the job's attempts when it was handed over.
     /// `durations`: seconds each job ran, finished then retried (for the metrics only).
     #[allow(clippy::type_complexity)]
     #[pyo3(signature = (finished, retried, durations=None))]
     fn complete_many(
         &self,
-        finished: Vec<(i64, String, bool)>,
+        finished: Vec<(i64, i32, String, bool)>,
         retried: Vec<(
             i64,
+            i32,
             Option<String>,
             Option<i32>,
             Option<String>,
@@ -164,7 +134,7 @@ impl WorkerCore {
         durations: Option<Vec<f64>>,
     ) -> PyResult<()> {
         let mut completions = Vec::with_capacity(finished.len() + retried.len());
-        for (job_id, status, delete) in finished {
+        for (job_id, attempts, status, delete) in finished {
             if !matches!(status.as_str(), "succeeded" | "failed" | "aborted") {
                 return Err(PyValueError::new_err(format!(
                     "end status must be succeeded, failed or aborted, got {status:?}"
@@ -172,12 +142,14 @@ impl WorkerCore {
             }
             completions.push(Completion {
                 job_id,
+                attempts,
                 outcome: Outcome::Finish { status, delete },
             });
         }
-        for (job_id, retry_at, priority, queue, lock) in retried {
+        for (job_id, attempts, retry_at, priority, queue, lock) in retried {
             completions.push(Completion {
                 job_id,
+                attempts,
                 outcome: Outcome::Retry {
                     retry_at,
                     priority,
@@ -208,6 +180,12 @@ impl WorkerCore {
     /// Stop claiming at once; running jobs go on and their outcomes are still written.
     fn stop_fetching(&self) {
         self.core.stop_fetching();
+    }
+
+    /// A hard stop: stop claiming, and at shutdown give up at once on outcomes that an
+    /// unreachable database keeps from being written.
+    fn hard_stop(&self) {
+        self.core.hard_stop();
     }
 
     /// Awaitable: the next list of events, or None once the core is shut down.
@@ -335,6 +313,7 @@ fn events_to_python(py: Python<'_>, events: Vec<HandoffEvent>) -> PyResult<Bound
             HandoffEvent::Abort(ids) => ("abort", ids).into_pyobject(py)?,
             HandoffEvent::Drained => ("drained", py.None()).into_pyobject(py)?,
             HandoffEvent::FetchingStopped => ("fetching_stopped", py.None()).into_pyobject(py)?,
+            HandoffEvent::WorkerId(worker_id) => ("worker_id", worker_id).into_pyobject(py)?,
             HandoffEvent::Log(record) => (
                 "log",
                 (

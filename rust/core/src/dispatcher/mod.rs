@@ -1,0 +1,669 @@
+//! The dispatcher owns the job connection and runs the claim/complete cycle.
+//!
+//! Each round trip sends the pending completions and a claim for the slots they free, in
+//! one transaction, so freed locks and slots count for that claim. Completions batch
+//! themselves: whatever arrived while the previous round trip was in flight goes out in the
+//! next one.
+//!
+//! Claims follow procrastinate's worker: claim while claims come back full; after a short
+//! claim, wait for a `job_inserted` wake-up, the polling interval, or a stop.
+//!
+//! Faults: no answer within `response_timeout` counts as a lost connection (a half-open
+//! one). A lost connection is replaced, the server process of the old one is made sure to
+//! be gone, the completions that were in flight are sent again (conditioned on their
+//! claims, so harmless if they had been written), and the claims this worker holds but
+//! never heard of are handed over (also looked for at every heartbeat interval: a
+//! statement of a lost connection may commit later). A statement refused for a passing
+//! reason is sent again with backoff. Only when the database stays unusable for the whole
+//! reconnect budget does the dispatcher stop claiming (a fatal error for the runner), and
+//! even then it keeps writing the outcomes it gets until the runner shuts down.
+
+mod state;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{mpsc, watch, Notify};
+use tokio_postgres::Client;
+
+use crate::completer::{Completer, Completion, CompletionBatch, CompletionReport, Reported};
+use crate::config::WorkerConfig;
+use crate::connect::ConnectionTarget;
+use crate::errors::{CoreError, CoreResult, Failed, Failure};
+use crate::fetcher::{Claimant, Fetcher, JobRow, QueueRoom};
+use crate::handoff::{HandoffSender, LogLevel};
+use crate::registry::Identity;
+use crate::sql;
+
+pub use state::{InFlight, Needs, Plan, RoundTripPlan, Settings, State};
+
+/// How long a reconnected dispatcher lets the server process of its lost connection end
+/// on its own before it ends it (a half-open connection's process lives on, maybe in a
+/// transaction that holds row locks).
+const OLD_BACKEND_GRACE: Duration = Duration::from_millis(500);
+const OLD_BACKEND_WAIT: Duration = Duration::from_secs(2);
+
+pub struct Dispatcher {
+    pub target: ConnectionTarget,
+    pub config: Arc<WorkerConfig>,
+    pub identity: Arc<Identity>,
+    /// Outcomes from the runner, in the chunks it reported them.
+    pub completions: mpsc::UnboundedReceiver<Reported>,
+    pub wake: Arc<Notify>,
+    pub stop_fetching: watch::Receiver<bool>,
+    /// Set by a hard stop: give up waiting for an unusable database at once.
+    pub hard_stop: watch::Receiver<bool>,
+    /// Whether `hard_stop` can still change (its sender lives).
+    pub hard_stop_open: bool,
+    pub handoff: HandoffSender,
+    /// Jobs claimed and not yet completed in the database (read by the abort poller).
+    pub in_flight_count: Arc<AtomicUsize>,
+}
+
+/// What one round trip did: `None` where that step was not needed.
+struct RoundTrip {
+    flushed: Option<Result<CompletionReport, Failed>>,
+    claimed: Option<Result<Vec<JobRow>, Failed>>,
+}
+
+/// The claim part of a round trip.
+struct ClaimRequest<'a> {
+    claimant: &'a Claimant,
+    limit: usize,
+    room: &'a QueueRoom,
+    /// Jobs whose terminal write was refused: `doing`, but holding no slot.
+    abandoned: &'a [i64],
+}
+
+/// A server process, told apart from a later one with the same pid.
+#[derive(Clone, Copy, Debug)]
+struct Backend {
+    pid: i32,
+    started: SystemTime,
+}
+
+struct Connection {
+    client: Client,
+    fetcher: Fetcher,
+    completer: Completer,
+    backend: Option<Backend>,
+}
+
+/// Send the pending completions and the claim in one round trip. When both are needed they
+/// share one transaction: one commit (one WAL flush) instead of two, and the claim counts
+/// the locks and slots the completions free. Without retries it is a single statement
+/// (one message each way); with retries, two statements pipelined in a transaction.
+async fn round_trip(
+    connection: &Connection,
+    batch: &[Completion],
+    claim: &ClaimRequest<'_>,
+) -> RoundTrip {
+    let client = &connection.client;
+    let completer = &connection.completer;
+    let fetcher = &connection.fetcher;
+    let workers = &claim.claimant.worker_ids;
+    let claim_now = || async {
+        fetcher
+            .claim(
+                client,
+                claim.claimant,
+                claim.limit,
+                claim.room,
+                claim.abandoned,
+            )
+            .await
+            .map_err(|error| Failed::new(&error))
+    };
+    match (batch.is_empty(), claim.limit == 0) {
+        (true, true) => RoundTrip {
+            flushed: None,
+            claimed: None,
+        },
+        (false, true) => RoundTrip {
+            flushed: Some(completer.write(client, batch, workers).await),
+            claimed: None,
+        },
+        (true, false) => RoundTrip {
+            flushed: None,
+            claimed: Some(claim_now().await),
+        },
+        (false, false) => {
+            let written = CompletionBatch::build(batch);
+            if !written.has_retries() {
+                // One statement: one message, one commit.
+                return match fetcher
+                    .complete_and_claim(
+                        client,
+                        claim.claimant,
+                        &written,
+                        claim.limit,
+                        claim.room,
+                        claim.abandoned,
+                    )
+                    .await
+                {
+                    Ok((jobs, done)) => RoundTrip {
+                        flushed: Some(Ok(CompletionReport::of_batch(batch, &done))),
+                        claimed: Some(Ok(jobs)),
+                    },
+                    Err(error) => {
+                        let failed = Failed::new(&error);
+                        if failed.failure == Failure::Connection {
+                            // Committed or not, nobody can tell: as with the transaction below.
+                            RoundTrip {
+                                flushed: Some(Err(failed)),
+                                claimed: None,
+                            }
+                        } else {
+                            // Nothing was written (the statement is its own transaction):
+                            // redo the steps on their own, where a bad completion cannot
+                            // hold back the others.
+                            separately(connection, batch, claim).await
+                        }
+                    }
+                };
+            }
+            // Retries: completions, then the claim, in one transaction, so the claim sees
+            // a retried job that is due at once. Polled in order by join!, so sent in this
+            // order, in one round trip.
+            let (begin, flushed, claimed, commit) = tokio::join!(
+                client.batch_execute("BEGIN"),
+                completer.write_batch(client, batch, workers),
+                fetcher.claim(
+                    client,
+                    claim.claimant,
+                    claim.limit,
+                    claim.room,
+                    claim.abandoned
+                ),
+                client.batch_execute("COMMIT"),
+            );
+            let errors: Vec<Failed> = [
+                begin.as_ref().err(),
+                flushed.as_ref().err(),
+                claimed.as_ref().err(),
+                commit.as_ref().err(),
+            ]
+            .into_iter()
+            .flatten()
+            .map(Failed::new)
+            .collect();
+            if errors.is_empty() {
+                return RoundTrip {
+                    flushed: Some(flushed.map_err(|error| Failed::new(&error))),
+                    claimed: Some(claimed.map_err(|error| Failed::new(&error))),
+                };
+            }
+            if let Some(lost) = errors
+                .into_iter()
+                .find(|failed| failed.failure == Failure::Connection)
+            {
+                // Committed or not, nobody can tell: report the connection as lost; the
+                // dispatcher sends the batch again and looks for orphaned claims.
+                return RoundTrip {
+                    flushed: Some(Err(lost)),
+                    claimed: None,
+                };
+            }
+            // A statement failed, so PostgreSQL rolled the transaction back (COMMIT answers
+            // ROLLBACK). Redo the steps on their own, where a bad completion cannot hold
+            // back the others.
+            let _ = client.batch_execute("ROLLBACK").await;
+            separately(connection, batch, claim).await
+        }
+    }
+}
+
+/// The completions (batched, else one by one), then the claim, each on its own.
+async fn separately(
+    connection: &Connection,
+    batch: &[Completion],
+    claim: &ClaimRequest<'_>,
+) -> RoundTrip {
+    let client = &connection.client;
+    let flushed = connection
+        .completer
+        .write(client, batch, &claim.claimant.worker_ids)
+        .await;
+    if matches!(&flushed, Err(failed) if failed.failure == Failure::Connection) {
+        return RoundTrip {
+            flushed: Some(flushed),
+            claimed: None,
+        };
+    }
+    // Writes refused just now free their slots for this very claim (with `wait=False` a
+    // short claim ends the run).
+    let mut abandoned = claim.abandoned.to_vec();
+    if let Ok(report) = &flushed {
+        abandoned.extend(report.refused.iter().map(|(key, _)| key.0));
+    }
+    let claimed = connection
+        .fetcher
+        .claim(client, claim.claimant, claim.limit, claim.room, &abandoned)
+        .await
+        .map_err(|error| Failed::new(&error));
+    RoundTrip {
+        flushed: Some(flushed),
+        claimed: Some(claimed),
+    }
+}
+
+impl Dispatcher {
+    fn settings(&self) -> Settings {
+        Settings {
+            concurrency: self.config.concurrency,
+            max_batch_size: self.config.max_batch_size,
+            wait: self.config.wait,
+            queue_limits: self.config.queue_concurrency.clone(),
+            budget: self.config.reconnect_timeout,
+            target: self.target.description().to_string(),
+        }
+    }
+
+    async fn prepare(&self, client: Client) -> CoreResult<Connection> {
+        let fetcher =
+            Fetcher::prepare(&client, self.config.queues.clone(), self.config.concurrency).await?;
+        let completer = Completer::prepare(&client).await?;
+        let backend = client
+            .query_one(sql::BACKEND_IDENTITY, &[])
+            .await
+            .and_then(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .map(|(pid, started)| Backend { pid, started })
+            // Behind a pooler the backend may not be visible: nothing to wait for then.
+            .ok();
+        Ok(Connection {
+            client,
+            fetcher,
+            completer,
+            backend,
+        })
+    }
+
+    fn hard_stopped(&self) -> bool {
+        *self.hard_stop.borrow()
+    }
+
+    /// Runs until the completion sender is dropped and every completion is written (or
+    /// given up on, after the reconnect budget or a hard stop).
+    pub async fn run(mut self, client: Client) -> CoreResult<()> {
+        let mut state = State::new(self.settings());
+        let mut connection = match self.prepare(client).await {
+            Ok(connection) => Some(connection),
+            Err(error) if error.is_connectivity() => None,
+            Err(error) => return Err(error),
+        };
+        self.handoff
+            .metrics()
+            .set_connected("dispatcher", connection.is_some());
+        let mut old_backend = None;
+        // procrastinate takes 0 (poll back to back); tokio's interval needs a period.
+        let mut poll = interval(self.config.fetch_job_polling_interval);
+        poll.tick().await;
+        // Claims of this worker that it never heard of (a statement of a lost connection
+        // that committed late) are looked for at the heartbeat's pace.
+        let mut orphan_check = interval(
+            self.config
+                .update_heartbeat_interval
+                .max(Duration::from_secs(1)),
+        );
+        orphan_check.tick().await;
+
+        loop {
+            if connection.is_none() {
+                connection = self.reconnect(&mut state, old_backend.take()).await;
+                self.send_outbox(&mut state);
+                if connection.is_none() {
+                    return Ok(());
+                }
+            }
+            let Some(current) = connection.as_ref() else {
+                continue;
+            };
+            while let Ok(reported) = self.completions.try_recv() {
+                state.receive(reported);
+            }
+            let plan = state.plan(Instant::now(), *self.stop_fetching.borrow());
+            self.send_outbox(&mut state);
+            let plan = match plan {
+                Plan::Done => return Ok(()),
+                Plan::Wait { until } => {
+                    let sleep = until.map(|until| tokio::time::sleep_until(until.into()));
+                    tokio::select! {
+                        completion = self.completions.recv(), if state.completions_open => match completion {
+                            Some(reported) => state.receive(reported),
+                            None => state.on_completions_closed(Instant::now()),
+                        },
+                        _ = self.wake.notified(), if state.claiming => state.want_claim = true,
+                        _ = poll.tick(), if state.claiming => state.want_claim = true,
+                        _ = self.stop_fetching.changed(), if state.claiming => {},
+                        _ = orphan_check.tick() => {
+                            if let Err(failed) = self.check_orphans(current, &mut state).await {
+                                if failed.failure == Failure::Connection {
+                                    old_backend = current.backend;
+                                    connection = None;
+                                }
+                            }
+                            self.send_outbox(&mut state);
+                        }
+                        _ = async { if let Some(sleep) = sleep { sleep.await } }, if until.is_some() => {},
+                        changed = self.hard_stop.changed(), if self.hard_stop_open => {
+                            self.hard_stop_open = changed.is_ok();
+                            if self.hard_stopped() && !state.completions_open {
+                                state.give_up("hard stop");
+                                self.send_outbox(&mut state);
+                                return Ok(());
+                            }
+                        }
+                    }
+                    continue;
+                }
+                Plan::RoundTrip(plan) => plan,
+            };
+
+            let claimant = self.identity.claimant();
+            let request = ClaimRequest {
+                claimant: &claimant,
+                limit: plan.claim_limit,
+                room: &plan.room,
+                abandoned: &plan.abandoned,
+            };
+            let answer = self
+                .bounded(round_trip(current, &plan.batch, &request))
+                .await;
+            let now = Instant::now();
+            let mut needs = Needs::default();
+            match answer {
+                Some(RoundTrip { flushed, claimed }) => {
+                    if let Some(flushed) = flushed {
+                        state.on_flushed(now, plan.batch, flushed, &mut needs);
+                    }
+                    if let Some(claimed) = claimed {
+                        state.on_claimed(now, plan.claim_limit, &plan.room, claimed, &mut needs);
+                    }
+                }
+                None => {
+                    // No answer in time: the connection is taken for dead (half-open).
+                    state.on_flushed(
+                        now,
+                        plan.batch,
+                        Err(Failed::no_answer(self.config.response_timeout)),
+                        &mut needs,
+                    );
+                    needs.reconnect = true;
+                }
+            }
+            if needs.register_again && !needs.reconnect {
+                let gone = claimant.worker_id;
+                if let Err(error) = self
+                    .identity
+                    .register_again(
+                        &current.client,
+                        gone,
+                        &self.handoff,
+                        "a claim found its row gone",
+                    )
+                    .await
+                {
+                    state.on_trouble(now, "registering the worker again", &error.to_string());
+                    needs.reconnect = error.is_connectivity();
+                }
+            }
+            self.publish(&mut state);
+            if needs.reconnect || current.client.is_closed() {
+                old_backend = current.backend;
+                connection = None;
+            }
+        }
+    }
+
+    /// A round trip, bounded by `response_timeout` (a hard stop shortens the wait):
+    /// `None` if no answer came in time.
+    async fn bounded<T>(&mut self, work: impl std::future::Future<Output = T>) -> Option<T> {
+        tokio::pin!(work);
+        let deadline = tokio::time::sleep(self.config.response_timeout);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                answer = &mut work => return Some(answer),
+                _ = &mut deadline => return None,
+                changed = self.hard_stop.changed(), if self.hard_stop_open => {
+                    if changed.is_err() {
+                        self.hard_stop_open = false;
+                        continue;
+                    }
+                    if self.hard_stopped() {
+                        let soon = tokio::time::Instant::now() + Duration::from_secs(1);
+                        if soon < deadline.deadline() {
+                            deadline.as_mut().reset(soon);
+                        }
+                        // No more changes to wait for; the deadline decides.
+                        return tokio::select! {
+                            answer = &mut work => Some(answer),
+                            _ = &mut deadline => None,
+                        };
+                    }
+                }
+            }
+        }
+    }
+
+    fn send_outbox(&self, state: &mut State) {
+        for event in state.outbox.drain(..) {
+            self.handoff.send(event);
+        }
+    }
+
+    /// Events and metrics after a round trip.
+    fn publish(&self, state: &mut State) {
+        self.send_outbox(state);
+        let claimed = std::mem::take(&mut state.claimed_metrics);
+        let ended = std::mem::take(&mut state.ended_metrics);
+        let batch_sizes = std::mem::take(&mut state.batch_sizes);
+        let held = state.in_flight.len();
+        let backlog = state.backlog() as u64;
+        self.in_flight_count.store(held, Ordering::Relaxed);
+        self.handoff.metrics().update(|metrics| {
+            if !claimed.is_empty() {
+                state::record_claims(metrics, claimed);
+            }
+            state::record_outcomes(metrics, ended, &batch_sizes);
+            metrics.in_flight = held as u64;
+            metrics.completer_backlog = backlog;
+        });
+    }
+
+    /// A new job connection, set up, with the claims the lost one made that never reached
+    /// the dispatcher. Tries with backoff as long as anyone may need the database; past
+    /// the reconnect budget the runner gets a fatal error (claiming stops) and the tries go
+    /// on for the outcomes still to come, until the runner shuts down and the last of them
+    /// had their budget. `None`: given up (the budget, or a hard stop).
+    async fn reconnect(&mut self, state: &mut State, old: Option<Backend>) -> Option<Connection> {
+        self.handoff.metrics().set_connected("dispatcher", false);
+        let started = Instant::now();
+        let mut delay = state::FIRST_BACKOFF;
+        let mut last_error = String::new();
+        loop {
+            while let Ok(reported) = self.completions.try_recv() {
+                state.receive(reported);
+            }
+            if self.completions.is_closed() && self.completions.is_empty() {
+                state.on_completions_closed(Instant::now());
+            }
+            if self.hard_stopped() && !state.completions_open {
+                state.give_up("hard stop while the database was unreachable");
+                return None;
+            }
+            if !state.worth_reconnecting(Instant::now()) {
+                state.give_up(&format!("the database stayed unreachable: {last_error}"));
+                return None;
+            }
+            match self.connect_and_set_up(state, old).await {
+                Ok((connection, orphans)) => {
+                    self.handoff.metrics().set_connected("dispatcher", true);
+                    self.handoff.log(
+                        LogLevel::Info,
+                        "dispatcher_reconnected",
+                        format!("Reconnected to {}", self.target.description()),
+                    );
+                    state.on_reconnected(orphans);
+                    self.publish(state);
+                    return Some(connection);
+                }
+                // Unreachable, lost again while setting up, or refused (too many
+                // connections...): all passing troubles, as far as the dispatcher can tell.
+                Err(error) => last_error = error.to_string(),
+            }
+            if started.elapsed() > self.config.reconnect_timeout && !state.fatal_sent() {
+                state.fatal(CoreError::ConnectionLost {
+                    target: self.target.description().to_string(),
+                    budget: self.config.reconnect_timeout,
+                    reason: last_error.clone(),
+                });
+                self.send_outbox(state);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                changed = self.hard_stop.changed(), if self.hard_stop_open => {
+                    self.hard_stop_open = changed.is_ok();
+                }
+                completion = self.completions.recv(), if state.completions_open => match completion {
+                    Some(reported) => state.receive(reported),
+                    None => state.on_completions_closed(Instant::now()),
+                },
+            }
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    async fn connect_and_set_up(
+        &self,
+        state: &State,
+        old: Option<Backend>,
+    ) -> CoreResult<(Connection, Vec<JobRow>)> {
+        let client = self.target.connect().await?;
+        let set_up = async {
+            let connection = self.prepare(client).await?;
+            if let Some(old) = old {
+                self.retire_old_backend(&connection.client, old).await;
+            }
+            let orphans = self
+                .orphaned_claims(&connection.client, state)
+                .await
+                .map_err(|error| {
+                    CoreError::database("looking for claims lost in transit", error)
+                })?;
+            Ok::<_, CoreError>((connection, orphans))
+        };
+        match tokio::time::timeout(self.config.response_timeout, set_up).await {
+            Ok(result) => result,
+            Err(_) => Err(CoreError::Unreachable {
+                target: self.target.description().to_string(),
+                reason: "no answer while setting up the job connection".into(),
+            }),
+        }
+    }
+
+    /// The server process of a lost connection may live on: a killed one until its
+    /// rollback is done, a half-open one until TCP gives up, maybe holding the row locks
+    /// of a transaction nobody will finish. Claims would skip (SKIP LOCKED) or wait for
+    /// those rows. Let it end on its own for a moment, then end it (it is this worker's
+    /// own process, told apart from any later one by its start time).
+    async fn retire_old_backend(&self, client: &Client, old: Backend) {
+        let alive = || async {
+            client
+                .query_one(sql::BACKEND_ALIVE, &[&old.pid, &old.started])
+                .await
+                .and_then(|row| row.try_get::<_, bool>(0))
+                .unwrap_or(false)
+        };
+        let started = Instant::now();
+        let mut terminated = false;
+        while alive().await {
+            if started.elapsed() > OLD_BACKEND_WAIT {
+                return;
+            }
+            if !terminated && started.elapsed() > OLD_BACKEND_GRACE {
+                terminated = true;
+                let _ = client
+                    .execute(sql::TERMINATE_BACKEND, &[&old.pid, &old.started])
+                    .await;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn orphaned_claims(
+        &self,
+        client: &Client,
+        state: &State,
+    ) -> Result<Vec<JobRow>, tokio_postgres::Error> {
+        let (ids, attempts) = state.in_flight.keys();
+        let workers = self.identity.all();
+        let rows = client
+            .query(
+                sql::ORPHANED_CLAIMS,
+                &[&workers, &ids, &attempts, &state.abandoned],
+            )
+            .await?;
+        rows.iter().map(JobRow::from_row).collect()
+    }
+
+    /// Between round trips (nothing in flight on this connection, so every claim it made
+    /// is known): hand over claims of this worker nobody knew of, and forget abandoned
+    /// jobs that are no longer `doing` for it.
+    async fn check_orphans(
+        &self,
+        connection: &Connection,
+        state: &mut State,
+    ) -> Result<(), Failed> {
+        let client = &connection.client;
+        let check = async {
+            let orphans = self.orphaned_claims(client, state).await?;
+            let still = if state.abandoned.is_empty() {
+                None
+            } else {
+                let rows = client
+                    .query(
+                        sql::STILL_ABANDONED,
+                        &[&self.identity.all(), &state.abandoned],
+                    )
+                    .await?;
+                Some(
+                    rows.iter()
+                        .map(|row| row.try_get::<_, i64>(0))
+                        .collect::<Result<Vec<_>, _>>()?,
+                )
+            };
+            Ok::<_, tokio_postgres::Error>((orphans, still))
+        };
+        let answer = tokio::time::timeout(self.config.response_timeout, check).await;
+        let (orphans, still) = match answer {
+            Ok(Ok(found)) => found,
+            Ok(Err(error)) => {
+                let failed = Failed::new(&error);
+                self.handoff.log(
+                    LogLevel::Warning,
+                    "orphan_check_failed",
+                    format!("Error looking for orphaned claims: {}", failed.reason),
+                );
+                return Err(failed);
+            }
+            Err(_) => return Err(Failed::no_answer(self.config.response_timeout)),
+        };
+        if let Some(still) = still {
+            state.keep_abandoned(&still);
+        }
+        if !orphans.is_empty() {
+            state.on_reconnected(orphans);
+            self.publish(state);
+        }
+        Ok(())
+    }
+}
+
+fn interval(period: Duration) -> tokio::time::Interval {
+    let mut interval = tokio::time::interval(period.max(Duration::from_millis(1)));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval
+}

@@ -1,0 +1,987 @@
+//! The dispatcher's decisions, without PostgreSQL: what it holds, what to send next, and
+//! what each answer (or failure) changes. The async shell in [`super`] runs the round trips
+//! and feeds their results to the named transitions here (`on_flushed`, `on_claimed`,
+//! `on_connection_lost`, ...); every event for the runner goes through `outbox`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::completer::{ClaimKey, Completion, CompletionReport, Outcome, Reported};
+use crate::errors::{CoreError, Failed, Failure};
+use crate::fetcher::{JobRow, QueueRoom};
+use crate::handoff::{HandoffEvent, LogLevel, LogRecord};
+use crate::metrics::{Histogram, MetricsSnapshot, TaskQueue, DURATION_BUCKETS};
+
+/// Backoff of statements that failed for a passing reason, and of reconnects.
+pub const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The settings the decisions depend on.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub concurrency: usize,
+    pub max_batch_size: usize,
+    pub wait: bool,
+    pub queue_limits: HashMap<String, usize>,
+    /// How long the database may be unreachable or refuse every statement before the
+    /// worker gives up claiming (a fatal error for the runner).
+    pub budget: Duration,
+    /// For error messages.
+    pub target: String,
+}
+
+/// Claims handed to the runner and not yet ended in the database, with per-queue counts
+/// for the queues that have a concurrency limit.
+pub struct InFlight {
+    jobs: HashMap<ClaimKey, Held>,
+    held: HashMap<String, usize>,
+    limits: HashMap<String, usize>,
+    /// Task and queue names, shared by all the jobs that have them.
+    names: HashSet<Arc<str>>,
+}
+
+struct Held {
+    task_queue: TaskQueue,
+    limited: bool,
+}
+
+impl InFlight {
+    pub fn new(limits: HashMap<String, usize>, capacity: usize) -> Self {
+        InFlight {
+            // `capacity` is the concurrency, which may be huge ("unbounded", as procrastinate
+            // allows): reserve for a sensible number of jobs, grow beyond that if needed.
+            jobs: HashMap::with_capacity(capacity.min(1024)),
+            held: HashMap::new(),
+            limits,
+            names: HashSet::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+
+    pub fn contains(&self, key: &ClaimKey) -> bool {
+        self.jobs.contains_key(key)
+    }
+
+    fn name(&mut self, name: &str) -> Arc<str> {
+        if let Some(shared) = self.names.get(name) {
+            return shared.clone();
+        }
+        let shared: Arc<str> = name.into();
+        self.names.insert(shared.clone());
+        shared
+    }
+
+    pub fn insert(&mut self, job: &JobRow) -> TaskQueue {
+        let limited = self.limits.contains_key(&job.queue_name);
+        let task_queue = (self.name(&job.task_name), self.name(&job.queue_name));
+        let held = Held {
+            task_queue: task_queue.clone(),
+            limited,
+        };
+        if self.jobs.insert((job.id, job.attempts), held).is_none() && limited {
+            *self.held.entry(job.queue_name.clone()).or_default() += 1;
+        }
+        task_queue
+    }
+
+    /// The job's task and queue, and whether the queue is limited.
+    pub fn remove(&mut self, key: &ClaimKey) -> Option<(TaskQueue, bool)> {
+        let held = self.jobs.remove(key)?;
+        if held.limited {
+            if let Some(count) = self.held.get_mut(&*held.task_queue.1) {
+                *count = count.saturating_sub(1);
+            }
+        }
+        Some((held.task_queue, held.limited))
+    }
+
+    /// The claims it holds, as parallel arrays (job ids, attempts at claim).
+    pub fn keys(&self) -> (Vec<i64>, Vec<i32>) {
+        self.jobs.keys().copied().unzip()
+    }
+
+    /// Room per limited queue once `pending` completions are written.
+    pub fn room_after(&self, pending: &[Completion]) -> QueueRoom {
+        if self.limits.is_empty() {
+            return QueueRoom::default();
+        }
+        let mut held = self.held.clone();
+        for completion in pending {
+            if let Some(job) = self.jobs.get(&completion.key()) {
+                if job.limited {
+                    if let Some(count) = held.get_mut(&*job.task_queue.1) {
+                        *count = count.saturating_sub(1);
+                    }
+                }
+            }
+        }
+        QueueRoom::compute(&self.limits, &held)
+    }
+}
+
+/// A completion whose write failed for a passing reason, to be sent again.
+struct Later {
+    due: Instant,
+    completion: Completion,
+}
+
+/// The database has been unusable since `since`: the next attempt waits until `retry_at`.
+#[derive(Clone, Copy, Debug)]
+struct Trouble {
+    since: Instant,
+    backoff: Duration,
+    retry_at: Instant,
+}
+
+/// What to do next.
+#[derive(Debug, PartialEq)]
+pub enum Plan {
+    /// Send these completions and claim up to `claim_limit` jobs within `room`.
+    RoundTrip(RoundTripPlan),
+    /// Nothing to send: wait for a completion, a wake-up, a poll, or `until`.
+    Wait { until: Option<Instant> },
+    /// Every completion is written and no more can come.
+    Done,
+}
+
+#[derive(Debug, PartialEq)]
+pub struct RoundTripPlan {
+    pub batch: Vec<Completion>,
+    pub claim_limit: usize,
+    pub room: QueueRoom,
+    pub abandoned: Vec<i64>,
+}
+
+/// What the shell must do besides sending the events of the outbox.
+#[derive(Debug, Default, PartialEq)]
+pub struct Needs {
+    /// The connection is lost or dead: reconnect, then look for orphaned claims.
+    pub reconnect: bool,
+    /// This worker's row is gone: register again before claiming.
+    pub register_again: bool,
+}
+
+pub struct State {
+    settings: Settings,
+    pub in_flight: InFlight,
+    /// Reported, not yet written, ready to send.
+    pending: Vec<Completion>,
+    /// Failed for a passing reason: sent again when due.
+    later: Vec<Later>,
+    /// How long each reported job ran (only for the metrics).
+    durations: HashMap<ClaimKey, f64>,
+    /// Completions that were sent when the connection broke: they may have been written.
+    maybe_written: HashSet<ClaimKey>,
+    /// How many times each delayed completion failed so far (for its backoff).
+    delays: HashMap<ClaimKey, u32>,
+    /// Jobs whose terminal write the database refused (procrastinate's worker gets the
+    /// error and moves on): still `doing` for this worker, but their slot is free again,
+    /// and they are not orphans to hand over after a reconnect.
+    pub abandoned: Vec<i64>,
+    pub claiming: bool,
+    pub want_claim: bool,
+    pub completions_open: bool,
+    /// A claim came back short because a limited queue was full: claim again as soon as
+    /// a job of a limited queue completes.
+    claim_when_queue_frees: bool,
+    trouble: Option<Trouble>,
+    fatal_sent: bool,
+    /// When the runner closed the completions (shutdown): the last outcomes get one more
+    /// budget of attempts from then.
+    closed_at: Option<Instant>,
+    pub outbox: Vec<HandoffEvent>,
+    /// Metrics changes, applied by the shell.
+    pub claimed_metrics: Vec<TaskQueue>,
+    pub ended_metrics: Vec<(TaskQueue, &'static str, Option<f64>)>,
+    pub batch_sizes: Vec<usize>,
+}
+
+impl State {
+    pub fn new(settings: Settings) -> State {
+        let in_flight = InFlight::new(settings.queue_limits.clone(), settings.concurrency);
+        State {
+            settings,
+            in_flight,
+            pending: Vec::new(),
+            later: Vec::new(),
+            durations: HashMap::new(),
+            maybe_written: HashSet::new(),
+            delays: HashMap::new(),
+            abandoned: Vec::new(),
+            claiming: true,
+            want_claim: true,
+            completions_open: true,
+            claim_when_queue_frees: false,
+            trouble: None,
+            fatal_sent: false,
+            closed_at: None,
+            outbox: Vec::new(),
+            claimed_metrics: Vec::new(),
+            ended_metrics: Vec::new(),
+            batch_sizes: Vec::new(),
+        }
+    }
+
+    fn log(&mut self, level: LogLevel, action: &'static str, message: String, job_id: Option<i64>) {
+        self.outbox.push(HandoffEvent::Log(LogRecord {
+            level,
+            action,
+            message,
+            job_id,
+        }));
+    }
+
+    /// Outcomes from the runner.
+    pub fn receive(&mut self, reported: Reported) {
+        if reported.durations.len() == reported.completions.len() {
+            for (completion, seconds) in reported.completions.iter().zip(&reported.durations) {
+                self.durations.insert(completion.key(), *seconds);
+            }
+        }
+        self.pending.extend(reported.completions);
+    }
+
+    /// The runner will report nothing more (it is shutting down).
+    pub fn on_completions_closed(&mut self, now: Instant) {
+        self.completions_open = false;
+        self.closed_at.get_or_insert(now);
+    }
+
+    /// Stop claiming, for good (a stop request, the runner gone, a fatal error).
+    pub fn stop_claiming(&mut self) {
+        if self.claiming {
+            self.claiming = false;
+            self.outbox.push(HandoffEvent::FetchingStopped);
+        }
+    }
+
+    /// Outcomes not written yet, whatever the reason.
+    pub fn unwritten(&self) -> Vec<i64> {
+        self.pending
+            .iter()
+            .map(|completion| completion.job_id)
+            .chain(self.later.iter().map(|later| later.completion.job_id))
+            .collect()
+    }
+
+    /// No more attempts (the budget is spent, or a hard stop): say which outcomes are lost.
+    pub fn give_up(&mut self, why: &str) {
+        let unwritten = self.unwritten();
+        if !unwritten.is_empty() {
+            self.log(
+                LogLevel::Error,
+                "finish_task_failed",
+                format!(
+                    "Could not record the end of jobs {unwritten:?} ({why}): they stay in \
+                     doing, for stalled-job recovery"
+                ),
+                None,
+            );
+        }
+        self.pending.clear();
+        self.later.clear();
+    }
+
+    pub fn backlog(&self) -> usize {
+        self.pending.len() + self.later.len()
+    }
+
+    /// Whether the shell should keep trying to reach the database: someone may still need
+    /// it, and the last outcomes have not used up their budget after the runner closed.
+    pub fn worth_reconnecting(&self, now: Instant) -> bool {
+        if self.completions_open {
+            return true;
+        }
+        let outcomes_left = !self.pending.is_empty() || !self.later.is_empty();
+        let within_budget = self
+            .closed_at
+            .is_none_or(|closed| now.duration_since(closed) < self.settings.budget);
+        outcomes_left && within_budget
+    }
+
+    /// Decide the next step.
+    pub fn plan(&mut self, now: Instant, stop_requested: bool) -> Plan {
+        if self.claiming && (!self.completions_open || stop_requested) {
+            // Nobody could run (or complete) what would be claimed now.
+            self.stop_claiming();
+        }
+        let mut due = Vec::new();
+        self.later.retain(|later| {
+            if later.due <= now {
+                due.push(later.completion.clone());
+                false
+            } else {
+                true
+            }
+        });
+        self.pending.extend(due);
+        let next_later = self.later.iter().map(|later| later.due).min();
+        if !self.completions_open && self.pending.is_empty() && self.later.is_empty() {
+            return Plan::Done;
+        }
+        if !self.worth_reconnecting(now) {
+            self.give_up("the database refused them for longer than the reconnect budget");
+            return Plan::Done;
+        }
+        if let Some(trouble) = self.trouble {
+            if now < trouble.retry_at {
+                return Plan::Wait {
+                    until: Some(next_later.map_or(trouble.retry_at, |t| t.min(trouble.retry_at))),
+                };
+            }
+        }
+        if !self.pending.is_empty() {
+            // Every completion frees a slot and maybe a lock, and a retry may be due at
+            // once: claim in the same round trip, even after a short claim (no
+            // notification tells of a lock successor or a retried job).
+            self.want_claim = true;
+        }
+        let ending_held = self
+            .pending
+            .iter()
+            .filter(|completion| self.in_flight.contains(&completion.key()))
+            .count();
+        let held_after_flush = self.in_flight.len().saturating_sub(ending_held);
+        let claim_limit = if self.claiming && self.want_claim {
+            self.settings
+                .concurrency
+                .saturating_sub(held_after_flush)
+                .min(self.settings.max_batch_size)
+        } else {
+            0
+        };
+        if self.pending.is_empty() && claim_limit == 0 {
+            return Plan::Wait { until: next_later };
+        }
+        let room = self.in_flight.room_after(&self.pending);
+        Plan::RoundTrip(RoundTripPlan {
+            batch: std::mem::take(&mut self.pending),
+            claim_limit,
+            room,
+            abandoned: self.abandoned.clone(),
+        })
+    }
+
+    fn connection_lost(&mut self, what: &str, reason: &str) {
+        self.log(
+            LogLevel::Warning,
+            "dispatcher_connection_lost",
+            format!(
+                "Connection to {} lost while {what} ({reason}); reconnecting",
+                self.settings.target
+            ),
+            None,
+        );
+    }
+
+    /// The database answered: it is usable again.
+    fn recovered(&mut self) {
+        self.trouble = None;
+    }
+
+    /// A statement failed for a passing reason (or the connection could not be set up):
+    /// back off, and give up claiming once the budget is spent.
+    pub fn on_trouble(&mut self, now: Instant, what: &str, reason: &str) {
+        let trouble = match self.trouble {
+            None => Trouble {
+                since: now,
+                backoff: FIRST_BACKOFF,
+                retry_at: now + FIRST_BACKOFF,
+            },
+            Some(trouble) => {
+                let backoff = (trouble.backoff * 2).min(MAX_BACKOFF);
+                Trouble {
+                    since: trouble.since,
+                    backoff,
+                    retry_at: now + backoff,
+                }
+            }
+        };
+        self.trouble = Some(trouble);
+        self.log(
+            LogLevel::Warning,
+            "dispatcher_statement_failed",
+            format!(
+                "Error {what} ({reason}); trying again in {:.2} s",
+                trouble.backoff.as_secs_f64()
+            ),
+            None,
+        );
+        if now.duration_since(trouble.since) > self.settings.budget {
+            self.fatal(CoreError::Unusable {
+                target: self.settings.target.clone(),
+                budget: self.settings.budget,
+                reason: reason.to_string(),
+            });
+        }
+    }
+
+    /// The worker cannot go on claiming: tell the runner (once), stop claiming, and keep
+    /// writing whatever outcomes come.
+    pub fn fatal(&mut self, error: CoreError) {
+        if !self.fatal_sent {
+            self.fatal_sent = true;
+            self.outbox.push(HandoffEvent::Fatal(error));
+        }
+        self.stop_claiming();
+    }
+
+    pub fn fatal_sent(&self) -> bool {
+        self.fatal_sent
+    }
+
+    /// The completions of `batch` were sent and the answer is `flushed`.
+    pub fn on_flushed(
+        &mut self,
+        now: Instant,
+        batch: Vec<Completion>,
+        flushed: Result<CompletionReport, Failed>,
+        needs: &mut Needs,
+    ) {
+        let report = match flushed {
+            Ok(report) => report,
+            Err(failed) => {
+                // Nothing is known to be written: all of it goes again. After a lost
+                // connection it may have been written; the writes are conditioned on their
+                // claims, so sending them again is harmless.
+                if failed.failure == Failure::Connection {
+                    self.maybe_written.extend(batch.iter().map(Completion::key));
+                    self.connection_lost("completing jobs", &failed.reason);
+                    needs.reconnect = true;
+                } else {
+                    self.on_trouble(now, "completing jobs", &failed.reason);
+                }
+                let mut again = batch;
+                again.append(&mut self.pending);
+                self.pending = again;
+                return;
+            }
+        };
+        self.recovered();
+        self.batch_sizes.push(batch.len());
+        for key in &report.written {
+            self.maybe_written.remove(key);
+            self.ended(key, &batch);
+        }
+        for key in &report.not_current {
+            self.ended(key, &batch);
+            if self.maybe_written.remove(key) {
+                self.log(
+                    LogLevel::Debug,
+                    "finish_task_already_written",
+                    format!(
+                        "The end of job {} was already written before the connection was lost",
+                        key.0
+                    ),
+                    Some(key.0),
+                );
+            } else {
+                self.log(
+                    LogLevel::Error,
+                    "finish_task_failed",
+                    format!(
+                        "Job was not found or not in \"doing\" status (job id: {})",
+                        key.0
+                    ),
+                    Some(key.0),
+                );
+            }
+        }
+        for (key, reason) in report.refused {
+            self.maybe_written.remove(&key);
+            self.ended(&key, &batch);
+            self.log(LogLevel::Error, "finish_task_failed", reason, Some(key.0));
+            self.abandoned.push(key.0);
+        }
+        for completion in report.retry_later {
+            let failures = self.delays.entry(completion.key()).or_default();
+            *failures += 1;
+            let failures = *failures;
+            if failures == 1 {
+                self.log(
+                    LogLevel::Warning,
+                    "finish_task_delayed",
+                    format!(
+                        "Could not write the end of job {} for now (its row is locked by \
+                         another session, or the statement was cancelled); trying again",
+                        completion.job_id
+                    ),
+                    Some(completion.job_id),
+                );
+            }
+            self.later.push(Later {
+                due: now + backoff_after(failures),
+                completion,
+            });
+        }
+    }
+
+    /// A claim ended in the database: free its slot, count it.
+    fn ended(&mut self, key: &ClaimKey, batch: &[Completion]) {
+        self.delays.remove(key);
+        let Some((task_queue, limited)) = self.in_flight.remove(key) else {
+            return;
+        };
+        if limited && self.claim_when_queue_frees {
+            self.claim_when_queue_frees = false;
+            self.want_claim = true;
+        }
+        let duration = self.durations.remove(key);
+        let label = batch
+            .iter()
+            .find(|completion| completion.key() == *key)
+            .map_or("failed", |completion| outcome_label(&completion.outcome));
+        self.ended_metrics.push((task_queue, label, duration));
+    }
+
+    /// The claim of a round trip answered `claimed` (asked: `limit` jobs within `room`).
+    pub fn on_claimed(
+        &mut self,
+        now: Instant,
+        limit: usize,
+        room: &QueueRoom,
+        claimed: Result<Vec<JobRow>, Failed>,
+        needs: &mut Needs,
+    ) {
+        let jobs = match claimed {
+            Ok(jobs) => jobs,
+            Err(failed) => {
+                self.want_claim = true;
+                match failed.failure {
+                    Failure::Connection => {
+                        self.connection_lost("claiming jobs", &failed.reason);
+                        needs.reconnect = true;
+                    }
+                    Failure::Pruned => needs.register_again = true,
+                    Failure::Refused | Failure::Transient => {
+                        self.on_trouble(now, "claiming jobs", &failed.reason)
+                    }
+                }
+                return;
+            }
+        };
+        self.recovered();
+        let full = jobs.len() == limit;
+        // With queue limits a claim can come back short while other queues still have
+        // jobs: go on while claims make progress.
+        let limited_progress = !room.is_empty() && !jobs.is_empty();
+        self.want_claim = full || limited_progress;
+        self.claim_when_queue_frees = !full && !room.full.is_empty();
+        let drained = !self.settings.wait && !full && !limited_progress && room.full.is_empty();
+        if !self.abandoned.is_empty() {
+            // Claimed again: its refused write had in fact gone through before a
+            // connection loss (it was back in `todo`). It holds a slot again.
+            self.abandoned
+                .retain(|job_id| !jobs.iter().any(|job| job.id == *job_id));
+        }
+        self.hand_over(jobs);
+        if drained && self.claiming {
+            self.outbox.push(HandoffEvent::Drained);
+            self.stop_claiming();
+        }
+    }
+
+    /// Jobs claimed (or found orphaned) go to the runner.
+    pub fn hand_over(&mut self, jobs: Vec<JobRow>) {
+        if jobs.is_empty() {
+            return;
+        }
+        for job in &jobs {
+            let task_queue = self.in_flight.insert(job);
+            self.claimed_metrics.push(task_queue);
+        }
+        self.outbox.push(HandoffEvent::Jobs(jobs));
+    }
+
+    /// A new connection is set up; `orphans` are claims of this worker it did not know.
+    pub fn on_reconnected(&mut self, orphans: Vec<JobRow>) {
+        self.want_claim = true;
+        if !orphans.is_empty() {
+            self.log(
+                LogLevel::Warning,
+                "orphaned_claims_found",
+                format!(
+                    "Found {} jobs claimed for this worker by a statement whose answer was \
+                     lost: {:?}; running them",
+                    orphans.len(),
+                    orphans.iter().map(|job| job.id).collect::<Vec<_>>()
+                ),
+                None,
+            );
+        }
+        self.hand_over(orphans);
+    }
+
+    /// Of the abandoned jobs, only `still` are `doing` for this worker any more.
+    pub fn keep_abandoned(&mut self, still: &[i64]) {
+        self.abandoned.retain(|job_id| still.contains(job_id));
+    }
+}
+
+fn backoff_after(failures: u32) -> Duration {
+    let factor = 2u32.saturating_pow(failures.min(10));
+    (Duration::from_millis(100) * factor).min(MAX_BACKOFF)
+}
+
+pub fn outcome_label(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::Retry { .. } => "retried",
+        Outcome::Finish { status, .. } => match status.as_str() {
+            "succeeded" => "succeeded",
+            "aborted" => "aborted",
+            _ => "failed",
+        },
+    }
+}
+
+pub fn record_claims(metrics: &mut MetricsSnapshot, claimed: Vec<TaskQueue>) {
+    metrics.claim_batch_size.observe(claimed.len() as f64);
+    for task_queue in claimed {
+        *metrics.claimed.entry(task_queue).or_default() += 1;
+    }
+}
+
+pub type Ended = (TaskQueue, &'static str, Option<f64>);
+
+pub fn record_outcomes(metrics: &mut MetricsSnapshot, ended: Vec<Ended>, batch_sizes: &[usize]) {
+    for size in batch_sizes {
+        metrics.completion_batch_size.observe(*size as f64);
+    }
+    for ((task, queue), status, duration) in ended {
+        if let Some(seconds) = duration {
+            metrics
+                .job_duration
+                .entry((task.clone(), queue.clone()))
+                .or_insert_with(|| Histogram::new(DURATION_BUCKETS))
+                .observe(seconds);
+        }
+        *metrics.outcomes.entry((task, queue, status)).or_default() += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(concurrency: usize) -> Settings {
+        Settings {
+            concurrency,
+            max_batch_size: 500,
+            wait: true,
+            queue_limits: HashMap::new(),
+            budget: Duration::from_secs(60),
+            target: "db:5432/x".into(),
+        }
+    }
+
+    fn job(id: i64, attempts: i32) -> JobRow {
+        JobRow {
+            id,
+            status: "doing".into(),
+            task_name: "t".into(),
+            priority: 0,
+            lock: None,
+            queueing_lock: None,
+            args: "{}".into(),
+            scheduled_at_us: None,
+            queue_name: "default".into(),
+            attempts,
+            worker_id: Some(1),
+        }
+    }
+
+    fn succeeded(id: i64, attempts: i32) -> Completion {
+        Completion {
+            job_id: id,
+            attempts,
+            outcome: Outcome::Finish {
+                status: "succeeded".into(),
+                delete: false,
+            },
+        }
+    }
+
+    fn report(completions: Vec<Completion>) -> Reported {
+        Reported {
+            completions,
+            durations: Vec::new(),
+        }
+    }
+
+    fn lost() -> Failed {
+        Failed {
+            failure: Failure::Connection,
+            reason: "connection closed".into(),
+        }
+    }
+
+    fn transient() -> Failed {
+        Failed {
+            failure: Failure::Transient,
+            reason: "ERROR 57014: canceling statement due to user request".into(),
+        }
+    }
+
+    fn round_trip(state: &mut State, now: Instant) -> RoundTripPlan {
+        match state.plan(now, false) {
+            Plan::RoundTrip(plan) => plan,
+            other => panic!("expected a round trip, got {other:?}"),
+        }
+    }
+
+    fn logs(state: &mut State) -> Vec<(LogLevel, &'static str)> {
+        state
+            .outbox
+            .drain(..)
+            .filter_map(|event| match event {
+                HandoffEvent::Log(record) => Some((record.level, record.action)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Holds `jobs` as claimed, nothing pending.
+    fn holding(concurrency: usize, jobs: &[JobRow]) -> State {
+        let mut state = State::new(settings(concurrency));
+        state.hand_over(jobs.to_vec());
+        state.want_claim = false;
+        state.outbox.clear();
+        state
+    }
+
+    #[test]
+    fn a_completion_claims_in_the_same_round_trip_even_after_a_short_claim() {
+        let now = Instant::now();
+        let mut state = holding(2, &[job(1, 0)]);
+        assert!(matches!(state.plan(now, false), Plan::Wait { .. }));
+        state.receive(report(vec![succeeded(1, 0)]));
+        let plan = round_trip(&mut state, now);
+        assert_eq!(
+            plan.claim_limit, 2,
+            "a lock successor or a due retry may be waiting"
+        );
+    }
+
+    #[test]
+    fn claims_only_the_slots_that_the_pending_completions_free() {
+        let now = Instant::now();
+        let mut state = holding(3, &[job(1, 0), job(2, 0)]);
+        state.want_claim = true;
+        state.receive(report(vec![succeeded(1, 0)]));
+        let plan = round_trip(&mut state, now);
+        assert_eq!(plan.claim_limit, 2);
+        assert_eq!(plan.batch, vec![succeeded(1, 0)]);
+    }
+
+    #[test]
+    fn a_finish_sent_again_after_a_lost_reply_is_not_abandoned() {
+        let now = Instant::now();
+        let mut state = holding(2, &[job(7, 0)]);
+        state.receive(report(vec![succeeded(7, 0)]));
+        let plan = round_trip(&mut state, now);
+        let mut needs = Needs::default();
+        state.on_flushed(now, plan.batch, Err(lost()), &mut needs);
+        assert!(needs.reconnect);
+        assert!(
+            state.in_flight.contains(&(7, 0)),
+            "still held until written"
+        );
+
+        // Sent again: the first one had gone through, so this one matches no claim.
+        let plan = round_trip(&mut state, now);
+        assert_eq!(plan.batch, vec![succeeded(7, 0)]);
+        let report = CompletionReport {
+            not_current: vec![(7, 0)],
+            ..CompletionReport::default()
+        };
+        state.on_flushed(now, plan.batch, Ok(report), &mut Needs::default());
+        assert!(state.abandoned.is_empty());
+        assert!(!state.in_flight.contains(&(7, 0)));
+        let logs = logs(&mut state);
+        assert!(logs.contains(&(LogLevel::Debug, "finish_task_already_written")));
+        assert!(!logs.iter().any(|(level, _)| *level == LogLevel::Error));
+    }
+
+    #[test]
+    fn a_refused_write_frees_the_slot_and_the_job_is_abandoned() {
+        let now = Instant::now();
+        let mut state = holding(1, &[job(3, 2)]);
+        state.receive(report(vec![succeeded(3, 2)]));
+        let plan = round_trip(&mut state, now);
+        let report = CompletionReport {
+            refused: vec![((3, 2), "duplicate key value".into())],
+            ..CompletionReport::default()
+        };
+        state.on_flushed(now, plan.batch, Ok(report), &mut Needs::default());
+        assert_eq!(state.abandoned, vec![3]);
+        assert!(state.in_flight.is_empty());
+        assert!(logs(&mut state).contains(&(LogLevel::Error, "finish_task_failed")));
+    }
+
+    #[test]
+    fn a_claim_that_ends_and_reclaims_the_same_job_is_two_claims() {
+        let now = Instant::now();
+        let mut state = holding(1, &[job(5, 0)]);
+        state.receive(report(vec![Completion {
+            job_id: 5,
+            attempts: 0,
+            outcome: Outcome::Retry {
+                retry_at: None,
+                priority: None,
+                queue: None,
+                lock: None,
+            },
+        }]));
+        state.want_claim = true;
+        let plan = round_trip(&mut state, now);
+        assert_eq!(plan.claim_limit, 1);
+        let report = CompletionReport {
+            written: vec![(5, 0)],
+            ..CompletionReport::default()
+        };
+        let mut needs = Needs::default();
+        state.on_flushed(now, plan.batch, Ok(report), &mut needs);
+        state.on_claimed(now, 1, &plan.room, Ok(vec![job(5, 1)]), &mut needs);
+        assert!(state.in_flight.contains(&(5, 1)));
+        assert!(!state.in_flight.contains(&(5, 0)));
+        assert_eq!(state.in_flight.len(), 1);
+    }
+
+    #[test]
+    fn passing_failures_back_off_then_a_spent_budget_stops_claiming_not_writing() {
+        let start = Instant::now();
+        let mut state = State::new(Settings {
+            budget: Duration::from_secs(1),
+            ..settings(2)
+        });
+        let plan = round_trip(&mut state, start);
+        let mut needs = Needs::default();
+        state.on_claimed(
+            start,
+            plan.claim_limit,
+            &plan.room,
+            Err(transient()),
+            &mut needs,
+        );
+        assert_eq!(
+            needs,
+            Needs::default(),
+            "no reconnect for a cancelled statement"
+        );
+        // Backing off: no round trip before the retry time.
+        assert!(matches!(
+            state.plan(start, false),
+            Plan::Wait { until: Some(_) }
+        ));
+        let later = start + Duration::from_secs(2);
+        let plan = round_trip(&mut state, later);
+        state.on_claimed(
+            later,
+            plan.claim_limit,
+            &plan.room,
+            Err(transient()),
+            &mut needs,
+        );
+        assert!(!state.claiming);
+        let fatal = state
+            .outbox
+            .iter()
+            .any(|event| matches!(event, HandoffEvent::Fatal(CoreError::Unusable { .. })));
+        assert!(fatal, "the runner is told once the budget is spent");
+        // Outcomes reported afterwards are still written.
+        state.hand_over(vec![job(9, 0)]);
+        state.receive(report(vec![succeeded(9, 0)]));
+        let plan = round_trip(&mut state, later + Duration::from_secs(10));
+        assert_eq!(plan.batch, vec![succeeded(9, 0)]);
+        assert_eq!(plan.claim_limit, 0);
+    }
+
+    #[test]
+    fn a_claim_refused_for_a_pruned_worker_asks_to_register_again() {
+        let now = Instant::now();
+        let mut state = State::new(settings(1));
+        let plan = round_trip(&mut state, now);
+        let mut needs = Needs::default();
+        let pruned = Failed {
+            failure: Failure::Pruned,
+            reason: "violates foreign key constraint".into(),
+        };
+        state.on_claimed(now, plan.claim_limit, &plan.room, Err(pruned), &mut needs);
+        assert!(needs.register_again);
+        assert!(state.want_claim);
+        assert!(state.claiming);
+    }
+
+    #[test]
+    fn a_delayed_completion_waits_for_its_time_while_claims_go_on() {
+        let now = Instant::now();
+        let mut state = holding(2, &[job(4, 0)]);
+        state.receive(report(vec![succeeded(4, 0)]));
+        let plan = round_trip(&mut state, now);
+        let report = CompletionReport {
+            retry_later: vec![succeeded(4, 0)],
+            ..CompletionReport::default()
+        };
+        state.on_flushed(now, plan.batch, Ok(report), &mut Needs::default());
+        // Its claim came back short.
+        state.on_claimed(
+            now,
+            plan.claim_limit,
+            &plan.room,
+            Ok(vec![]),
+            &mut Needs::default(),
+        );
+        assert!(state.in_flight.contains(&(4, 0)), "not written yet");
+        let until = match state.plan(now, false) {
+            Plan::Wait { until: Some(until) } => until,
+            other => panic!("expected a wait, got {other:?}"),
+        };
+        assert!(until > now);
+        state.want_claim = true;
+        let plan = round_trip(&mut state, now);
+        assert!(plan.batch.is_empty(), "the delayed write is not due");
+        assert_eq!(plan.claim_limit, 1, "its job still holds a slot");
+        let plan = round_trip(&mut state, until);
+        assert_eq!(plan.batch, vec![succeeded(4, 0)]);
+    }
+
+    #[test]
+    fn orphans_are_handed_over_and_hold_slots() {
+        let mut state = State::new(settings(3));
+        state.on_reconnected(vec![job(11, 1), job(12, 0)]);
+        assert!(state.in_flight.contains(&(11, 1)));
+        let handed: Vec<i64> = state
+            .outbox
+            .iter()
+            .filter_map(|event| match event {
+                HandoffEvent::Jobs(jobs) => Some(jobs.iter().map(|job| job.id).collect::<Vec<_>>()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(handed, vec![11, 12]);
+        let plan = round_trip(&mut state, Instant::now());
+        assert_eq!(plan.claim_limit, 1);
+    }
+
+    #[test]
+    fn after_the_runner_closes_the_last_outcomes_get_one_budget_then_are_given_up() {
+        let start = Instant::now();
+        let mut state = holding(1, &[job(2, 0)]);
+        state.receive(report(vec![succeeded(2, 0)]));
+        state.on_completions_closed(start);
+        assert!(state.worth_reconnecting(start));
+        let spent = start + Duration::from_secs(61);
+        assert!(!state.worth_reconnecting(spent));
+        assert_eq!(state.plan(spent, false), Plan::Done);
+        assert!(logs(&mut state).contains(&(LogLevel::Error, "finish_task_failed")));
+    }
+}
