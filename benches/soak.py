@@ -1,24 +1,35 @@
-"""Soak: a mixed workload under random faults, then a check of every job in the database.
+"""Chaos soak: a mixed workload under random faults, then a check of every job.
 
-    python benches/soak.py --seconds 300 [--workers 2] [--rate 150] [--seed 1]
+    python benches/soak.py --seconds 1200 [--workers 4] [--rate 150] [--seed 1]
 
 Runs on a private PostgreSQL cluster it creates (PostgreSQL restarts are among the faults,
-so never on a shared server) and removes at the end. For `--seconds`:
+so never on a shared server) and removes at the end. The workers' own connections (claims,
+completions, heartbeat, LISTEN, recovery) go through the fault proxy of `tests/faults`;
+their apps' pools connect directly. For `--seconds`:
 
 - jobs are deferred while the workers drain (`--rate` per second): short jobs, 5% of
   jobs failing and retried by procrastinate's RetryStrategy, long abortable jobs of which
   some get an abort request (running) or are cancelled (waiting), and a periodic task
   every second (procrastinate's periodic deferrer, in every worker);
-- every few seconds a random fault: pg_terminate_backend on a worker's LISTEN, job or
-  registry connection, SIGKILL of a worker (a new one starts, with
-  --recover-stalled-jobs, and the others recover its jobs), a PostgreSQL restart.
+- every few seconds a random fault:
+  - the proxy cuts, black-holes (half-open) or delays one round trip of a random kind
+    (claim, complete-and-claim, retry transaction, one-by-one writes, heartbeat, abort
+    poll, orphan search, recovery, LISTEN) at a random message boundary;
+  - pg_terminate_backend or pg_cancel_backend of one of the workers' connections;
+  - a statement_timeout of 20 ms for the connections made in the next 2 s;
+  - another session holding a running job's row lock for 1-5 s;
+  - a live worker's row deleted (as if pruned during a network split);
+  - SIGKILL of a worker (a new one starts, with --recover-stalled-jobs, and the others
+    recover its jobs); a PostgreSQL restart.
 
 Then deferring stops, the queue drains, the workers stop, and the database is checked:
-no job lost (every id the deferrer got back is there, none left todo/doing), none run
+no job lost (every id the deferrer got back is there), none stuck (left todo/doing), none
+run twice for the same claim (two executions of one job at the same attempts), none run
 without its own claim (executions <= `started` events per job), every claim ended by
 exactly one write (`started` events == attempts, allowing for procrastinate's
 abort-requested retry branch, which fails a job without counting the attempt), and the
 RSS of the worker that was never killed stays flat. Exit status 1 if any check fails.
+Jobs run again after stalled-job recovery (a new claim, after a SIGKILL) are reported.
 Seconds of the periodic task deferred twice are reported, not checked: that is
 procrastinate's own periodic deferrer, reused as is. Loopback only; bounded in time.
 """
@@ -39,6 +50,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import psycopg
+from tests.faults.harness import classify
+from tests.faults.proxy import Fault, FaultProxy
 from tests.reliability.helpers import (
     PrivateCluster,
     WorkerProcess,
@@ -48,7 +61,13 @@ from tests.reliability.helpers import (
 )
 
 DATABASE = "soak"
-HEARTBEAT, STALLED = "1", "4"
+# A heartbeat can be late by a response timeout plus a reconnect: the stalled timeout
+# leaves room for that (a live worker must never look stalled).
+HEARTBEAT, STALLED, RESPONSE_TIMEOUT = "1", "10", "3"
+PROXY_KINDS = [
+    "claim", "complete_and_claim", "complete", "begin", "commit", "finish_one", "retry_one",
+    "heartbeat", "abort_poll", "orphans", "listen", "recover_lock", "recover_retry",
+]  # fmt: skip
 
 
 def rss_kib(pid: int) -> int | None:
@@ -122,7 +141,7 @@ def query(dsn: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=120)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--rate", type=int, default=150, help="jobs deferred per second")
     parser.add_argument("--concurrency", type=int, default=30)
     parser.add_argument("--fault-every", type=float, default=6.0, help="mean seconds")
@@ -140,7 +159,8 @@ def main() -> int:
         cluster.create_database(DATABASE)
         dsn = cluster.dsn(DATABASE)
         create_executions_table(dsn)
-        return soak(arguments, rng, cluster, dsn, logs)
+        with FaultProxy("127.0.0.1", cluster.port, classify=classify) as proxy:
+            return soak(arguments, rng, cluster, dsn, proxy, logs)
     finally:
         cluster.destroy()
 
@@ -150,9 +170,11 @@ def soak(
     rng: random.Random,
     cluster: PrivateCluster,
     dsn: str,
+    proxy: FaultProxy,
     logs: Path,
 ) -> int:
     spawned = 0
+    core_dsn = proxy.dsn(dsn)
 
     def spawn(periodic: bool = True) -> WorkerProcess:
         nonlocal spawned
@@ -161,6 +183,7 @@ def soak(
             "--concurrency", str(arguments.concurrency), "--recover-stalled-jobs",
             "--heartbeat", HEARTBEAT, "--stalled-timeout", STALLED, "--polling", "2",
             "--abort-polling", "1", "--reconnect-timeout", "120", "--log-level", "WARNING",
+            "--core-dsn", core_dsn, "--response-timeout", RESPONSE_TIMEOUT,
         ]  # fmt: skip
         if periodic:
             options.append("--periodic")
@@ -190,7 +213,7 @@ def soak(
                 abort_some(dsn, rng, faults)
             if now >= next_fault:
                 next_fault = now + rng.expovariate(1 / arguments.fault_every)
-                others = inject(rng, cluster, dsn, steady, others, spawn, faults)
+                others = inject(rng, cluster, dsn, proxy, steady, others, spawn, faults)
             for worker in [steady, *others]:
                 if not worker.alive():
                     print(f"worker {worker.pid} exited: {worker.log()[-2000:]}", flush=True)
@@ -218,6 +241,8 @@ def soak(
             break
         time.sleep(1)
     codes = [worker.stop(timeout=120) for worker in [steady, *others]]
+    for fired in proxy.fired:
+        faults[f"proxy {fired.fault.action} at {fired.fault.point} ({fired.kind})"] += 1
     return report(dsn, deferrer, faults, rss, elapsed, drained, codes)
 
 
@@ -241,14 +266,45 @@ def inject(
     rng: random.Random,
     cluster: PrivateCluster,
     dsn: str,
+    proxy: FaultProxy,
     steady: WorkerProcess,
     others: list[WorkerProcess],
     spawn: Any,
     faults: Counter[str],
 ) -> list[WorkerProcess]:
     kind = rng.choices(
-        ["listen", "jobs", "registry", "sigkill", "restart"], weights=[4, 4, 2, 2, 1]
-    )[0]
+        [
+            "proxy", "terminate", "cancel", "statement_timeout", "row_lock", "prune_live",
+            "sigkill", "restart",
+        ],
+        weights=[10, 3, 3, 1, 2, 1, 2, 1],
+    )[0]  # fmt: skip
+    if kind == "proxy":
+        target = rng.choice(PROXY_KINDS)
+        # Where in the round trip: (point, reply message index, reply message type).
+        point, index, reply_type = rng.choice(
+            [
+                ("before_request", 0, None),
+                ("mid_request", 0, None),
+                ("after_request", 0, None),
+                ("after_reply_message", 0, None),  # after its first reply message
+                ("after_reply_message", 0, "C"),  # just before ReadyForQuery
+            ]
+        )
+        action = rng.choices(["cut", "blackhole", "delay"], weights=[7, 2, 1])[0]
+        proxy.clear_faults()  # one armed fault at a time
+        proxy.add_fault(
+            Fault(
+                kind=target,
+                point=point,  # type: ignore[arg-type]
+                index=index,
+                reply_type=reply_type,
+                action=action,  # type: ignore[arg-type]
+                delay_seconds=rng.uniform(0.2, 2.0),
+                blackhole_seconds=20.0,
+            )
+        )
+        return others
     if kind == "sigkill":
         if others:
             victim = others.pop(rng.randrange(len(others)))
@@ -261,13 +317,59 @@ def inject(
         faults["PostgreSQL restart"] += 1
         return others
     try:
-        backends = [pid for pid, role in fastworker_backends(dsn, DATABASE) if role == kind]
-        if backends:
-            terminate_backend(dsn, rng.choice(backends))
-            faults[f"pg_terminate_backend ({kind} connection)"] += 1
+        if kind == "statement_timeout":
+            query(dsn, f"ALTER DATABASE {DATABASE} SET statement_timeout TO '20ms'")
+            time.sleep(2)
+            query(dsn, f"ALTER DATABASE {DATABASE} RESET statement_timeout")
+            faults["statement_timeout 20 ms for connections made within 2 s"] += 1
+        elif kind == "row_lock":
+            rows = query(
+                dsn,
+                "SELECT id FROM procrastinate_jobs WHERE status = 'doing' "
+                "ORDER BY random() LIMIT 1",
+            )
+            if rows:
+                hold_row_lock(dsn, rows[0][0], rng.uniform(1, 5))
+                faults["row lock held on a running job"] += 1
+        elif kind == "prune_live":
+            rows = query(
+                dsn,
+                "DELETE FROM procrastinate_workers WHERE id = (SELECT id FROM "
+                "procrastinate_workers WHERE last_heartbeat > now() - interval '3 s' "
+                "ORDER BY random() LIMIT 1) RETURNING id",
+            )
+            if rows:
+                faults["a live worker's row deleted (pruned)"] += 1
+        else:
+            backends = [pid for pid, _ in fastworker_backends(dsn, DATABASE)]
+            if backends:
+                pid = rng.choice(backends)
+                if kind == "terminate":
+                    terminate_backend(dsn, pid)
+                    faults["pg_terminate_backend (a worker connection)"] += 1
+                else:
+                    query(dsn, "SELECT pg_cancel_backend(%s)", pid)
+                    faults["pg_cancel_backend (a worker connection)"] += 1
     except psycopg.Error:
         pass
     return others
+
+
+def hold_row_lock(dsn: str, job_id: int, seconds: float) -> None:
+    """Another session (a DBA) keeps a job row locked for `seconds`, from a thread."""
+
+    def hold() -> None:
+        try:
+            with psycopg.connect(dsn, connect_timeout=5) as connection:
+                connection.execute(
+                    "SELECT 1 FROM procrastinate_jobs WHERE id = %s FOR UPDATE", (job_id,)
+                )
+                time.sleep(seconds)
+                connection.rollback()
+        except psycopg.Error:
+            pass
+
+    threading.Thread(target=hold, daemon=True).start()
 
 
 def report(
@@ -323,13 +425,26 @@ def report(
     )
     executions = query(dsn, "SELECT count(*) FROM fw_executions")[0][0]
     reruns = sum(max(0, row[5] - 1) for row in per_job)
+    # Two executions of the same claim (same job, same attempts): run twice.
+    run_twice = query(
+        dsn,
+        "SELECT job_id, attempts, count(*) FROM fw_executions "
+        "GROUP BY 1, 2 HAVING count(*) > 1 ORDER BY 1",
+    )
 
     print(f"\n== soak figures ({elapsed:.0f} s of load)")
     print(f"jobs deferred by the load: {len(deferred)} ({deferrer.errors} batches failed)")
     print(f"jobs in the database by status: {statuses}")
     for task, status, count in by_task:
         print(f"  {task:>14} {status:>10} {count}")
-    print(f"executions recorded: {executions} (re-runs after retries/faults: {reruns})")
+    print(
+        f"executions recorded: {executions} (runs of a job after its first: {reruns}, each "
+        f"under a new claim: a retry, or a recovery after a SIGKILL)"
+    )
+    print(
+        f"jobs: deferred {len(deferred)}, lost {lost}, stuck (todo/doing) {unfinished}, "
+        f"run twice for one claim {len(run_twice)}"
+    )
     print("faults injected:")
     for kind, count in sorted(faults.items()):
         print(f"  {count:4d}  {kind}")
@@ -350,6 +465,7 @@ def report(
         "the queue drained": drained and unfinished == 0,
         "workers stopped cleanly (exit 0)": all(code == 0 for code in codes),
         "no deferred job lost": lost == 0,
+        "no job run twice for one claim": not run_twice,
         "no execution without its own claim": not run_without_claim,
         "every claim ended by exactly one write": not claim_not_ended_once,
         "every succeeded job ran": not succeeded_never_ran,
@@ -362,6 +478,7 @@ def report(
         ("run without claim", run_without_claim),
         ("claim not ended once", claim_not_ended_once),
         ("succeeded, never ran", succeeded_never_ran),
+        ("run twice for one claim", run_twice),
     ):
         if rows:
             print(f"  {label}: {rows[:10]}")

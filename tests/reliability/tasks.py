@@ -23,6 +23,7 @@ EXECUTIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS fw_executions (
     id bigserial PRIMARY KEY,
     job_id bigint NOT NULL,
+    attempts integer,
     task text NOT NULL,
     pid integer NOT NULL,
     run_id uuid UNIQUE,
@@ -30,8 +31,9 @@ CREATE TABLE IF NOT EXISTS fw_executions (
 )"""
 
 RECORD = (
-    "INSERT INTO fw_executions (job_id, task, pid, run_id) "
-    "VALUES (%(job_id)s, %(task)s, %(pid)s, %(run_id)s) ON CONFLICT (run_id) DO NOTHING"
+    "INSERT INTO fw_executions (job_id, attempts, task, pid, run_id) "
+    "VALUES (%(job_id)s, %(attempts)s, %(task)s, %(pid)s, %(run_id)s) "
+    "ON CONFLICT (run_id) DO NOTHING"
 )
 
 
@@ -60,6 +62,7 @@ def make_app(dsn: str, *, pool_size: int = 8, periodic: bool = False) -> procras
                 await app.connector.execute_query_async(
                     RECORD,
                     job_id=context.job.id,
+                    attempts=context.job.attempts,
                     task=context.job.task_name,
                     pid=os.getpid(),
                     run_id=run_id,
@@ -91,7 +94,13 @@ def make_app(dsn: str, *, pool_size: int = 8, periodic: bool = False) -> procras
         with psycopg.connect(dsn, autocommit=True) as connection:
             connection.execute(
                 RECORD,
-                {"job_id": context.job.id, "task": context.job.task_name, "pid": os.getpid()},
+                {
+                    "job_id": context.job.id,
+                    "attempts": context.job.attempts,
+                    "task": context.job.task_name,
+                    "pid": os.getpid(),
+                    "run_id": None,
+                },
             )
         return n
 

@@ -30,6 +30,10 @@ class ExtraFormatter(logging.Formatter):
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dsn", required=True)
+    parser.add_argument(
+        "--core-dsn", help="the worker core's own connections (default: --dsn, as the app's)"
+    )
+    parser.add_argument("--response-timeout", type=float, default=30.0)
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--once", action="store_true", help="wait=False: stop when drained")
     parser.add_argument("--queue", action="append", dest="queues")
@@ -52,7 +56,8 @@ async def main(arguments: argparse.Namespace) -> None:
     try:
         await fastworker.run_async(
             app,
-            dsn=arguments.dsn,
+            dsn=arguments.core_dsn or arguments.dsn,
+            response_timeout=arguments.response_timeout,
             concurrency=arguments.concurrency,
             wait=not arguments.once,
             queues=arguments.queues,
