@@ -21,9 +21,14 @@ use crate::tls;
 ///   off for statements that touch a few rows by index.
 ///
 ///
+/// - `enable_seqscan = off`: every statement of the core finds its rows by an index (by
+///   id, by worker, by priority); a generic plan made on a small table (or with statistics
+///   gone stale) would rather read the whole table, and keep doing so as it grows. A test
+///   (`rust/core/tests/plans.rs`) checks every statement's plan from 0 to 1,000,000 rows.
+///
 /// The job connection adds `enable_sort = off` for the claim (see [`crate::fetcher`]).
 const SESSION_SETUP: &str = "SET plan_cache_mode TO force_generic_plan; SET jit TO off; \
-     SET application_name TO 'fastworker'";
+     SET enable_seqscan TO off; SET application_name TO 'fastworker'";
 
 /// `lock_timeout`: no statement of the core waits long for a row that another session
 /// keeps locked (a DBA, another worker's recovery); it fails, and is tried again later,

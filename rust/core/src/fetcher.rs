@@ -113,31 +113,50 @@ pub struct Fetcher {
     completing_statement: Statement,
     queues: Option<Vec<String>>,
     concurrency: i64,
+    /// Per-queue limits are set: the statements with their steps (and 3 more parameters).
+    queue_limits: bool,
 }
 
 impl Fetcher {
+    /// `queue_limits`: whether `queue_concurrency` is set; without it, the claim leaves
+    /// out the per-queue steps (a window function and sorts) altogether.
     pub async fn prepare(
         client: &Client,
         queues: Option<Vec<String>>,
         concurrency: usize,
+        queue_limits: bool,
     ) -> CoreResult<Self> {
         client
             .batch_execute(CLAIM_SESSION_SETUP)
             .await
             .map_err(|error| CoreError::database("setting up the job session", error))?;
-        let statement = client
-            .prepare(sql::CLAIM)
-            .await
-            .map_err(|error| CoreError::database("preparing the claim statement", error))?;
-        let completing_statement = client
-            .prepare(sql::COMPLETE_AND_CLAIM)
-            .await
-            .map_err(|error| CoreError::database("preparing the claim statement", error))?;
+        let failed = |error| CoreError::database("preparing the claim statements", error);
+        let (statement, completing_statement) = if queue_limits {
+            (
+                client
+                    .prepare(sql::CLAIM_WITH_QUEUE_LIMITS)
+                    .await
+                    .map_err(failed)?,
+                client
+                    .prepare(sql::COMPLETE_AND_CLAIM_WITH_QUEUE_LIMITS)
+                    .await
+                    .map_err(failed)?,
+            )
+        } else {
+            (
+                client.prepare(sql::CLAIM).await.map_err(failed)?,
+                client
+                    .prepare(sql::COMPLETE_AND_CLAIM)
+                    .await
+                    .map_err(failed)?,
+            )
+        };
         Ok(Fetcher {
             statement,
             completing_statement,
             queues,
             concurrency: i64::try_from(concurrency).unwrap_or(i64::MAX),
+            queue_limits,
         })
     }
 
@@ -153,8 +172,8 @@ impl Fetcher {
         abandoned: &[i64],
     ) -> Result<Vec<JobRow>, tokio_postgres::Error> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let none_ending: Vec<i64> = Vec::new();
-        let params = self.claim_params(claimant, &limit, room, &abandoned, &none_ending);
+        let mut params = self.claim_params(claimant, &limit, &abandoned);
+        self.add_room(&mut params, room);
         let rows = client.query(&self.statement, &params).await?;
         let jobs = rows
             .iter()
@@ -175,8 +194,7 @@ impl Fetcher {
         abandoned: &[i64],
     ) -> Result<(Vec<JobRow>, HashSet<i64>), tokio_postgres::Error> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let ending = batch.ending_ids();
-        let mut params = self.claim_params(claimant, &limit, room, &abandoned, &ending);
+        let mut params = self.claim_params(claimant, &limit, &abandoned);
         params.extend([
             &batch.finish_ids as &(dyn ToSql + Sync),
             &batch.finish_attempts,
@@ -185,6 +203,7 @@ impl Fetcher {
             &batch.delete_attempts,
             &claimant.worker_ids,
         ]);
+        self.add_room(&mut params, room);
         let rows = client.query(&self.completing_statement, &params).await?;
         let mut jobs = Vec::new();
         let mut done = HashSet::new();
@@ -198,32 +217,33 @@ impl Fetcher {
         Ok((in_start_order(jobs), done))
     }
 
-    /// `$1` to `$9` of both claim statements (see [`sql::CLAIM`]).
+    /// `$1` to `$5` of both claim statements (see [`sql::CLAIM`]).
     fn claim_params<'a>(
         &'a self,
         claimant: &'a Claimant,
         limit: &'a i64,
-        room: &'a QueueRoom,
         abandoned: &'a &[i64],
-        ending: &'a Vec<i64>,
     ) -> Vec<&'a (dyn ToSql + Sync)> {
         vec![
             &self.queues,
             &claimant.worker_id,
             limit,
             &self.concurrency,
-            &room.full,
-            &room.names,
-            &room.free,
             abandoned,
-            ending,
         ]
+    }
+
+    /// The last three parameters of the statements with per-queue limits.
+    fn add_room<'a>(&self, params: &mut Vec<&'a (dyn ToSql + Sync)>, room: &'a QueueRoom) {
+        if self.queue_limits {
+            params.extend([&room.full as &(dyn ToSql + Sync), &room.names, &room.free]);
+        }
     }
 }
 
-/// UPDATE ... RETURNING does not keep the candidate order; restore it so jobs start in the
-/// order procrastinate's one-by-one fetch would start them.
-fn in_start_order(mut jobs: Vec<JobRow>) -> Vec<JobRow> {
+/// In start order, as procrastinate's one-by-one fetch would start them (UPDATE ...
+/// RETURNING does not keep the candidates' order, nor does the orphan search have one).
+pub fn in_start_order(mut jobs: Vec<JobRow>) -> Vec<JobRow> {
     jobs.sort_unstable_by(|a, b| b.priority.cmp(&a.priority).then(a.id.cmp(&b.id)));
     jobs
 }

@@ -32,7 +32,9 @@ macro_rules! job_columns {
 /// [`job_columns`]): the runner fails such a job with a clear error.
 pub const UNREPRESENTABLE_SCHEDULED_AT: i64 = i64::MIN;
 
-/// The claim's choice of jobs, up to `allowed`. Parameters:
+/// The claim's choice of jobs, `candidate`, with the rules of `procrastinate_fetch_job_v2`.
+/// `$ending`: the jobs the same statement ends ([`COMPLETE_AND_CLAIM`]): still `doing` in
+/// its snapshot, yet holding neither a lock nor a slot once it commits. `$limit`: how many.
 ///
 /// | | |
 /// |---|---|
@@ -40,13 +42,11 @@ pub const UNREPRESENTABLE_SCHEDULED_AT: i64 = i64::MIN;
 /// | `$2` | this worker's id |
 /// | `$3` | most jobs to claim |
 /// | `$4` | concurrency |
-/// | `$5` | queues at their `queue_concurrency` limit |
-/// | `$6`, `$7` | limited queues with room, and how much |
-/// | `$8` | jobs whose terminal write was refused: `doing`, but holding no slot |
-/// | `$9` | jobs the same statement ends ([`COMPLETE_AND_CLAIM`]): still `doing` in its snapshot, yet holding neither a lock nor a slot once it commits |
-macro_rules! claim_steps {
-    () => {
-        "
+/// | `$5` | jobs whose terminal write was refused: `doing`, but holding no slot |
+macro_rules! candidates {
+    ($ending:literal, $queue_filter:expr, $limit:expr) => {
+        concat!(
+            "
 candidate AS (
     SELECT jobs.id, jobs.priority, jobs.queue_name
       FROM procrastinate_jobs AS jobs
@@ -58,7 +58,7 @@ candidate AS (
                SELECT 1
                  FROM procrastinate_jobs AS other_jobs
                 WHERE other_jobs.lock = jobs.lock
-                  AND NOT (other_jobs.id = ANY($9::bigint[]))
+                  AND NOT (other_jobs.id = ANY(", $ending, "))
                   AND (
                         other_jobs.status = 'doing'
                         OR (
@@ -72,18 +72,61 @@ candidate AS (
            ))
        AND jobs.status = 'todo'
        AND ($1::varchar[] IS NULL OR jobs.queue_name = ANY($1::varchar[]))
-       AND (jobs.scheduled_at IS NULL OR jobs.scheduled_at <= now())
-       -- Queues at their per-queue concurrency limit (fastworker's queue_concurrency).
-       AND NOT (jobs.queue_name = ANY($5::varchar[]))
-       AND NOT (jobs.id = ANY($9::bigint[]))
+       AND (jobs.scheduled_at IS NULL OR jobs.scheduled_at <= now())", $queue_filter, "
+       AND NOT (jobs.id = ANY(", $ending, "))
      ORDER BY jobs.priority DESC, jobs.id ASC
-     -- A plain parameter: the planner sees the value and walks the priority index. (An
-     -- expression here made it sort the whole table: 20 ms per claim on 20,000 jobs.)
-     LIMIT $3::bigint
+     LIMIT ", $limit, "
        FOR UPDATE OF jobs SKIP LOCKED
-), within_queue_limits AS (
-    -- Per-queue limits: keep, in claim order, no more of a limited queue than it has room
-    -- for. (Window functions are not allowed next to FOR UPDATE, hence this step.)
+)"
+        )
+    };
+}
+
+/// The jobs this worker holds in `doing`, but those that hold no slot (`$5`, refused
+/// writes, and `$ending`, those the same statement ends).
+macro_rules! held {
+    ($ending:literal) => {
+        concat!(
+            "(SELECT count(*) FROM procrastinate_jobs AS held
+                WHERE held.worker_id = $2::bigint AND held.status = 'doing'
+                  AND NOT (held.id = ANY($5::bigint[]))
+                  AND NOT (held.id = ANY(",
+            $ending,
+            ")))"
+        )
+    };
+}
+
+/// The claim without per-queue limits: the jobs this worker holds (slots) cap the
+/// candidates' `LIMIT`, so the database itself enforces "never more than `concurrency`
+/// jobs in `doing`" even if the core's own bookkeeping were wrong.
+macro_rules! claim_steps {
+    ($ending:literal) => {
+        candidates!(
+            $ending,
+            "",
+            concat!(
+                "least($3::bigint, greatest(0, $4::bigint - ",
+                held!($ending),
+                "))"
+            )
+        )
+    };
+}
+
+/// The claim with per-queue limits (fastworker's `queue_concurrency`): the candidates
+/// skip queues at their limit (`$full`), then keep, in claim order, no more of a limited
+/// queue than it has room for (`$names` / `$free`), then no more than the free slots.
+macro_rules! limited_claim_steps {
+    ($ending:literal, $full:literal, $names:literal, $free:literal) => {
+        concat!(
+            candidates!(
+                $ending,
+                concat!("\n       AND NOT (jobs.queue_name = ANY(", $full, "::varchar[]))"),
+                "$3::bigint"
+            ),
+            ", within_queue_limits AS (
+    -- Window functions are not allowed next to FOR UPDATE, hence this step.
     SELECT ranked.id, ranked.priority
       FROM (
             SELECT candidate.id, candidate.priority, candidate.queue_name,
@@ -91,57 +134,72 @@ candidate AS (
                                       ORDER BY candidate.priority DESC, candidate.id ASC) AS rank
               FROM candidate
            ) AS ranked
-      LEFT JOIN unnest($6::varchar[], $7::bigint[]) AS room(queue_name, free)
+      LEFT JOIN unnest(", $names, "::varchar[], ", $free, "::bigint[]) AS room(queue_name, free)
              ON room.queue_name = ranked.queue_name
      WHERE room.free IS NULL OR ranked.rank <= room.free
 ), allowed AS (
     SELECT within_queue_limits.id
       FROM within_queue_limits
      ORDER BY within_queue_limits.priority DESC, within_queue_limits.id ASC
-     LIMIT greatest(0, $4::bigint - (
-               SELECT count(*) FROM procrastinate_jobs AS held
-                WHERE held.worker_id = $2::bigint AND held.status = 'doing'
-                  -- Jobs that ended but whose terminal write the database refused: they
-                  -- stay `doing`, yet no longer take a slot (procrastinate frees it too).
-                  AND NOT (held.id = ANY($8::bigint[]))
-                  AND NOT (held.id = ANY($9::bigint[]))))
+     LIMIT greatest(0, $4::bigint - ", held!($ending), ")
 )"
+        )
     };
 }
 
-/// `status = 'doing'` and the worker on the allowed jobs, returning [`job_columns`].
+/// `status = 'doing'` and the worker on the chosen jobs (`$chosen`: `candidate` or
+/// `allowed`), returning [`job_columns`]. By id (`= ANY`): an index is the only way.
 macro_rules! claim_update {
-    () => {
+    ($chosen:literal) => {
         concat!(
             "
 UPDATE procrastinate_jobs AS job
    SET status = 'doing', worker_id = $2::bigint
-  FROM allowed
- WHERE job.id = allowed.id
+ WHERE job.id = ANY(ARRAY(SELECT id FROM ",
+            $chosen,
+            "))
 RETURNING ",
             job_columns!()
         )
     };
 }
 
-/// The claim on its own: `$1`-`$9` as in [`claim_steps`] (`$9` empty).
-pub const CLAIM: &str = concat!("WITH ", claim_steps!(), claim_update!());
+/// The claim on its own: `$1`-`$5` as in [`candidates`].
+pub const CLAIM: &str = concat!(
+    "WITH ",
+    claim_steps!("'{}'::bigint[]"),
+    claim_update!("candidate")
+);
+
+/// The claim with per-queue limits: `$1`-`$5` as in [`candidates`], `$6` queues at their
+/// limit, `$7` / `$8` limited queues with room, and how much.
+pub const CLAIM_WITH_QUEUE_LIMITS: &str = concat!(
+    "WITH ",
+    limited_claim_steps!("'{}'::bigint[]", "$6", "$7", "$8"),
+    claim_update!("allowed")
+);
 
 /// The conditions of every terminal write: the row is still the claim being ended.
 /// `$ids` / `$attempts`: the jobs and the attempts they had when claimed; `$workers`:
 /// every worker id this process has had (a pruned worker's jobs have none left).
+///
+/// Found by id through the primary key, whatever the statistics: `= ANY` on the id, a
+/// job's own entries picked with `array_position` rather than by joining the arrays (a
+/// join let small tables be read whole), and the status compared as text, which keeps
+/// the planner off procrastinate's partial indexes `WHERE status = 'doing'`: a plan made
+/// while few jobs run would walk all of them on every write once many do.
 macro_rules! ending_claims {
     ($ids:literal, $attempts:literal, $workers:literal) => {
         concat!(
             "job.id = ANY(",
             $ids,
             "::bigint[])
-       AND job.status = 'doing'
-       AND (job.id, job.attempts) IN (SELECT * FROM unnest(",
-            $ids,
-            "::bigint[], ",
+       AND job.status::text = 'doing'
+       AND job.attempts = (",
             $attempts,
-            "::int[]))
+            "::int[])[array_position(",
+            $ids,
+            "::bigint[], job.id)]
        AND (job.worker_id IS NULL OR job.worker_id = ANY(",
             $workers,
             "::bigint[]))"
@@ -158,16 +216,15 @@ macro_rules! finish_and_delete_steps {
             "
 finished AS (
     UPDATE procrastinate_jobs AS job
-       SET status = ended.status::procrastinate_job_status,
+       SET status = (",
+            $statuses,
+            "::text[])[array_position(",
+            $ids,
+            "::bigint[], job.id)]
+                    ::procrastinate_job_status,
            abort_requested = false,
            attempts = job.attempts + 1
-      FROM unnest(",
-            $ids,
-            "::bigint[], ",
-            $statuses,
-            "::text[]) AS ended(id, status)
-     WHERE job.id = ended.id
-       AND ",
+     WHERE ",
             ending_claims!($ids, $attempts, $workers),
             "
     RETURNING job.id
@@ -203,18 +260,18 @@ pub const COMPLETE: &str = concat!(
                          THEN 'failed' ELSE 'todo' END::procrastinate_job_status,
            attempts = CASE WHEN job.abort_requested
                            THEN job.attempts ELSE job.attempts + 1 END,
-           scheduled_at = CASE WHEN job.abort_requested
-                               THEN job.scheduled_at ELSE r.retry_at::timestamptz END,
-           priority = CASE WHEN job.abort_requested
-                           THEN job.priority ELSE coalesce(r.priority, job.priority) END,
-           queue_name = CASE WHEN job.abort_requested
-                             THEN job.queue_name ELSE coalesce(r.queue_name, job.queue_name) END,
-           lock = CASE WHEN job.abort_requested
-                       THEN job.lock ELSE coalesce(r.lock, job.lock) END
-      FROM unnest($6::bigint[], $8::text[], $9::int[], $10::text[], $11::text[])
-           AS r(id, retry_at, priority, queue_name, lock)
-     WHERE job.id = r.id
-       AND ",
+           scheduled_at = CASE WHEN job.abort_requested THEN job.scheduled_at
+                               ELSE ($8::text[])[array_position($6::bigint[], job.id)]::timestamptz END,
+           priority = CASE WHEN job.abort_requested THEN job.priority
+                           ELSE coalesce(($9::int[])[array_position($6::bigint[], job.id)],
+                                         job.priority) END,
+           queue_name = CASE WHEN job.abort_requested THEN job.queue_name
+                             ELSE coalesce(($10::text[])[array_position($6::bigint[], job.id)],
+                                           job.queue_name) END,
+           lock = CASE WHEN job.abort_requested THEN job.lock
+                       ELSE coalesce(($11::text[])[array_position($6::bigint[], job.id)],
+                                     job.lock) END
+     WHERE ",
     ending_claims!("$6", "$7", "$12"),
     "
     RETURNING job.id
@@ -224,32 +281,51 @@ UNION ALL SELECT id FROM deleted
 UNION ALL SELECT id FROM retried"
 );
 
+/// The tail of the statements that end a batch and claim: the claimed jobs
+/// ([`job_columns`]) with `true` last, then one row per claim it ended (its id, `false`).
+macro_rules! claimed_then_ended {
+    ($chosen:literal) => {
+        concat!(
+            ", claimed AS (",
+            claim_update!($chosen),
+            "
+)
+SELECT claimed.*, true FROM claimed
+UNION ALL SELECT id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, false FROM finished
+UNION ALL SELECT id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, false FROM deleted"
+        )
+    };
+}
+
 /// One statement, so one message and one commit for a whole round trip: a batch without
 /// retries and the claim of the slots it frees.
 ///
 /// | | |
 /// |---|---|
-/// | `$1`-`$9` | the claim, as in [`claim_steps`]; `$9` = the ids of `$10` and `$13` |
-/// | `$10`, `$11`, `$12` | finished jobs, their attempts at claim, their end status |
-/// | `$13`, `$14` | deleted jobs, their attempts at claim |
-/// | `$15` | every worker id this process has had |
+/// | `$1`-`$5` | the claim, as in [`candidates`] |
+/// | `$6`, `$7`, `$8` | finished jobs, their attempts at claim, their end status |
+/// | `$9`, `$10` | deleted jobs, their attempts at claim |
+/// | `$11` | every worker id this process has had |
 ///
-/// Rows: the claimed jobs ([`job_columns`]) with `true` last, then one row per claim it
-/// ended (its id, `false` last). Retries go through [`COMPLETE`] then [`CLAIM`] in one
+/// Rows: see [`claimed_then_ended`]. Retries go through [`COMPLETE`] then [`CLAIM`] in one
 /// transaction instead: a retried job may be claimable at once, which this statement's
 /// snapshot could not see.
 pub const COMPLETE_AND_CLAIM: &str = concat!(
     "WITH ",
-    finish_and_delete_steps!("$10", "$11", "$12", "$13", "$14", "$15"),
+    finish_and_delete_steps!("$6", "$7", "$8", "$9", "$10", "$11"),
     ", ",
-    claim_steps!(),
-    ", claimed AS (",
-    claim_update!(),
-    "
-)
-SELECT claimed.*, true FROM claimed
-UNION ALL SELECT id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, false FROM finished
-UNION ALL SELECT id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, false FROM deleted"
+    claim_steps!("($6::bigint[] || $9::bigint[])"),
+    claimed_then_ended!("candidate")
+);
+
+/// [`COMPLETE_AND_CLAIM`] with per-queue limits: `$12` queues at their limit, `$13` /
+/// `$14` limited queues with room, and how much.
+pub const COMPLETE_AND_CLAIM_WITH_QUEUE_LIMITS: &str = concat!(
+    "WITH ",
+    finish_and_delete_steps!("$6", "$7", "$8", "$9", "$10", "$11"),
+    ", ",
+    limited_claim_steps!("($6::bigint[] || $9::bigint[])", "$12", "$13", "$14"),
+    claimed_then_ended!("allowed")
 );
 
 /// The last column of [`COMPLETE_AND_CLAIM`]: a claimed job, or an ended claim.
@@ -260,7 +336,7 @@ pub const CLAIMED_COLUMN: usize = 11;
 macro_rules! current_claim {
     () => {
         "(SELECT job.id FROM procrastinate_jobs AS job
-          WHERE job.id = $1::bigint AND job.attempts = $2::int AND job.status = 'doing'
+          WHERE job.id = $1::bigint AND job.attempts = $2::int AND job.status::text = 'doing'
             AND (job.worker_id IS NULL OR job.worker_id = ANY($3::bigint[]))
             FOR UPDATE) AS claim"
     };
@@ -285,21 +361,22 @@ pub const RETRY_ONE: &str = concat!(
 /// reply was lost with a connection, or made by a statement of a lost connection that
 /// committed later. `$1` this process's worker ids; `$2`, `$3` the claims it knows (job
 /// ids and attempts at claim); `$4` jobs whose terminal write was refused.
+/// (Unordered: the dispatcher puts them in start order.)
 pub const ORPHANED_CLAIMS: &str = concat!(
     "SELECT ",
     job_columns!(),
     "
   FROM procrastinate_jobs AS job
  WHERE job.worker_id = ANY($1::bigint[]) AND job.status = 'doing'
-   AND (job.id, job.attempts) NOT IN (SELECT * FROM unnest($2::bigint[], $3::int[]))
-   AND NOT (job.id = ANY($4::bigint[]))
- ORDER BY job.priority DESC, job.id ASC"
+   AND NOT (job.id = ANY($2::bigint[])
+            AND job.attempts = ($3::int[])[array_position($2::bigint[], job.id)])
+   AND NOT (job.id = ANY($4::bigint[]))"
 );
 
 /// Of the jobs whose terminal write was refused (`$2`), those still `doing` for this
 /// process (`$1` its worker ids): the others hold nothing any more.
 pub const STILL_ABANDONED: &str = "SELECT job.id FROM procrastinate_jobs AS job
- WHERE job.id = ANY($2::bigint[]) AND job.status = 'doing'
+ WHERE job.id = ANY($2::bigint[]) AND job.status::text = 'doing'
    AND (job.worker_id IS NULL OR job.worker_id = ANY($1::bigint[]))";
 
 /// This connection's server process, to tell it apart after a loss (a pid alone may be
@@ -333,9 +410,11 @@ pub const LOCK_STALLED_WORKERS: &str = "SELECT id FROM procrastinate_workers
    AND NOT (id = ANY($2::bigint[]))
  ORDER BY id FOR UPDATE SKIP LOCKED";
 /// The `doing` jobs of the workers `$1`, locked before the workers are deleted (which sets
-/// their `worker_id` to NULL).
+/// their `worker_id` to NULL). (Unordered: an `ORDER BY id` let small tables' plans walk an
+/// index of every waiting job; two recoveries never lock the same jobs, their workers'
+/// rows being locked first.)
 pub const JOBS_OF_WORKERS: &str = "SELECT id FROM procrastinate_jobs
- WHERE worker_id = ANY($1::bigint[]) AND status = 'doing' ORDER BY id FOR UPDATE";
+ WHERE worker_id = ANY($1::bigint[]) AND status = 'doing' FOR UPDATE";
 /// Delete the locked workers `$1` (what `procrastinate_prune_stalled_workers_v1` does, for
 /// exactly the rows this transaction locked).
 pub const DELETE_WORKERS: &str =
@@ -353,3 +432,60 @@ pub const FAIL_JOB: &str =
 /// Jobs of this process (`$1` its worker ids) whose abort was requested.
 pub const JOBS_TO_ABORT: &str = "SELECT id FROM procrastinate_jobs
  WHERE status = 'doing' AND abort_requested AND worker_id = ANY($1::bigint[])";
+
+/// The connections the core sends its statements on: the job connection's session plans
+/// differently (see [`crate::fetcher`]) from the others' (registry, recovery).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Session {
+    Jobs,
+    Registry,
+}
+
+/// Every statement the core sends (but the session settings and LISTEN), by name and
+/// connection: the plan test (`rust/core/tests/plans.rs`) explains each of them.
+pub const STATEMENTS: &[(&str, &str, Session)] = &[
+    ("claim", CLAIM, Session::Jobs),
+    (
+        "claim with queue limits",
+        CLAIM_WITH_QUEUE_LIMITS,
+        Session::Jobs,
+    ),
+    ("complete and claim", COMPLETE_AND_CLAIM, Session::Jobs),
+    (
+        "complete and claim with queue limits",
+        COMPLETE_AND_CLAIM_WITH_QUEUE_LIMITS,
+        Session::Jobs,
+    ),
+    ("complete (with retries)", COMPLETE, Session::Jobs),
+    ("finish one", FINISH_ONE, Session::Jobs),
+    ("retry one", RETRY_ONE, Session::Jobs),
+    ("orphaned claims", ORPHANED_CLAIMS, Session::Jobs),
+    ("still abandoned", STILL_ABANDONED, Session::Jobs),
+    ("backend identity", BACKEND_IDENTITY, Session::Jobs),
+    ("backend alive", BACKEND_ALIVE, Session::Jobs),
+    ("terminate backend", TERMINATE_BACKEND, Session::Jobs),
+    ("check schema", CHECK_SCHEMA, Session::Registry),
+    (
+        "prune stalled workers",
+        PRUNE_STALLED_WORKERS,
+        Session::Registry,
+    ),
+    ("register worker", REGISTER_WORKER, Session::Registry),
+    ("unregister worker", UNREGISTER_WORKER, Session::Registry),
+    ("heartbeat", UPDATE_HEARTBEAT, Session::Registry),
+    ("abort poll", JOBS_TO_ABORT, Session::Registry),
+    (
+        "lock stalled workers",
+        LOCK_STALLED_WORKERS,
+        Session::Registry,
+    ),
+    (
+        "jobs of stalled workers",
+        JOBS_OF_WORKERS,
+        Session::Registry,
+    ),
+    ("delete stalled workers", DELETE_WORKERS, Session::Registry),
+    ("retry stalled jobs", RETRY_JOBS, Session::Registry),
+    ("retry one stalled job", RETRY_JOB, Session::Registry),
+    ("fail one stalled job", FAIL_JOB, Session::Registry),
+];

@@ -262,8 +262,13 @@ impl Dispatcher {
     }
 
     async fn prepare(&self, client: Client) -> CoreResult<Connection> {
-        let fetcher =
-            Fetcher::prepare(&client, self.config.queues.clone(), self.config.concurrency).await?;
+        let fetcher = Fetcher::prepare(
+            &client,
+            self.config.queues.clone(),
+            self.config.concurrency,
+            !self.config.queue_concurrency.is_empty(),
+        )
+        .await?;
         let completer = Completer::prepare(&client).await?;
         let backend = client
             .query_one(sql::BACKEND_IDENTITY, &[])
@@ -606,7 +611,11 @@ impl Dispatcher {
                 &[&workers, &ids, &attempts, &state.abandoned],
             )
             .await?;
-        rows.iter().map(JobRow::from_row).collect()
+        let orphans = rows
+            .iter()
+            .map(JobRow::from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(crate::fetcher::in_start_order(orphans))
     }
 
     /// Between round trips (nothing in flight on this connection, so every claim it made
