@@ -389,28 +389,41 @@ impl Registry {
         self.client = None;
     }
 
+    /// Delete this worker's row, trying for a few seconds (a new connection each time a
+    /// statement fails). A row left behind is pruned as stalled later: it holds no job.
     pub async fn unregister(&mut self) -> CoreResult<()> {
-        if self.client.as_ref().is_none_or(Client::is_closed) {
-            self.client = Some(
-                self.target
-                    .connect_with_backoff(Duration::from_secs(5))
-                    .await?,
-            );
+        const TRYING: Duration = Duration::from_secs(5);
+        let started = std::time::Instant::now();
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let worker_id = self.identity.current();
+            let attempt = match self.ensure_connected().await {
+                Ok(()) => match self.client.as_ref() {
+                    Some(client) => {
+                        bounded(
+                            self.response_timeout.min(TRYING),
+                            client.execute(sql::UNREGISTER_WORKER, &[&worker_id]),
+                        )
+                        .await
+                    }
+                    None => Err("not connected".to_string()),
+                },
+                Err(error) => Err(error),
+            };
+            let reason = match attempt {
+                Ok(_) => return Ok(()),
+                Err(reason) => reason,
+            };
+            self.client = None;
+            if started.elapsed() + delay > TRYING {
+                return Err(CoreError::Unreachable {
+                    target: self.target.description().to_string(),
+                    reason: format!("unregistering worker {worker_id}: {reason}"),
+                });
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(1));
         }
-        let Some(client) = self.client.as_ref() else {
-            return Ok(());
-        };
-        let worker_id = self.identity.current();
-        bounded(
-            self.response_timeout,
-            client.execute(sql::UNREGISTER_WORKER, &[&worker_id]),
-        )
-        .await
-        .map_err(|reason| CoreError::Unreachable {
-            target: self.target.description().to_string(),
-            reason: format!("unregistering worker {worker_id}: {reason}"),
-        })?;
-        Ok(())
     }
 }
 

@@ -308,18 +308,20 @@ impl WorkerCore {
             // A hard stop with the database out of reach: the row will be pruned as stalled.
             return Ok(());
         }
-        let result = registry.unregister().await;
-        if let Err(error) = &result {
+        // Best effort, as a killed worker's row is pruned anyway: a row left behind holds
+        // no job (every outcome was written, or reported lost, before this point).
+        if let Err(error) = registry.unregister().await {
             registry.handoff.log(
                 LogLevel::Warning,
                 "unregister_failed",
                 format!(
-                    "Could not unregister worker {}: {error}",
+                    "Could not unregister worker {} ({error}); its row will be pruned as \
+                     stalled",
                     self.identity.current()
                 ),
             );
         }
-        result
+        Ok(())
     }
 }
 
