@@ -50,6 +50,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 from tests.faults.harness import classify
 from tests.faults.proxy import Fault, FaultProxy
 from tests.reliability.helpers import (
@@ -64,6 +65,7 @@ DATABASE = "soak"
 # A heartbeat can be late by a response timeout plus a reconnect: the stalled timeout
 # leaves room for that (a live worker must never look stalled).
 HEARTBEAT, STALLED, RESPONSE_TIMEOUT = "1", "10", "3"
+CORE_ROLE = "soak_core"
 PROXY_KINDS = [
     "claim", "complete_and_claim", "complete", "begin", "commit", "finish_one", "retry_one",
     "heartbeat", "abort_poll", "orphans", "listen", "recover_lock", "recover_retry",
@@ -130,7 +132,8 @@ def query(dsn: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
     for attempt in range(60):
         try:
             with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as connection:
-                return connection.execute(sql, params).fetchall()  # type: ignore[arg-type]
+                cursor = connection.execute(sql, params)  # type: ignore[arg-type]
+                return cursor.fetchall() if cursor.description is not None else []
         except psycopg.OperationalError:
             if attempt == 59:
                 raise
@@ -159,6 +162,15 @@ def main() -> int:
         cluster.create_database(DATABASE)
         dsn = cluster.dsn(DATABASE)
         create_executions_table(dsn)
+        # The workers' cores connect as a role of their own: a statement_timeout fault set
+        # on it hits their connections, not their apps' pools (procrastinate's periodic
+        # deferrer, reused as is, stops its worker on a database error).
+        for grant in (
+            f"CREATE ROLE {CORE_ROLE} LOGIN",
+            f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {CORE_ROLE}",
+            f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {CORE_ROLE}",
+        ):
+            query(dsn, grant)
         with FaultProxy("127.0.0.1", cluster.port, classify=classify) as proxy:
             return soak(arguments, rng, cluster, dsn, proxy, logs)
     finally:
@@ -174,7 +186,7 @@ def soak(
     logs: Path,
 ) -> int:
     spawned = 0
-    core_dsn = proxy.dsn(dsn)
+    core_dsn = make_conninfo(proxy.dsn(dsn), user=CORE_ROLE)
 
     def spawn(periodic: bool = True) -> WorkerProcess:
         nonlocal spawned
@@ -318,10 +330,14 @@ def inject(
         return others
     try:
         if kind == "statement_timeout":
-            query(dsn, f"ALTER DATABASE {DATABASE} SET statement_timeout TO '20ms'")
+            # A connection made meanwhile keeps it: one of them is made now.
+            query(dsn, f"ALTER ROLE {CORE_ROLE} SET statement_timeout TO '20ms'")
+            backends = [pid for pid, _ in fastworker_backends(dsn, DATABASE)]
+            if backends:
+                terminate_backend(dsn, rng.choice(backends))
             time.sleep(2)
-            query(dsn, f"ALTER DATABASE {DATABASE} RESET statement_timeout")
-            faults["statement_timeout 20 ms for connections made within 2 s"] += 1
+            query(dsn, f"ALTER ROLE {CORE_ROLE} RESET statement_timeout")
+            faults["statement_timeout 20 ms on a worker connection made anew"] += 1
         elif kind == "row_lock":
             rows = query(
                 dsn,
