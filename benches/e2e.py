@@ -3,7 +3,10 @@
     python benches/e2e.py [--dsn DSN] [--jobs 20000] [--concurrency 1,10,100] [--sync 10]
 
 For each setting, the same pre-loaded queue of no-op jobs is drained by each system in
-turn (each drain in its own process, so its CPU time is its own), and the script reports
+turn (each drain in its own process, so its CPU time is its own), on a jobs table that
+also holds `history` finished jobs (with their events: procrastinate's default,
+`delete_jobs="never"`, grows tables so), or with `delete_jobs="successful"`, and the
+script reports
 per system: jobs/s, the ratio of its jobs/s to procrastinate's, worker CPU µs per job,
 PostgreSQL server CPU µs per job (all backends, from /proc, when the server is local) and
 commits per job (pg_stat_database.xact_commit). Then pickup latency: an idle listening
@@ -202,7 +205,9 @@ def install_pgqueuer(dsn: str) -> None:
 # --- child: one drain or one latency run ------------------------------------------------
 
 
-async def child_drain(system: str, dsn: str, concurrency: int) -> dict[str, float]:
+async def child_drain(
+    system: str, dsn: str, concurrency: int, delete_jobs: str = "never"
+) -> dict[str, float]:
     if system == "pgqueuer":
         connection = await pgqueuer_connect(dsn)
         try:
@@ -223,11 +228,18 @@ async def child_drain(system: str, dsn: str, concurrency: int) -> dict[str, floa
             import fastworker
 
             await fastworker.run_async(
-                app, concurrency=concurrency, wait=False, install_signal_handlers=False
+                app,
+                concurrency=concurrency,
+                wait=False,
+                install_signal_handlers=False,
+                delete_jobs=delete_jobs,
             )
         else:
             await app.run_worker_async(
-                concurrency=concurrency, wait=False, install_signal_handlers=False
+                concurrency=concurrency,
+                wait=False,
+                install_signal_handlers=False,
+                delete_jobs=delete_jobs,
             )
         wall = time.perf_counter() - wall
         cpu = time.process_time() - cpu
@@ -330,13 +342,55 @@ def commits(dsn: str) -> int:
     return int(row[0]) if row else 0
 
 
-def reset_queue(dsn: str, jobs: int, task_name: str, system: str = "procrastinate") -> None:
-    """Empty both systems' tables, load `jobs` jobs for `system`, VACUUM and CHECKPOINT."""
+HISTORY_QUEUE = "history"
+
+
+def load_history(connection: psycopg.Connection[Any], history: int) -> None:
+    """`history` finished jobs (queue `history`), each with its three events, as a table
+    grown by procrastinate's default `delete_jobs="never"`: 90% succeeded, 10% failed.
+    Loaded with procrastinate's triggers off (they would notify a million times)."""
+    connection.execute("ALTER TABLE procrastinate_jobs DISABLE TRIGGER USER")
+    try:
+        for start in range(0, history, 200_000):
+            count = min(200_000, history - start)
+            connection.execute(
+                "WITH jobs AS ("
+                " INSERT INTO procrastinate_jobs (queue_name, task_name, args, status, attempts)"
+                " SELECT %s, 'noop', jsonb_build_object('n', n),"
+                "  (CASE WHEN n %% 10 = 0 THEN 'failed' ELSE 'succeeded' END)"
+                "   ::procrastinate_job_status, 1"
+                " FROM generate_series(1, %s) AS n RETURNING id, status)"
+                " INSERT INTO procrastinate_events (job_id, type)"
+                " SELECT id, kind::procrastinate_job_event_type FROM jobs,"
+                "  LATERAL (VALUES ('deferred'), ('started'), (status::text)) AS k(kind)",
+                (HISTORY_QUEUE, count),
+            )
+    finally:
+        connection.execute("ALTER TABLE procrastinate_jobs ENABLE TRIGGER USER")
+
+
+def reset_queue(
+    dsn: str, jobs: int, task_name: str, system: str = "procrastinate", history: int = 0
+) -> None:
+    """Empty both systems' queues, load `jobs` jobs for `system` (over `history` finished
+    jobs, kept from one drain to the next), VACUUM, ANALYZE and CHECKPOINT."""
     with psycopg.connect(dsn, autocommit=True) as connection:
-        connection.execute(
-            "TRUNCATE procrastinate_events, procrastinate_periodic_defers, procrastinate_jobs,"
-            " procrastinate_workers RESTART IDENTITY CASCADE"
-        )
+        held = connection.execute(
+            "SELECT count(*) FROM procrastinate_jobs WHERE queue_name = %s", (HISTORY_QUEUE,)
+        ).fetchone()[0]  # type: ignore[index]
+        if held == history:
+            connection.execute(
+                "DELETE FROM procrastinate_jobs WHERE queue_name <> %s", (HISTORY_QUEUE,)
+            )
+            connection.execute(
+                "TRUNCATE procrastinate_periodic_defers, procrastinate_workers CASCADE"
+            )
+        else:
+            connection.execute(
+                "TRUNCATE procrastinate_events, procrastinate_periodic_defers,"
+                " procrastinate_jobs, procrastinate_workers RESTART IDENTITY CASCADE"
+            )
+            load_history(connection, history)
         tables = ["procrastinate_jobs", "procrastinate_events"]
         if connection.execute("SELECT to_regclass('pgqueuer_log')").fetchone()[0]:  # type: ignore[index]
             connection.execute(f"TRUNCATE {', '.join(PGQUEUER_TABLES)} RESTART IDENTITY")
@@ -372,6 +426,8 @@ def check_drained(dsn: str, system: str, jobs: int) -> None:
             return
         left = connection.execute(
             "SELECT count(*) FROM procrastinate_jobs WHERE status <> 'succeeded'"
+            " AND queue_name <> %s",
+            (HISTORY_QUEUE,),
         ).fetchone()[0]  # type: ignore[index]
     if left:
         raise RuntimeError(f"{system} left {left} jobs not succeeded")
@@ -386,14 +442,32 @@ def run_child(*args: str) -> dict[str, Any]:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def drain(dsn: str, system: str, concurrency: int, kind: str, jobs: int) -> dict[str, float] | None:
-    if system == "pgqueuer" and kind == "sync":
-        return None  # PGQUEUER_SYNC
-    reset_queue(dsn, jobs, "noop" if kind == "async" else "noop_sync", system)
+class Setting(NamedTuple):
+    kind: str  # "async" or "sync" tasks
+    concurrency: int
+    history: int = 0  # finished jobs in the table
+    delete_jobs: str = "never"
+
+    @property
+    def label(self) -> str:
+        label = f"C={self.concurrency} {self.kind}"
+        if self.history:
+            label += f", {self.history:,} finished"
+        if self.delete_jobs != "never":
+            label += f", delete {self.delete_jobs}"
+        return label
+
+
+def drain(dsn: str, system: str, setting: Setting, jobs: int) -> dict[str, float] | None:
+    kind, concurrency = setting.kind, setting.concurrency
+    if system == "pgqueuer" and (kind == "sync" or setting != Setting(kind, concurrency)):
+        return None  # PGQUEUER_SYNC, or a setting of procrastinate's schema
+    task = "noop" if kind == "async" else "noop_sync"
+    reset_queue(dsn, jobs, task, system, setting.history)
     time.sleep(1.1)  # let the stats of the reset reach pg_stat_database
     commits_before = commits(dsn)
     server_before = server_cpu_seconds(dsn)
-    result = run_child("_drain", system, dsn, str(concurrency))
+    result = run_child("_drain", system, dsn, str(concurrency), setting.delete_jobs)
     server_after = server_cpu_seconds(dsn)
     time.sleep(1.1)  # backends flush their stats when they exit, at most once a second
     commits_after = commits(dsn)
@@ -513,7 +587,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     labels = [entry["label"] for entry in results["drain"]]
     systems = results["systems"]
-    figure, axis = plt.subplots(figsize=(8, 4.5))
+    figure, axis = plt.subplots(figsize=(max(8, 1.1 * len(labels)), 5))
     width = 0.8 / len(systems)
     for index, system in enumerate(systems):
         offset = (index - (len(systems) - 1) / 2) * width
@@ -529,7 +603,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
             label=system,
         )
         axis.bar_label(bars, fmt="%.0f", fontsize=8)
-    axis.set_xticks(range(len(labels)), labels)
+    axis.set_xticks(range(len(labels)), labels, rotation=25, ha="right", fontsize=8)
     axis.set_ylabel("jobs/s (no-op jobs, drain)")
     axis.set_title(f"Drain throughput, {results['jobs']} jobs, same PostgreSQL, one run")
     axis.legend()
@@ -547,6 +621,19 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=20000)
     parser.add_argument("--concurrency", default="1,10,100", help="async task concurrencies")
     parser.add_argument("--sync", default="10", help="sync task concurrencies ('' for none)")
+    parser.add_argument(
+        "--history",
+        default="20000,1000000",
+        help="sizes of a table of finished jobs to drain over ('' for none)",
+    )
+    parser.add_argument(
+        "--history-concurrency", default="1,100", help="concurrencies of those drains"
+    )
+    parser.add_argument(
+        "--delete-successful",
+        default="1",
+        help="concurrencies of drains with delete_jobs='successful' ('' for none)",
+    )
     parser.add_argument("--latency-seconds", type=float, default=10.0)
     parser.add_argument("--latency-interval", type=float, default=0.02)
     parser.add_argument(
@@ -584,9 +671,18 @@ def main() -> None:
             connection.execute(schema.SchemaManager.get_schema())  # type: ignore[arg-type]
     if "pgqueuer" in systems:
         install_pgqueuer(dsn)
-    settings = [("async", int(c)) for c in args.concurrency.split(",") if c] + [
-        ("sync", int(c)) for c in args.sync.split(",") if c
+
+    def numbers(text: str) -> list[int]:
+        return [int(value) for value in text.split(",") if value]
+
+    settings = [Setting("async", c) for c in numbers(args.concurrency)]
+    settings += [Setting("sync", c) for c in numbers(args.sync)]
+    settings += [
+        Setting("async", c, history)
+        for history in numbers(args.history)
+        for c in numbers(args.history_concurrency)
     ]
+    settings += [Setting("async", c, 0, "successful") for c in numbers(args.delete_successful)]
     results: dict[str, Any] = {
         "jobs": args.jobs,
         "systems": systems,
@@ -601,18 +697,16 @@ def main() -> None:
         results["pgqueuer"] = {
             "version": pgqueuer.__version__,
             "driver": f"asyncpg {asyncpg.__version__}",
-            "limits": {f"C={c}": pgqueuer_limits(c)._asdict() for _, c in settings},
+            "limits": {
+                f"C={s.concurrency}": pgqueuer_limits(s.concurrency)._asdict() for s in settings
+            },
             "sync": PGQUEUER_SYNC,
         }
     try:
-        for kind, concurrency in settings:
-            entry: dict[str, Any] = {
-                "label": f"C={concurrency} {kind}",
-                "kind": kind,
-                "concurrency": concurrency,
-            }
+        for setting in settings:
+            entry: dict[str, Any] = {"label": setting.label, **setting._asdict()}
             for system in systems:
-                measured = entry[system] = drain(dsn, system, concurrency, kind, args.jobs)
+                measured = entry[system] = drain(dsn, system, setting, args.jobs)
                 speed = "n/a" if measured is None else f"{measured['jobs_per_s']:8.0f} jobs/s"
                 print(f"{entry['label']:>12} {system:>13}: {speed}", flush=True)
             if "procrastinate" in entry:
@@ -662,6 +756,8 @@ def report(results: dict[str, Any], systems: list[str]) -> str:
         for system in systems:
             measured = entry[system]
             if measured is None:
+                if entry.get("history") or entry.get("delete_jobs", "never") != "never":
+                    continue  # a setting of procrastinate's schema only
                 lines.append(f"| {entry['label']} | {system} | n/a |  | n/a | n/a | n/a |")
                 continue
             ratio = f"{measured['ratio']:.1f}x" if "ratio" in measured else ""
@@ -702,8 +798,8 @@ def report(results: dict[str, Any], systems: list[str]) -> str:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_drain":
-        _, _, system, dsn, concurrency = sys.argv
-        print(json.dumps(asyncio.run(child_drain(system, dsn, int(concurrency)))))
+        _, _, system, dsn, concurrency, *delete_jobs = sys.argv
+        print(json.dumps(asyncio.run(child_drain(system, dsn, int(concurrency), *delete_jobs))))
     elif len(sys.argv) > 1 and sys.argv[1] == "_latency":
         _, _, system, dsn, expected = sys.argv
         print(json.dumps(asyncio.run(child_latency(system, dsn, int(expected)))))

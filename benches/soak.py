@@ -157,7 +157,9 @@ def main() -> int:
 
     logs = arguments.logs or Path(f"/tmp/fastworker-soak-{seed}")
     logs.mkdir(parents=True, exist_ok=True)
-    cluster = PrivateCluster()
+    # Room for 4 workers' connections (3-4 each, and their apps' pools of up to 8), the
+    # load's, and server processes of connections a fault left behind for a while.
+    cluster = PrivateCluster(max_connections=200)
     try:
         cluster.create_database(DATABASE)
         dsn = cluster.dsn(DATABASE)

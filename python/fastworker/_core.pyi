@@ -23,6 +23,7 @@ Event = (
     | tuple[Literal["drained"], None]
     | tuple[Literal["fetching_stopped"], None]
     | tuple[Literal["worker_id"], int]
+    | tuple[Literal["claims_lost"], list[tuple[int, int]]]
     | tuple[Literal["log"], LogTuple]
     | tuple[Literal["fatal"], BaseException]
 )

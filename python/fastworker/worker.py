@@ -79,6 +79,12 @@ def _job_from_row(row: _core.JobRowTuple, loads: Callable[[str], Any] = json.loa
     )
 
 
+def _claim(job: jobs.Job) -> tuple[int, int]:
+    """One claim of a job: its id and the attempts it had when claimed."""
+    assert job.id is not None
+    return (job.id, job.attempts)
+
+
 def _undecodable_job(row: _core.JobRowTuple) -> jobs.Job:
     """The job of a row that could not be decoded, with what is safe to show in logs."""
     job_id, status, task_name, priority, lock, queueing_lock, _, _, queue, attempts, worker = row
@@ -226,9 +232,13 @@ class Worker(procrastinate_worker.Worker):
         self._finished: list[tuple[int, int, str, bool]] = []
         self._retried: list[tuple[int, int, str | None, int | None, str | None, str | None]] = []
         # Jobs handed over whose outcome is not reported yet (see `_on_job_done`).
-        self._awaiting_outcome: dict[int, job_context.JobContext] = {}
+        # By claim (job id, attempts): a job recovered elsewhere and claimed here again may
+        # run here twice at once, under its old claim and its new one.
+        self._awaiting_outcome: dict[tuple[int, int], job_context.JobContext] = {}
         # Jobs whose `_process_job` has begun: only those may be cancelled (see `_abort_job`).
-        self._started: set[int] = set()
+        self._started: set[tuple[int, int]] = set()
+        # Claims (job id, attempts) that are no longer this worker's (see _stop_lost_claims).
+        self._lost_claims: set[tuple[int, int]] = set()
         # Seconds each job ran, in the order of _finished then _retried (for the metrics).
         self._finished_durations: list[float] = []
         self._retried_durations: list[float] = []
@@ -470,6 +480,8 @@ class Worker(procrastinate_worker.Worker):
                 self._mark_fetching_stopped()
             elif kind == "worker_id":
                 self.worker_id = cast("int", payload)
+            elif kind == "claims_lost":
+                self._stop_lost_claims(cast("list[tuple[int, int]]", payload))
             elif kind == "fatal":
                 error = payload
                 assert isinstance(error, BaseException)
@@ -503,14 +515,14 @@ class Worker(procrastinate_worker.Worker):
             worker_queues=self.queues,
             additional_context=self.additional_context.copy() if self.additional_context else {},
             job=job,
-            abort_reason=lambda: self._job_ids_to_abort.get(job_id) if job_id else None,
+            abort_reason=lambda: self._abort_reason(job),
             start_timestamp=time.time(),
         )
         if not isinstance(job.task_kwargs, dict):
             self._refuse_job(context)
             return
         assert job_id is not None
-        self._awaiting_outcome[job_id] = context
+        self._awaiting_outcome[(job_id, job.attempts)] = context
         job_task = asyncio.create_task(
             self._process_job(context), name=f"process job {job.task_name}[{job.id}]"
         )
@@ -525,6 +537,35 @@ class Worker(procrastinate_worker.Worker):
         if self._hard_stop.is_set():
             # Claimed by a request that was in flight when the hard stop came.
             self._abort_job(job_task, context, job_context.AbortReason.SHUTDOWN)
+
+    def _abort_reason(self, job: jobs.Job) -> job_context.AbortReason | None:
+        if job.id is None:
+            return None
+        reason = self._job_ids_to_abort.get(job.id)
+        if reason is None and (job.id, job.attempts) in self._lost_claims:
+            return job_context.AbortReason.USER_REQUEST
+        return reason
+
+    def _stop_lost_claims(self, claims: list[tuple[int, int]]) -> None:
+        """These runs' claims are no longer this worker's (the job was recovered by another
+        worker after this one was pruned, and may run there): stop them, as an abort would.
+        Their ends are still reported, and found no longer current. By claim, not by job:
+        the job may run here under a new claim too."""
+        lost = set(claims)
+        self._lost_claims |= lost
+        for job_task, context in list(self._running_jobs.items()):
+            job = context.job
+            if (job.id, job.attempts) not in lost:
+                continue
+            self.logger.warning(
+                f"Job {job.call_string}: its claim is no longer this worker's; stopping it",
+                extra=self._log_extra(action="claim_lost", context=context, job_result=None),
+            )
+            task = self.app.tasks.get(job.task_name)
+            if task is not None and self._task_is_async(task) and _claim(job) in self._started:
+                job_task.cancel()
+            # Otherwise: a sync job sees context.should_abort(); an async one that has not
+            # started is cancelled at its first step (`_process_job`).
 
     def _fail_undecodable(self, job: jobs.Job, error: BaseException) -> None:
         reason = f"{type(error).__name__}: {error}"[:300]
@@ -569,8 +610,8 @@ class Worker(procrastinate_worker.Worker):
         context = self._running_jobs.pop(task, None)
         if context is None:
             return
-        self._started.discard(context.job.id)  # type: ignore[arg-type]
-        if context.job.id not in self._awaiting_outcome:
+        self._started.discard(_claim(context.job))
+        if _claim(context.job) not in self._awaiting_outcome:
             return
         # The task ended without reporting an outcome: it was cancelled before its first
         # step (`_abort_job` defers such cancels, but anyone may cancel a task). Its job
@@ -597,7 +638,7 @@ class Worker(procrastinate_worker.Worker):
         set when a claim lands): cancelling it then would end it before `_process_job`'s
         first line, with no outcome. Its abort reason is set, and `_process_job` raises the
         cancellation itself as it starts."""
-        if context.job.id in self._started or process_job_task.done():
+        if _claim(context.job) in self._started or process_job_task.done():
             super()._abort_job(process_job_task, context, reason)
             return
         assert context.job.id
@@ -652,7 +693,7 @@ class Worker(procrastinate_worker.Worker):
         retry_decision = None
         job_result = job_context.JobResult(start_timestamp=context.start_timestamp)
         if job.id is not None:
-            self._started.add(job.id)
+            self._started.add(_claim(job))
         try:
             if task is not None and job.id in self._job_ids_to_abort and self._task_is_async(task):
                 # Aborted before it started (see `_abort_job`): cancelled at its first
@@ -776,7 +817,9 @@ class Worker(procrastinate_worker.Worker):
         # Collected and handed to the core once per event-loop iteration (see
         # `_flush_outcomes`), so outcomes of jobs ending together go out in one batch.
         assert job.id is not None
-        if self._awaiting_outcome.pop(job.id, None) is None and job.id in self._started:
+        claim = _claim(job)
+        self._lost_claims.discard(claim)
+        if self._awaiting_outcome.pop(claim, None) is None and claim in self._started:
             # Reported already (a middleware or an override calling this twice): the
             # first outcome stands, as the database would refuse a second one anyway.
             return

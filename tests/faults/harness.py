@@ -50,7 +50,8 @@ _MARKERS: list[tuple[str, str]] = [
     ("candidate AS", "claim"),
     ("procrastinate_finish_job_v1(claim.id", "finish_one"),
     ("procrastinate_retry_job_v2(claim.id", "retry_one"),
-    ("NOT (job.id = ANY($2::bigint[])", "orphans"),
+    ("NOT EXISTS (SELECT 1 FROM unnest($2", "orphans"),
+    ("FROM unnest($1::bigint[], $2::int[]) AS known", "lost_claims"),
     ("SET last_heartbeat", "heartbeat"),
     ("abort_requested AND worker_id", "abort_poll"),
     ("FOR UPDATE SKIP LOCKED", "recover_lock"),
@@ -126,7 +127,7 @@ def fault_app(dsn: str) -> procrastinate.App:
 
     - ``ok``: nothing else;
     - ``flaky``: fails its first attempt, succeeds its second (a retry, always);
-    - ``sleepy``: sleeps ``seconds``;
+    - ``sleepy``: sleeps ``seconds``; ``sleepy_sync``: the same in a thread, deaf to aborts;
     - ``gate``: waits until ``size`` jobs of its ``gate`` run at once (so a gate of
       ``concurrency`` jobs only opens if no slot of the worker was lost);
     - ``locked_ok`` / ``locked_flaky``: like ok / flaky, but another session keeps the
@@ -151,6 +152,17 @@ def fault_app(dsn: str) -> procrastinate.App:
     async def sleepy(context: JobContext, seconds: float = 0.2) -> None:
         await record_run(app, context)
         await asyncio.sleep(seconds)
+
+    @app.task(name="sleepy_sync", pass_context=True)
+    def sleepy_sync(context: JobContext, seconds: float = 0.2) -> None:
+        """Sleeps in a thread and does not look at should_abort(): nothing stops it."""
+        job = context.job
+        with psycopg.connect(dsn, autocommit=True) as connection:
+            connection.execute(
+                "INSERT INTO fw_runs (job_id, attempts, task) VALUES (%s, %s, %s)",
+                (job.id, job.attempts, job.task_name),
+            )
+        time.sleep(seconds)
 
     @app.task(name="gate", pass_context=True)
     async def gate(context: JobContext, gate: str, size: int) -> None:

@@ -292,6 +292,33 @@ async def test_a_claim_that_commits_late_is_found_and_run(dsn: str) -> None:
     check_runs(dsn)
 
 
+async def test_a_job_recovered_elsewhere_and_claimed_here_again_runs_once_more(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by the soak. This worker was pruned (its heartbeat late) while a job ran here;
+    another worker put the job back to run, and this one claimed it again. Its old run
+    must stop, its new claim run once: the orphan search once took the new claim for an
+    unknown one (two claims of one job id), and handed it over every second, 20 times."""
+    caplog.set_level(logging.INFO, logger="fastworker.core")
+    create_tables(dsn)
+    app = fault_app(dsn)
+    # A sync job that ignores aborts: its old run goes on while its new claim runs.
+    job = defer(dsn, "sleepy_sync", seconds=3.0)
+    options = {**QUICK, "fetch_job_polling_interval": 0.2}
+    async with app.open_async(), running(app, concurrency=2, **options) as worker:
+        await wait_until(lambda: status_of(dsn, job[0]) == "doing", "the first run")
+        # What a recovery by another worker does, after pruning this one.
+        fetch_all(
+            dsn, "DELETE FROM procrastinate_workers WHERE id = %s RETURNING id", worker.worker_id
+        )
+        fetch_all(dsn, "SELECT procrastinate_retry_job_v2(%s, now(), NULL, NULL, NULL)", job[0])
+        await wait_until(lambda: status_of(dsn, job[0]) == "succeeded", "the second run")
+        await all_slots_work(dsn, 2)
+    runs = check_runs(dsn)
+    assert runs[job[0]] == [0, 1], runs
+    assert "claims_lost" in actions(caplog)
+
+
 # --- 6. rows that cannot be decoded fail alone ----------------------------------------------
 
 

@@ -189,7 +189,13 @@ class PrivateCluster:
 
     As root, the server runs as the `postgres` OS user (PostgreSQL refuses root)."""
 
-    def __init__(self, *, ssl_files: dict[str, Path] | None = None, hba: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        ssl_files: dict[str, Path] | None = None,
+        hba: str | None = None,
+        max_connections: int = 50,
+    ) -> None:
         self.bindir = _postgres_bindir()
         self.root = Path(tempfile.mkdtemp(prefix="fw-cluster-"))
         self.data = self.root / "data"
@@ -206,7 +212,7 @@ class PrivateCluster:
             "listen_addresses = '127.0.0.1'",
             f"unix_socket_directories = '{self.root}'",
             "fsync = off",
-            "max_connections = 50",
+            f"max_connections = {max_connections}",
         ]
         if ssl_files:
             for name, source in ssl_files.items():

@@ -50,6 +50,9 @@ pub enum HandoffEvent {
     Fatal(CoreError),
     /// This worker's row was pruned and it registered again under this id.
     WorkerId(i64),
+    /// These claims (job id, attempts at claim) are no longer this worker's: their runs
+    /// should stop (their ends are still reported, and found no longer current).
+    ClaimsLost(Vec<(i64, i32)>),
 }
 
 /// Rings a file descriptor when events are waiting. At most one byte is in flight: the

@@ -13,7 +13,7 @@ use tokio::sync::{watch, Notify};
 use tokio_postgres::Client;
 
 use crate::connect::ConnectionTarget;
-use crate::errors::{is_connectivity_error, CoreError, CoreResult};
+use crate::errors::{is_connectivity_error, CoreError, CoreResult, Failed, Failure};
 use crate::fetcher::Claimant;
 use crate::handoff::{HandoffEvent, HandoffSender, LogLevel};
 use crate::sql;
@@ -266,11 +266,18 @@ impl Identity {
 async fn bounded<T>(
     limit: Duration,
     work: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
-) -> Result<T, String> {
+) -> Result<T, Failed> {
     match tokio::time::timeout(limit, work).await {
         Ok(Ok(value)) => Ok(value),
-        Ok(Err(error)) => Err(crate::errors::describe_postgres_error(&error)),
-        Err(_) => Err(format!("no answer from the server within {limit:?}")),
+        Ok(Err(error)) => Err(Failed::new(&error)),
+        Err(_) => Err(Failed::no_answer(limit)),
+    }
+}
+
+fn not_connected(reason: String) -> Failed {
+    Failed {
+        failure: Failure::Connection,
+        reason,
     }
 }
 
@@ -305,8 +312,9 @@ impl Registry {
                     // A failed heartbeat is sent again at once on a new connection: a
                     // heartbeat that waits for the next tick may come too late.
                     if let Err(error) = self.heartbeat().await {
+                        let again = error.failure == Failure::Connection && self.client.is_some();
                         self.lost("heartbeat_failed", "updating the heartbeat", &error);
-                        if self.connect().await {
+                        if again && self.connect().await.is_ok() {
                             if let Err(error) = self.heartbeat().await {
                                 self.lost("heartbeat_failed", "updating the heartbeat", &error);
                             }
@@ -325,9 +333,12 @@ impl Registry {
         }
     }
 
-    async fn heartbeat(&mut self) -> Result<(), String> {
+    async fn heartbeat(&mut self) -> Result<(), Failed> {
         self.ensure_connected().await?;
-        let client = self.client.as_ref().ok_or("not connected")?;
+        let client = self
+            .client
+            .as_ref()
+            .ok_or_else(|| not_connected("not connected".into()))?;
         let worker_id = self.identity.current();
         let rows = bounded(
             self.response_timeout,
@@ -343,14 +354,24 @@ impl Registry {
                     "its heartbeat found no row",
                 )
                 .await
-                .map_err(|error| error.to_string())?;
+                .map_err(|error| Failed {
+                    failure: if error.is_connectivity() {
+                        Failure::Connection
+                    } else {
+                        Failure::Transient
+                    },
+                    reason: error.to_string(),
+                })?;
         }
         Ok(())
     }
 
-    async fn poll_aborts(&mut self) -> Result<(), String> {
+    async fn poll_aborts(&mut self) -> Result<(), Failed> {
         self.ensure_connected().await?;
-        let client = self.client.as_ref().ok_or("not connected")?;
+        let client = self
+            .client
+            .as_ref()
+            .ok_or_else(|| not_connected("not connected".into()))?;
         let ids = bounded(
             self.response_timeout,
             query_ids(client, sql::JOBS_TO_ABORT, &[&self.identity.all()]),
@@ -362,31 +383,33 @@ impl Registry {
         Ok(())
     }
 
-    async fn ensure_connected(&mut self) -> Result<(), String> {
-        if self.client.as_ref().is_none_or(Client::is_closed) && !self.connect().await {
-            return Err("not connected".into());
+    async fn ensure_connected(&mut self) -> Result<(), Failed> {
+        if self.client.as_ref().is_none_or(Client::is_closed) {
+            self.connect().await.map_err(not_connected)?;
         }
         Ok(())
     }
 
-    /// One attempt at a new connection.
-    async fn connect(&mut self) -> bool {
+    /// One attempt at a new connection; why it failed.
+    async fn connect(&mut self) -> Result<(), String> {
         self.client = None;
-        match self.target.connect().await {
-            Ok(client) => {
-                self.client = Some(client);
-                true
-            }
-            Err(_) => false,
-        }
+        let client = self.target.connect().await.map_err(|error| error.to_string())?;
+        self.client = Some(client);
+        Ok(())
     }
 
-    /// Log a failed duty; drop the connection, which the next duty opens again (a
-    /// statement error on a live connection costs one reconnect, a cheap certainty).
-    fn lost(&mut self, action: &'static str, what: &str, error: &str) {
-        self.handoff
-            .log(LogLevel::Warning, action, format!("Error {what}: {error}"));
-        self.client = None;
+    /// Log a failed duty. A lost (or unanswering) connection is dropped, and the next duty
+    /// opens a new one; a statement that failed on a live connection keeps it (opening
+    /// one may be what fails, on a server out of connections).
+    fn lost(&mut self, action: &'static str, what: &str, error: &Failed) {
+        self.handoff.log(
+            LogLevel::Warning,
+            action,
+            format!("Error {what}: {}", error.reason),
+        );
+        if error.failure == Failure::Connection {
+            self.client = None;
+        }
     }
 
     /// Delete this worker's row, trying for a few seconds (a new connection each time a
@@ -406,13 +429,13 @@ impl Registry {
                         )
                         .await
                     }
-                    None => Err("not connected".to_string()),
+                    None => Err(not_connected("not connected".into())),
                 },
                 Err(error) => Err(error),
             };
             let reason = match attempt {
                 Ok(_) => return Ok(()),
-                Err(reason) => reason,
+                Err(failed) => failed.reason,
             };
             self.client = None;
             if started.elapsed() + delay > TRYING {

@@ -360,7 +360,8 @@ pub const RETRY_ONE: &str = concat!(
 /// Jobs this process holds in `doing` that the dispatcher does not know of: claims whose
 /// reply was lost with a connection, or made by a statement of a lost connection that
 /// committed later. `$1` this process's worker ids; `$2`, `$3` the claims it knows (job
-/// ids and attempts at claim); `$4` jobs whose terminal write was refused.
+/// ids and attempts at claim; one job may appear twice: a run of a claim lost to a
+/// recovery elsewhere, and its new claim); `$4` jobs whose terminal write was refused.
 /// (Unordered: the dispatcher puts them in start order.)
 pub const ORPHANED_CLAIMS: &str = concat!(
     "SELECT ",
@@ -368,10 +369,21 @@ pub const ORPHANED_CLAIMS: &str = concat!(
     "
   FROM procrastinate_jobs AS job
  WHERE job.worker_id = ANY($1::bigint[]) AND job.status = 'doing'
-   AND NOT (job.id = ANY($2::bigint[])
-            AND job.attempts = ($3::int[])[array_position($2::bigint[], job.id)])
+   AND NOT EXISTS (SELECT 1 FROM unnest($2::bigint[], $3::int[]) AS known(id, attempts)
+                    WHERE known.id = job.id AND known.attempts = job.attempts)
    AND NOT (job.id = ANY($4::bigint[]))"
 );
+
+/// Of the claims this process knows (`$1` job ids, `$2` attempts at claim), those that are
+/// no longer current: the job moved on without this process (recovered by another worker
+/// after this one was pruned, aborted and deleted...). `$3` this process's worker ids.
+pub const LOST_CLAIMS: &str = "SELECT known.id, known.attempts
+  FROM unnest($1::bigint[], $2::int[]) AS known(id, attempts)
+ WHERE NOT EXISTS (
+        SELECT 1 FROM procrastinate_jobs AS job
+         WHERE job.id = known.id AND job.attempts = known.attempts
+           AND job.status::text = 'doing'
+           AND (job.worker_id IS NULL OR job.worker_id = ANY($3::bigint[])))";
 
 /// Of the jobs whose terminal write was refused (`$2`), those still `doing` for this
 /// process (`$1` its worker ids): the others hold nothing any more.
@@ -461,6 +473,7 @@ pub const STATEMENTS: &[(&str, &str, Session)] = &[
     ("retry one", RETRY_ONE, Session::Jobs),
     ("orphaned claims", ORPHANED_CLAIMS, Session::Jobs),
     ("still abandoned", STILL_ABANDONED, Session::Jobs),
+    ("lost claims", LOST_CLAIMS, Session::Jobs),
     ("backend identity", BACKEND_IDENTITY, Session::Jobs),
     ("backend alive", BACKEND_ALIVE, Session::Jobs),
     ("terminate backend", TERMINATE_BACKEND, Session::Jobs),

@@ -314,6 +314,7 @@ fn events_to_python(py: Python<'_>, events: Vec<HandoffEvent>) -> PyResult<Bound
             HandoffEvent::Drained => ("drained", py.None()).into_pyobject(py)?,
             HandoffEvent::FetchingStopped => ("fetching_stopped", py.None()).into_pyobject(py)?,
             HandoffEvent::WorkerId(worker_id) => ("worker_id", worker_id).into_pyobject(py)?,
+            HandoffEvent::ClaimsLost(claims) => ("claims_lost", claims).into_pyobject(py)?,
             HandoffEvent::Log(record) => (
                 "log",
                 (

@@ -619,16 +619,25 @@ impl Dispatcher {
     }
 
     /// Between round trips (nothing in flight on this connection, so every claim it made
-    /// is known): hand over claims of this worker nobody knew of, and forget abandoned
-    /// jobs that are no longer `doing` for it.
-    async fn check_orphans(
-        &self,
-        connection: &Connection,
-        state: &mut State,
-    ) -> Result<(), Failed> {
+    /// is known): hand over claims of this worker nobody knew of, cancel the runs of
+    /// claims that are no longer this worker's, and forget abandoned jobs that are no
+    /// longer `doing` for it.
+    async fn check_orphans(&self, connection: &Connection, state: &mut State) -> Result<(), Failed> {
         let client = &connection.client;
+        let running: Vec<(i64, i32)> = state.running_claims();
         let check = async {
             let orphans = self.orphaned_claims(client, state).await?;
+            let lost = if running.is_empty() {
+                Vec::new()
+            } else {
+                let (ids, attempts): (Vec<i64>, Vec<i32>) = running.iter().copied().unzip();
+                client
+                    .query(sql::LOST_CLAIMS, &[&ids, &attempts, &self.identity.all()])
+                    .await?
+                    .iter()
+                    .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+                    .collect::<Result<Vec<(i64, i32)>, tokio_postgres::Error>>()?
+            };
             let still = if state.abandoned.is_empty() {
                 None
             } else {
@@ -644,10 +653,10 @@ impl Dispatcher {
                         .collect::<Result<Vec<_>, _>>()?,
                 )
             };
-            Ok::<_, tokio_postgres::Error>((orphans, still))
+            Ok::<_, tokio_postgres::Error>((orphans, lost, still))
         };
         let answer = tokio::time::timeout(self.config.response_timeout, check).await;
-        let (orphans, still) = match answer {
+        let (orphans, lost, still) = match answer {
             Ok(Ok(found)) => found,
             Ok(Err(error)) => {
                 let failed = Failed::new(&error);
@@ -663,10 +672,11 @@ impl Dispatcher {
         if let Some(still) = still {
             state.keep_abandoned(&still);
         }
+        state.on_claims_lost(lost);
         if !orphans.is_empty() {
             state.on_reconnected(orphans);
-            self.publish(state);
         }
+        self.publish(state);
         Ok(())
     }
 }

@@ -35,6 +35,9 @@ pub struct Settings {
 /// for the queues that have a concurrency limit.
 pub struct InFlight {
     jobs: HashMap<ClaimKey, Held>,
+    /// The attempts of the latest claim of each job held (a job recovered elsewhere and
+    /// claimed again may be held twice, under two claims, until the old run ends).
+    latest: HashMap<i64, i32>,
     held: HashMap<String, usize>,
     limits: HashMap<String, usize>,
     /// Task and queue names, shared by all the jobs that have them.
@@ -52,6 +55,7 @@ impl InFlight {
             // `capacity` is the concurrency, which may be huge ("unbounded", as procrastinate
             // allows): reserve for a sensible number of jobs, grow beyond that if needed.
             jobs: HashMap::with_capacity(capacity.min(1024)),
+            latest: HashMap::with_capacity(capacity.min(1024)),
             held: HashMap::new(),
             limits,
             names: HashSet::new(),
@@ -79,7 +83,14 @@ impl InFlight {
         shared
     }
 
-    pub fn insert(&mut self, job: &JobRow) -> TaskQueue {
+    /// Hold a claim. Returns the job's task and queue, and the claim of the same job that
+    /// it replaces, if any: that one is lost (the job moved on without this worker).
+    pub fn insert(&mut self, job: &JobRow) -> (TaskQueue, Option<ClaimKey>) {
+        let replaced = self
+            .latest
+            .insert(job.id, job.attempts)
+            .filter(|attempts| *attempts != job.attempts)
+            .map(|attempts| (job.id, attempts));
         let limited = self.limits.contains_key(&job.queue_name);
         let task_queue = (self.name(&job.task_name), self.name(&job.queue_name));
         let held = Held {
@@ -89,12 +100,15 @@ impl InFlight {
         if self.jobs.insert((job.id, job.attempts), held).is_none() && limited {
             *self.held.entry(job.queue_name.clone()).or_default() += 1;
         }
-        task_queue
+        (task_queue, replaced)
     }
 
     /// The job's task and queue, and whether the queue is limited.
     pub fn remove(&mut self, key: &ClaimKey) -> Option<(TaskQueue, bool)> {
         let held = self.jobs.remove(key)?;
+        if self.latest.get(&key.0) == Some(&key.1) {
+            self.latest.remove(&key.0);
+        }
         if held.limited {
             if let Some(count) = self.held.get_mut(&*held.task_queue.1) {
                 *count = count.saturating_sub(1);
@@ -106,6 +120,10 @@ impl InFlight {
     /// The claims it holds, as parallel arrays (job ids, attempts at claim).
     pub fn keys(&self) -> (Vec<i64>, Vec<i32>) {
         self.jobs.keys().copied().unzip()
+    }
+
+    pub fn keys_iter(&self) -> impl Iterator<Item = ClaimKey> + '_ {
+        self.jobs.keys().copied()
     }
 
     /// Room per limited queue once `pending` completions are written.
@@ -182,6 +200,8 @@ pub struct State {
     maybe_written: HashSet<ClaimKey>,
     /// How many times each delayed completion failed so far (for its backoff).
     delays: HashMap<ClaimKey, u32>,
+    /// Claims already reported lost (see `on_claims_lost`).
+    lost_reported: HashSet<ClaimKey>,
     /// Jobs whose terminal write the database refused (procrastinate's worker gets the
     /// error and moves on): still `doing` for this worker, but their slot is free again,
     /// and they are not orphans to hand over after a reconnect.
@@ -215,6 +235,7 @@ impl State {
             durations: HashMap::new(),
             maybe_written: HashSet::new(),
             delays: HashMap::new(),
+            lost_reported: HashSet::new(),
             abandoned: Vec::new(),
             claiming: true,
             want_claim: true,
@@ -361,9 +382,10 @@ impl State {
         if self.pending.is_empty() && claim_limit == 0 {
             return Plan::Wait { until: next_later };
         }
-        let room = self.in_flight.room_after(&self.pending);
+        let batch = self.take_batch();
+        let room = self.in_flight.room_after(&batch);
         Plan::RoundTrip(RoundTripPlan {
-            batch: std::mem::take(&mut self.pending),
+            batch,
             claim_limit,
             room,
             abandoned: self.abandoned.clone(),
@@ -380,6 +402,56 @@ impl State {
             ),
             None,
         );
+    }
+
+    /// The pending completions, but at most one per job: the statements pick each job's
+    /// values by its id. (Two claims of one job can end close together: a run of a claim
+    /// lost to a recovery elsewhere, and the run of the job's new claim.)
+    fn take_batch(&mut self) -> Vec<Completion> {
+        let mut seen = HashSet::with_capacity(self.pending.len());
+        let (batch, again): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|completion| seen.insert(completion.job_id));
+        self.pending = again;
+        batch
+    }
+
+    /// The claims whose runs have not reported their end yet.
+    pub fn running_claims(&self) -> Vec<ClaimKey> {
+        let reported: HashSet<ClaimKey> = self
+            .pending
+            .iter()
+            .chain(self.later.iter().map(|later| &later.completion))
+            .map(Completion::key)
+            .chain(self.maybe_written.iter().copied())
+            .collect();
+        self.in_flight
+            .keys_iter()
+            .filter(|key| !reported.contains(key))
+            .collect()
+    }
+
+    /// These claims are no longer current (the job moved on without this worker): their
+    /// runs are cancelled. Their slots are freed when their ends are reported.
+    pub fn on_claims_lost(&mut self, lost: Vec<ClaimKey>) {
+        let lost: Vec<ClaimKey> = lost
+            .into_iter()
+            .filter(|key| self.lost_reported.insert(*key))
+            .collect();
+        if lost.is_empty() {
+            return;
+        }
+        self.log(
+            LogLevel::Warning,
+            "claims_lost",
+            format!(
+                "The claims of jobs {:?} are no longer this worker's (recovered by another \
+                 worker after this one was pruned, or ended meanwhile): cancelling their runs",
+                lost.iter().map(|key| key.0).collect::<Vec<_>>()
+            ),
+            None,
+        );
+        self.outbox.push(HandoffEvent::ClaimsLost(lost));
     }
 
     /// The database answered: it is usable again.
@@ -472,8 +544,20 @@ impl State {
             self.ended(key, &batch);
         }
         for key in &report.not_current {
+            let lost = self.lost_reported.contains(key);
             self.ended(key, &batch);
-            if self.maybe_written.remove(key) {
+            if lost {
+                self.log(
+                    LogLevel::Info,
+                    "finish_task_lost_claim",
+                    format!(
+                        "The end of job {}'s run under a claim that was no longer this \
+                         worker's is not written",
+                        key.0
+                    ),
+                    Some(key.0),
+                );
+            } else if self.maybe_written.remove(key) {
                 self.log(
                     LogLevel::Debug,
                     "finish_task_already_written",
@@ -527,6 +611,7 @@ impl State {
     /// A claim ended in the database: free its slot, count it.
     fn ended(&mut self, key: &ClaimKey, batch: &[Completion]) {
         self.delays.remove(key);
+        self.lost_reported.remove(key);
         let Some((task_queue, limited)) = self.in_flight.remove(key) else {
             return;
         };
@@ -594,10 +679,13 @@ impl State {
         if jobs.is_empty() {
             return;
         }
+        let mut lost = Vec::new();
         for job in &jobs {
-            let task_queue = self.in_flight.insert(job);
+            let (task_queue, replaced) = self.in_flight.insert(job);
             self.claimed_metrics.push(task_queue);
+            lost.extend(replaced);
         }
+        self.on_claims_lost(lost);
         self.outbox.push(HandoffEvent::Jobs(jobs));
     }
 
