@@ -43,7 +43,11 @@ def _connector_json_loads(connector: Any) -> Callable[[str], Any]:
     return loads if callable(loads) else json.loads
 
 
-def _job_from_row(row: _core.JobRowTuple, loads: Callable[[str], Any] = json.loads) -> jobs.Job:
+def _job_from_row(
+    row: _core.JobRowTuple, loads: Callable[[str], Any] = json.loads, *, decode: bool = True
+) -> jobs.Job:
+    """procrastinate's Job of a claimed row. ``decode=False``: without its arguments and
+    date (a row that could not be decoded, with what is safe to show in logs)."""
     (
         job_id,
         status,
@@ -57,11 +61,17 @@ def _job_from_row(row: _core.JobRowTuple, loads: Callable[[str], Any] = json.loa
         attempts,
         worker_id,
     ) = row
-    if scheduled_at_us == _UNREPRESENTABLE_SCHEDULED_AT:
-        raise ValueError(
-            "its scheduled_at is a date Python cannot represent (infinity, or a year outside "
-            "1-9999)"
-        )
+    task_kwargs: Any = {}
+    scheduled_at = None
+    if decode:
+        if scheduled_at_us == _UNREPRESENTABLE_SCHEDULED_AT:
+            raise ValueError(
+                "its scheduled_at is a date Python cannot represent (infinity, or a year "
+                "outside 1-9999)"
+            )
+        task_kwargs = loads(args)
+        if scheduled_at_us is not None:
+            scheduled_at = _EPOCH + datetime.timedelta(microseconds=scheduled_at_us)
     return jobs.Job(
         id=job_id,
         status=status,
@@ -69,10 +79,8 @@ def _job_from_row(row: _core.JobRowTuple, loads: Callable[[str], Any] = json.loa
         lock=lock,
         queueing_lock=queueing_lock,
         task_name=task_name,
-        task_kwargs=loads(args),
-        scheduled_at=None
-        if scheduled_at_us is None
-        else _EPOCH + datetime.timedelta(microseconds=scheduled_at_us),
+        task_kwargs=task_kwargs,
+        scheduled_at=scheduled_at,
         queue=queue_name,
         attempts=attempts,
         worker_id=worker_id,
@@ -83,23 +91,6 @@ def _claim(job: jobs.Job) -> tuple[int, int]:
     """One claim of a job: its id and the attempts it had when claimed."""
     assert job.id is not None
     return (job.id, job.attempts)
-
-
-def _undecodable_job(row: _core.JobRowTuple) -> jobs.Job:
-    """The job of a row that could not be decoded, with what is safe to show in logs."""
-    job_id, status, task_name, priority, lock, queueing_lock, _, _, queue, attempts, worker = row
-    return jobs.Job(
-        id=job_id,
-        status=status,
-        priority=priority,
-        lock=lock,
-        queueing_lock=queueing_lock,
-        task_name=task_name,
-        task_kwargs={},
-        queue=queue,
-        attempts=attempts,
-        worker_id=worker,
-    )
 
 
 def _retry_decision_problem(decision: retry.RetryDecision) -> str | None:
@@ -506,7 +497,7 @@ class Worker(procrastinate_worker.Worker):
         try:
             job = _job_from_row(row, self._json_loads)
         except Exception as error:  # RecursionError, OverflowError, ValueError, ...
-            self._fail_undecodable(_undecodable_job(row), error)
+            self._fail_undecodable(_job_from_row(row, decode=False), error)
             return
         job_id = job.id
         context = job_context.JobContext(

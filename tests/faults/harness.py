@@ -203,6 +203,27 @@ def fault_app(dsn: str) -> procrastinate.App:
     return app
 
 
+def add_stalled_worker_with_a_job(dsn: str) -> int:
+    """A worker silent for an hour, holding one job in `doing` that it ran once (its run
+    recorded). Returns the job's id."""
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        worker = connection.execute(
+            "INSERT INTO procrastinate_workers (last_heartbeat) "
+            "VALUES (now() - interval '1 hour') RETURNING id"
+        ).fetchone()
+        assert worker is not None
+        job = connection.execute(
+            "INSERT INTO procrastinate_jobs (queue_name, task_name, args, status, worker_id) "
+            "VALUES ('default', 'ok', '{}', 'doing', %s) RETURNING id",
+            (worker[0],),
+        ).fetchone()
+        assert job is not None
+        connection.execute(
+            "INSERT INTO fw_runs (job_id, attempts, task) VALUES (%s, 0, 'ok')", (job[0],)
+        )
+    return int(job[0])
+
+
 def create_tables(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as connection:
         connection.execute(RUNS_TABLE)

@@ -24,6 +24,7 @@ import fastworker
 from tests.conftest import fetch_all, server_address
 from tests.faults.harness import (
     PATIENCE,
+    add_stalled_worker_with_a_job,
     all_slots_work,
     block_until_claimed,
     check_runs,
@@ -212,23 +213,9 @@ async def test_a_recovery_waiting_for_row_locks_never_gets_a_live_worker_pruned(
     long_jobs = defer(dsn, "sleepy", 2, seconds=14)
     async with app.open_async(), running(app, **options), running(app, **options):
         await wait_until(lambda: statuses(dsn).get("doing") == 2, "each worker running a long job")
-        with psycopg.connect(dsn, autocommit=True) as connection:
-            stalled = connection.execute(
-                "INSERT INTO procrastinate_workers (last_heartbeat) "
-                "VALUES (now() - interval '1 hour') RETURNING id"
-            ).fetchone()
-            assert stalled is not None
-            orphan = connection.execute(
-                "INSERT INTO procrastinate_jobs (queue_name, task_name, args, status, "
-                "worker_id) VALUES ('default', 'ok', '{}', 'doing', %s) RETURNING id",
-                stalled,
-            ).fetchone()
-            assert orphan is not None
-            connection.execute(
-                "INSERT INTO fw_runs (job_id, attempts, task) VALUES (%s, 0, 'ok')", orphan
-            )
+        orphan = add_stalled_worker_with_a_job(dsn)
         with psycopg.connect(dsn) as holder:
-            holder.execute("SELECT 1 FROM procrastinate_jobs WHERE id = %s FOR UPDATE", orphan)
+            holder.execute("SELECT 1 FROM procrastinate_jobs WHERE id = %s FOR UPDATE", (orphan,))
             await asyncio.sleep(10)  # the lock held, as a DBA's session would
             holder.rollback()
         await wait_until(lambda: settled(dsn), "every job", patience=2 * PATIENCE)

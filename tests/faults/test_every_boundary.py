@@ -22,12 +22,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import psycopg
 import pytest
 
 from tests.conftest import server_address
 from tests.faults.harness import (
     PATIENCE,
+    add_stalled_worker_with_a_job,
     all_slots_work,
     check_runs,
     classify,
@@ -174,25 +174,6 @@ def second_half(dsn: str, case: Case) -> None:
         defer(dsn, "flaky", 4)
     if case.workload == "aborts":
         defer(dsn, "sleepy", 4, seconds=0.6)
-
-
-def add_stalled_worker_with_a_job(dsn: str) -> None:
-    """A worker silent for an hour, holding one job in `doing` that it ran once."""
-    with psycopg.connect(dsn, autocommit=True) as connection:
-        worker = connection.execute(
-            "INSERT INTO procrastinate_workers (last_heartbeat) "
-            "VALUES (now() - interval '1 hour') RETURNING id"
-        ).fetchone()
-        assert worker is not None
-        job = connection.execute(
-            "INSERT INTO procrastinate_jobs (queue_name, task_name, args, status, worker_id) "
-            "VALUES ('default', 'ok', '{}', 'doing', %s) RETURNING id",
-            (worker[0],),
-        ).fetchone()
-        assert job is not None
-        connection.execute(
-            "INSERT INTO fw_runs (job_id, attempts, task) VALUES (%s, 0, 'ok')", (job[0],)
-        )
 
 
 @pytest.mark.slow

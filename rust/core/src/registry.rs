@@ -393,7 +393,11 @@ impl Registry {
     /// One attempt at a new connection; why it failed.
     async fn connect(&mut self) -> Result<(), String> {
         self.client = None;
-        let client = self.target.connect().await.map_err(|error| error.to_string())?;
+        let client = self
+            .target
+            .connect()
+            .await
+            .map_err(|error| error.to_string())?;
         self.client = Some(client);
         Ok(())
     }

@@ -381,7 +381,8 @@ pub const LOST_CLAIMS: &str = "SELECT known.id, known.attempts
   FROM unnest($1::bigint[], $2::int[]) AS known(id, attempts)
  WHERE NOT EXISTS (
         SELECT 1 FROM procrastinate_jobs AS job
-         WHERE job.id = known.id AND job.attempts = known.attempts
+         WHERE job.id = ANY($1::bigint[])
+           AND job.id = known.id AND job.attempts = known.attempts
            AND job.status::text = 'doing'
            AND (job.worker_id IS NULL OR job.worker_id = ANY($3::bigint[])))";
 

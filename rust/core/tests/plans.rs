@@ -183,16 +183,23 @@ async fn check_every_statement(
     failures
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_statement_reads_the_jobs_table_whole_at_any_size() {
-    let db = TestDatabase::create("plans").await;
+/// A database with five workers (the `doing` jobs of `fill` are theirs), ANALYZEd empty.
+async fn database(label: &str) -> TestDatabase {
+    let db = TestDatabase::create(label).await;
     db.client
         .batch_execute(
             "INSERT INTO procrastinate_workers SELECT FROM generate_series(1, 5);
-             SET maintenance_work_mem TO '256MB'",
+             SET maintenance_work_mem TO '256MB';
+             ANALYZE procrastinate_jobs; ANALYZE procrastinate_events",
         )
         .await
-        .unwrap();
+        .expect("workers");
+    db
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_statement_reads_the_jobs_table_whole_at_any_size() {
+    let db = database("plans").await;
     let mut failures = Vec::new();
     let mut filled = 0;
     for size in SIZES {
@@ -215,14 +222,7 @@ async fn no_statement_reads_the_jobs_table_whole_at_any_size() {
 /// ANALYZE (a new deployment, autovacuum not run yet).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plans_made_on_an_empty_table_stay_on_indexes_as_it_grows() {
-    let db = TestDatabase::create("plans_stale").await;
-    db.client
-        .batch_execute(
-            "INSERT INTO procrastinate_workers SELECT FROM generate_series(1, 5);
-             ANALYZE procrastinate_jobs; ANALYZE procrastinate_events",
-        )
-        .await
-        .unwrap();
+    let db = database("plans_stale").await;
     fill(&db.client, 0, 20_000).await;
     let (jobs, registry) = sessions(&db).await;
     let failures =

@@ -622,7 +622,11 @@ impl Dispatcher {
     /// is known): hand over claims of this worker nobody knew of, cancel the runs of
     /// claims that are no longer this worker's, and forget abandoned jobs that are no
     /// longer `doing` for it.
-    async fn check_orphans(&self, connection: &Connection, state: &mut State) -> Result<(), Failed> {
+    async fn check_orphans(
+        &self,
+        connection: &Connection,
+        state: &mut State,
+    ) -> Result<(), Failed> {
         let client = &connection.client;
         let running: Vec<(i64, i32)> = state.running_claims();
         let check = async {
