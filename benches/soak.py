@@ -157,6 +157,8 @@ def main() -> int:
 
     logs = arguments.logs or Path(f"/tmp/fastworker-soak-{seed}")
     logs.mkdir(parents=True, exist_ok=True)
+    for old in logs.glob("worker*.log"):
+        old.unlink()  # a run with the same seed starts its logs anew
     # Room for 4 workers' connections (3-4 each, and their apps' pools of up to 8), the
     # load's, and server processes of connections a fault left behind for a while.
     cluster = PrivateCluster(max_connections=200)
@@ -201,7 +203,9 @@ def soak(
         ]  # fmt: skip
         if periodic:
             options.append("--periodic")
-        return WorkerProcess(dsn, logs / f"worker{spawned}.log", *options)
+        worker = WorkerProcess(dsn, logs / f"worker{spawned}.log", *options)
+        SPAWNED_AT[worker.pid] = time.monotonic()
+        return worker
 
     # Worker 0 is never killed: its RSS is the memory figure.
     steady = spawn()
@@ -229,9 +233,17 @@ def soak(
                 next_fault = now + rng.expovariate(1 / arguments.fault_every)
                 others = inject(rng, cluster, dsn, proxy, steady, others, spawn, faults)
             for worker in [steady, *others]:
-                if not worker.alive():
-                    print(f"worker {worker.pid} exited: {worker.log()[-2000:]}", flush=True)
-                    return 1
+                if worker.alive():
+                    continue
+                if worker is not steady and failed_to_start(worker):
+                    # Started while PostgreSQL restarted: a worker refuses to start on an
+                    # unreachable database (exit code 3 of the CLI). Start another.
+                    others.remove(worker)
+                    others.append(spawn())
+                    faults["a new worker's start met a restart (started again)"] += 1
+                    continue
+                print(f"worker {worker.pid} exited: {worker.log()[-2000:]}", flush=True)
+                return 1
     finally:
         deferrer.stopping.set()
         deferrer.join(timeout=30)
@@ -258,6 +270,15 @@ def soak(
     for fired in proxy.fired:
         faults[f"proxy {fired.fault.action} at {fired.fault.point} ({fired.kind})"] += 1
     return report(dsn, deferrer, faults, rss, elapsed, drained, codes)
+
+
+SPAWNED_AT: dict[int, float] = {}
+
+
+def failed_to_start(worker: WorkerProcess) -> bool:
+    """The worker ended at its start (within seconds), the database being unreachable."""
+    young = time.monotonic() - SPAWNED_AT.get(worker.pid, 0.0) < 30
+    return young and "cannot connect to PostgreSQL" in worker.log()
 
 
 def abort_some(dsn: str, rng: random.Random, faults: Counter[str]) -> None:

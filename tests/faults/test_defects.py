@@ -197,9 +197,11 @@ async def test_a_pruned_worker_registers_again_and_ends_its_jobs(
 async def test_a_recovery_waiting_for_row_locks_never_gets_a_live_worker_pruned(
     dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Two workers recover stalled jobs; a stalled worker's job is row-locked by another
-    session for 10 s. A recovery used to wait for that lock while holding back its own
-    worker's heartbeat: the other worker pruned it, and recovered (ran again) its job."""
+    """A stalled worker's job is row-locked by another session while this worker's
+    recovery wants it. The recovery used to wait for that lock inside a transaction that
+    had updated this worker's own heartbeat: the heartbeat froze, and a prune by any other
+    worker (here, procrastinate's own function, as its worker runs at start) deleted this
+    live worker, whose running jobs another recovery would then run again."""
     caplog.set_level(logging.WARNING, logger="fastworker.core")
     create_tables(dsn)
     app = fault_app(dsn)
@@ -207,20 +209,60 @@ async def test_a_recovery_waiting_for_row_locks_never_gets_a_live_worker_pruned(
         **QUICK,
         "concurrency": 1,
         "recover_stalled_jobs": True,
-        "stalled_worker_timeout": 3.0,
-        "update_heartbeat_interval": 1.0,
+        "stalled_worker_timeout": 4.0,
+        "update_heartbeat_interval": 0.5,
     }
-    long_jobs = defer(dsn, "sleepy", 2, seconds=14)
-    async with app.open_async(), running(app, **options), running(app, **options):
-        await wait_until(lambda: statuses(dsn).get("doing") == 2, "each worker running a long job")
+    long_job = defer(dsn, "sleepy", seconds=8)
+    async with app.open_async(), running(app, **options) as worker:
+        await wait_until(lambda: status_of(dsn, long_job[0]) == "doing", "the long job")
         orphan = add_stalled_worker_with_a_job(dsn)
-        with psycopg.connect(dsn) as holder:
-            holder.execute("SELECT 1 FROM procrastinate_jobs WHERE id = %s FOR UPDATE", (orphan,))
-            await asyncio.sleep(10)  # the lock held, as a DBA's session would
-            holder.rollback()
-        await wait_until(lambda: settled(dsn), "every job", patience=2 * PATIENCE)
-    runs = check_runs(dsn)
-    assert all(runs[job_id] == [0] for job_id in long_jobs), runs
+        release = threading.Event()
+        locked = threading.Event()
+
+        def hold_the_orphan() -> None:  # a DBA's session
+            with psycopg.connect(dsn) as connection:
+                connection.execute(
+                    "SELECT 1 FROM procrastinate_jobs WHERE id = %s FOR UPDATE", (orphan,)
+                )
+                locked.set()
+                release.wait(PATIENCE)
+
+        holder = threading.Thread(target=hold_the_orphan, daemon=True)
+        holder.start()
+        await asyncio.to_thread(locked.wait, PATIENCE)
+        await wait_until(
+            lambda: fetch_all(
+                dsn,
+                "SELECT 1 FROM pg_stat_activity WHERE application_name = 'fastworker' "
+                "AND wait_event_type = 'Lock'",
+            ),
+            "the recovery waiting for the lock",
+        )
+        # Longer than stalled_worker_timeout, the lock still held; then another worker
+        # prunes the stalled ones (it waits for the lock too, until it is released).
+        await asyncio.sleep(5)
+        pruned: list[int] = []
+        pruner = threading.Thread(
+            target=lambda: pruned.extend(
+                int(row[0])
+                for row in fetch_all(
+                    dsn, "SELECT worker_id FROM procrastinate_prune_stalled_workers_v1(4)"
+                )
+            ),
+            daemon=True,
+        )
+        pruner.start()
+        await asyncio.sleep(0.5)
+        release.set()
+        await asyncio.to_thread(pruner.join, PATIENCE)
+        await asyncio.to_thread(holder.join, PATIENCE)
+        assert worker.worker_id not in pruned, f"the live worker was pruned: {pruned}"
+        await wait_until(lambda: status_of(dsn, long_job[0]) == "succeeded", "the long job")
+    # The stalled worker's job ran once more if this worker's recovery got it, else it is
+    # left `doing` (procrastinate's function, which pruned its worker, leaves it so).
+    left = frozenset({orphan}) if status_of(dsn, orphan) == "doing" else frozenset()
+    runs = check_runs(dsn, stuck=left)
+    assert runs[long_job[0]] == [0], runs
     assert "worker_registered_again" not in actions(caplog)
 
 
