@@ -529,6 +529,13 @@ def report(
         f"{len(duplicate_periodic)} {duplicate_periodic[:5]}"
     )
     print(f"exit codes: {codes}; lost: {lost}; left todo/doing: {unfinished}")
+    if unfinished:
+        stuck = query(
+            dsn,
+            "SELECT id, status::text, task_name, attempts, worker_id, abort_requested"
+            " FROM procrastinate_jobs WHERE status IN ('todo', 'doing') ORDER BY id LIMIT 20",
+        )
+        print(f"left todo/doing (id, status, task, attempts, worker, abort requested): {stuck}")
     return 1 if failures else 0
 
 
