@@ -115,7 +115,9 @@ CASES = [
     *simple("commit"),
     Case("commit", "after_request", action="blackhole"),
     # A batch held up by a row that another session keeps locked: one by one (the locked
-    # row's own write fails on its lock timeout: an ErrorResponse).
+    # row's own write fails on its lock timeout: an ErrorResponse). The lock is held for
+    # 6 s, far longer than the lock timeout, so that even a slow machine writes the end
+    # while it is held.
     *extended("finish_one", workload="locked_ok", last="E"),
     *extended("retry_one", workload="locked_flaky", last="E"),
     # The registry's duties.
@@ -157,9 +159,9 @@ def worker_options(case: Case, proxy_dsn: str) -> dict[str, Any]:
 
 def first_half(dsn: str, case: Case) -> None:
     if case.workload == "locked_ok":
-        defer(dsn, "locked_ok", hold=3.0)
+        defer(dsn, "locked_ok", hold=6.0)
     elif case.workload == "locked_flaky":
-        defer(dsn, "locked_flaky", hold=3.0)
+        defer(dsn, "locked_flaky", hold=6.0)
     elif case.workload == "aborts":
         defer(dsn, "sleepy", 6, seconds=0.6)
         return
