@@ -190,6 +190,34 @@ async def test_a_pruned_worker_registers_again_and_ends_its_jobs(
     assert "worker_registered_again" in actions(caplog)
 
 
+async def test_a_worker_whose_row_was_deleted_takes_its_running_jobs_back(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Deleting this worker's row set its running job's worker_id to NULL, and it stayed
+    so after the worker registered again: had the process died then, no recovery would
+    ever have put the job back to run (found by the chaos soak: two jobs left `doing`)."""
+    caplog.set_level(logging.WARNING, logger="fastworker.core")
+    create_tables(dsn)
+    app = fault_app(dsn)
+    (held,) = defer(dsn, "gate", gate="reattach", size=2)
+    async with app.open_async(), running(app, concurrency=2, **QUICK) as worker:
+        old_id = worker.worker_id
+        await wait_until(lambda: status_of(dsn, held) == "doing", "the held job")
+        fetch_all(dsn, "DELETE FROM procrastinate_workers WHERE id = %s RETURNING id", old_id)
+        await wait_until(lambda: worker.worker_id != old_id, "the new worker id")
+        await wait_until(
+            lambda: (
+                fetch_all(dsn, "SELECT worker_id FROM procrastinate_jobs WHERE id = %s", held)[0][0]
+                == worker.worker_id
+            ),
+            "the running job given back to the new worker id",
+        )
+        defer(dsn, "gate", gate="reattach", size=2)
+        await wait_until(lambda: settled(dsn), "every job")
+    check_runs(dsn)
+    assert "claims_reattached" in actions(caplog)
+
+
 # --- 3. recovery must never delay the heartbeat -------------------------------------------
 
 

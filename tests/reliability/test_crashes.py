@@ -251,6 +251,47 @@ def test_cli_flag_recover_stalled_jobs(dsn: str, tmp_path: Path) -> None:
         assert "deferred_for_retry" in events and events[-2:] == ["started", "succeeded"], events
 
 
+def test_jobs_whose_dead_worker_was_pruned_elsewhere_are_recovered(
+    dsn: str, tmp_path: Path
+) -> None:
+    """A killed worker pruned by a worker without the option (procrastinate's own
+    function, as its worker runs at start): its jobs stay `doing` with no worker. A worker
+    with `recover_stalled_jobs` used to leave them so forever; it puts them back to run
+    once they have had no worker for `stalled_worker_timeout`."""
+    create_executions_table(dsn)
+    defer_jobs(dsn, 200, task="record_after", args_sql="json_build_object('n', n, 'sleep', 0.3)")
+    worker_id, held = start_and_kill(dsn, tmp_path / "victim.log")
+    assert held
+    wait_until(lambda: stale(dsn, worker_id), timeout=30, what="stale heartbeat")
+    pruned = fetch_all(
+        dsn, "SELECT worker_id FROM procrastinate_prune_stalled_workers_v1(%s)", float(STALLED)
+    )
+    assert pruned == [(worker_id,)]
+    assert doing_by_worker(dsn) == {None: len(held)}
+    recovering = WorkerProcess(
+        dsn,
+        tmp_path / "next.log",
+        "--concurrency",
+        "50",
+        "--recover-stalled-jobs",
+        "--heartbeat",
+        HEARTBEAT,
+        "--stalled-timeout",
+        STALLED,
+    )
+    try:
+        wait_until(
+            lambda: statuses(dsn) == {"succeeded": 200}, timeout=120, what="every job to end"
+        )
+    finally:
+        assert recovering.stop() == 0, recovering.log()
+    assert 0 not in execution_histogram(dsn)
+    for _job_id, status, held_by, attempts, events in end_state(dsn, held):
+        assert status == "succeeded" and held_by is None and attempts == 2, events
+        assert "deferred_for_retry" in events and events[-2:] == ["started", "succeeded"], events
+    assert "stalled_jobs_retried" in recovering.log()
+
+
 def test_recovery_is_off_by_default() -> None:
     import inspect
 

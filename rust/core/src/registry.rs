@@ -7,7 +7,7 @@
 
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify};
 use tokio_postgres::Client;
@@ -85,7 +85,7 @@ pub async fn prune_and_recover_stalled_jobs(
 ) -> CoreResult<Recovered> {
     const WHAT: &str = "pruning stalled workers and recovering their jobs";
     let db = |error| CoreError::database(WHAT, error);
-    let transaction = client.transaction().await.map_err(db)?;
+    let mut transaction = client.transaction().await.map_err(db)?;
     let seconds = timeout.as_secs_f64();
     let stalled = query_ids(&transaction, sql::LOCK_STALLED_WORKERS, &[&seconds, &own])
         .await
@@ -105,50 +105,114 @@ pub async fn prune_and_recover_stalled_jobs(
         ..Recovered::default()
     };
     if !jobs.is_empty() {
-        // All at once; if one job refuses (a queueing_lock conflict), one by one.
-        let mut transaction = transaction;
-        let all = transaction
-            .savepoint("fastworker_recover_all")
-            .await
-            .map_err(db)?;
-        match all.execute(sql::RETRY_JOBS, &[&jobs]).await {
+        (recovered.retried, recovered.failed) =
+            retry_or_fail(&mut transaction, jobs).await.map_err(db)?;
+    }
+    transaction.commit().await.map_err(db)?;
+    Ok(recovered)
+}
+
+/// Put `jobs` (locked by `transaction`) back to run, as procrastinate's
+/// `JobManager.retry_job(job)` does: all at once; if one refuses (a `queueing_lock`
+/// conflict), one by one, and a job that cannot go back to `todo` ends `failed`.
+async fn retry_or_fail(
+    transaction: &mut tokio_postgres::Transaction<'_>,
+    jobs: Vec<i64>,
+) -> Result<(Vec<i64>, Vec<(i64, String)>), tokio_postgres::Error> {
+    let all = transaction.savepoint("fastworker_recover_all").await?;
+    match all.execute(sql::RETRY_JOBS, &[&jobs]).await {
+        Ok(_) => {
+            all.commit().await?;
+            return Ok((jobs, Vec::new()));
+        }
+        Err(error) if is_connectivity_error(&error) => return Err(error),
+        Err(_) => all.rollback().await?,
+    }
+    let mut retried = Vec::new();
+    let mut failed = Vec::new();
+    for job_id in jobs {
+        let one = transaction.savepoint("fastworker_recover_one").await?;
+        match one.execute(sql::RETRY_JOB, &[&job_id]).await {
             Ok(_) => {
-                all.commit().await.map_err(db)?;
-                recovered.retried = jobs;
+                one.commit().await?;
+                retried.push(job_id);
             }
-            Err(error) if is_connectivity_error(&error) => return Err(db(error)),
-            Err(_) => {
-                all.rollback().await.map_err(db)?;
-                for job_id in jobs {
-                    let one = transaction
-                        .savepoint("fastworker_recover_one")
-                        .await
-                        .map_err(db)?;
-                    match one.execute(sql::RETRY_JOB, &[&job_id]).await {
-                        Ok(_) => {
-                            one.commit().await.map_err(db)?;
-                            recovered.retried.push(job_id);
-                            continue;
-                        }
-                        Err(error) if is_connectivity_error(&error) => return Err(db(error)),
-                        Err(error) => {
-                            one.rollback().await.map_err(db)?;
-                            let reason = error
-                                .as_db_error()
-                                .map(|db_error| db_error.message().to_string())
-                                .unwrap_or_else(|| error.to_string());
-                            transaction
-                                .execute(sql::FAIL_JOB, &[&job_id])
-                                .await
-                                .map_err(db)?;
-                            recovered.failed.push((job_id, reason));
-                        }
-                    }
-                }
+            Err(error) if is_connectivity_error(&error) => return Err(error),
+            Err(error) => {
+                one.rollback().await?;
+                let reason = error
+                    .as_db_error()
+                    .map(|db_error| db_error.message().to_string())
+                    .unwrap_or_else(|| error.to_string());
+                transaction.execute(sql::FAIL_JOB, &[&job_id]).await?;
+                failed.push((job_id, reason));
             }
         }
-        transaction.commit().await.map_err(db)?;
-        return Ok(recovered);
+    }
+    Ok((retried, failed))
+}
+
+/// `doing` jobs without a worker, as the recovery has watched them: since when each has
+/// been seen so, at which attempts.
+#[derive(Debug, Default)]
+pub struct Unowned {
+    seen: std::collections::HashMap<i64, (i32, Instant)>,
+}
+
+impl Unowned {
+    /// Note the unowned jobs seen now; return those seen so, at the same attempts, for at
+    /// least `grace`.
+    fn observe(&mut self, now: Instant, jobs: &[(i64, i32)], grace: Duration) -> Vec<(i64, i32)> {
+        let previous = std::mem::take(&mut self.seen);
+        let mut due = Vec::new();
+        for &(job_id, attempts) in jobs {
+            let since = match previous.get(&job_id) {
+                Some(&(seen_attempts, since)) if seen_attempts == attempts => since,
+                _ => now,
+            };
+            if now.duration_since(since) >= grace {
+                due.push((job_id, attempts));
+            }
+            self.seen.insert(job_id, (attempts, since));
+        }
+        due
+    }
+}
+
+/// `recover_stalled_jobs=True`, for the `doing` jobs whose worker row is gone (pruned by
+/// procrastinate's own worker, deleted by hand, or a worker of ours that was deleted and
+/// then died before it took its jobs back): once such a job has had no worker for a whole
+/// `grace` (the `stalled_worker_timeout`), it is put back to run. A live worker whose row
+/// was deleted takes its jobs back within a heartbeat interval or so
+/// ([`sql::REATTACH_CLAIMS`]), so those are not touched.
+pub async fn recover_unowned_jobs(
+    client: &mut Client,
+    unowned: &mut Unowned,
+    grace: Duration,
+) -> CoreResult<Recovered> {
+    const WHAT: &str = "recovering jobs without a worker";
+    let db = |error| CoreError::database(WHAT, error);
+    let jobs = client
+        .query(sql::UNOWNED_JOBS, &[])
+        .await
+        .map_err(db)?
+        .iter()
+        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+        .collect::<Result<Vec<(i64, i32)>, tokio_postgres::Error>>()
+        .map_err(db)?;
+    let due = unowned.observe(Instant::now(), &jobs, grace);
+    if due.is_empty() {
+        return Ok(Recovered::default());
+    }
+    let (ids, attempts): (Vec<i64>, Vec<i32>) = due.into_iter().unzip();
+    let mut transaction = client.transaction().await.map_err(db)?;
+    let locked = query_ids(&transaction, sql::LOCK_UNOWNED_JOBS, &[&ids, &attempts])
+        .await
+        .map_err(db)?;
+    let mut recovered = Recovered::default();
+    if !locked.is_empty() {
+        (recovered.retried, recovered.failed) =
+            retry_or_fail(&mut transaction, locked).await.map_err(db)?;
     }
     transaction.commit().await.map_err(db)?;
     Ok(recovered)
@@ -160,12 +224,20 @@ pub fn log_recovery(handoff: &HandoffSender, recovered: &Recovered) {
         handoff.log(
             LogLevel::Warning,
             "stalled_jobs_retried",
-            format!(
-                "Put {} jobs of stalled workers {:?} back to run: {:?}",
-                recovered.retried.len(),
-                recovered.pruned_workers,
-                recovered.retried
-            ),
+            if recovered.pruned_workers.is_empty() {
+                format!(
+                    "Put {} jobs that had no worker for stalled_worker_timeout back to run: {:?}",
+                    recovered.retried.len(),
+                    recovered.retried
+                )
+            } else {
+                format!(
+                    "Put {} jobs of stalled workers {:?} back to run: {:?}",
+                    recovered.retried.len(),
+                    recovered.pruned_workers,
+                    recovered.retried
+                )
+            },
         );
     }
     for (job_id, reason) in &recovered.failed {
@@ -455,7 +527,8 @@ impl Registry {
 }
 
 /// `recover_stalled_jobs`: every `stalled_worker_timeout`, prune the stalled workers and
-/// put their jobs back to run, on a connection of its own.
+/// put their jobs back to run, and the jobs left without a worker for as long, on a
+/// connection of its own.
 pub struct Recovery {
     pub target: ConnectionTarget,
     pub identity: Arc<Identity>,
@@ -470,6 +543,7 @@ pub struct Recovery {
 impl Recovery {
     pub async fn run(mut self) {
         let mut client: Option<Client> = None;
+        let mut unowned = Unowned::default();
         let mut tick =
             tokio::time::interval(self.stalled_worker_timeout.max(Duration::from_secs(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -486,14 +560,19 @@ impl Recovery {
                 continue;
             };
             let own = self.identity.all();
-            let attempt = tokio::time::timeout(
-                self.response_timeout,
-                prune_and_recover_stalled_jobs(connection, self.stalled_worker_timeout, &own),
-            )
+            let grace = self.stalled_worker_timeout;
+            let attempt = tokio::time::timeout(self.response_timeout, async {
+                let mut recovered = prune_and_recover_stalled_jobs(connection, grace, &own).await?;
+                log_recovery(&self.handoff, &recovered);
+                let unowned_recovered =
+                    recover_unowned_jobs(connection, &mut unowned, grace).await?;
+                log_recovery(&self.handoff, &unowned_recovered);
+                recovered.retried.extend(unowned_recovered.retried);
+                Ok::<_, CoreError>(recovered)
+            })
             .await;
             match attempt {
                 Ok(Ok(recovered)) => {
-                    log_recovery(&self.handoff, &recovered);
                     if !recovered.retried.is_empty() {
                         self.wake.notify_one();
                     }
@@ -516,5 +595,37 @@ impl Recovery {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unowned_job_is_due_once_seen_so_for_the_whole_grace() {
+        let grace = Duration::from_secs(30);
+        let start = Instant::now();
+        let mut unowned = Unowned::default();
+        assert!(unowned.observe(start, &[(1, 0), (2, 0)], grace).is_empty());
+        // Job 2 got its worker back in between; job 1 did not.
+        let later = start + grace;
+        assert_eq!(unowned.observe(later, &[(1, 0)], grace), vec![(1, 0)]);
+        // Job 2 unowned again: its wait starts over.
+        assert!(unowned.observe(later, &[(2, 0)], grace).is_empty());
+    }
+
+    #[test]
+    fn an_unowned_job_at_new_attempts_waits_again() {
+        let grace = Duration::from_secs(30);
+        let start = Instant::now();
+        let mut unowned = Unowned::default();
+        unowned.observe(start, &[(1, 0)], grace);
+        // Retried and claimed again (its new worker was deleted too): a new claim.
+        assert!(unowned.observe(start + grace, &[(1, 1)], grace).is_empty());
+        assert_eq!(
+            unowned.observe(start + grace * 2, &[(1, 1)], grace),
+            vec![(1, 1)]
+        );
     }
 }

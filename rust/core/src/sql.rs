@@ -386,6 +386,18 @@ pub const LOST_CLAIMS: &str = "SELECT known.id, known.attempts
            AND job.status::text = 'doing'
            AND (job.worker_id IS NULL OR job.worker_id = ANY($3::bigint[])))";
 
+/// Claims this process runs (`$1` job ids, `$2` attempts at claim) that lost their worker
+/// (their `worker_id` went NULL: this worker's row was deleted, by a prune during a network
+/// split or by hand), given back to it under its current id `$3`. Without this, such a job
+/// would look abandoned to every recovery while it runs here, and would stay `doing`
+/// forever if this process died before ending it. (`$3` must exist: a row deleted again
+/// meanwhile fails the foreign key, and the next check tries again.)
+pub const REATTACH_CLAIMS: &str = "UPDATE procrastinate_jobs AS job SET worker_id = $3::bigint
+ WHERE job.id = ANY($1::bigint[]) AND job.worker_id IS NULL AND job.status::text = 'doing'
+   AND job.attempts = ($2::int[])[array_position($1::bigint[], job.id)]
+   AND EXISTS (SELECT 1 FROM procrastinate_workers WHERE id = $3::bigint)
+ RETURNING job.id";
+
 /// Of the jobs whose terminal write was refused (`$2`), those still `doing` for this
 /// process (`$1` its worker ids): the others hold nothing any more.
 pub const STILL_ABANDONED: &str = "SELECT job.id FROM procrastinate_jobs AS job
@@ -442,6 +454,20 @@ pub const RETRY_JOB: &str =
 /// `$1` job: ends `failed` (a stalled job that cannot go back to `todo`).
 pub const FAIL_JOB: &str =
     "SELECT procrastinate_finish_job_v1($1::bigint, 'failed'::procrastinate_job_status, false)";
+/// `doing` jobs with no worker (their worker's row was deleted: pruned as stalled, or by
+/// hand), with their attempts. The recovery puts back to run those still without a worker
+/// a whole `stalled_worker_timeout` later: a live worker gives its own back to itself
+/// ([`REATTACH_CLAIMS`]) within a heartbeat interval. (The partial index of running jobs
+/// finds them.)
+pub const UNOWNED_JOBS: &str = "SELECT id, attempts FROM procrastinate_jobs
+ WHERE status = 'doing' AND worker_id IS NULL";
+/// Of the unowned jobs `$1` (attempts when first seen `$2`), those still `doing` with no
+/// worker and the same attempts, locked for their recovery; one that another session
+/// holds (another recovery) is left to it.
+pub const LOCK_UNOWNED_JOBS: &str = "SELECT id FROM procrastinate_jobs AS job
+ WHERE job.id = ANY($1::bigint[]) AND job.worker_id IS NULL AND job.status = 'doing'
+   AND job.attempts = ($2::int[])[array_position($1::bigint[], job.id)]
+ FOR UPDATE SKIP LOCKED";
 /// Jobs of this process (`$1` its worker ids) whose abort was requested.
 pub const JOBS_TO_ABORT: &str = "SELECT id FROM procrastinate_jobs
  WHERE status = 'doing' AND abort_requested AND worker_id = ANY($1::bigint[])";
@@ -475,6 +501,7 @@ pub const STATEMENTS: &[(&str, &str, Session)] = &[
     ("orphaned claims", ORPHANED_CLAIMS, Session::Jobs),
     ("still abandoned", STILL_ABANDONED, Session::Jobs),
     ("lost claims", LOST_CLAIMS, Session::Jobs),
+    ("reattach claims", REATTACH_CLAIMS, Session::Jobs),
     ("backend identity", BACKEND_IDENTITY, Session::Jobs),
     ("backend alive", BACKEND_ALIVE, Session::Jobs),
     ("terminate backend", TERMINATE_BACKEND, Session::Jobs),
@@ -499,6 +526,8 @@ pub const STATEMENTS: &[(&str, &str, Session)] = &[
         Session::Registry,
     ),
     ("delete stalled workers", DELETE_WORKERS, Session::Registry),
+    ("unowned jobs", UNOWNED_JOBS, Session::Registry),
+    ("lock unowned jobs", LOCK_UNOWNED_JOBS, Session::Registry),
     ("retry stalled jobs", RETRY_JOBS, Session::Registry),
     ("retry one stalled job", RETRY_JOB, Session::Registry),
     ("fail one stalled job", FAIL_JOB, Session::Registry),

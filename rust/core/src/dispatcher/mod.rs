@@ -619,9 +619,9 @@ impl Dispatcher {
     }
 
     /// Between round trips (nothing in flight on this connection, so every claim it made
-    /// is known): hand over claims of this worker nobody knew of, cancel the runs of
-    /// claims that are no longer this worker's, and forget abandoned jobs that are no
-    /// longer `doing` for it.
+    /// is known): hand over claims of this worker nobody knew of, give back to this worker
+    /// the running claims that lost their worker row, cancel the runs of claims that are
+    /// no longer this worker's, and forget abandoned jobs that are no longer `doing` for it.
     async fn check_orphans(
         &self,
         connection: &Connection,
@@ -635,6 +635,27 @@ impl Dispatcher {
                 Vec::new()
             } else {
                 let (ids, attempts): (Vec<i64>, Vec<i32>) = running.iter().copied().unzip();
+                let reattached = client
+                    .query(
+                        sql::REATTACH_CLAIMS,
+                        &[&ids, &attempts, &self.identity.current()],
+                    )
+                    .await?;
+                if !reattached.is_empty() {
+                    let jobs = reattached
+                        .iter()
+                        .map(|row| row.try_get::<_, i64>(0))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    self.handoff.log(
+                        LogLevel::Warning,
+                        "claims_reattached",
+                        format!(
+                            "Jobs {jobs:?} run here had lost their worker (this worker's row \
+                             was deleted); they are worker {}'s again",
+                            self.identity.current()
+                        ),
+                    );
+                }
                 client
                     .query(sql::LOST_CLAIMS, &[&ids, &attempts, &self.identity.all()])
                     .await?
