@@ -14,10 +14,10 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use fastworker_core::completer::{CompletionBatch, Outcome};
-use fastworker_core::handoff::{self, HandoffEvent};
+use fastworker_core::completer::CompletionBatch;
+use fastworker_core::handoff;
 use fastworker_core::listener::parse_notification;
-use fastworker_core::{Completion, JobRow, Metrics};
+use fastworker_core::{Completion, HandoffEvent, JobRow, Metrics, Outcome};
 
 const BATCH: usize = 500;
 

@@ -1,32 +1,179 @@
 """Type stub of the native module `fastworker._core` (Rust, PyO3)."""
 
-from collections.abc import Awaitable
-from typing import Any, Literal
+from collections.abc import Awaitable, Sequence
+from typing import Any, ClassVar, final
 
-JobRowTuple = tuple[
-    int,  # id
-    str,  # status
-    str,  # task_name
-    int,  # priority
-    str | None,  # lock
-    str | None,  # queueing_lock
-    str,  # args, JSON text
-    int | None,  # scheduled_at, microseconds since the epoch
-    str,  # queue_name
-    int,  # attempts
-    int | None,  # worker_id
+from typing_extensions import Self, disjoint_base
+
+__all__ = [
+    "ConfigurationError",
+    "ConnectionLost",
+    "DatabaseError",
+    "DatabaseUnreachable",
+    "Event",
+    "FastworkerError",
+    "Job",
+    "Outcome",
+    "SchemaMissing",
+    "WorkerCore",
+    "WorkerShutDown",
+    "_quiesce_before_exit",
 ]
-LogTuple = tuple[int, str, str, int | None]  # level, action, message, job_id
-Event = (
-    tuple[Literal["jobs"], list[JobRowTuple]]
-    | tuple[Literal["abort"], list[int]]
-    | tuple[Literal["drained"], None]
-    | tuple[Literal["fetching_stopped"], None]
-    | tuple[Literal["worker_id"], int]
-    | tuple[Literal["claims_lost"], list[tuple[int, int]]]
-    | tuple[Literal["log"], LogTuple]
-    | tuple[Literal["fatal"], BaseException]
-)
+
+@final
+class Job:
+    """A claimed job, as the core read it (its fields: the core's one column table)."""
+
+    FIELDS: ClassVar[list[str]]
+    @property
+    def id(self) -> int: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def task_name(self) -> str: ...
+    @property
+    def priority(self) -> int: ...
+    @property
+    def lock(self) -> str | None: ...
+    @property
+    def queueing_lock(self) -> str | None: ...
+    @property
+    def args(self) -> str:
+        """JSON text."""
+    @property
+    def scheduled_at_us(self) -> int | None:
+        """Microseconds since the epoch; -2**63 for a date Python cannot represent."""
+    @property
+    def queue_name(self) -> str: ...
+    @property
+    def attempts(self) -> int: ...
+    @property
+    def worker_id(self) -> int | None: ...
+
+@disjoint_base
+class Event:
+    """What the core hands to the runner: one subclass per kind, for `match`."""
+
+    @final
+    class Jobs(Event):
+        __match_args__ = ("jobs",)
+        def __new__(cls, jobs: list[Job]) -> Self: ...
+        @property
+        def jobs(self) -> list[Job]: ...
+
+    @final
+    class Abort(Event):
+        __match_args__ = ("job_ids",)
+        def __new__(cls, job_ids: list[int]) -> Self: ...
+        @property
+        def job_ids(self) -> list[int]: ...
+
+    @final
+    class Drained(Event):
+        __match_args__ = ()
+        def __new__(cls) -> Self: ...
+
+    @final
+    class FetchingStopped(Event):
+        __match_args__ = ()
+        def __new__(cls) -> Self: ...
+
+    @final
+    class WorkerId(Event):
+        __match_args__ = ("worker_id",)
+        def __new__(cls, worker_id: int) -> Self: ...
+        @property
+        def worker_id(self) -> int: ...
+
+    @final
+    class ClaimsLost(Event):
+        __match_args__ = ("claims",)
+        def __new__(cls, claims: list[tuple[int, int]]) -> Self: ...
+        @property
+        def claims(self) -> list[tuple[int, int]]: ...
+
+    @final
+    class Log(Event):
+        __match_args__ = ("level", "action", "message", "job_id")
+        def __new__(cls, level: int, action: str, message: str, job_id: int | None) -> Self: ...
+        @property
+        def level(self) -> int: ...
+        @property
+        def action(self) -> str: ...
+        @property
+        def message(self) -> str: ...
+        @property
+        def job_id(self) -> int | None: ...
+
+    @final
+    class Fatal(Event):
+        __match_args__ = ("error",)
+        def __new__(cls, error: BaseException) -> Self: ...
+        @property
+        def error(self) -> BaseException: ...
+
+@disjoint_base
+class Outcome:
+    """How one run of a claimed job ended, as the runner reports it (`duration`: seconds
+    it ran, for the metrics)."""
+
+    @final
+    class Finish(Outcome):
+        __match_args__ = ("job_id", "attempts", "status", "delete", "duration")
+        def __new__(
+            cls,
+            job_id: int,
+            attempts: int,
+            status: str,
+            delete: bool = False,
+            duration: float = 0.0,
+        ) -> Self: ...
+        @property
+        def job_id(self) -> int: ...
+        @property
+        def attempts(self) -> int: ...
+        @property
+        def duration(self) -> float: ...
+        @property
+        def status(self) -> str: ...
+        @property
+        def delete(self) -> bool: ...
+
+    @final
+    class Retry(Outcome):
+        __match_args__ = (
+            "job_id",
+            "attempts",
+            "retry_at",
+            "priority",
+            "queue",
+            "lock",
+            "duration",
+        )
+        def __new__(
+            cls,
+            job_id: int,
+            attempts: int,
+            retry_at: str | None = None,
+            priority: int | None = None,
+            queue: str | None = None,
+            lock: str | None = None,
+            duration: float = 0.0,
+        ) -> Self: ...
+        @property
+        def job_id(self) -> int: ...
+        @property
+        def attempts(self) -> int: ...
+        @property
+        def duration(self) -> float: ...
+        @property
+        def retry_at(self) -> str | None: ...
+        @property
+        def priority(self) -> int | None: ...
+        @property
+        def queue(self) -> str | None: ...
+        @property
+        def lock(self) -> str | None: ...
 
 class FastworkerError(Exception): ...
 class ConfigurationError(FastworkerError): ...
@@ -36,6 +183,7 @@ class ConnectionLost(FastworkerError): ...
 class DatabaseError(FastworkerError): ...
 class WorkerShutDown(FastworkerError): ...
 
+@final
 class WorkerCore:
     @staticmethod
     def start(
@@ -61,13 +209,7 @@ class WorkerCore:
     def pruned_workers(self) -> list[int]: ...
     @property
     def recovered_jobs(self) -> list[int]: ...
-    def complete_many(
-        self,
-        finished: list[tuple[int, int, str, bool]],  # job id, attempts, status, delete
-        # job id, attempts, retry_at, priority, queue, lock
-        retried: list[tuple[int, int, str | None, int | None, str | None, str | None]],
-        durations: list[float] | None = None,
-    ) -> None: ...
+    def report(self, outcomes: Sequence[Outcome]) -> None: ...
     def metrics(self) -> dict[str, Any]: ...
     def stop_fetching(self) -> None: ...
     def hard_stop(self) -> None: ...
@@ -75,3 +217,5 @@ class WorkerCore:
     def events_fd(self) -> int | None: ...
     def take_events(self) -> list[Event] | None: ...
     def shutdown(self) -> Awaitable[None]: ...
+
+def _quiesce_before_exit() -> None: ...

@@ -57,22 +57,6 @@ A first SIGINT/SIGTERM stops claiming jobs and lets running jobs finish (their r
 written); a second one, or --shutdown-graceful-timeout, aborts them.
 """
 
-# Worker options that fastworker's `Worker` takes besides procrastinate's CLI flags.
-FASTWORKER_OPTIONS = (
-    "dsn",
-    "reconnect_timeout",
-    "response_timeout",
-    "max_batch_size",
-    "recover_stalled_jobs",
-    "queue_concurrency",
-    "job_timeout",
-    "task_timeouts",
-    "metrics_port",
-    "metrics_address",
-    "opentelemetry",
-)
-EXTRA_WORKER_OPTIONS = ("update_heartbeat_interval", "stalled_worker_timeout")
-
 
 class CliError(Exception):
     """An error reported as one line on stderr, with its exit code."""

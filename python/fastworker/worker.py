@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, cast
+from typing import Any
 
 from procrastinate import App, exceptions, job_context, jobs, middleware, retry, tasks, utils
 from procrastinate import worker as procrastinate_worker
@@ -34,6 +34,8 @@ _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 # 1-9999): such a job fails alone, with this said.
 _UNREPRESENTABLE_SCHEDULED_AT = -(2**63)
 _INT32 = range(-(2**31), 2**31)
+# An outcome as the runner makes them (the core's Outcome has these two kinds).
+_Outcome = _core.Outcome.Finish | _core.Outcome.Retry
 
 
 def _connector_json_loads(connector: Any) -> Callable[[str], Any]:
@@ -44,46 +46,34 @@ def _connector_json_loads(connector: Any) -> Callable[[str], Any]:
 
 
 def _job_from_row(
-    row: _core.JobRowTuple, loads: Callable[[str], Any] = json.loads, *, decode: bool = True
+    row: _core.Job, loads: Callable[[str], Any] = json.loads, *, decode: bool = True
 ) -> jobs.Job:
     """procrastinate's Job of a claimed row. ``decode=False``: without its arguments and
     date (a row that could not be decoded, with what is safe to show in logs)."""
-    (
-        job_id,
-        status,
-        task_name,
-        priority,
-        lock,
-        queueing_lock,
-        args,
-        scheduled_at_us,
-        queue_name,
-        attempts,
-        worker_id,
-    ) = row
     task_kwargs: Any = {}
     scheduled_at = None
     if decode:
+        scheduled_at_us = row.scheduled_at_us
         if scheduled_at_us == _UNREPRESENTABLE_SCHEDULED_AT:
             raise ValueError(
                 "its scheduled_at is a date Python cannot represent (infinity, or a year "
                 "outside 1-9999)"
             )
-        task_kwargs = loads(args)
+        task_kwargs = loads(row.args)
         if scheduled_at_us is not None:
             scheduled_at = _EPOCH + datetime.timedelta(microseconds=scheduled_at_us)
     return jobs.Job(
-        id=job_id,
-        status=status,
-        priority=priority,
-        lock=lock,
-        queueing_lock=queueing_lock,
-        task_name=task_name,
+        id=row.id,
+        status=row.status,
+        priority=row.priority,
+        lock=row.lock,
+        queueing_lock=row.queueing_lock,
+        task_name=row.task_name,
         task_kwargs=task_kwargs,
         scheduled_at=scheduled_at,
-        queue=queue_name,
-        attempts=attempts,
-        worker_id=worker_id,
+        queue=row.queue_name,
+        attempts=row.attempts,
+        worker_id=row.worker_id,
     )
 
 
@@ -220,8 +210,7 @@ class Worker(procrastinate_worker.Worker):
         self._async_tasks: dict[str, bool] = {}
         self._json_loads: Callable[[str], Any] = json.loads
         # Outcomes waiting for `_flush_outcomes` (see `_report_outcome`).
-        self._finished: list[tuple[int, int, str, bool]] = []
-        self._retried: list[tuple[int, int, str | None, int | None, str | None, str | None]] = []
+        self._outcomes: list[_Outcome] = []
         # Jobs handed over whose outcome is not reported yet (see `_on_job_done`).
         # By claim (job id, attempts): a job recovered elsewhere and claimed here again may
         # run here twice at once, under its old claim and its new one.
@@ -230,9 +219,6 @@ class Worker(procrastinate_worker.Worker):
         self._started: set[tuple[int, int]] = set()
         # Claims (job id, attempts) that are no longer this worker's (see _stop_lost_claims).
         self._lost_claims: set[tuple[int, int]] = set()
-        # Seconds each job ran, in the order of _finished then _retried (for the metrics).
-        self._finished_durations: list[float] = []
-        self._retried_durations: list[float] = []
         self._flush_scheduled = False
         self._hard_stop = asyncio.Event()
         self._fetching_stopped: asyncio.Future[None] | None = None
@@ -455,42 +441,43 @@ class Worker(procrastinate_worker.Worker):
         self._mark_fetching_stopped()
 
     def _handle_events(self, events: list[_core.Event]) -> None:
-        for kind, payload in events:
-            if kind == "jobs":
-                for row in cast("list[_core.JobRowTuple]", payload):
-                    self._start_job(row)
-            elif kind == "abort":
-                self._handle_abort_jobs_requested(cast("list[int]", payload))
-            elif kind == "log":
-                level, action, message, job_id = cast("_core.LogTuple", payload)
-                core_logger.log(level, message, extra={"action": action, "job_id": job_id})
-            elif kind == "drained":
-                self._drained = True
-                self._stop_event.set()
-            elif kind == "fetching_stopped":
-                self._mark_fetching_stopped()
-            elif kind == "worker_id":
-                self.worker_id = cast("int", payload)
-            elif kind == "claims_lost":
-                self._stop_lost_claims(cast("list[tuple[int, int]]", payload))
-            elif kind == "fatal":
-                error = payload
-                assert isinstance(error, BaseException)
-                if self._fatal_error is None:
-                    self._fatal_error = error
-                self.logger.error(
-                    f"Worker core failed: {error}",
-                    extra=self._log_extra(
-                        action="core_failed", context=None, job_result=None, exception=str(error)
-                    ),
-                )
-                self._stop_event.set()
+        for event in events:
+            match event:
+                case _core.Event.Jobs(jobs=claimed):
+                    for row in claimed:
+                        self._start_job(row)
+                case _core.Event.Abort(job_ids=job_ids):
+                    self._handle_abort_jobs_requested(job_ids)
+                case _core.Event.Log(level=level, action=action, message=message, job_id=job_id):
+                    core_logger.log(level, message, extra={"action": action, "job_id": job_id})
+                case _core.Event.Drained():
+                    self._drained = True
+                    self._stop_event.set()
+                case _core.Event.FetchingStopped():
+                    self._mark_fetching_stopped()
+                case _core.Event.WorkerId(worker_id=worker_id):
+                    self.worker_id = worker_id
+                case _core.Event.ClaimsLost(claims=claims):
+                    self._stop_lost_claims(claims)
+                case _core.Event.Fatal(error=error):
+                    self._on_core_failed(error)
+
+    def _on_core_failed(self, error: BaseException) -> None:
+        if self._fatal_error is None:
+            self._fatal_error = error
+        self.logger.error(
+            f"Worker core failed: {error}",
+            extra=self._log_extra(
+                action="core_failed", context=None, job_result=None, exception=str(error)
+            ),
+        )
+        self._stop_event.set()
 
     def _mark_fetching_stopped(self) -> None:
         if self._fetching_stopped is not None and not self._fetching_stopped.done():
             self._fetching_stopped.set_result(None)
 
-    def _start_job(self, row: _core.JobRowTuple) -> None:
+    def _start_job(self, row: _core.Job) -> None:
         """Start one claimed job. Whatever happens, it gets exactly one outcome: a row that
         cannot be decoded (arguments the connector's JSON decoder rejects, a date Python
         cannot hold) fails that job alone, with the reason logged."""
@@ -827,25 +814,32 @@ class Worker(procrastinate_worker.Worker):
         if retry_decision:
             # As procrastinate's JobManager.retry_job: no retry_at means now.
             retry_at = retry_decision.retry_at or utils.utcnow()
-            self._retried.append(
-                (
+            self._outcomes.append(
+                _core.Outcome.Retry(
                     job.id,
                     job.attempts,
-                    retry_at.isoformat(),
-                    retry_decision.priority,
-                    retry_decision.queue,
-                    retry_decision.lock,
+                    retry_at=retry_at.isoformat(),
+                    priority=retry_decision.priority,
+                    queue=retry_decision.queue,
+                    lock=retry_decision.lock,
+                    duration=_ran_for(job_result),
                 )
             )
-            self._retried_durations.append(_ran_for(job_result))
         else:
             delete_job = {
                 jobs.DeleteJobCondition.ALWAYS: True,
                 jobs.DeleteJobCondition.NEVER: False,
                 jobs.DeleteJobCondition.SUCCESSFUL: status == jobs.Status.SUCCEEDED,
             }[self.delete_jobs]
-            self._finished.append((job.id, job.attempts, status.value, delete_job))
-            self._finished_durations.append(_ran_for(job_result))
+            self._outcomes.append(
+                _core.Outcome.Finish(
+                    job.id,
+                    job.attempts,
+                    status.value,
+                    delete=delete_job,
+                    duration=_ran_for(job_result),
+                )
+            )
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_outcomes)
@@ -860,25 +854,22 @@ class Worker(procrastinate_worker.Worker):
 
     def _flush_outcomes(self) -> None:
         self._flush_scheduled = False
-        if not self._finished and not self._retried:
+        if not self._outcomes:
             return
-        finished, self._finished = self._finished, []
-        retried, self._retried = self._retried, []
-        durations = self._finished_durations + self._retried_durations
-        self._finished_durations, self._retried_durations = [], []
+        outcomes, self._outcomes = self._outcomes, []
         core = self._core
         try:
             if core is None:
                 raise _core.WorkerShutDown("the worker core is shut down")
             try:
-                core.complete_many(finished, retried, durations)
+                core.report(outcomes)
             except (TypeError, ValueError, OverflowError):
-                # One entry the core cannot take must not cost the others their outcome.
-                self._report_one_by_one(core, finished, retried, durations)
+                # One outcome the core cannot take must not cost the others theirs.
+                self._report_one_by_one(core, outcomes)
         except _core.WorkerShutDown:
             # The core is shut down (run() is over): nothing can write these outcomes any
             # more; the jobs stay `doing`, like a killed worker's, for stalled-job recovery.
-            job_ids = [entry[0] for entry in finished] + [entry[0] for entry in retried]
+            job_ids = [outcome.job_id for outcome in outcomes]
             self.logger.error(
                 f"Could not record the end of jobs {job_ids}: the worker core has stopped;"
                 " they stay in doing",
@@ -887,23 +878,12 @@ class Worker(procrastinate_worker.Worker):
                 ),
             )
 
-    def _report_one_by_one(
-        self,
-        core: _core.WorkerCore,
-        finished: list[tuple[int, int, str, bool]],
-        retried: list[tuple[int, int, str | None, int | None, str | None, str | None]],
-        durations: list[float],
-    ) -> None:
-        entries: list[tuple[Any, bool]] = [(entry, True) for entry in finished]
-        entries += [(entry, False) for entry in retried]
-        for (entry, is_finish), duration in zip(entries, durations, strict=True):
+    def _report_one_by_one(self, core: _core.WorkerCore, outcomes: list[_Outcome]) -> None:
+        for outcome in outcomes:
             try:
-                if is_finish:
-                    core.complete_many([entry], [], [duration])
-                else:
-                    core.complete_many([], [entry], [duration])
+                core.report([outcome])
             except (TypeError, ValueError, OverflowError) as error:
-                job_id, attempts = entry[0], entry[1]
+                job_id = outcome.job_id
                 self.logger.error(
                     f"The outcome of job {job_id} could not be handed to the core ({error}):"
                     " it fails instead",
@@ -915,7 +895,9 @@ class Worker(procrastinate_worker.Worker):
                         exception=str(error),
                     ),
                 )
-                core.complete_many([(job_id, attempts, jobs.Status.FAILED.value, False)], [])
+                core.report(
+                    [_core.Outcome.Finish(job_id, outcome.attempts, jobs.Status.FAILED.value)]
+                )
 
     # --- shutting down --------------------------------------------------------------
 

@@ -12,50 +12,8 @@
 use tokio_postgres::{Client, Statement};
 
 use crate::errors::{classify, CoreError, CoreResult, Failed, Failure};
+use crate::protocol::{ClaimKey, Completion, Outcome};
 use crate::sql;
-
-/// How a job ended, as procrastinate's worker decides it.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Outcome {
-    /// `procrastinate_finish_job_v1(id, status, delete_job)`; status is one of
-    /// `succeeded`, `failed`, `aborted`.
-    Finish { status: String, delete: bool },
-    /// `procrastinate_retry_job_v2(id, retry_at, priority, queue, lock)`; `retry_at` is an
-    /// ISO-8601 timestamp with offset (as PostgreSQL parses `timestamptz`).
-    Retry {
-        retry_at: Option<String>,
-        priority: Option<i32>,
-        queue: Option<String>,
-        lock: Option<String>,
-    },
-}
-
-/// Outcomes as the runner reported them in one call; `durations` (seconds each job ran)
-/// is either empty or one per completion, and only feeds the metrics.
-#[derive(Debug, Default)]
-pub struct Reported {
-    pub completions: Vec<Completion>,
-    pub durations: Vec<f64>,
-}
-
-/// One claim: a job, and the attempts it had when it was claimed. A job is claimed again
-/// only after a terminal write (which raises its attempts) or a recovery (likewise), so
-/// the pair names one run of one job.
-pub type ClaimKey = (i64, i32);
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct Completion {
-    pub job_id: i64,
-    /// The job's attempts when it was claimed (the row the runner was handed).
-    pub attempts: i32,
-    pub outcome: Outcome,
-}
-
-impl Completion {
-    pub fn key(&self) -> ClaimKey {
-        (self.job_id, self.attempts)
-    }
-}
 
 /// The parameter arrays of one batched statement.
 #[derive(Default, Debug, PartialEq)]

@@ -9,48 +9,12 @@
 use std::collections::HashSet;
 
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, Row, Statement};
+use tokio_postgres::{Client, Statement};
 
 use crate::completer::CompletionBatch;
 use crate::errors::{CoreError, CoreResult};
+use crate::protocol::JobRow;
 use crate::sql;
-
-/// One claimed job, as the runner needs it. `args` stays JSON text: the runner parses it
-/// with its own JSON decoder, which is faster than building objects field by field.
-#[derive(Clone, Debug, PartialEq)]
-pub struct JobRow {
-    pub id: i64,
-    pub status: String,
-    pub task_name: String,
-    pub priority: i32,
-    pub lock: Option<String>,
-    pub queueing_lock: Option<String>,
-    pub args: String,
-    /// Microseconds since the Unix epoch; [`sql::UNREPRESENTABLE_SCHEDULED_AT`] for a date
-    /// no runner can represent (the runner fails that job alone).
-    pub scheduled_at_us: Option<i64>,
-    pub queue_name: String,
-    pub attempts: i32,
-    pub worker_id: Option<i64>,
-}
-
-impl JobRow {
-    pub fn from_row(row: &Row) -> Result<JobRow, tokio_postgres::Error> {
-        Ok(JobRow {
-            id: row.try_get(0)?,
-            status: row.try_get(1)?,
-            task_name: row.try_get(2)?,
-            priority: row.try_get(3)?,
-            lock: row.try_get(4)?,
-            queueing_lock: row.try_get(5)?,
-            args: row.try_get(6)?,
-            scheduled_at_us: row.try_get(7)?,
-            queue_name: row.try_get(8)?,
-            attempts: row.try_get(9)?,
-            worker_id: row.try_get(10)?,
-        })
-    }
-}
 
 /// Room left in the queues that have a per-queue concurrency limit.
 #[derive(Debug, Default, Clone, PartialEq)]

@@ -13,47 +13,8 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, Mutex};
 
-use crate::errors::CoreError;
-use crate::fetcher::JobRow;
 use crate::metrics::Metrics;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogLevel {
-    Debug,
-    Info,
-    Warning,
-    Error,
-}
-
-/// A log record for the runner's logging system; `action` is procrastinate's `action` extra.
-#[derive(Clone, Debug, PartialEq)]
-pub struct LogRecord {
-    pub level: LogLevel,
-    pub action: &'static str,
-    pub message: String,
-    pub job_id: Option<i64>,
-}
-
-#[derive(Debug)]
-pub enum HandoffEvent {
-    /// Claimed jobs, in start order. Each must be completed exactly once.
-    Jobs(Vec<JobRow>),
-    /// The database asked to abort these jobs (held by this worker).
-    Abort(Vec<i64>),
-    /// `wait=False` and the queue is empty: the core has stopped claiming.
-    Drained,
-    /// The dispatcher will claim nothing more; every claimed job was handed over before this.
-    FetchingStopped,
-    Log(LogRecord),
-    /// The core cannot go on; the runner should stop and raise it. The core still writes
-    /// every outcome reported after this, as far as the database lets it.
-    Fatal(CoreError),
-    /// This worker's row was pruned and it registered again under this id.
-    WorkerId(i64),
-    /// These claims (job id, attempts at claim) are no longer this worker's: their runs
-    /// should stop (their ends are still reported, and found no longer current).
-    ClaimsLost(Vec<(i64, i32)>),
-}
+use crate::protocol::{HandoffEvent, LogLevel, LogRecord};
 
 /// Rings a file descriptor when events are waiting. At most one byte is in flight: the
 /// sender writes only when the bell was not already rung, and the reader answers it (drains

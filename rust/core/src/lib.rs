@@ -6,6 +6,7 @@
 //! - [`fetcher`]: the claim statement (procrastinate's fetch rules, for a whole batch).
 //! - [`completer`]: the batched terminal write (finish / retry / delete).
 //! - [`dispatcher`]: the loop that owns the job connection and decides when to claim and flush.
+//! - [`protocol`]: what crosses to the runner (the job row, outcomes, events), declared once.
 //! - [`handoff`]: the channel of job batches and abort requests to the runner.
 //! - [`metrics`]: counters and histograms kept where the events happen, read on scrape.
 //! - [`registry`]: worker registration, heartbeat, stalled-worker pruning, abort polling.
@@ -24,15 +25,14 @@ pub mod fetcher;
 pub mod handoff;
 pub mod listener;
 pub mod metrics;
+pub mod protocol;
 pub mod registry;
 pub mod sql;
 pub mod tls;
 pub mod worker;
 
-pub use completer::{Completion, Outcome};
 pub use config::WorkerConfig;
 pub use errors::{CoreError, CoreResult};
-pub use fetcher::JobRow;
-pub use handoff::{HandoffEvent, LogLevel, LogRecord};
 pub use metrics::{Metrics, MetricsSnapshot};
+pub use protocol::{Completion, HandoffEvent, JobRow, LogLevel, LogRecord, Outcome, Reported};
 pub use worker::WorkerCore;

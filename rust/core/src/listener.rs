@@ -11,7 +11,8 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use crate::connect::{quote_identifier, ConnectionTarget};
 use crate::errors::{CoreError, CoreResult};
-use crate::handoff::{HandoffEvent, HandoffSender, LogLevel};
+use crate::handoff::HandoffSender;
+use crate::protocol::{HandoffEvent, LogLevel};
 
 pub const ANY_QUEUE_CHANNEL: &str = "procrastinate_any_queue_v1";
 pub const QUEUE_CHANNEL_PREFIX: &str = "procrastinate_queue_v1#";

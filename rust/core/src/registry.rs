@@ -15,7 +15,8 @@ use tokio_postgres::Client;
 use crate::connect::ConnectionTarget;
 use crate::errors::{is_connectivity_error, CoreError, CoreResult, Failed, Failure};
 use crate::fetcher::Claimant;
-use crate::handoff::{HandoffEvent, HandoffSender, LogLevel};
+use crate::handoff::HandoffSender;
+use crate::protocol::{HandoffEvent, LogLevel};
 use crate::sql;
 
 pub async fn check_schema(target: &ConnectionTarget, client: &Client) -> CoreResult<()> {

@@ -10,21 +10,38 @@
 //!   after a lost reply, or one that arrives after the job was recovered elsewhere, matches
 //!   no row instead of ending somebody else's run.
 
-/// The columns of a claimed job, as [`crate::fetcher::JobRow::from_row`] reads them, from
-/// a `procrastinate_jobs` row named `job`. `scheduled_at` travels as microseconds since the
-/// epoch; a value that no runner could represent as a date (±infinity, or outside years
-/// 1-9999) becomes [`UNREPRESENTABLE_SCHEDULED_AT`] instead of failing the whole statement
-/// (one such row would otherwise stop every claim of every worker).
+/// The columns of a claimed job, from a `procrastinate_jobs` row named `job`: the list
+/// of [`crate::job_columns_table`].
 macro_rules! job_columns {
     () => {
-        "job.id, job.status::text, job.task_name, job.priority, job.lock, job.queueing_lock,
-       job.args::text,
-       CASE WHEN job.scheduled_at IS NULL THEN NULL
-            WHEN job.scheduled_at >= '0001-01-01 00:00:00+00'
-             AND job.scheduled_at < '10000-01-01 00:00:00+00'
-            THEN (extract(epoch FROM job.scheduled_at) * 1000000)::bigint
-            ELSE -9223372036854775808 END,
-       job.queue_name, job.attempts, job.worker_id"
+        $crate::job_columns_table!(sql_column_list)
+    };
+}
+
+/// `, NULL` for each column of [`job_columns`] after the first: the rest of a row that
+/// carries only a job id in the claimed-job columns.
+macro_rules! nulls_after_job_id {
+    () => {
+        $crate::job_columns_table!(sql_nulls_after_first)
+    };
+}
+
+/// `a, b, c` of a column table's SQL expressions.
+macro_rules! sql_column_list {
+    ($(#[doc = $first_doc:literal])* $first:ident: $first_type:ty = $first_sql:literal
+     $(, $(#[doc = $doc:literal])* $field:ident: $type:ty = $sql:literal)* $(,)?) => {
+        concat!($first_sql $(, ", ", $sql)*)
+    };
+}
+
+/// `, NULL` for each column of a column table but the first.
+macro_rules! sql_nulls_after_first {
+    ($(#[doc = $first_doc:literal])* $first:ident: $first_type:ty = $first_sql:literal
+     $(, $(#[doc = $doc:literal])* $field:ident: $type:ty = $sql:literal)* $(,)?) => {
+        concat!("" $(, sql_nulls_after_first!(@null $sql))*)
+    };
+    (@null $sql:literal) => {
+        ", NULL"
     };
 }
 
@@ -291,8 +308,12 @@ macro_rules! claimed_then_ended {
             "
 )
 SELECT claimed.*, true FROM claimed
-UNION ALL SELECT id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, false FROM finished
-UNION ALL SELECT id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, false FROM deleted"
+UNION ALL SELECT id",
+            nulls_after_job_id!(),
+            ", false FROM finished
+UNION ALL SELECT id",
+            nulls_after_job_id!(),
+            ", false FROM deleted"
         )
     };
 }
@@ -329,7 +350,7 @@ pub const COMPLETE_AND_CLAIM_WITH_QUEUE_LIMITS: &str = concat!(
 );
 
 /// The last column of [`COMPLETE_AND_CLAIM`]: a claimed job, or an ended claim.
-pub const CLAIMED_COLUMN: usize = 11;
+pub const CLAIMED_COLUMN: usize = crate::protocol::JobRow::COLUMNS;
 
 /// The job row of one claim, locked, if it is still that claim (`$1` job, `$2` attempts
 /// at claim, `$3` this process's worker ids): the guard of the one-by-one writes below.
@@ -532,3 +553,20 @@ pub const STATEMENTS: &[(&str, &str, Session)] = &[
     ("retry one stalled job", RETRY_JOB, Session::Registry),
     ("fail one stalled job", FAIL_JOB, Session::Registry),
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::JobRow;
+
+    #[test]
+    fn the_job_columns_come_from_the_one_table() {
+        assert_eq!(JobRow::COLUMNS, 11);
+        assert!(CLAIM.contains("RETURNING job.id, job.status::text, job.task_name,"));
+        assert!(ORPHANED_CLAIMS.contains("job.queue_name, job.attempts, job.worker_id"));
+        // The rows of ended claims: the id, then a NULL for each other job column.
+        let ended = format!("SELECT id{}, false FROM finished", ", NULL".repeat(10));
+        assert!(COMPLETE_AND_CLAIM.contains(&ended), "{COMPLETE_AND_CLAIM}");
+        assert_eq!(CLAIMED_COLUMN, 11);
+    }
+}

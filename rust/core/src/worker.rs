@@ -12,14 +12,14 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 
-use crate::completer::{Completion, Reported};
 use crate::config::WorkerConfig;
 use crate::connect::ConnectionTarget;
 use crate::dispatcher::Dispatcher;
 use crate::errors::{CoreError, CoreResult};
-use crate::handoff::{self, HandoffEvent, HandoffReceiver, LogLevel};
+use crate::handoff::{self, HandoffReceiver};
 use crate::listener::{self, Listener};
 use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::protocol::{Completion, HandoffEvent, LogLevel, Reported};
 use crate::registry::{self, Identity, Recovery, Registry};
 
 struct Running {

@@ -4,18 +4,19 @@
 //! else returns at once. Jobs come out in batches: one awaitable per batch, never per job.
 
 mod errors;
+mod protocol;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use fastworker_core::completer::Reported;
 use fastworker_core::metrics::Histogram;
-use fastworker_core::{Completion, HandoffEvent, LogLevel, MetricsSnapshot, Outcome, WorkerConfig};
+use fastworker_core::{MetricsSnapshot, WorkerConfig};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyTuple};
+use pyo3::types::{PyDict, PyList};
 
 use crate::errors::BindingError;
+use crate::protocol::{events_to_python, Outcome};
 
 fn seconds(name: &str, value: f64) -> PyResult<Duration> {
     Duration::try_from_secs_f64(value).map_err(|_| {
@@ -114,61 +115,11 @@ impl WorkerCore {
         self.core.recovered_jobs().to_vec()
     }
 
-    /// Several outcomes in one call, written in the same batch: `finished` as
-    /// (job_id, attempts, status, delete), `retried` as (job_id, attempts, retry_at,
-    /// priority, queue, lock), `attempts` being the job's attempts when it was handed over.
-    /// `durations`: seconds each job ran, finished then retried (for the metrics only).
-    #[allow(clippy::type_complexity)]
-    #[pyo3(signature = (finished, retried, durations=None))]
-    fn complete_many(
-        &self,
-        finished: Vec<(i64, i32, String, bool)>,
-        retried: Vec<(
-            i64,
-            i32,
-            Option<String>,
-            Option<i32>,
-            Option<String>,
-            Option<String>,
-        )>,
-        durations: Option<Vec<f64>>,
-    ) -> PyResult<()> {
-        let mut completions = Vec::with_capacity(finished.len() + retried.len());
-        for (job_id, attempts, status, delete) in finished {
-            if !matches!(status.as_str(), "succeeded" | "failed" | "aborted") {
-                return Err(PyValueError::new_err(format!(
-                    "end status must be succeeded, failed or aborted, got {status:?}"
-                )));
-            }
-            completions.push(Completion {
-                job_id,
-                attempts,
-                outcome: Outcome::Finish { status, delete },
-            });
-        }
-        for (job_id, attempts, retry_at, priority, queue, lock) in retried {
-            completions.push(Completion {
-                job_id,
-                attempts,
-                outcome: Outcome::Retry {
-                    retry_at,
-                    priority,
-                    queue,
-                    lock,
-                },
-            });
-        }
-        let durations = durations.unwrap_or_default();
-        if !durations.is_empty() && durations.len() != completions.len() {
-            return Err(PyValueError::new_err(
-                "durations must have one entry per completion",
-            ));
-        }
+    /// Outcomes of ended runs, written in one batch (see `Outcome`). Raises ValueError for
+    /// an outcome the core cannot write, and none of the call's outcomes is taken then.
+    fn report(&self, outcomes: Vec<Bound<'_, Outcome>>) -> PyResult<()> {
         self.core
-            .report(Reported {
-                completions,
-                durations,
-            })
+            .report(protocol::reported(outcomes)?)
             .map_err(|error| BindingError(error).into())
     }
 
@@ -188,9 +139,7 @@ impl WorkerCore {
         self.core.hard_stop();
     }
 
-    /// Awaitable: the next list of events, or None once the core is shut down.
-    /// Events: ("jobs", [row, ...]), ("abort", [job_id, ...]), ("drained", None),
-    /// ("fetching_stopped", None), ("log", (level, action, message, job_id)), ("fatal", exception).
+    /// Awaitable: the next list of events (see `Event`), or None once the core is shut down.
     #[pyo3(signature = (max_events=4096))]
     fn next_events<'py>(&self, py: Python<'py>, max_events: usize) -> PyResult<Bound<'py, PyAny>> {
         let core = self.core.clone();
@@ -278,63 +227,6 @@ fn metrics_to_python(py: Python<'_>, snapshot: MetricsSnapshot) -> PyResult<Boun
     Ok(dict)
 }
 
-fn level_number(level: LogLevel) -> u8 {
-    match level {
-        LogLevel::Debug => 10,
-        LogLevel::Info => 20,
-        LogLevel::Warning => 30,
-        LogLevel::Error => 40,
-    }
-}
-
-fn events_to_python(py: Python<'_>, events: Vec<HandoffEvent>) -> PyResult<Bound<'_, PyList>> {
-    let list = PyList::empty(py);
-    for event in events {
-        let item: Bound<'_, PyTuple> = match event {
-            HandoffEvent::Jobs(jobs) => {
-                let rows = PyList::empty(py);
-                for job in jobs {
-                    rows.append((
-                        job.id,
-                        job.status,
-                        job.task_name,
-                        job.priority,
-                        job.lock,
-                        job.queueing_lock,
-                        job.args,
-                        job.scheduled_at_us,
-                        job.queue_name,
-                        job.attempts,
-                        job.worker_id,
-                    ))?;
-                }
-                ("jobs", rows).into_pyobject(py)?
-            }
-            HandoffEvent::Abort(ids) => ("abort", ids).into_pyobject(py)?,
-            HandoffEvent::Drained => ("drained", py.None()).into_pyobject(py)?,
-            HandoffEvent::FetchingStopped => ("fetching_stopped", py.None()).into_pyobject(py)?,
-            HandoffEvent::WorkerId(worker_id) => ("worker_id", worker_id).into_pyobject(py)?,
-            HandoffEvent::ClaimsLost(claims) => ("claims_lost", claims).into_pyobject(py)?,
-            HandoffEvent::Log(record) => (
-                "log",
-                (
-                    level_number(record.level),
-                    record.action,
-                    record.message,
-                    record.job_id,
-                ),
-            )
-                .into_pyobject(py)?,
-            HandoffEvent::Fatal(error) => {
-                let error: PyErr = BindingError(error).into();
-                ("fatal", error.into_value(py)).into_pyobject(py)?
-            }
-        };
-        list.append(item)?;
-    }
-    Ok(list)
-}
-
 /// Registered with `atexit`: lets the runtime's threads finish handing results to asyncio
 /// before the interpreter finalizes.
 ///
@@ -362,6 +254,7 @@ fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     pyo3_async_runtimes::tokio::init(builder);
     module.add_class::<WorkerCore>()?;
     errors::register(module)?;
+    protocol::register(module)?;
     let quiesce = wrap_pyfunction!(_quiesce_before_exit, module)?;
     module.add_function(quiesce.clone())?;
     module

@@ -27,12 +27,13 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_postgres::Client;
 
-use crate::completer::{Completer, Completion, CompletionBatch, CompletionReport, Reported};
+use crate::completer::{Completer, CompletionBatch, CompletionReport};
 use crate::config::WorkerConfig;
 use crate::connect::ConnectionTarget;
 use crate::errors::{CoreError, CoreResult, Failed, Failure};
-use crate::fetcher::{Claimant, Fetcher, JobRow, QueueRoom};
-use crate::handoff::{HandoffSender, LogLevel};
+use crate::fetcher::{Claimant, Fetcher, QueueRoom};
+use crate::handoff::HandoffSender;
+use crate::protocol::{Completion, JobRow, LogLevel, Reported};
 use crate::registry::Identity;
 use crate::sql;
 

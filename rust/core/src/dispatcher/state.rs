@@ -7,11 +7,13 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::completer::{ClaimKey, Completion, CompletionReport, Outcome, Reported};
+use crate::completer::CompletionReport;
 use crate::errors::{CoreError, Failed, Failure};
-use crate::fetcher::{JobRow, QueueRoom};
-use crate::handoff::{HandoffEvent, LogLevel, LogRecord};
+use crate::fetcher::QueueRoom;
 use crate::metrics::{Histogram, MetricsSnapshot, TaskQueue, DURATION_BUCKETS};
+use crate::protocol::{
+    ClaimKey, Completion, HandoffEvent, JobRow, LogLevel, LogRecord, Outcome, Reported,
+};
 
 /// Backoff of statements that failed for a passing reason, and of reconnects.
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(50);

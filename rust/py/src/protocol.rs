@@ -1,0 +1,207 @@
+//! The Python face of [`fastworker_core::protocol`]: typed, frozen classes for what crosses
+//! between the core and the runner, instead of positional tuples and string tags.
+//! - [`Job`]: a claimed job, its fields made from the core's one column table;
+//! - [`Event`]: what the core hands over (one variant per kind, for `match`);
+//! - [`Outcome`]: how a run ended, with how long it ran, as the runner reports it.
+
+use fastworker_core::protocol::{Completion, HandoffEvent, JobRow, LogLevel, Reported};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyList;
+
+use crate::errors::BindingError;
+
+macro_rules! job_class {
+    ($($(#[doc = $doc:literal])* $field:ident: $type:ty = $sql:literal),* $(,)?) => {
+        /// A claimed job, as the core read it (see `fastworker_core::job_columns_table`).
+        #[pyclass(frozen, get_all, module = "fastworker._core")]
+        pub struct Job {
+            $($(#[doc = $doc])* pub $field: $type,)*
+        }
+
+        impl From<JobRow> for Job {
+            fn from(row: JobRow) -> Job {
+                Job { $($field: row.$field,)* }
+            }
+        }
+
+        #[pymethods]
+        impl Job {
+            /// The field names, in the core's column order.
+            #[classattr]
+            const FIELDS: &'static [&'static str] = &[$(stringify!($field)),*];
+
+            fn __repr__(&self) -> String {
+                format!("Job(id={}, task_name={:?}, attempts={})", self.id, self.task_name, self.attempts)
+            }
+        }
+    };
+}
+
+fastworker_core::job_columns_table!(job_class);
+
+/// What the core hands to the runner, in the order it happened.
+#[pyclass(frozen, module = "fastworker._core")]
+pub enum Event {
+    /// Claimed jobs, in start order; each must get exactly one outcome.
+    Jobs { jobs: Py<PyList> },
+    /// The database asked to abort these jobs (held by this worker).
+    Abort { job_ids: Vec<i64> },
+    /// `wait=False` and the queue is empty: the core has stopped claiming.
+    Drained(),
+    /// The core will claim nothing more; every claimed job was handed over before this.
+    FetchingStopped(),
+    /// This worker's row was pruned, and it registered again under this id.
+    WorkerId { worker_id: i64 },
+    /// These claims (job id, attempts at claim) are no longer this worker's: stop their
+    /// runs (their ends are still reported, and found no longer current).
+    ClaimsLost { claims: Vec<(i64, i32)> },
+    /// A record for Python's logging: `level` is logging's number, `action`
+    /// procrastinate's `action` extra.
+    Log {
+        level: u8,
+        action: String,
+        message: String,
+        job_id: Option<i64>,
+    },
+    /// The core cannot go on: stop and raise it. Outcomes reported after this are still
+    /// written, as far as the database lets them.
+    Fatal { error: Py<PyAny> },
+}
+
+fn level_number(level: LogLevel) -> u8 {
+    match level {
+        LogLevel::Debug => 10,
+        LogLevel::Info => 20,
+        LogLevel::Warning => 30,
+        LogLevel::Error => 40,
+    }
+}
+
+/// The core's events, as Python objects.
+pub fn events_to_python(py: Python<'_>, events: Vec<HandoffEvent>) -> PyResult<Bound<'_, PyList>> {
+    let list = PyList::empty(py);
+    for event in events {
+        let event = match event {
+            HandoffEvent::Jobs(rows) => {
+                let jobs = PyList::empty(py);
+                for row in rows {
+                    jobs.append(Job::from(row))?;
+                }
+                Event::Jobs {
+                    jobs: jobs.unbind(),
+                }
+            }
+            HandoffEvent::Abort(job_ids) => Event::Abort { job_ids },
+            HandoffEvent::Drained => Event::Drained(),
+            HandoffEvent::FetchingStopped => Event::FetchingStopped(),
+            HandoffEvent::WorkerId(worker_id) => Event::WorkerId { worker_id },
+            HandoffEvent::ClaimsLost(claims) => Event::ClaimsLost { claims },
+            HandoffEvent::Log(record) => Event::Log {
+                level: level_number(record.level),
+                action: record.action.to_string(),
+                message: record.message,
+                job_id: record.job_id,
+            },
+            HandoffEvent::Fatal(error) => {
+                let error: PyErr = BindingError(error).into();
+                Event::Fatal {
+                    error: error.into_value(py).into_any(),
+                }
+            }
+        };
+        list.append(event)?;
+    }
+    Ok(list)
+}
+
+/// How one run of a claimed job ended, as the runner reports it (`job_id` and `attempts`:
+/// the job as it was handed over; `duration`: seconds it ran, for the metrics).
+#[pyclass(frozen, module = "fastworker._core")]
+#[derive(Clone)]
+pub enum Outcome {
+    /// `procrastinate_finish_job_v1`: `status` is `succeeded`, `failed` or `aborted`;
+    /// `delete` removes the row instead (`delete_jobs`).
+    #[pyo3(constructor = (job_id, attempts, status, delete = false, duration = 0.0))]
+    Finish {
+        job_id: i64,
+        attempts: i32,
+        status: String,
+        delete: bool,
+        duration: f64,
+    },
+    /// `procrastinate_retry_job_v2`: `retry_at` an ISO-8601 timestamp with offset (None:
+    /// now); `priority`, `queue`, `lock` None to keep the job's own.
+    #[pyo3(constructor = (
+        job_id, attempts, retry_at = None, priority = None, queue = None, lock = None,
+        duration = 0.0
+    ))]
+    Retry {
+        job_id: i64,
+        attempts: i32,
+        retry_at: Option<String>,
+        priority: Option<i32>,
+        queue: Option<String>,
+        lock: Option<String>,
+        duration: f64,
+    },
+}
+
+/// The outcomes of one report, checked, for the core.
+pub fn reported(outcomes: Vec<Bound<'_, Outcome>>) -> PyResult<Reported> {
+    let mut completions = Vec::with_capacity(outcomes.len());
+    let mut durations = Vec::with_capacity(outcomes.len());
+    for outcome in outcomes {
+        let (job_id, attempts, outcome, duration) = match outcome.get().clone() {
+            Outcome::Finish {
+                job_id,
+                attempts,
+                status,
+                delete,
+                duration,
+            } => {
+                if !matches!(status.as_str(), "succeeded" | "failed" | "aborted") {
+                    return Err(PyValueError::new_err(format!(
+                        "end status must be succeeded, failed or aborted, got {status:?}"
+                    )));
+                }
+                let finish = fastworker_core::Outcome::Finish { status, delete };
+                (job_id, attempts, finish, duration)
+            }
+            Outcome::Retry {
+                job_id,
+                attempts,
+                retry_at,
+                priority,
+                queue,
+                lock,
+                duration,
+            } => {
+                let retry = fastworker_core::Outcome::Retry {
+                    retry_at,
+                    priority,
+                    queue,
+                    lock,
+                };
+                (job_id, attempts, retry, duration)
+            }
+        };
+        completions.push(Completion {
+            job_id,
+            attempts,
+            outcome,
+        });
+        durations.push(duration);
+    }
+    Ok(Reported {
+        completions,
+        durations,
+    })
+}
+
+pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
+    module.add_class::<Job>()?;
+    module.add_class::<Event>()?;
+    module.add_class::<Outcome>()?;
+    Ok(())
+}
