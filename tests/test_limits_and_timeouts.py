@@ -164,3 +164,29 @@ async def test_sync_job_over_its_timeout_is_asked_to_abort(
     assert fetch_all(dsn, "SELECT status::text FROM procrastinate_jobs WHERE id = %s", job_id) == [
         ("failed",)
     ]
+
+
+async def test_max_jobs_runs_that_many_jobs_then_the_worker_stops_by_itself(
+    app: procrastinate.App, dsn: str
+) -> None:
+    """procrastinate #1262 (process recycling): with `wait=True`, the worker still ends,
+    once its max_jobs jobs have run; no job beyond them is claimed."""
+    ran: list[int] = []
+
+    @app.task(name="count")
+    async def count(n: int) -> None:
+        ran.append(n)
+        await asyncio.sleep(0.05)
+
+    await count.batch_defer_async(*({"n": n} for n in range(10)))
+    await asyncio.wait_for(
+        fastworker.run_async(
+            app, concurrency=2, max_jobs=3, install_signal_handlers=False, name="recycled"
+        ),
+        timeout=120,
+    )
+    assert sorted(ran) == [0, 1, 2]  # claim order: priority, then id
+    assert fetch_all(
+        dsn, "SELECT status::text, count(*) FROM procrastinate_jobs GROUP BY 1 ORDER BY 1"
+    ) == [("succeeded", 3), ("todo", 7)]
+    assert fetch_all(dsn, "SELECT count(*) FROM procrastinate_workers") == [(0,)]

@@ -1,6 +1,6 @@
 """Type stub of the native module `fastworker._core` (Rust, PyO3)."""
 
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, ClassVar, final
 
 from typing_extensions import Self, disjoint_base
@@ -186,23 +186,10 @@ class WorkerShutDown(FastworkerError): ...
 @final
 class WorkerCore:
     @staticmethod
-    def start(
-        conninfo: str,
-        *,
-        queues: list[str] | None = None,
-        concurrency: int = 1,
-        wait: bool = True,
-        fetch_job_polling_interval: float = 5.0,
-        abort_job_polling_interval: float = 5.0,
-        listen_notify: bool = True,
-        update_heartbeat_interval: float = 10.0,
-        stalled_worker_timeout: float = 30.0,
-        reconnect_timeout: float = 60.0,
-        max_batch_size: int = 500,
-        recover_stalled_jobs: bool = False,
-        queue_concurrency: dict[str, int] | None = None,
-        response_timeout: float = 30.0,
-    ) -> Awaitable[WorkerCore]: ...
+    def start(options: Mapping[str, Any]) -> Awaitable[WorkerCore]:
+        """Connect, prune stalled workers, register, start claiming. `options`: the core's
+        options by name (`conninfo`, procrastinate's claiming options, fastworker's own with
+        `core=True` in `fastworker.options`), durations in seconds."""
     @property
     def worker_id(self) -> int: ...
     @property

@@ -31,10 +31,11 @@ from procrastinate import jobs
 from psycopg.conninfo import conninfo_to_dict
 
 import fastworker
+from fastworker import options
 from fastworker.connection import conninfo_from_dsn
 
 PROGRAM_NAME = "fastworker"
-ENV_PREFIX = "FASTWORKER"
+ENV_PREFIX = options.ENV_PREFIX
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -96,25 +97,10 @@ def _non_negative_float(value: str) -> float:
     return number
 
 
-def _positive_float(value: str) -> float:
-    number = _non_negative_float(value)
-    if number == 0:
-        raise argparse.ArgumentTypeError("must be a number of seconds > 0, got 0")
-    return number
-
-
-def _port(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid port: {value!r}") from None
-    if not 0 <= number <= 65535:
-        raise argparse.ArgumentTypeError(f"invalid port: {number} (0-65535)")
-    return number
-
-
-def _mapping(value_type: Callable[[str], Any], form: str) -> Callable[[str], dict[str, Any]]:
-    """``KEY=VALUE[,KEY=VALUE...]`` into a dict."""
+def _mapping(
+    value_type: Callable[[str], Any], form: str, option: options.Option
+) -> Callable[[str], dict[str, Any]]:
+    """``KEY=VALUE[,KEY=VALUE...]`` into a dict, checked as the option table says."""
 
     def parse(text: str) -> dict[str, Any]:
         result: dict[str, Any] = {}
@@ -129,7 +115,10 @@ def _mapping(value_type: Callable[[str], Any], form: str) -> Callable[[str], dic
                 result[key.strip()] = value_type(raw.strip())
             except argparse.ArgumentTypeError as error:
                 raise argparse.ArgumentTypeError(f"{item!r}: {error}") from None
-        return result
+        try:
+            return option.check(option.name, result)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
 
     return parse
 
@@ -332,124 +321,88 @@ def _configure_worker_parser(
     )
     _add_logging_arguments(worker, in_subcommand=True)
 
+    for name, parse, help in options.PROCRASTINATE_EXTRA_FLAGS:
+        _add_env_argument(
+            worker,
+            "--" + name.replace("_", "-"),
+            envvar=name.upper(),
+            type=_checked(name, parse, options.seconds),
+            metavar="SECONDS",
+            help=help,
+        )
     group = worker.add_argument_group("fastworker options")
-    _add_env_argument(
-        group,
-        "--dsn",
-        envvar="DSN",
-        type=str,
-        help="libpq connection string or URL for the worker's own connections (default: "
-        "the settings of the app's connector)",
-    )
-    _add_env_argument(
-        group,
-        "--reconnect-timeout",
-        envvar="RECONNECT_TIMEOUT",
-        type=_non_negative_float,
-        help="How long the database may be unreachable before the worker stops with exit "
-        "code 3 (seconds, default 60)",
-    )
-    _add_env_argument(
-        group,
-        "--response-timeout",
-        envvar="RESPONSE_TIMEOUT",
-        type=_positive_float,
-        help="How long a statement of the worker may go unanswered before its connection is "
-        "taken for dead (half-open) and replaced (seconds, default 30)",
-    )
-    _add_env_argument(
-        group,
-        "--max-batch-size",
-        envvar="MAX_BATCH_SIZE",
-        type=_positive_int,
-        help="Most jobs claimed by one statement (default 500)",
-    )
-    _add_env_argument(
-        group,
-        "--update-heartbeat-interval",
-        envvar="UPDATE_HEARTBEAT_INTERVAL",
-        type=_non_negative_float,
-        help="procrastinate's update_heartbeat_interval: seconds between heartbeats (default 10)",
-    )
-    _add_env_argument(
-        group,
-        "--stalled-worker-timeout",
-        envvar="STALLED_WORKER_TIMEOUT",
-        type=_non_negative_float,
-        help="procrastinate's stalled_worker_timeout: a worker without heartbeat for that "
-        "long is pruned at start (default 30)",
-    )
-    recover_variable = f"{ENV_PREFIX}_RECOVER_STALLED_JOBS"
-    recover_from_env = os.environ.get(recover_variable, "").strip().lower()
-    group.add_argument(
-        "--recover-stalled-jobs",
-        action="store_true",
-        default=True
-        if recover_from_env in ("1", "y", "yes", "t", "true", "on")
-        else argparse.SUPPRESS,
-        help="Put the doing jobs of the stalled workers pruned (at start, then every "
-        "--stalled-worker-timeout) back to run, with procrastinate's retry semantics "
-        f"(default: off, as procrastinate) (env: {recover_variable}: use 1/y/t)",
-    )
-    _add_env_argument(
-        group,
-        "--queue-limit",
-        envvar="QUEUE_LIMITS",
-        type=_mapping(_positive_int, "QUEUE=N"),
-        action=_MergeMapping,
-        dest="queue_concurrency",
-        metavar="QUEUE=N",
-        help="At most N jobs of QUEUE run at once, within --concurrency (repeatable, or "
-        "comma-separated); enforced when claiming, so no job is claimed that cannot start",
-    )
-    _add_env_argument(
-        group,
-        "--job-timeout",
-        envvar="JOB_TIMEOUT",
-        type=_positive_float,
-        metavar="SECONDS",
-        help="A job running longer is cancelled like an abort and ends failed (retried if "
-        "its retry strategy says so) (default: none)",
-    )
-    _add_env_argument(
-        group,
-        "--task-timeout",
-        envvar="TASK_TIMEOUTS",
-        type=_mapping(_positive_float, "TASK=SECONDS"),
-        action=_MergeMapping,
-        dest="task_timeouts",
-        metavar="TASK=SECONDS",
-        help="Per-task timeout, overriding --job-timeout for the task named TASK "
-        "(repeatable, or comma-separated)",
-    )
-    _add_env_argument(
-        group,
-        "--metrics-port",
-        envvar="METRICS_PORT",
-        type=_port,
-        metavar="PORT",
-        help="Serve Prometheus metrics on PORT at /metrics (0: any free port; needs "
-        "fastworker[metrics]) (default: no metrics server)",
-    )
-    _add_env_argument(
-        group,
-        "--metrics-address",
-        envvar="METRICS_ADDRESS",
-        type=str,
-        metavar="ADDRESS",
-        help="Address the metrics server listens on (default 0.0.0.0)",
-    )
-    _add_env_argument(
-        group,
-        "--opentelemetry",
-        envvar="OPENTELEMETRY",
-        type=procrastinate_cli.env_bool,
-        nargs=0,
-        action=_StoreTrue,
-        help="One OpenTelemetry span per job (needs fastworker[otel]) (default: off)",
-        env_help="use 0/n/f or 1/y/t",
-    )
+    for option in options.OPTIONS:
+        _add_option(group, option)
     return worker
+
+
+def _switch(value: str) -> bool:
+    """A switch's environment variable: procrastinate's spellings, and on/off."""
+    word = value.strip().lower()
+    if word in ("1", "y", "yes", "t", "true", "on"):
+        return True
+    if word in ("0", "n", "no", "f", "false", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 1/y/t/on or 0/n/f/off, got {value!r}")
+
+
+def _checked(
+    name: str, parse: Callable[[str], Any], check: Callable[[str, Any], Any]
+) -> Callable[[str], Any]:
+    """Text to a value: parsed, then checked as the option table says."""
+
+    def convert(value: str) -> Any:
+        try:
+            return check(name, parse(value))
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return convert
+
+
+def _add_option(group: argparse._ArgumentGroup, option: options.Option) -> None:
+    """One flag of fastworker's option table, with its environment variable (and its former
+    spellings, still accepted)."""
+    flags = (option.flag, *option.old_flags)
+    envvar = option.env.removeprefix(f"{ENV_PREFIX}_")
+    for old in option.old_env:
+        if not os.environ.get(option.env) and os.environ.get(old):
+            envvar = old.removeprefix(f"{ENV_PREFIX}_")
+    help = f"{option.help} (default: {option.default_text().strip('`')})"
+    if option.form == "switch":
+        _add_env_argument(
+            group,
+            *flags,
+            envvar=envvar,
+            type=_switch,
+            nargs=0,
+            action=_StoreTrue,
+            dest=option.name,
+            help=help,
+            env_help="use 0/n/f/off or 1/y/t/on",
+        )
+    elif option.form == "mapping":
+        _add_env_argument(
+            group,
+            *flags,
+            envvar=envvar,
+            type=_mapping(option.parse, option.metavar or "KEY=VALUE", option),
+            action=_MergeMapping,
+            dest=option.name,
+            metavar=option.metavar,
+            help=help + " (repeatable, or comma-separated)",
+        )
+    else:
+        check = options.BY_NAME[option.name].check
+        _add_env_argument(
+            group,
+            *flags,
+            envvar=envvar,
+            type=_checked(option.name, option.parse, check),
+            dest=option.name,
+            metavar=option.metavar,
+            help=help,
+        )
 
 
 def create_parser() -> argparse.ArgumentParser:

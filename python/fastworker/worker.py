@@ -24,6 +24,7 @@ from procrastinate import App, exceptions, job_context, jobs, middleware, retry,
 from procrastinate import worker as procrastinate_worker
 
 from fastworker import _core
+from fastworker import options as fastworker_options
 from fastworker.connection import resolve_conninfo
 
 logger = logging.getLogger("procrastinate.worker")
@@ -98,14 +99,6 @@ def _retry_decision_problem(decision: retry.RetryDecision) -> str | None:
     return None
 
 
-def _positive_or_none(name: str, seconds: float | None) -> float | None:
-    if seconds is None:
-        return None
-    if not isinstance(seconds, (int, float)) or seconds <= 0:
-        raise ValueError(f"{name} must be a positive number of seconds, got {seconds!r}")
-    return float(seconds)
-
-
 def _ran_for(job_result: job_context.JobResult | None) -> float:
     if job_result is None or job_result.end_timestamp is None:
         return 0.0
@@ -119,33 +112,11 @@ class JobTimeout(Exception):
 class Worker(procrastinate_worker.Worker):
     """Drop-in replacement for `procrastinate.worker.Worker`.
 
-    Takes the same arguments (procrastinate's ``WorkerOptions``) plus:
-
-    - ``dsn``: connection string for the core's own connections, when the app's connector
-      does not expose its settings;
-    - ``reconnect_timeout``: how long the database may be unreachable before the worker
-      stops with `fastworker.ConnectionLost` (seconds, default 60);
-    - ``response_timeout``: how long a statement of the core may go unanswered before its
-      connection is taken for dead (half-open) and replaced (seconds, default 30);
-    - ``max_batch_size``: the most jobs claimed by one statement (default 500);
-    - ``recover_stalled_jobs``: when pruning stalled workers (at start, and then every
-      ``stalled_worker_timeout``), put the jobs they held in ``doing`` back to run, with
-      procrastinate's retry semantics (``procrastinate_retry_job_v2``: event
-      ``deferred_for_retry``, attempts + 1). Default False: like procrastinate, a pruned
-      worker's jobs stay ``doing``;
-    - ``queue_concurrency``: ``{"queue": n}``, at most n jobs of that queue running at once
-      in this worker (within ``concurrency``); enforced when claiming, so no job is claimed
-      that could not start (procrastinate issue #1552);
-    - ``job_timeout``: seconds after which a running job is cancelled (like an abort) and
-      ends ``failed`` with `fastworker.JobTimeout`, or is retried if its retry strategy
-      says so (procrastinate issue #1281); ``task_timeouts``: ``{"task name": seconds}``
-      per task, over ``job_timeout``. A sync job cannot be interrupted: it sees
-      ``context.should_abort()`` and, if it raises ``JobAborted``, ends the same way;
-    - ``metrics_port``: serve Prometheus metrics on this port (``0``: any free port, see
-      ``metrics_server.port``) at ``metrics_address`` (default all interfaces); needs the
-      ``fastworker[metrics]`` extra;
-    - ``opentelemetry``: one OpenTelemetry span per job (outermost worker middleware);
-      needs the ``fastworker[otel]`` extra.
+    Takes the same arguments (procrastinate's ``WorkerOptions``) plus fastworker's own,
+    declared (default, check, help, CLI flag, environment variable) in
+    `fastworker.options.OPTIONS`, listed in the README. A sync job cannot be interrupted by
+    ``job_timeout``: it sees ``context.should_abort()`` and, if it raises ``JobAborted``,
+    ends the same way.
     """
 
     def __init__(
@@ -163,33 +134,44 @@ class Worker(procrastinate_worker.Worker):
         metrics_port: int | None = None,
         metrics_address: str = "0.0.0.0",
         opentelemetry: bool = False,
+        max_jobs: int | None = None,
         **options: Any,
     ):
         # procrastinate's options, positional (in its order) or by keyword.
         super().__init__(app, *args, **options)
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
-        self._dsn = dsn
-        self.reconnect_timeout = reconnect_timeout
-        self.response_timeout = response_timeout
-        self.max_batch_size = max_batch_size
-        self.recover_stalled_jobs = recover_stalled_jobs
-        self.queue_concurrency = dict(queue_concurrency or {})
-        for queue, limit in self.queue_concurrency.items():
-            if not isinstance(limit, int) or limit < 1:
-                raise ValueError(
-                    f"queue_concurrency[{queue!r}] must be an integer >= 1, got {limit!r}"
-                )
-        self.job_timeout = _positive_or_none("job_timeout", job_timeout)
-        self.task_timeouts = {
-            name: _positive_or_none(f"task_timeouts[{name!r}]", seconds)
-            for name, seconds in (task_timeouts or {}).items()
-        }
+        # fastworker's own, checked as `fastworker.options` declares them.
+        own = fastworker_options.checked(
+            {
+                "dsn": dsn,
+                "reconnect_timeout": reconnect_timeout,
+                "response_timeout": response_timeout,
+                "max_batch_size": max_batch_size,
+                "recover_stalled_jobs": recover_stalled_jobs,
+                "queue_concurrency": queue_concurrency,
+                "max_jobs": max_jobs,
+                "job_timeout": job_timeout,
+                "task_timeouts": task_timeouts,
+                "metrics_port": metrics_port,
+                "metrics_address": metrics_address,
+                "opentelemetry": opentelemetry,
+            }
+        )
+        self._dsn: str | None = own["dsn"]
+        self.reconnect_timeout: float = own["reconnect_timeout"]
+        self.response_timeout: float = own["response_timeout"]
+        self.max_batch_size: int = own["max_batch_size"]
+        self.recover_stalled_jobs: bool = own["recover_stalled_jobs"]
+        self.queue_concurrency: dict[str, int] = own["queue_concurrency"]
+        self.max_jobs: int | None = own["max_jobs"]
+        self.job_timeout: float | None = own["job_timeout"]
+        self.task_timeouts: dict[str, float] = own["task_timeouts"]
         self._timed_out: set[int] = set()
-        self.metrics_port = metrics_port
-        self.metrics_address = metrics_address
+        self.metrics_port: int | None = own["metrics_port"]
+        self.metrics_address: str = own["metrics_address"]
         self.metrics_server: Any = None
-        self.opentelemetry = opentelemetry
+        self.opentelemetry: bool = own["opentelemetry"]
         if opentelemetry:
             from fastworker.otel import job_span_middleware
 
@@ -316,25 +298,22 @@ class Worker(procrastinate_worker.Worker):
                 self._uninstall_signal_handlers(previous_handlers)
             self._loop = None
 
+    def _core_options(self, conninfo: str) -> dict[str, Any]:
+        """The options the core takes (its `WorkerConfig`), by name."""
+        core_options: dict[str, Any] = {"conninfo": conninfo}
+        for name in fastworker_options.PROCRASTINATE_CORE_OPTIONS:
+            core_options[name] = getattr(self, name)
+        for option in fastworker_options.OPTIONS:
+            if option.core:
+                core_options[option.name] = getattr(self, option.name)
+        if self.queues is not None:
+            core_options["queues"] = list(self.queues)
+        return core_options
+
     async def _start_and_run(self) -> None:
         self._json_loads = _connector_json_loads(self.app.connector)
         conninfo = await resolve_conninfo(self.app, self._dsn)
-        core = await _core.WorkerCore.start(
-            conninfo,
-            queues=list(self.queues) if self.queues is not None else None,
-            concurrency=self.concurrency,
-            wait=self.wait,
-            fetch_job_polling_interval=self.fetch_job_polling_interval,
-            abort_job_polling_interval=self.abort_job_polling_interval,
-            listen_notify=self.listen_notify,
-            update_heartbeat_interval=self.update_heartbeat_interval,
-            stalled_worker_timeout=self.stalled_worker_timeout,
-            reconnect_timeout=self.reconnect_timeout,
-            response_timeout=self.response_timeout,
-            max_batch_size=self.max_batch_size,
-            recover_stalled_jobs=self.recover_stalled_jobs,
-            queue_concurrency=self.queue_concurrency or None,
-        )
+        core = await _core.WorkerCore.start(self._core_options(conninfo))
         self._core = core
         self.worker_id = core.worker_id
         if core.pruned_workers:

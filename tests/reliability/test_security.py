@@ -39,7 +39,7 @@ SCRAM_HBA = (
 
 async def start_error(conninfo: str) -> BaseException:
     with pytest.raises(fastworker.FastworkerError) as caught:
-        await _core.WorkerCore.start(conninfo, reconnect_timeout=1.0)
+        await _core.WorkerCore.start({"conninfo": conninfo, "reconnect_timeout": 1.0})
     return caught.value
 
 

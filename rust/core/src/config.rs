@@ -1,10 +1,21 @@
 //! What the core needs to know: the procrastinate `WorkerOptions` that concern claiming,
-//! listening and bookkeeping. Running tasks (middleware, retry, context) is the Python side's.
+//! listening and bookkeeping, and fastworker's own that take effect here. Running tasks
+//! (middleware, retry, context) is the Python side's.
+//!
+//! The runner hands these over as one mapping of option names to values (the binding
+//! deserializes it with serde): a new option is a field here and an entry of the Python
+//! option table (`python/fastworker/options.py`), nothing in between. Durations travel as
+//! seconds.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-#[derive(Clone, Debug)]
+use serde::{Deserialize, Deserializer};
+
+use crate::errors::{CoreError, CoreResult};
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct WorkerConfig {
     /// libpq-style connection string (`key=value ...` or `postgresql://` URL).
     pub conninfo: String,
@@ -14,15 +25,21 @@ pub struct WorkerConfig {
     pub concurrency: usize,
     /// `false`: claim until the queue is empty, then report [`crate::HandoffEvent::Drained`].
     pub wait: bool,
+    #[serde(deserialize_with = "interval")]
     pub fetch_job_polling_interval: Duration,
+    #[serde(deserialize_with = "interval")]
     pub abort_job_polling_interval: Duration,
     pub listen_notify: bool,
+    #[serde(deserialize_with = "interval")]
     pub update_heartbeat_interval: Duration,
+    #[serde(deserialize_with = "seconds")]
     pub stalled_worker_timeout: Duration,
     /// How long connectivity may be lost before the core gives up with a fatal error.
+    #[serde(deserialize_with = "seconds")]
     pub reconnect_timeout: Duration,
     /// How long a statement may go unanswered before its connection is taken for dead (a
     /// half-open connection: the peer stopped answering without closing) and replaced.
+    #[serde(deserialize_with = "seconds")]
     pub response_timeout: Duration,
     /// Not in procrastinate: at start (and every `stalled_worker_timeout`), put the `doing`
     /// jobs of the stalled workers it prunes back to `todo` (`procrastinate_retry_job_v2`).
@@ -32,13 +49,18 @@ pub struct WorkerConfig {
     pub max_batch_size: usize,
     /// Not in procrastinate: at most this many jobs of a queue in `doing` at once for this
     /// worker (procrastinate issue #1552). Queues not listed share `concurrency`.
+    #[serde(deserialize_with = "none_as_empty")]
     pub queue_concurrency: HashMap<String, usize>,
+    /// Not in procrastinate (issue #1262): claim no more than this many jobs in all, then
+    /// stop claiming and report [`crate::HandoffEvent::Drained`], so the worker ends once
+    /// they have run (process recycling).
+    pub max_jobs: Option<u64>,
 }
 
-impl WorkerConfig {
-    pub fn new(conninfo: impl Into<String>) -> Self {
+impl Default for WorkerConfig {
+    fn default() -> Self {
         WorkerConfig {
-            conninfo: conninfo.into(),
+            conninfo: String::new(),
             queues: None,
             concurrency: 1,
             wait: true,
@@ -52,6 +74,116 @@ impl WorkerConfig {
             recover_stalled_jobs: false,
             max_batch_size: 500,
             queue_concurrency: HashMap::new(),
+            max_jobs: None,
         }
+    }
+}
+
+impl WorkerConfig {
+    pub fn new(conninfo: impl Into<String>) -> Self {
+        WorkerConfig {
+            conninfo: conninfo.into(),
+            ..WorkerConfig::default()
+        }
+    }
+
+    /// The settings no statement could work with.
+    pub fn validate(&self) -> CoreResult<()> {
+        let problem = if self.concurrency == 0 {
+            Some("concurrency must be at least 1".to_string())
+        } else if self.max_batch_size == 0 {
+            Some("max_batch_size must be at least 1".to_string())
+        } else if self.response_timeout.is_zero() {
+            Some("response_timeout must be positive".to_string())
+        } else {
+            self.queue_concurrency
+                .iter()
+                .find(|(_, limit)| **limit == 0)
+                .map(|(queue, _)| format!("queue_concurrency[{queue:?}] must be at least 1"))
+        };
+        match problem {
+            Some(problem) => Err(CoreError::Config(problem)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A duration given in seconds.
+fn seconds<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    let value = f64::deserialize(deserializer)?;
+    Duration::try_from_secs_f64(value).map_err(|_| {
+        serde::de::Error::custom(format!(
+            "must be a non-negative number of seconds, got {value}"
+        ))
+    })
+}
+
+/// A polling or heartbeat interval in seconds. procrastinate sleeps for it, so
+/// `float("inf")` (or any huge value) means "never": such values become a century, which
+/// timers can still add.
+fn interval<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    let value = f64::deserialize(deserializer)?;
+    if value >= NEVER.as_secs_f64() {
+        return Ok(NEVER); // infinity too
+    }
+    Duration::try_from_secs_f64(value).map_err(|_| {
+        serde::de::Error::custom(format!(
+            "must be a non-negative number of seconds, got {value}"
+        ))
+    })
+}
+
+fn none_as_empty<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<HashMap<String, usize>, D::Error> {
+    Ok(Option::<HashMap<String, usize>>::deserialize(deserializer)?.unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<WorkerConfig, serde_json::Error> {
+        serde_json::from_str(json)
+    }
+
+    #[test]
+    fn options_arrive_by_name_with_seconds_as_durations() {
+        let config = parse(
+            r#"{"conninfo": "dbname=x", "concurrency": 4, "update_heartbeat_interval": 0.5,
+                "queue_concurrency": {"emails": 2}, "max_jobs": 10}"#,
+        )
+        .unwrap_or_else(|error| panic!("{error}"));
+        assert_eq!(config.concurrency, 4);
+        assert_eq!(config.update_heartbeat_interval, Duration::from_millis(500));
+        assert_eq!(config.queue_concurrency.get("emails"), Some(&2));
+        assert_eq!(config.max_jobs, Some(10));
+        // What was not given keeps its default.
+        assert_eq!(config.max_batch_size, 500);
+        assert!(config.validate().is_ok());
+    }
+
+    #[test]
+    fn an_unknown_option_or_a_bad_value_is_refused_by_name() {
+        let unknown = parse(r#"{"concurency": 4}"#).err().map(|e| e.to_string());
+        assert!(unknown.is_some_and(|message| message.contains("concurency")));
+        let negative = parse(r#"{"reconnect_timeout": -1.0}"#)
+            .err()
+            .map(|e| e.to_string());
+        assert!(negative.is_some_and(|message| message.contains("non-negative")));
+        let zero = parse(r#"{"queue_concurrency": {"a": 0}}"#).unwrap_or_else(|e| panic!("{e}"));
+        assert!(zero.validate().is_err());
+    }
+
+    #[test]
+    fn a_huge_interval_means_never() {
+        // JSON has no infinity; the largest double stands in for it.
+        let config = parse(r#"{"fetch_job_polling_interval": 1.7976931348623157e308}"#)
+            .unwrap_or_else(|error| panic!("{error}"));
+        assert_eq!(
+            config.fetch_job_polling_interval,
+            Duration::from_secs(100 * 365 * 24 * 3600)
+        );
     }
 }

@@ -10,31 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fastworker_core::metrics::Histogram;
-use fastworker_core::{MetricsSnapshot, WorkerConfig};
-use pyo3::exceptions::PyValueError;
+use fastworker_core::{CoreError, MetricsSnapshot, WorkerConfig};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use crate::errors::BindingError;
 use crate::protocol::{events_to_python, Outcome};
-
-fn seconds(name: &str, value: f64) -> PyResult<Duration> {
-    Duration::try_from_secs_f64(value).map_err(|_| {
-        PyValueError::new_err(format!(
-            "{name} must be a non-negative number of seconds, got {value}"
-        ))
-    })
-}
-
-/// A polling or heartbeat interval. procrastinate sleeps for it, so `float("inf")` (or any
-/// huge value) means "never": such values become a century, which timers can still add.
-fn interval(name: &str, value: f64) -> PyResult<Duration> {
-    const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
-    if value.is_infinite() && value > 0.0 {
-        return Ok(NEVER);
-    }
-    Ok(seconds(name, value)?.min(NEVER))
-}
 
 /// The Rust side of one running worker: claims jobs, hands them over, writes outcomes.
 #[pyclass(frozen, module = "fastworker._core")]
@@ -45,51 +26,15 @@ struct WorkerCore {
 #[pymethods]
 impl WorkerCore {
     /// Connect, prune stalled workers, register and start claiming. Awaitable.
+    /// `options`: the core's options by name (`WorkerConfig`'s fields: `conninfo`,
+    /// procrastinate's worker options that concern claiming, fastworker's own), durations
+    /// in seconds; what is not given keeps the core's default, and an unknown name or a bad
+    /// value raises ConfigurationError.
     #[staticmethod]
-    #[pyo3(signature = (
-        conninfo, *, queues=None, concurrency=1, wait=true, fetch_job_polling_interval=5.0,
-        abort_job_polling_interval=5.0, listen_notify=true, update_heartbeat_interval=10.0,
-        stalled_worker_timeout=30.0, reconnect_timeout=60.0, max_batch_size=500,
-        recover_stalled_jobs=false, queue_concurrency=None, response_timeout=30.0
-    ))]
-    #[allow(clippy::too_many_arguments)]
-    fn start<'py>(
-        py: Python<'py>,
-        conninfo: String,
-        queues: Option<Vec<String>>,
-        concurrency: usize,
-        wait: bool,
-        fetch_job_polling_interval: f64,
-        abort_job_polling_interval: f64,
-        listen_notify: bool,
-        update_heartbeat_interval: f64,
-        stalled_worker_timeout: f64,
-        reconnect_timeout: f64,
-        max_batch_size: usize,
-        recover_stalled_jobs: bool,
-        queue_concurrency: Option<std::collections::HashMap<String, usize>>,
-        response_timeout: f64,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let mut config = WorkerConfig::new(conninfo);
-        config.queues = queues;
-        config.concurrency = concurrency;
-        config.wait = wait;
-        config.fetch_job_polling_interval =
-            interval("fetch_job_polling_interval", fetch_job_polling_interval)?;
-        config.abort_job_polling_interval =
-            interval("abort_job_polling_interval", abort_job_polling_interval)?;
-        config.listen_notify = listen_notify;
-        config.update_heartbeat_interval =
-            interval("update_heartbeat_interval", update_heartbeat_interval)?;
-        config.stalled_worker_timeout = seconds("stalled_worker_timeout", stalled_worker_timeout)?;
-        config.reconnect_timeout = seconds("reconnect_timeout", reconnect_timeout)?;
-        config.response_timeout = seconds("response_timeout", response_timeout)?;
-        if config.response_timeout.is_zero() {
-            return Err(PyValueError::new_err("response_timeout must be positive"));
-        }
-        config.max_batch_size = max_batch_size.max(1);
-        config.recover_stalled_jobs = recover_stalled_jobs;
-        config.queue_concurrency = queue_concurrency.unwrap_or_default();
+    fn start<'py>(py: Python<'py>, options: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        let config: WorkerConfig = pythonize::depythonize(options)
+            .map_err(|error| BindingError(CoreError::Config(format!("worker options: {error}"))))?;
+        config.validate().map_err(BindingError)?;
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
             let core = fastworker_core::WorkerCore::start(config)
                 .await

@@ -257,6 +257,7 @@ impl Dispatcher {
             max_batch_size: self.config.max_batch_size,
             wait: self.config.wait,
             queue_limits: self.config.queue_concurrency.clone(),
+            max_jobs: self.config.max_jobs,
             budget: self.config.reconnect_timeout,
             target: self.target.description().to_string(),
         }

@@ -26,6 +26,8 @@ pub struct Settings {
     pub max_batch_size: usize,
     pub wait: bool,
     pub queue_limits: HashMap<String, usize>,
+    /// `max_jobs`: the most jobs to claim in all, then stop as a drain does.
+    pub max_jobs: Option<u64>,
     /// How long the database may be unreachable or refuse every statement before the
     /// worker gives up claiming (a fatal error for the runner).
     pub budget: Duration,
@@ -209,6 +211,8 @@ pub struct State {
     /// and they are not orphans to hand over after a reconnect.
     pub abandoned: Vec<i64>,
     pub claiming: bool,
+    /// Jobs handed over so far (for `max_jobs`).
+    handed_over: u64,
     pub want_claim: bool,
     pub completions_open: bool,
     /// A claim came back short because a limited queue was full: claim again as soon as
@@ -240,6 +244,7 @@ impl State {
             lost_reported: HashSet::new(),
             abandoned: Vec::new(),
             claiming: true,
+            handed_over: 0,
             want_claim: true,
             completions_open: true,
             claim_when_queue_frees: false,
@@ -378,6 +383,7 @@ impl State {
                 .concurrency
                 .saturating_sub(held_after_flush)
                 .min(self.settings.max_batch_size)
+                .min(self.jobs_left())
         } else {
             0
         };
@@ -670,9 +676,31 @@ impl State {
                 .retain(|job_id| !jobs.iter().any(|job| job.id == *job_id));
         }
         self.hand_over(jobs);
-        if drained && self.claiming {
+        if self.claiming && self.jobs_left() == 0 {
+            self.log(
+                LogLevel::Info,
+                "max_jobs_reached",
+                format!(
+                    "Claimed max_jobs={} jobs: claiming no more; the worker stops once they end",
+                    self.handed_over
+                ),
+                None,
+            );
             self.outbox.push(HandoffEvent::Drained);
             self.stop_claiming();
+        } else if drained && self.claiming {
+            self.outbox.push(HandoffEvent::Drained);
+            self.stop_claiming();
+        }
+    }
+
+    /// How many more jobs `max_jobs` lets this worker claim.
+    fn jobs_left(&self) -> usize {
+        match self.settings.max_jobs {
+            None => usize::MAX,
+            Some(max_jobs) => {
+                usize::try_from(max_jobs.saturating_sub(self.handed_over)).unwrap_or(usize::MAX)
+            }
         }
     }
 
@@ -681,6 +709,7 @@ impl State {
         if jobs.is_empty() {
             return;
         }
+        self.handed_over += jobs.len() as u64;
         let mut lost = Vec::new();
         for job in &jobs {
             let (task_queue, replaced) = self.in_flight.insert(job);
@@ -767,6 +796,7 @@ mod tests {
             max_batch_size: 500,
             wait: true,
             queue_limits: HashMap::new(),
+            max_jobs: None,
             budget: Duration::from_secs(60),
             target: "db:5432/x".into(),
         }
@@ -858,6 +888,55 @@ mod tests {
             plan.claim_limit, 2,
             "a lock successor or a due retry may be waiting"
         );
+    }
+
+    #[test]
+    fn max_jobs_caps_the_claims_then_stops_claiming_as_a_drain() {
+        let now = Instant::now();
+        let mut state = State::new(Settings {
+            max_jobs: Some(3),
+            ..settings(2)
+        });
+        let plan = round_trip(&mut state, now);
+        assert_eq!(plan.claim_limit, 2);
+        state.on_claimed(
+            now,
+            2,
+            &plan.room,
+            Ok(vec![job(1, 0), job(2, 0)]),
+            &mut Needs::default(),
+        );
+        state.outbox.clear();
+        state.receive(report(vec![succeeded(1, 0)]));
+        let plan = round_trip(&mut state, now);
+        assert_eq!(
+            plan.claim_limit, 1,
+            "one job left of max_jobs, though 1 slot is free"
+        );
+        state.on_flushed(
+            now,
+            plan.batch,
+            Ok(CompletionReport::default()),
+            &mut Needs::default(),
+        );
+        state.on_claimed(
+            now,
+            1,
+            &plan.room,
+            Ok(vec![job(3, 0)]),
+            &mut Needs::default(),
+        );
+        assert!(!state.claiming);
+        let events: Vec<_> = state.outbox.drain(..).collect();
+        assert!(events
+            .iter()
+            .any(|event| matches!(event, HandoffEvent::Drained)));
+        assert!(events.iter().any(|event| matches!(event, HandoffEvent::Log(record) if record.action == "max_jobs_reached")));
+        // The running jobs' outcomes are still written; nothing more is claimed.
+        state.receive(report(vec![succeeded(2, 0), succeeded(3, 0)]));
+        let plan = round_trip(&mut state, now);
+        assert_eq!(plan.claim_limit, 0);
+        assert_eq!(plan.batch.len(), 2);
     }
 
     #[test]

@@ -1,0 +1,277 @@
+"""fastworker's own worker options, each declared once: its name (the `Worker` keyword, the
+core's `WorkerConfig` field when the core takes it), its default, how a value is checked,
+its command-line flag and environment variable, and its help.
+
+`Worker` checks its keywords with these entries, the CLI makes its flags from them (the
+Django command is the CLI), and the tests hold `Worker`'s signature and the README's
+option table to them. A new option is one entry here, plus the code where it takes
+effect (and, if the core takes it, a field of `WorkerConfig` in `rust/core/src/config.rs`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+ENV_PREFIX = "FASTWORKER"
+
+
+def positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def seconds(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
+def positive_seconds(name: str, value: Any) -> float:
+    if seconds(name, value) == 0:
+        raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
+    return float(value)
+
+
+def boolean(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def text(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+def port(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise ValueError(f"{name} must be a port number (0-65535), got {value!r}")
+    return value
+
+
+def optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+    def check_optional(name: str, value: Any) -> Any:
+        return None if value is None else check(name, value)
+
+    return check_optional
+
+
+def mapping_of(check: Callable[[str, Any], Any]) -> Callable[[str, Any], dict[str, Any]]:
+    """A mapping of names to values that each pass `check` (None: empty)."""
+
+    def check_mapping(name: str, value: Any) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{name} must be a mapping, got {value!r}")
+        return {str(key): check(f"{name}[{key!r}]", item) for key, item in value.items()}
+
+    return check_mapping
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of fastworker's `Worker` (and of the core, if `core`)."""
+
+    name: str
+    default: Any
+    check: Callable[[str, Any], Any]
+    help: str
+    # The CLI's value syntax: "value" (one value, `parse`d from text), "switch" (a flag
+    # that turns it on), "mapping" (repeatable KEY=VALUE, each value `parse`d).
+    form: str = "value"
+    parse: Callable[[str], Any] = str
+    metavar: str | None = None
+    core: bool = False
+    # Former spellings, still accepted: flags and environment variables.
+    old_flags: tuple[str, ...] = ()
+    old_env: tuple[str, ...] = ()
+    # The README's words for the default, where `repr` would not say it well.
+    shown_default: str | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return f"{ENV_PREFIX}_{self.name.upper()}"
+
+    def default_text(self) -> str:
+        if self.shown_default is not None:
+            return self.shown_default
+        if self.default is None:
+            return "none"
+        if isinstance(self.default, bool):
+            return f"`{self.default}`"
+        return str(self.default)
+
+
+def _number(kind: type) -> Callable[[str], Any]:
+    def parse(value: str) -> Any:
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {value!r}") from None
+        if isinstance(number, float) and math.isnan(number):
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {value!r}")
+        return number
+
+    return parse
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "dsn",
+        None,
+        optional(text),
+        "libpq connection string or URL for the worker's own connections",
+        metavar="DSN",
+        shown_default="the app's connector",
+    ),
+    Option(
+        "reconnect_timeout",
+        60.0,
+        seconds,
+        "seconds the database may be unreachable (or refuse every statement) before the "
+        "worker stops with `fastworker.ConnectionLost` (CLI: exit code 3)",
+        parse=_number(float),
+        metavar="SECONDS",
+        core=True,
+    ),
+    Option(
+        "response_timeout",
+        30.0,
+        positive_seconds,
+        "seconds a statement may go unanswered before its connection is taken for dead "
+        "(half-open) and replaced",
+        parse=_number(float),
+        metavar="SECONDS",
+        core=True,
+    ),
+    Option(
+        "max_batch_size",
+        500,
+        positive_int,
+        "most jobs claimed by one statement",
+        parse=_number(int),
+        metavar="N",
+        core=True,
+    ),
+    Option(
+        "recover_stalled_jobs",
+        False,
+        boolean,
+        "put the `doing` jobs of stalled workers (pruned, or left without a worker) back "
+        "to run, with procrastinate's retry semantics",
+        form="switch",
+        core=True,
+    ),
+    Option(
+        "queue_concurrency",
+        None,
+        mapping_of(positive_int),
+        'per-queue limit within concurrency, enforced when claiming: `{"emails": 5}`, '
+        "`--queue-concurrency emails=5`",
+        form="mapping",
+        parse=_number(int),
+        metavar="QUEUE=N",
+        core=True,
+        old_flags=("--queue-limit",),
+        old_env=("FASTWORKER_QUEUE_LIMITS",),
+    ),
+    Option(
+        "max_jobs",
+        None,
+        optional(positive_int),
+        "claim this many jobs in all, then stop once they have run (process recycling)",
+        parse=_number(int),
+        metavar="N",
+        core=True,
+    ),
+    Option(
+        "job_timeout",
+        None,
+        optional(positive_seconds),
+        "seconds after which a job is cancelled like an abort and ends `failed` (or is "
+        "retried, if its retry strategy says so)",
+        parse=_number(float),
+        metavar="SECONDS",
+    ),
+    Option(
+        "task_timeouts",
+        None,
+        mapping_of(positive_seconds),
+        'per-task timeouts over job_timeout: `{"task name": seconds}`, '
+        "`--task-timeouts name=SECONDS`",
+        form="mapping",
+        parse=_number(float),
+        metavar="TASK=SECONDS",
+        old_flags=("--task-timeout",),
+    ),
+    Option(
+        "metrics_port",
+        None,
+        optional(port),
+        "serve Prometheus metrics on this port at /metrics (0: any free port; extra "
+        "`fastworker[metrics]`)",
+        parse=_number(int),
+        metavar="PORT",
+    ),
+    Option(
+        "metrics_address",
+        "0.0.0.0",
+        text,
+        "address the metrics server listens on",
+        metavar="ADDRESS",
+    ),
+    Option(
+        "opentelemetry",
+        False,
+        boolean,
+        "one OpenTelemetry span per job (extra `fastworker[otel]`)",
+        form="switch",
+    ),
+)
+
+BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}
+
+# procrastinate's worker options that the core takes too (procrastinate's `Worker` checks
+# and keeps them; the core gets their values by the same names).
+PROCRASTINATE_CORE_OPTIONS = (
+    "queues",
+    "concurrency",
+    "wait",
+    "fetch_job_polling_interval",
+    "abort_job_polling_interval",
+    "listen_notify",
+    "update_heartbeat_interval",
+    "stalled_worker_timeout",
+)
+
+# procrastinate's worker options that its CLI has no flag for and fastworker's has:
+# (name, parse, help).
+PROCRASTINATE_EXTRA_FLAGS: tuple[tuple[str, Callable[[str], Any], str], ...] = (
+    (
+        "update_heartbeat_interval",
+        _number(float),
+        "procrastinate's update_heartbeat_interval: seconds between heartbeats (default 10)",
+    ),
+    (
+        "stalled_worker_timeout",
+        _number(float),
+        "procrastinate's stalled_worker_timeout: a worker without heartbeat for that long "
+        "is pruned at start (default 30)",
+    ),
+)
+
+
+def checked(values: Mapping[str, Any]) -> dict[str, Any]:
+    """fastworker's options by name, each checked (ValueError names the bad one)."""
+    return {name: BY_NAME[name].check(name, value) for name, value in values.items()}
