@@ -1,0 +1,291 @@
+"""Event intake and job start: the core's events (claimed jobs, abort requests, lost
+claims, logs, the end of a drain, a fatal error) are taken as they come, and each claimed
+job becomes an asyncio task with its context, whatever the order of events: every job
+handed over gets exactly one outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from procrastinate import job_context, jobs
+
+from fastworker import _core
+from fastworker.runner.state import claim_of, core_logger
+from fastworker.runner.timeouts import Timeouts
+
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+# The core's `scheduled_at` for a date no datetime can hold (±infinity, a year outside
+# 1-9999): such a job fails alone, with this said.
+_UNREPRESENTABLE_SCHEDULED_AT = -(2**63)
+
+
+def connector_json_loads(connector: Any) -> Callable[[str], Any]:
+    """The JSON decoder the app's connector uses for job arguments (procrastinate's
+    connectors take a ``json_loads``), else the standard one."""
+    loads = getattr(connector, "_json_loads", None) or getattr(connector, "json_loads", None)
+    return loads if callable(loads) else json.loads
+
+
+def job_from_row(
+    row: _core.Job, loads: Callable[[str], Any] = json.loads, *, decode: bool = True
+) -> jobs.Job:
+    """procrastinate's Job of a claimed row. ``decode=False``: without its arguments and
+    date (a row that could not be decoded, with what is safe to show in logs)."""
+    task_kwargs: Any = {}
+    scheduled_at = None
+    if decode:
+        scheduled_at_us = row.scheduled_at_us
+        if scheduled_at_us == _UNREPRESENTABLE_SCHEDULED_AT:
+            raise ValueError(
+                "its scheduled_at is a date Python cannot represent (infinity, or a year "
+                "outside 1-9999)"
+            )
+        task_kwargs = loads(row.args)
+        if scheduled_at_us is not None:
+            scheduled_at = _EPOCH + datetime.timedelta(microseconds=scheduled_at_us)
+    return jobs.Job(
+        id=row.id,
+        status=row.status,
+        priority=row.priority,
+        lock=row.lock,
+        queueing_lock=row.queueing_lock,
+        task_name=row.task_name,
+        task_kwargs=task_kwargs,
+        scheduled_at=scheduled_at,
+        queue=row.queue_name,
+        attempts=row.attempts,
+        worker_id=row.worker_id,
+    )
+
+
+class Intake(Timeouts):
+    """Taking the core's events and starting the jobs they hand over."""
+
+    async def _consume_events(self) -> None:
+        core = self._core
+        assert core is not None
+        loop = asyncio.get_running_loop()
+        fd = core.events_fd()
+        if fd is not None:
+            try:
+                await self._consume_events_on_wakeups(core, loop, fd)
+                return
+            except NotImplementedError:
+                pass  # an event loop without add_reader (Windows' proactor)
+        while True:
+            events = await core.next_events()
+            if events is None:
+                self._mark_fetching_stopped()
+                return
+            self._handle_events(events)
+
+    async def _consume_events_on_wakeups(
+        self, core: _core.WorkerCore, loop: asyncio.AbstractEventLoop, fd: int
+    ) -> None:
+        """Take the core's events when its descriptor turns readable: the core writes a byte
+        from its own thread, and the jobs start in this very loop iteration (no future to
+        resolve from another thread, no GIL hand-over in between)."""
+        ended: asyncio.Future[None] = loop.create_future()
+
+        def on_readable() -> None:
+            if ended.done():
+                return
+            try:
+                events = core.take_events()
+                if events is None:
+                    ended.set_result(None)
+                else:
+                    self._handle_events(events)
+            except BaseException as error:  # surfaces in the awaiting task
+                ended.set_exception(error)
+
+        loop.add_reader(fd, on_readable)
+        try:
+            await ended
+        finally:
+            loop.remove_reader(fd)
+        self._mark_fetching_stopped()
+
+    def _handle_events(self, events: list[_core.Event]) -> None:
+        for event in events:
+            match event:
+                case _core.Event.Jobs(jobs=claimed):
+                    for row in claimed:
+                        self._start_job(row)
+                case _core.Event.Abort(job_ids=job_ids):
+                    self._handle_abort_jobs_requested(job_ids)
+                case _core.Event.Log(level=level, action=action, message=message, job_id=job_id):
+                    core_logger.log(level, message, extra={"action": action, "job_id": job_id})
+                case _core.Event.Drained():
+                    self._drained = True
+                    self._stop_event.set()
+                case _core.Event.FetchingStopped():
+                    self._mark_fetching_stopped()
+                case _core.Event.WorkerId(worker_id=worker_id):
+                    self.worker_id = worker_id
+                case _core.Event.ClaimsLost(claims=claims):
+                    self._stop_lost_claims(claims)
+                case _core.Event.Fatal(error=error):
+                    self._on_core_failed(error)
+
+    def _on_core_failed(self, error: BaseException) -> None:
+        if self._fatal_error is None:
+            self._fatal_error = error
+        self.logger.error(
+            f"Worker core failed: {error}",
+            extra=self._log_extra(
+                action="core_failed", context=None, job_result=None, exception=str(error)
+            ),
+        )
+        self._stop_event.set()
+
+    def _mark_fetching_stopped(self) -> None:
+        if self._fetching_stopped is not None and not self._fetching_stopped.done():
+            self._fetching_stopped.set_result(None)
+
+    def _start_job(self, row: _core.Job) -> None:
+        """Start one claimed job. Whatever happens, it gets exactly one outcome: a row that
+        cannot be decoded (arguments the connector's JSON decoder rejects, a date Python
+        cannot hold) fails that job alone, with the reason logged."""
+        try:
+            job = job_from_row(row, self._json_loads)
+        except Exception as error:  # RecursionError, OverflowError, ValueError, ...
+            self._fail_undecodable(job_from_row(row, decode=False), error)
+            return
+        job_id = job.id
+        context = job_context.JobContext(
+            app=self.app,
+            worker_name=self.worker_name,
+            worker_queues=self.queues,
+            additional_context=self.additional_context.copy() if self.additional_context else {},
+            job=job,
+            abort_reason=lambda: self._abort_reason(job),
+            start_timestamp=time.time(),
+        )
+        if not isinstance(job.task_kwargs, dict):
+            self._refuse_job(context)
+            return
+        assert job_id is not None
+        self._awaiting_outcome[(job_id, job.attempts)] = context
+        job_task = asyncio.create_task(
+            self._process_job(context), name=f"process job {job.task_name}[{job.id}]"
+        )
+        self._running_jobs[job_task] = context
+        job_task.add_done_callback(self._on_job_done)
+        self._start_timeout(job_task, context)
+        if self._hard_stop.is_set():
+            # Claimed by a request that was in flight when the hard stop came.
+            self._abort_job(job_task, context, job_context.AbortReason.SHUTDOWN)
+
+    def _abort_reason(self, job: jobs.Job) -> job_context.AbortReason | None:
+        if job.id is None:
+            return None
+        reason = self._job_ids_to_abort.get(job.id)
+        if reason is None and (job.id, job.attempts) in self._lost_claims:
+            return job_context.AbortReason.USER_REQUEST
+        return reason
+
+    def _stop_lost_claims(self, claims: list[tuple[int, int]]) -> None:
+        """These runs' claims are no longer this worker's (the job was recovered by another
+        worker after this one was pruned, and may run there): stop them, as an abort would.
+        Their ends are still reported, and found no longer current. By claim, not by job:
+        the job may run here under a new claim too."""
+        lost = set(claims)
+        self._lost_claims |= lost
+        for job_task, context in list(self._running_jobs.items()):
+            job = context.job
+            if (job.id, job.attempts) not in lost:
+                continue
+            self.logger.warning(
+                f"Job {job.call_string}: its claim is no longer this worker's; stopping it",
+                extra=self._log_extra(action="claim_lost", context=context, job_result=None),
+            )
+            task = self.app.tasks.get(job.task_name)
+            if task is not None and self._task_is_async(task) and claim_of(job) in self._started:
+                job_task.cancel()
+
+    def _fail_undecodable(self, job: jobs.Job, error: BaseException) -> None:
+        reason = f"{type(error).__name__}: {error}"[:300]
+        context = job_context.JobContext(
+            app=self.app,
+            worker_name=self.worker_name,
+            worker_queues=self.queues,
+            additional_context={},
+            job=job,
+            abort_reason=lambda: None,
+            start_timestamp=time.time(),
+        )
+        self.logger.error(
+            f"Job {job.task_name}[{job.id}] failed: its row cannot be decoded ({reason})",
+            extra=self._log_extra(
+                action="job_error", context=context, job_result=None, exception=reason
+            ),
+        )
+        now = time.time()
+        result = job_context.JobResult(start_timestamp=now, end_timestamp=now)
+        self._report_outcome(job, jobs.Status.FAILED, None, context, result)
+
+    def _refuse_job(self, context: job_context.JobContext) -> None:
+        """A job whose args are not a JSON object (``null``, a list, a string ...) cannot be
+        called with keyword arguments, and procrastinate's own job logging
+        (``Job.call_string``) fails on it, so `_process_job` would end without writing
+        anything and the job would stay ``doing``. It fails at once instead, reason logged."""
+        job = context.job
+        found = json.dumps(job.task_kwargs)[:100]
+        context = context.evolve(job=job.evolve(task_kwargs={}))
+        self.logger.error(
+            f"Job {job.task_name}[{job.id}] failed: its args must be a JSON object, got {found}",
+            extra=self._log_extra(
+                action="job_error", context=context, job_result=None, exception="invalid args"
+            ),
+        )
+        now = time.time()
+        result = job_context.JobResult(start_timestamp=now, end_timestamp=now)
+        self._report_outcome(context.job, jobs.Status.FAILED, None, context, result)
+
+    def _on_job_done(self, task: asyncio.Task[Any]) -> None:
+        context = self._running_jobs.pop(task, None)
+        if context is None:
+            return
+        self._started.discard(claim_of(context.job))
+        if claim_of(context.job) not in self._awaiting_outcome:
+            return
+        # The task ended without reporting an outcome: it was cancelled before its first
+        # step (`_abort_job` defers such cancels, but anyone may cancel a task). Its job
+        # still gets one, so that it leaves `doing` and frees its slot.
+        job = context.job
+        self.logger.warning(
+            f"Job {job.call_string} was cancelled before it started: ending it aborted",
+            extra=self._log_extra(
+                action="job_cancelled_before_start", context=context, job_result=None
+            ),
+        )
+        now = time.time()
+        result = job_context.JobResult(start_timestamp=now, end_timestamp=now)
+        self._report_outcome(job, jobs.Status.ABORTED, None, context, result)
+
+    def _abort_job(
+        self,
+        process_job_task: asyncio.Task[Any],
+        context: job_context.JobContext,
+        reason: job_context.AbortReason,
+    ) -> None:
+        """procrastinate's `_abort_job`, except for a job whose task has not taken its first
+        step yet (an abort in the same batch of events as the job, or a hard stop already
+        set when a claim lands): cancelling it then would end it before `_process_job`'s
+        first line, with no outcome. Its abort reason is set, and `_process_job` raises the
+        cancellation itself as it starts."""
+        if claim_of(context.job) in self._started or process_job_task.done():
+            super()._abort_job(process_job_task, context, reason)
+            return
+        assert context.job.id
+        self._job_ids_to_abort[context.job.id] = reason
+        self.logger.debug(
+            "Received a request to abort a job that has not started yet: it ends at its first step",
+            extra=self._log_extra(action="abort_job", context=context, job_result=None),
+        )
