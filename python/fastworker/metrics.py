@@ -8,7 +8,6 @@ running jobs costs nothing extra on the Python side.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from fastworker import _core
 
@@ -27,14 +26,14 @@ except ImportError as error:  # pragma: no cover - depends on the installed extr
     ) from error
 
 
-def _buckets(histogram: dict[str, Any]) -> tuple[list[tuple[str, float]], float]:
+def _buckets(histogram: _core.Histogram) -> tuple[list[tuple[str, float]], float]:
     cumulative = 0
     buckets: list[tuple[str, float]] = []
-    bounds = [*(str(bound) for bound in histogram["bounds"]), "+Inf"]
-    for bound, count in zip(bounds, histogram["counts"], strict=True):
+    bounds = [*(str(bound) for bound in histogram.bounds), "+Inf"]
+    for bound, count in zip(bounds, histogram.counts, strict=True):
         cumulative += count
         buckets.append((bound, cumulative))
-    return buckets, histogram["sum"]
+    return buckets, histogram.sum
 
 
 class CoreCollector(Collector):
@@ -52,7 +51,7 @@ class CoreCollector(Collector):
         claimed = CounterMetricFamily(
             "fastworker_jobs_claimed", "Jobs claimed by this worker.", labels=["task", "queue"]
         )
-        for task, queue, count in snapshot["claimed"]:
+        for task, queue, count in snapshot.claimed:
             claimed.add_metric([task, queue], count)
         yield claimed
         completed = CounterMetricFamily(
@@ -60,7 +59,7 @@ class CoreCollector(Collector):
             "Job outcomes written by this worker (status: succeeded, failed, aborted, retried).",
             labels=["task", "queue", "status"],
         )
-        for task, queue, status, count in snapshot["outcomes"]:
+        for task, queue, status, count in snapshot.outcomes:
             completed.add_metric([task, queue, status], count)
         yield completed
         duration = HistogramMetricFamily(
@@ -68,36 +67,36 @@ class CoreCollector(Collector):
             "How long jobs ran, from start to outcome.",
             labels=["task", "queue"],
         )
-        for task, queue, histogram in snapshot["job_duration"]:
+        for task, queue, histogram in snapshot.job_duration:
             buckets, total = _buckets(histogram)
             duration.add_metric([task, queue], buckets, total)
         yield duration
-        for name, key, documentation in (
-            ("fastworker_claim_batch_size", "claim_batch_size", "Jobs per claim statement."),
+        for name, histogram, documentation in (
+            ("fastworker_claim_batch_size", snapshot.claim_batch_size, "Jobs per claim statement."),
             (
                 "fastworker_completion_batch_size",
-                "completion_batch_size",
+                snapshot.completion_batch_size,
                 "Outcomes per completion statement.",
             ),
             (
                 "fastworker_claim_to_start_seconds",
-                "claim_to_start",
+                snapshot.claim_to_start,
                 "Time from a job's claim to its start in Python.",
             ),
         ):
             family = HistogramMetricFamily(name, documentation)
-            buckets, total = _buckets(snapshot[key])
+            buckets, total = _buckets(histogram)
             family.add_metric([], buckets, total)
             yield family
         yield GaugeMetricFamily(
             "fastworker_completer_backlog",
             "Outcomes reported and not yet written.",
-            value=snapshot["completer_backlog"],
+            value=snapshot.completer_backlog,
         )
         yield GaugeMetricFamily(
             "fastworker_jobs_in_flight",
             "Jobs claimed by this worker and not yet completed in the database.",
-            value=snapshot["in_flight"],
+            value=snapshot.in_flight,
         )
         yield GaugeMetricFamily(
             "fastworker_jobs_running", "Jobs running in Python now.", value=self._running()
@@ -107,13 +106,13 @@ class CoreCollector(Collector):
             "Whether the connection of a role (dispatcher, listener) is up.",
             labels=["role"],
         )
-        for role, up in snapshot["connected"].items():
+        for role, up in snapshot.connected.items():
             connected.add_metric([role], 1.0 if up else 0.0)
         yield connected
         reconnects = CounterMetricFamily(
             "fastworker_reconnects", "Connections re-established, by role.", labels=["role"]
         )
-        for role, count in snapshot["reconnects"].items():
+        for role, count in snapshot.reconnects.items():
             reconnects.add_metric([role], count)
         yield reconnects
 

@@ -9,13 +9,12 @@ mod protocol;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fastworker_core::metrics::Histogram;
-use fastworker_core::{CoreError, MetricsSnapshot, WorkerConfig};
+use fastworker_core::{CoreError, WorkerConfig};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList};
+use pyo3::types::PyList;
 
 use crate::errors::BindingError;
-use crate::protocol::{events_to_python, Outcome};
+use crate::protocol::{events_to_python, metrics_to_python, Metrics, Outcome};
 
 /// The Rust side of one running worker: claims jobs, hands them over, writes outcomes.
 #[pyclass(frozen, module = "fastworker._core")]
@@ -69,7 +68,7 @@ impl WorkerCore {
     }
 
     /// Counters and histograms of this worker, for a metrics exporter.
-    fn metrics<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+    fn metrics(&self, py: Python<'_>) -> PyResult<Metrics> {
         metrics_to_python(py, self.core.metrics())
     }
 
@@ -122,54 +121,6 @@ impl WorkerCore {
             Ok(())
         })
     }
-}
-
-fn histogram_to_python<'py>(
-    py: Python<'py>,
-    histogram: &Histogram,
-) -> PyResult<Bound<'py, PyDict>> {
-    let dict = PyDict::new(py);
-    dict.set_item("bounds", histogram.bounds.to_vec())?;
-    dict.set_item("counts", histogram.counts.clone())?;
-    dict.set_item("sum", histogram.sum)?;
-    dict.set_item("count", histogram.count)?;
-    Ok(dict)
-}
-
-fn metrics_to_python(py: Python<'_>, snapshot: MetricsSnapshot) -> PyResult<Bound<'_, PyDict>> {
-    let dict = PyDict::new(py);
-    let claimed = PyList::empty(py);
-    for ((task, queue), count) in &snapshot.claimed {
-        claimed.append((&**task, &**queue, *count))?;
-    }
-    dict.set_item("claimed", claimed)?;
-    let outcomes = PyList::empty(py);
-    for ((task, queue, status), count) in &snapshot.outcomes {
-        outcomes.append((&**task, &**queue, *status, *count))?;
-    }
-    dict.set_item("outcomes", outcomes)?;
-    let durations = PyList::empty(py);
-    for ((task, queue), histogram) in &snapshot.job_duration {
-        durations.append((&**task, &**queue, histogram_to_python(py, histogram)?))?;
-    }
-    dict.set_item("job_duration", durations)?;
-    dict.set_item(
-        "claim_batch_size",
-        histogram_to_python(py, &snapshot.claim_batch_size)?,
-    )?;
-    dict.set_item(
-        "completion_batch_size",
-        histogram_to_python(py, &snapshot.completion_batch_size)?,
-    )?;
-    dict.set_item(
-        "claim_to_start",
-        histogram_to_python(py, &snapshot.claim_to_start)?,
-    )?;
-    dict.set_item("completer_backlog", snapshot.completer_backlog)?;
-    dict.set_item("in_flight", snapshot.in_flight)?;
-    dict.set_item("connected", snapshot.connected)?;
-    dict.set_item("reconnects", snapshot.reconnects)?;
-    Ok(dict)
 }
 
 /// Registered with `atexit`: lets the runtime's threads finish handing results to asyncio

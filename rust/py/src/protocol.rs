@@ -2,9 +2,12 @@
 //! between the core and the runner, instead of positional tuples and string tags.
 //! - [`Job`]: a claimed job, its fields made from the core's one column table;
 //! - [`Event`]: what the core hands over (one variant per kind, for `match`);
-//! - [`Outcome`]: how a run ended, with how long it ran, as the runner reports it.
+//! - [`Outcome`]: how a run ended, with how long it ran, as the runner reports it;
+//! - [`Metrics`] and [`Histogram`]: the core's counters, read at scrape time.
 
+use fastworker_core::metrics::Histogram as CoreHistogram;
 use fastworker_core::protocol::{Completion, HandoffEvent, JobRow, LogLevel, Reported};
+use fastworker_core::MetricsSnapshot;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyList;
@@ -199,8 +202,98 @@ pub fn reported(outcomes: Vec<Bound<'_, Outcome>>) -> PyResult<Reported> {
     })
 }
 
+/// A histogram: `counts[i]` observations at most `bounds[i]` (not cumulative), the last
+/// count over every bound (+Inf).
+#[pyclass(frozen, get_all, module = "fastworker._core")]
+pub struct Histogram {
+    pub bounds: Vec<f64>,
+    pub counts: Vec<u64>,
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl From<&CoreHistogram> for Histogram {
+    fn from(histogram: &CoreHistogram) -> Histogram {
+        Histogram {
+            bounds: histogram.bounds.to_vec(),
+            counts: histogram.counts.clone(),
+            sum: histogram.sum,
+            count: histogram.count,
+        }
+    }
+}
+
+/// The core's metrics at one moment (`WorkerCore.metrics()`).
+#[pyclass(frozen, get_all, module = "fastworker._core")]
+pub struct Metrics {
+    /// (task, queue, jobs claimed)
+    pub claimed: Vec<(String, String, u64)>,
+    /// (task, queue, status, outcomes written); status: succeeded, failed, aborted, retried
+    pub outcomes: Vec<(String, String, String, u64)>,
+    /// (task, queue, how long its jobs ran)
+    pub job_duration: Vec<(String, String, Py<Histogram>)>,
+    pub claim_batch_size: Py<Histogram>,
+    pub completion_batch_size: Py<Histogram>,
+    pub claim_to_start: Py<Histogram>,
+    /// Outcomes reported and not yet written.
+    pub completer_backlog: u64,
+    /// Jobs claimed and not yet completed in the database.
+    pub in_flight: u64,
+    /// role (dispatcher, listener, registry) -> whether its connection is up
+    pub connected: std::collections::HashMap<String, bool>,
+    /// role -> connections re-established
+    pub reconnects: std::collections::HashMap<String, u64>,
+}
+
+pub fn metrics_to_python(py: Python<'_>, snapshot: MetricsSnapshot) -> PyResult<Metrics> {
+    let histogram = |histogram: &CoreHistogram| Py::new(py, Histogram::from(histogram));
+    Ok(Metrics {
+        claimed: snapshot
+            .claimed
+            .iter()
+            .map(|((task, queue), count)| (task.to_string(), queue.to_string(), *count))
+            .collect(),
+        outcomes: snapshot
+            .outcomes
+            .iter()
+            .map(|((task, queue, status), count)| {
+                (
+                    task.to_string(),
+                    queue.to_string(),
+                    status.to_string(),
+                    *count,
+                )
+            })
+            .collect(),
+        job_duration: snapshot
+            .job_duration
+            .iter()
+            .map(|((task, queue), durations)| {
+                Ok((task.to_string(), queue.to_string(), histogram(durations)?))
+            })
+            .collect::<PyResult<_>>()?,
+        claim_batch_size: histogram(&snapshot.claim_batch_size)?,
+        completion_batch_size: histogram(&snapshot.completion_batch_size)?,
+        claim_to_start: histogram(&snapshot.claim_to_start)?,
+        completer_backlog: snapshot.completer_backlog,
+        in_flight: snapshot.in_flight,
+        connected: snapshot
+            .connected
+            .iter()
+            .map(|(role, up)| (role.to_string(), *up))
+            .collect(),
+        reconnects: snapshot
+            .reconnects
+            .iter()
+            .map(|(role, count)| (role.to_string(), *count))
+            .collect(),
+    })
+}
+
 pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<Job>()?;
+    module.add_class::<Histogram>()?;
+    module.add_class::<Metrics>()?;
     module.add_class::<Event>()?;
     module.add_class::<Outcome>()?;
     Ok(())
