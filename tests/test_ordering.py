@@ -14,11 +14,9 @@ import fastworker
 from tests.conftest import fetch_all
 from tests.helpers import (
     PATIENCE,
-    Runner,
     doing_count,
     finish,
     numbered,
-    run_both,
     snapshot,
     wait_for,
     wait_for_rows,
@@ -78,41 +76,6 @@ async def test_same_lock_never_runs_concurrently_and_runs_by_priority_then_id(
         assert order == sorted(order, key=lambda item: (-item[0], item[1]))
 
 
-async def test_wait_false_with_locked_jobs(app: procrastinate.App, dsn: str) -> None:
-    """procrastinate's `wait=False` worker stops as soon as a fetch finds nothing, even when
-    jobs only wait for a lock held by a job still running: those stay `todo`. At
-    concurrency 1 every job runs (a fetch happens only once the slot is free), under both
-    workers alike; above that, the worker still returns and loses nothing."""
-
-    async def scenario(app: procrastinate.App, dsn: str, run: Runner) -> None:
-        @app.task(name="locked")
-        async def locked() -> None:
-            await asyncio.sleep(0)
-
-        for _ in range(3):
-            await locked.configure(lock="only").defer_async()
-        await run(app, concurrency=1, wait=False)
-
-    theirs, ours = await run_both(scenario)
-    assert ours.snapshot.jobs == theirs.snapshot.jobs
-    assert ours.snapshot.events == theirs.snapshot.events
-    assert [row[3] for row in ours.snapshot.jobs] == ["succeeded"] * 3
-
-    @app.task(name="locked")
-    async def locked() -> None:
-        await asyncio.sleep(0)
-
-    for _ in range(3):
-        await locked.configure(lock="only").defer_async()
-    await asyncio.wait_for(
-        fastworker.run_async(app, concurrency=4, wait=False, **NO_SIGNALS), PATIENCE
-    )
-    state = snapshot(dsn)
-    assert state.jobs[0][3] == "succeeded"
-    assert {row[3] for row in state.jobs} <= {"succeeded", "todo"}
-    assert state.workers == 0
-
-
 async def test_lock_waits_for_the_running_job_then_follows(
     app: procrastinate.App, dsn: str
 ) -> None:
@@ -170,31 +133,6 @@ async def test_priorities_then_ids(app: procrastinate.App, dsn: str, concurrency
     assert len(started) == 12
     assert started == sorted(started, key=lambda item: (-item[0], item[1]))
     assert set(snapshot(dsn).statuses().values()) == {"succeeded"}
-
-
-async def test_start_order_matches_procrastinate() -> None:
-    """Priorities, locks, queues mixed: the jobs start in procrastinate's worker's order."""
-
-    async def scenario(app: procrastinate.App, dsn: str, run: Runner) -> list[int]:
-        order: list[int] = []
-
-        @app.task(name="record", pass_context=True)
-        async def record(context: procrastinate.JobContext) -> None:
-            assert context.job.id is not None
-            order.append(context.job.id)
-
-        for i in range(24):
-            await record.configure(
-                priority=(i * 7) % 5 - 2,
-                lock=("x", "y", None)[i % 3],
-                queue=("q1", "q2")[i % 2],
-            ).defer_async()
-        await run(app, concurrency=1, wait=False)
-        return order
-
-    theirs, ours = await run_both(scenario)
-    assert ours.result == theirs.result
-    assert len(ours.result) == 24
 
 
 async def test_scheduled_jobs_wait_until_due(app: procrastinate.App, dsn: str) -> None:

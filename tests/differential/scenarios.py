@@ -15,6 +15,7 @@ import inspect
 import json
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -440,6 +441,38 @@ async def scenario_cancelled_and_queueing_lock(run: Run) -> None:
     assert await run.cancel(first, abort=False)
     await record.defer_async(label="third")
     await run.run_worker(wait=False)
+
+
+@scenario()
+async def scenario_wait_false_with_locked_jobs(run: Run) -> None:
+    """procrastinate's `wait=False` worker stops as soon as a fetch finds nothing, even when
+    jobs only wait for a lock held by a running job. At concurrency 1 a fetch happens only
+    once the slot is free, so every job runs, in order."""
+
+    @run.app.task(name="locked")
+    async def locked(label: str) -> None:
+        run.effects.append(label)
+
+    for label in ("a", "b", "c"):
+        await locked.configure(lock="only").defer_async(label=label)
+    await run.run_worker(concurrency=1, wait=False)
+    assert run.effects == ["a", "b", "c"]
+
+
+@scenario()
+async def scenario_start_order_with_priorities_locks_and_queues(run: Run) -> None:
+    """Priorities, locks and queues mixed: the jobs start in procrastinate's worker's order."""
+
+    @run.app.task(name="record", pass_context=True)
+    async def record(context: JobContext) -> None:
+        run.effects.append(context.job.id)
+
+    for i in range(24):
+        await record.configure(
+            priority=(i * 7) % 5 - 2, lock=("x", "y", None)[i % 3], queue=("q1", "q2")[i % 2]
+        ).defer_async()
+    await run.run_worker(concurrency=1, wait=False)
+    assert len(run.effects) == 24
 
 
 # --- WorkerOptions ---------------------------------------------------------------------
@@ -1373,6 +1406,126 @@ async def scenario_cancel_run_task(run: Run) -> None:
             await task
     except asyncio.CancelledError:
         run.effects.append("run() raised CancelledError")
+
+
+def _blocking_tasks(run: Run) -> threading.Event:
+    """One task of each blocking kind (async / sync, with and without retries), plus a quick
+    one. Async ones wait for the "release" signal; sync ones for the returned event, or
+    until the worker asks them to abort (the reason goes to the effects)."""
+    release_threads = threading.Event()
+
+    async def block(name: str) -> None:
+        run.signal(f"started {name}")
+        await run.wait_signal("release")
+        run.effects.append(f"{name} released")
+
+    def block_sync(context: JobContext, name: str) -> None:
+        run.signal(f"started {name}")
+        deadline = time.monotonic() + GUARD_SECONDS
+        while time.monotonic() < deadline:
+            if release_threads.is_set():
+                run.effects.append(f"{name} released")
+                return
+            if context.should_abort():
+                run.effects.append((name, str(context.abort_reason())))
+                raise exceptions.JobAborted()
+            time.sleep(0.005)
+        raise AssertionError(f"{name}: neither released nor asked to abort")
+
+    @run.app.task(name="blocked")
+    async def blocked() -> None:
+        await block("blocked")
+
+    @run.app.task(name="blocked_retry", retry=RetryStrategy(max_attempts=3))
+    async def blocked_retry() -> None:
+        await block("blocked_retry")
+
+    @run.app.task(name="blocked_sync", pass_context=True)
+    def blocked_sync(context: JobContext) -> None:
+        block_sync(context, "blocked_sync")
+
+    @run.app.task(name="blocked_sync_retry", pass_context=True, retry=3)
+    def blocked_sync_retry(context: JobContext) -> None:
+        block_sync(context, "blocked_sync_retry")
+
+    @run.app.task(name="quick")
+    async def quick() -> None:
+        run.effects.append("quick ran")
+
+    return release_threads
+
+
+async def _start_blocking_jobs(run: Run, **options: Any) -> asyncio.Task[None]:
+    """Defer one job of each blocking kind and a quick one (it must not start: the four
+    fill the slots), run a worker, and return its task once the four have started."""
+    for name in ("blocked", "blocked_retry", "blocked_sync", "blocked_sync_retry", "quick"):
+        await run.app.tasks[name].defer_async()
+    task = asyncio.create_task(run.worker(wait=True, concurrency=4, **options).run())
+    for name in ("blocked", "blocked_retry", "blocked_sync", "blocked_sync_retry"):
+        await run.wait_signal(f"started {name}")
+    return task
+
+
+@scenario()
+async def scenario_cancel_with_every_kind_of_job_running(run: Run) -> None:
+    """Cancelled while async and sync jobs run: nothing more is claimed, the running jobs
+    finish and succeed, their ends are written, then run() raises CancelledError."""
+    release_threads = _blocking_tasks(run)
+    task = await _start_blocking_jobs(run)
+    task.cancel()
+    await run.wait_log("ending_job")
+    doing = await run.query("SELECT count(*) FROM procrastinate_jobs WHERE status = 'doing'")
+    run.effects.append(("doing while stopping", doing))
+    run.signal("release")
+    release_threads.set()
+    try:
+        async with asyncio.timeout(GUARD_SECONDS):
+            await task
+    except asyncio.CancelledError:
+        run.effects.append("run() raised CancelledError")
+    run.unordered_effects = True
+    statuses = await run.query("SELECT task_name, status::text FROM procrastinate_jobs ORDER BY id")
+    assert statuses == [
+        ("blocked", "succeeded"),
+        ("blocked_retry", "succeeded"),
+        ("blocked_sync", "succeeded"),
+        ("blocked_sync_retry", "succeeded"),
+        ("quick", "todo"),
+    ], statuses
+
+
+@scenario()
+async def scenario_graceful_timeout_with_every_kind_of_job_running(run: Run) -> None:
+    """Cancelled, and the jobs outlive `shutdown_graceful_timeout`: async jobs are cancelled,
+    sync jobs see `should_abort()` (reason: shutdown); jobs without retry end `aborted`,
+    jobs with a retry strategy go back to `todo` (procrastinate retries shutdown aborts)."""
+    release_threads = _blocking_tasks(run)
+    task = await _start_blocking_jobs(run, shutdown_graceful_timeout=0.1)
+    task.cancel()
+    try:
+        async with asyncio.timeout(GUARD_SECONDS):
+            await task
+    except asyncio.CancelledError:
+        run.effects.append("run() raised CancelledError")
+    finally:
+        run.signal("release")
+        release_threads.set()
+    run.unordered_effects = True
+    statuses = await run.query(
+        "SELECT task_name, status::text, attempts FROM procrastinate_jobs ORDER BY id"
+    )
+    assert statuses == [
+        ("blocked", "aborted", 1),
+        ("blocked_retry", "todo", 1),
+        ("blocked_sync", "aborted", 1),
+        ("blocked_sync_retry", "todo", 1),
+        ("quick", "todo", 0),
+    ], statuses
+    reasons = sorted(effect for effect in run.effects if isinstance(effect, tuple))
+    assert reasons == [
+        ("blocked_sync", "AbortReason.SHUTDOWN"),
+        ("blocked_sync_retry", "AbortReason.SHUTDOWN"),
+    ], reasons
 
 
 @scenario()
