@@ -317,6 +317,38 @@ async def test_a_retry_resent_after_a_lost_commit_reply_applies_once(dsn: str) -
     assert runs[jobs[0]] == [0, 1]
 
 
+# --- a connection lost while the worker starts -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "recover"),
+    [("recover_lock", True), ("prune", False), ("register", False)],
+    ids=["prune and recover", "prune", "register"],
+)
+async def test_a_connection_lost_while_starting_is_one_more_reconnect(
+    dsn: str, kind: str, recover: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The start-up steps (prune stalled workers, with or without recovery, then register)
+    lost their connection: the worker used to fail to start ("pruning stalled workers and
+    recovering their jobs: connection closed", found by the chaos soak: a worker started
+    during a cut). It connects again, runs the steps again, and starts."""
+    from tests.faults.proxy import Fault
+
+    caplog.set_level(logging.WARNING, logger="fastworker.core")
+    create_tables(dsn)
+    app = fault_app(dsn)
+    defer(dsn, "ok", 3)
+    with FaultProxy(*server_address(), classify=classify) as proxy:
+        # The first request of each of these kinds is a start-up step.
+        fault = proxy.add_fault(Fault(kind=kind, point="before_request", action="cut"))
+        options = {**QUICK, "recover_stalled_jobs": recover}
+        async with app.open_async(), running(app, dsn=proxy.dsn(dsn), **options):
+            assert proxy.has_fired(fault)
+            await wait_until(lambda: settled(dsn), "every job")
+    check_runs(dsn)
+    assert "start_connection_lost" in actions(caplog)
+
+
 # --- 5. orphaned claims found at any time, not only after a reconnect ---------------------
 
 

@@ -1,13 +1,15 @@
 //! [`WorkerCore`]: starts the roles, takes completions from the runner, stops them in order.
 //!
 //! Start: connect (a clear error if the database is unreachable or the schema missing),
-//! prune stalled workers, register, then spawn the dispatcher, the listener and the
+//! prune stalled workers, register (steps run again after a connection lost meanwhile),
+//! then spawn the dispatcher, the listener and the
 //! registry duties. Stop, in two steps like procrastinate's worker: [`WorkerCore::stop_fetching`]
 //! (no new claims, running jobs go on) and [`WorkerCore::shutdown`] (every completion
 //! written, background duties stopped, worker unregistered).
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
@@ -21,6 +23,99 @@ use crate::listener::{self, Listener};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::protocol::{Completion, HandoffEvent, LogLevel, Reported};
 use crate::registry::{self, Identity, Recovery, Registry};
+
+/// What the start-up steps leave: the maintenance connection (the registry's from then on),
+/// this worker's id, and what the start-up prune did.
+struct StartUp {
+    maintenance: tokio_postgres::Client,
+    worker_id: i64,
+    pruned_workers: Vec<i64>,
+    recovered_jobs: Vec<i64>,
+}
+
+/// Connect, check the schema, prune stalled workers (and, with `recover_stalled_jobs`, put
+/// their jobs back to run), register. A database unreachable at the first connect fails
+/// the start at once, with a clear error; a connection lost during the later steps (a
+/// restart, a cut) is one more reconnect, and the steps run again, for up to
+/// `reconnect_timeout`.
+async fn start_up(
+    target: &ConnectionTarget,
+    config: &WorkerConfig,
+    handoff: &handoff::HandoffSender,
+) -> CoreResult<StartUp> {
+    let mut maintenance = target.connect().await?;
+    let mut lost_since: Option<Instant> = None;
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match start_up_steps(&mut maintenance, target, config, handoff).await {
+            Ok((worker_id, pruned_workers, recovered_jobs)) => {
+                return Ok(StartUp {
+                    maintenance,
+                    worker_id,
+                    pruned_workers,
+                    recovered_jobs,
+                })
+            }
+            Err(error) if error.is_connectivity() => {
+                let since = *lost_since.get_or_insert_with(Instant::now);
+                let left = config.reconnect_timeout.saturating_sub(since.elapsed());
+                if left.is_zero() {
+                    return Err(error);
+                }
+                handoff.log(
+                    LogLevel::Warning,
+                    "start_connection_lost",
+                    format!("Connection lost while starting ({error}): starting again"),
+                );
+                tokio::time::sleep(delay.min(left)).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+                maintenance = target
+                    .connect_with_backoff(config.reconnect_timeout.saturating_sub(since.elapsed()))
+                    .await?;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// The start-up steps on one connection: the worker id, the pruned workers, the recovered
+/// jobs. A prune that fails for another reason than a lost connection (another session's
+/// locks) is not worth failing the start for: it is logged, and done next time.
+async fn start_up_steps(
+    maintenance: &mut tokio_postgres::Client,
+    target: &ConnectionTarget,
+    config: &WorkerConfig,
+    handoff: &handoff::HandoffSender,
+) -> CoreResult<(i64, Vec<i64>, Vec<i64>)> {
+    registry::check_schema(target, maintenance).await?;
+    // At start, as procrastinate's worker does.
+    let pruning = if config.recover_stalled_jobs {
+        registry::prune_and_recover_stalled_jobs(maintenance, config.stalled_worker_timeout, &[])
+            .await
+            .map(|recovered| {
+                registry::log_recovery(handoff, &recovered);
+                (recovered.pruned_workers, recovered.retried)
+            })
+    } else {
+        registry::prune_stalled_workers(maintenance, config.stalled_worker_timeout)
+            .await
+            .map(|pruned| (pruned, Vec::new()))
+    };
+    let (pruned_workers, recovered_jobs) = match pruning {
+        Ok(done) => done,
+        Err(error) if error.is_connectivity() => return Err(error),
+        Err(error) => {
+            handoff.log(
+                LogLevel::Warning,
+                "prune_stalled_workers_error",
+                format!("Stalled workers not pruned at start: {error}"),
+            );
+            (Vec::new(), Vec::new())
+        }
+    };
+    let worker_id = registry::register_worker(maintenance).await?;
+    Ok((worker_id, pruned_workers, recovered_jobs))
+}
 
 struct Running {
     dispatcher: JoinHandle<()>,
@@ -77,44 +172,18 @@ impl WorkerCore {
         let target = ConnectionTarget::parse(&config.conninfo)?
             .with_response_timeout(config.response_timeout);
 
-        let mut maintenance = target.connect().await?;
-        registry::check_schema(&target, &maintenance).await?;
         let metrics = Arc::new(Metrics::default());
         let (handoff, events) = handoff::channel(metrics.clone());
-        // At start, as procrastinate's worker does. A prune that another session's locks
-        // hold up is not worth failing the start for: it is logged, and done next time.
-        let pruning = if config.recover_stalled_jobs {
-            registry::prune_and_recover_stalled_jobs(
-                &mut maintenance,
-                config.stalled_worker_timeout,
-                &[],
-            )
-            .await
-            .map(|recovered| {
-                registry::log_recovery(&handoff, &recovered);
-                (recovered.pruned_workers, recovered.retried)
-            })
-        } else {
-            registry::prune_stalled_workers(&maintenance, config.stalled_worker_timeout)
-                .await
-                .map(|pruned| (pruned, Vec::new()))
-        };
-        let (pruned_workers, recovered_jobs) = match pruning {
-            Ok(done) => done,
-            Err(error) if error.is_connectivity() => return Err(error),
-            Err(error) => {
-                handoff.log(
-                    LogLevel::Warning,
-                    "prune_stalled_workers_error",
-                    format!("Stalled workers not pruned at start: {error}"),
-                );
-                (Vec::new(), Vec::new())
-            }
-        };
-        let identity = Arc::new(Identity::new(
-            registry::register_worker(&maintenance).await?,
-        ));
-        let job_connection = target.connect().await?;
+        let StartUp {
+            maintenance,
+            worker_id,
+            pruned_workers,
+            recovered_jobs,
+        } = start_up(&target, &config, &handoff).await?;
+        let identity = Arc::new(Identity::new(worker_id));
+        let job_connection = target
+            .connect_with_backoff(config.reconnect_timeout)
+            .await?;
 
         let (completions_sender, completions) = mpsc::unbounded_channel();
         let (stop_fetching, stop_fetching_receiver) = watch::channel(false);
