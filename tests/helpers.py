@@ -1,5 +1,6 @@
-"""Helpers for the behaviour tests: run a scenario under procrastinate's worker and under
-fastworker, each on its own fresh database, and compare what the database recorded.
+"""Helpers for the behaviour tests: bounded waits, database snapshots, recorded log
+actions. (Comparisons with procrastinate's worker are scenarios of the differential
+harness, `tests/differential`.)
 
 No timed assertions: waits are bounded polling loops with generous limits, which only
 decide how long a failing test takes to fail.
@@ -10,37 +11,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import difflib
 import logging
 import threading
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-import procrastinate
-
-import fastworker
-from tests.conftest import create_database, drop_database, fetch_all, make_app
+from tests.conftest import fetch_all
 
 T = TypeVar("T")
 
 #: How long a bounded wait may last before the test fails (never a measured duration).
 PATIENCE = 30.0
-
-Runner = Callable[..., Coroutine[Any, Any, None]]
-
-
-async def run_procrastinate(app: procrastinate.App, **options: Any) -> None:
-    """procrastinate's own worker (the reference)."""
-    await app.run_worker_async(**{"install_signal_handlers": False, **options})
-
-
-async def run_fastworker(app: procrastinate.App, **options: Any) -> None:
-    await fastworker.run_async(app, **{"install_signal_handlers": False, **options})
-
-
-RUNNERS: dict[str, Runner] = {"procrastinate": run_procrastinate, "fastworker": run_fastworker}
 
 
 # --- waiting ------------------------------------------------------------------------------
@@ -224,84 +206,3 @@ def record_actions() -> Iterator[ActionRecorder]:
         for logger, level in zip(loggers, previous_levels, strict=True):
             logger.removeHandler(recorder)
             logger.setLevel(level)
-
-
-# --- running a scenario on a fresh database ------------------------------------------------
-
-
-@contextlib.contextmanager
-def fresh_database() -> Iterator[str]:
-    name = f"fw_test_{uuid.uuid4().hex[:12]}"
-    try:
-        yield create_database(name)
-    finally:
-        drop_database(name)
-
-
-@contextlib.asynccontextmanager
-async def open_app(dsn: str) -> AsyncIterator[procrastinate.App]:
-    app = make_app(dsn)
-    async with app.open_async():
-        yield app
-
-
-@dataclasses.dataclass
-class Run:
-    """What one run of a scenario left behind."""
-
-    snapshot: Snapshot
-    actions: dict[int, list[str]]
-    recorder: ActionRecorder
-    result: Any
-
-
-Scenario = Callable[[procrastinate.App, str, Runner], Awaitable[Any]]
-
-
-async def run_scenario(scenario: Scenario, runner: Runner) -> Run:
-    """Run `scenario(app, dsn, runner)` on a fresh database; snapshot the database after."""
-    with fresh_database() as dsn:
-        with record_actions() as recorder:
-            async with open_app(dsn) as app:
-                result = await scenario(app, dsn, runner)
-        return Run(
-            snapshot=snapshot(dsn),
-            actions=recorder.job_actions(),
-            recorder=recorder,
-            result=result,
-        )
-
-
-async def run_both(scenario: Scenario) -> tuple[Run, Run]:
-    """The scenario under procrastinate's worker, then under fastworker: (theirs, ours)."""
-    theirs = await run_scenario(scenario, run_procrastinate)
-    ours = await run_scenario(scenario, run_fastworker)
-    return theirs, ours
-
-
-def assert_same_outcome(theirs: Run, ours: Run) -> None:
-    """Same jobs with the same statuses, attempts, priorities, queues, locks; the same
-    events per job in the same order; the same job-level log actions; no worker left."""
-    for what, reference, ours_ in (
-        ("job rows", theirs.snapshot.jobs, ours.snapshot.jobs),
-        ("events per job", theirs.snapshot.events, ours.snapshot.events),
-        ("log actions per job", theirs.actions, ours.actions),
-    ):
-        assert ours_ == reference, f"{what} differ:\n{diff(reference, ours_)}"
-    assert ours.snapshot.workers == theirs.snapshot.workers == 0
-
-
-def diff(reference: Any, ours: Any) -> str:
-    """A readable diff: procrastinate's (-) against fastworker's (+)."""
-    if isinstance(reference, dict) and isinstance(ours, dict):
-        keys = sorted({*reference, *ours})
-        reference = [f"{key}: {reference.get(key)}" for key in keys]
-        ours = [f"{key}: {ours.get(key)}" for key in keys]
-    lines = difflib.unified_diff(
-        [str(item) for item in reference],
-        [str(item) for item in ours],
-        "procrastinate",
-        "fastworker",
-        lineterm="",
-    )
-    return "\n".join(lines)

@@ -22,12 +22,9 @@ import fastworker
 from tests.conftest import fetch_all
 from tests.helpers import (
     PATIENCE,
-    Runner,
-    assert_same_outcome,
     finish,
     numbered,
     record_actions,
-    run_both,
     snapshot,
     wait_for,
     wait_for_rows,
@@ -312,83 +309,3 @@ async def test_signal_then_second_signal(
     assert signal.getsignal(signum) == previous
     assert [row[3] for row in snapshot(dsn).jobs] == ["aborted", "todo"]
     assert snapshot(dsn).workers == 0
-
-
-@pytest.mark.parametrize("listen_notify", [True, False], ids=["notified", "polled"])
-async def test_user_abort_requests_match_procrastinate(listen_notify: bool) -> None:
-    """`cancel_job_by_id_async(abort=True)` on running jobs (learnt from the notification,
-    or from polling): async jobs are cancelled, sync jobs see `should_abort()` (reason:
-    user request). As under procrastinate's worker, an aborted job is not retried, except
-    that an async job with a retry strategy is handed to `procrastinate_retry_job_v2`,
-    which ends it `failed` because the abort was requested."""
-
-    async def scenario(app: procrastinate.App, dsn: str, run: Runner) -> dict[str, Any]:
-        blockers = register_blockers(app)
-        await defer_blocked_jobs(app)
-        worker = asyncio.create_task(
-            run(
-                app,
-                concurrency=4,
-                fetch_job_polling_interval=0.05,
-                abort_job_polling_interval=0.05,
-                listen_notify=listen_notify,
-            )
-        )
-        try:
-            await wait_for(lambda: len(blockers.started) == 4, "the four blocking jobs")
-            for job_id in (1, 2, 3, 4):
-                await app.job_manager.cancel_job_by_id_async(job_id, abort=True)
-            await wait_for_rows(
-                dsn,
-                "SELECT count(*) FROM procrastinate_jobs WHERE status = 'doing'",
-                [(0,)],
-            )
-            # The freed slots take the quick job.
-            await wait_for_rows(
-                dsn, "SELECT status::text FROM procrastinate_jobs WHERE id = 5", [("succeeded",)]
-            )
-            worker.cancel()
-            ended = await finish(worker)
-        finally:
-            blockers.set_free()
-            if not worker.done():
-                worker.cancel()
-                await finish(worker)
-        return {"ended": type(ended).__name__, "abort_reasons": sorted(blockers.abort_reasons)}
-
-    theirs, ours = await run_both(scenario)
-    assert_same_outcome(theirs, ours)
-    assert ours.result == theirs.result
-    assert ours.result["abort_reasons"] == [
-        ("blocked_sync", job_context.AbortReason.USER_REQUEST),
-        ("blocked_sync_retry", job_context.AbortReason.USER_REQUEST),
-    ]
-    assert {row[1]: (row[3], row[4]) for row in ours.snapshot.jobs} == {
-        "blocked": ("aborted", 1),
-        "blocked_retry": ("failed", 0),
-        "blocked_sync": ("aborted", 1),
-        "blocked_sync_retry": ("aborted", 1),
-        "quick": ("succeeded", 1),
-    }
-
-
-async def test_wait_false_with_graceful_timeout_matches_procrastinate() -> None:
-    """`wait=False` stops once a claim finds nothing; a job still running past
-    `shutdown_graceful_timeout` is then aborted, as procrastinate's worker does."""
-
-    async def scenario(app: procrastinate.App, dsn: str, run: Runner) -> list[str]:
-        blockers = register_blockers(app)
-        await app.tasks["blocked"].defer_async(name="blocked")
-        await app.tasks["blocked_sync_retry"].defer_async(name="blocked_sync_retry")
-        try:
-            await asyncio.wait_for(
-                run(app, concurrency=3, wait=False, shutdown_graceful_timeout=0.05), PATIENCE
-            )
-        finally:
-            blockers.set_free()
-        return sorted(blockers.started)
-
-    theirs, ours = await run_both(scenario)
-    assert_same_outcome(theirs, ours)
-    assert ours.result == theirs.result == ["blocked", "blocked_sync_retry"]
-    assert [(row[3], row[4]) for row in ours.snapshot.jobs] == [("aborted", 1), ("todo", 1)]

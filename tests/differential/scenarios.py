@@ -475,6 +475,132 @@ async def scenario_start_order_with_priorities_locks_and_queues(run: Run) -> Non
     assert len(run.effects) == 24
 
 
+class _MoveOnce(retry.BaseRetryStrategy):
+    """Retry once, elsewhere: another priority, queue and lock, and no retry_at."""
+
+    def get_retry_decision(
+        self, *, exception: BaseException, job: jobs.Job
+    ) -> retry.RetryDecision | None:
+        if job.attempts == 0:
+            return retry.RetryDecision(priority=7, queue="elsewhere", lock="moved")
+        return None
+
+
+def _outcome_tasks(run: Run) -> None:
+    """Tasks that end every way a job can end."""
+    app = run.app
+
+    @app.task(name="ok")
+    async def ok(value: int) -> int:
+        return value * 2
+
+    @app.task(name="ok_sync")
+    def ok_sync(value: int) -> int:
+        return value * 3
+
+    @app.task(name="boom")
+    async def boom() -> None:
+        raise ValueError("boom")
+
+    @app.task(name="boom_sync")
+    def boom_sync() -> None:
+        raise RuntimeError("boom, in a thread")
+
+    @app.task(name="retry_twice", retry=2)
+    async def retry_twice() -> None:
+        raise ValueError("always")
+
+    @app.task(name="retry_twice_sync", retry=2)
+    def retry_twice_sync() -> None:
+        raise ValueError("always, in a thread")
+
+    @app.task(name="flaky", retry=RetryStrategy(max_attempts=3), pass_context=True)
+    async def flaky(context: JobContext) -> str:
+        if context.job.attempts == 0:
+            raise ConnectionError("first attempt fails")
+        return "second attempt works"
+
+    @app.task(name="picky", retry=RetryStrategy(max_attempts=5, retry_exceptions=[KeyError]))
+    async def picky() -> None:
+        raise ValueError("not a KeyError: no retry")
+
+    @app.task(name="retry_later", retry=RetryStrategy(max_attempts=3, wait=3600))
+    async def retry_later() -> None:
+        raise ValueError("retried in an hour")
+
+    @app.task(name="moving", retry=_MoveOnce(), pass_context=True)
+    async def moving(context: JobContext) -> None:
+        if context.job.attempts == 0:
+            raise ValueError("move me")
+
+    @app.task(name="aborts_itself")
+    async def aborts_itself() -> None:
+        raise exceptions.JobAborted()
+
+    @app.task(name="scheduled_later")
+    async def scheduled_later() -> None:
+        raise AssertionError("scheduled in an hour: must not run")
+
+
+def _every_outcome(delete_jobs: str) -> Any:
+    async def every_outcome(run: Run) -> None:
+        """Success, failure, retries (immediate, later, elsewhere, exhausted, not
+        applicable), a self-aborting task, an unknown task, a job scheduled later."""
+        _outcome_tasks(run)
+        tasks = run.app.tasks
+        await tasks["ok"].defer_async(value=1)
+        await tasks["ok_sync"].defer_async(value=2)
+        for name in ("boom", "boom_sync", "retry_twice", "retry_twice_sync", "flaky"):
+            await tasks[name].defer_async()
+        await tasks["picky"].defer_async()
+        await tasks["retry_later"].defer_async()
+        await tasks["moving"].configure(lock="original").defer_async()
+        await tasks["aborts_itself"].defer_async()
+        await tasks["scheduled_later"].configure(schedule_in={"hours": 1}).defer_async()
+        await run.app.configure_task(name="no.such.task").defer_async(x=1)
+        await tasks["ok"].configure(priority=5, queue="other").defer_async(value=3)
+        await run.run_worker(concurrency=1, wait=False, delete_jobs=delete_jobs)
+        statuses = [
+            row[0] for row in await run.query("SELECT status::text FROM procrastinate_jobs")
+        ]
+        # The scenario covers what it means to.
+        if delete_jobs == "never":
+            assert sorted(statuses) == sorted(
+                ["succeeded"] * 5 + ["failed"] * 6 + ["aborted"] + ["todo"] * 2
+            ), statuses
+        elif delete_jobs == "successful":
+            assert "succeeded" not in statuses and statuses.count("failed") == 6, statuses
+        else:
+            assert statuses == ["todo", "todo"], statuses
+
+    every_outcome.__name__ = f"scenario_every_outcome_delete_jobs_{delete_jobs}"
+    return every_outcome
+
+
+for _delete_jobs in ("never", "successful", "always"):
+    scenario()(_every_outcome(_delete_jobs))
+
+
+@scenario()
+async def scenario_every_outcome_at_concurrency_4(run: Run) -> None:
+    """Independent jobs at concurrency 4 (retries are left out: above concurrency 1,
+    whether procrastinate's `wait=False` worker still picks up an immediate retry depends
+    on timing)."""
+    # Whether a job still runs when the drain ends (logged "Waiting for job to finish")
+    # depends on timing, under either worker.
+    run.ignored_worker_actions = {"ending_job"}
+    _outcome_tasks(run)
+    tasks = run.app.tasks
+    for value in range(12):
+        await tasks["ok"].defer_async(value=value)
+        await tasks["ok_sync"].defer_async(value=value)
+        if value % 3 == 0:
+            await tasks["boom"].defer_async()
+            await tasks["boom_sync"].defer_async()
+            await run.app.configure_task(name="no.such.task").defer_async()
+    await run.run_worker(concurrency=4, wait=False)
+
+
 # --- WorkerOptions ---------------------------------------------------------------------
 
 
@@ -1526,6 +1652,60 @@ async def scenario_graceful_timeout_with_every_kind_of_job_running(run: Run) -> 
         ("blocked_sync", "AbortReason.SHUTDOWN"),
         ("blocked_sync_retry", "AbortReason.SHUTDOWN"),
     ], reasons
+
+
+@scenario()
+async def scenario_user_aborts_every_kind_of_job_running(run: Run) -> None:
+    """`cancel_job_by_id(abort=True)` on running jobs of each kind: async jobs are cancelled,
+    sync jobs see `should_abort()` (reason: user request). An aborted job is not retried,
+    except that an async job with a retry strategy goes to `procrastinate_retry_job_v2`,
+    which ends it `failed` because the abort was requested. The freed slots take the next
+    job."""
+    release_threads = _blocking_tasks(run)
+    task = await _start_blocking_jobs(run, abort_job_polling_interval=0.05)
+    try:
+        for job_id in (1, 2, 3, 4):
+            assert await run.cancel(job_id, abort=True)
+        async with asyncio.timeout(GUARD_SECONDS):
+            await run.until_db("SELECT status = 'succeeded' FROM procrastinate_jobs WHERE id = 5")
+    finally:
+        task.cancel()
+        run.signal("release")
+        release_threads.set()
+    try:
+        async with asyncio.timeout(GUARD_SECONDS):
+            await task
+    except asyncio.CancelledError:
+        run.effects.append("run() raised CancelledError")
+    run.unordered_effects = True
+    statuses = await run.query(
+        "SELECT task_name, status::text, attempts FROM procrastinate_jobs ORDER BY id"
+    )
+    assert statuses == [
+        ("blocked", "aborted", 1),
+        ("blocked_retry", "failed", 0),
+        ("blocked_sync", "aborted", 1),
+        ("blocked_sync_retry", "aborted", 1),
+        ("quick", "succeeded", 1),
+    ], statuses
+
+
+@scenario()
+async def scenario_wait_false_with_graceful_timeout(run: Run) -> None:
+    """`wait=False` stops once a claim finds nothing; a job still running past
+    `shutdown_graceful_timeout` is then aborted (a sync one with retries goes back to
+    `todo`), as procrastinate's worker does."""
+    release_threads = _blocking_tasks(run)
+    await run.app.tasks["blocked"].defer_async()
+    await run.app.tasks["blocked_sync_retry"].defer_async()
+    try:
+        await run.run_worker(concurrency=3, wait=False, shutdown_graceful_timeout=0.05)
+    finally:
+        run.signal("release")
+        release_threads.set()
+    run.unordered_effects = True
+    statuses = await run.query("SELECT status::text, attempts FROM procrastinate_jobs ORDER BY id")
+    assert statuses == [("aborted", 1), ("todo", 1)], statuses
 
 
 @scenario()
