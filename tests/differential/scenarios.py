@@ -1668,6 +1668,8 @@ async def scenario_user_aborts_every_kind_of_job_running(run: Run) -> None:
             assert await run.cancel(job_id, abort=True)
         async with asyncio.timeout(GUARD_SECONDS):
             await run.until_db("SELECT status = 'succeeded' FROM procrastinate_jobs WHERE id = 5")
+            # Every aborted job has ended (its outcome is written once its run is over).
+            await run.until_db("SELECT count(*) = 0 FROM procrastinate_jobs WHERE status = 'doing'")
     finally:
         task.cancel()
         run.signal("release")

@@ -148,7 +148,12 @@ def fastworker_backends(dsn: str, database: str) -> list[tuple[int, str]]:
         text = (query or "").strip()
         if text.startswith("LISTEN"):
             role = "listen"
-        elif "candidate" in text or "finished" in text or "ORPHAN" in text.upper():
+        elif (
+            "candidate" in text
+            or "finished" in text
+            or "ORPHAN" in text.upper()
+            or "min(job.scheduled_at)" in text  # the look for jobs scheduled later
+        ):
             role = "jobs"
         else:
             role = "registry"

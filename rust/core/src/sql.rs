@@ -419,6 +419,15 @@ pub const REATTACH_CLAIMS: &str = "UPDATE procrastinate_jobs AS job SET worker_i
    AND EXISTS (SELECT 1 FROM procrastinate_workers WHERE id = $3::bigint)
  RETURNING job.id";
 
+/// Seconds until the earliest future `scheduled_at` among the `todo` jobs of the queues
+/// `$1` (`NULL`: all), or `NULL` if none: when a job scheduled for later (a `schedule_in`,
+/// a delayed retry, a lock successor scheduled later) becomes claimable. Run only after a
+/// short claim, and only when something may have changed since the last time.
+pub const NEXT_SCHEDULED: &str = "SELECT extract(epoch FROM min(job.scheduled_at) - now())::float8
+  FROM procrastinate_jobs AS job
+ WHERE job.status = 'todo' AND job.scheduled_at > now()
+   AND ($1::varchar[] IS NULL OR job.queue_name = ANY($1::varchar[]))";
+
 /// Of the jobs whose terminal write was refused (`$2`), those still `doing` for this
 /// process (`$1` its worker ids): the others hold nothing any more.
 pub const STILL_ABANDONED: &str = "SELECT job.id FROM procrastinate_jobs AS job
@@ -523,6 +532,7 @@ pub const STATEMENTS: &[(&str, &str, Session)] = &[
     ("still abandoned", STILL_ABANDONED, Session::Jobs),
     ("lost claims", LOST_CLAIMS, Session::Jobs),
     ("reattach claims", REATTACH_CLAIMS, Session::Jobs),
+    ("next scheduled", NEXT_SCHEDULED, Session::Jobs),
     ("backend identity", BACKEND_IDENTITY, Session::Jobs),
     ("backend alive", BACKEND_ALIVE, Session::Jobs),
     ("terminate backend", TERMINATE_BACKEND, Session::Jobs),

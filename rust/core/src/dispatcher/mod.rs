@@ -341,8 +341,16 @@ impl Dispatcher {
                             Some(reported) => state.receive(reported),
                             None => state.on_completions_closed(Instant::now()),
                         },
-                        _ = self.wake.notified(), if state.claiming => state.want_claim = true,
-                        _ = poll.tick(), if state.claiming => state.want_claim = true,
+                        _ = self.wake.notified(), if state.claiming => state.on_wake(),
+                        _ = poll.tick(), if state.claiming => {
+                            if self.config.listen_notify {
+                                state.want_claim = true;
+                            } else {
+                                // No notification tells of new jobs: every poll may find
+                                // some scheduled for later.
+                                state.on_wake();
+                            }
+                        }
                         _ = self.stop_fetching.changed(), if state.claiming => {},
                         _ = orphan_check.tick() => {
                             if let Err(failed) = self.check_orphans(current, &mut state).await {
@@ -414,6 +422,26 @@ impl Dispatcher {
                 {
                     state.on_trouble(now, "registering the worker again", &error.to_string());
                     needs.reconnect = error.is_connectivity();
+                }
+            }
+            if !needs.reconnect && state.wants_schedule_check() {
+                let look = self.next_scheduled(current);
+                match tokio::time::timeout(self.config.response_timeout, look)
+                    .await
+                    .ok()
+                {
+                    Some(Ok(due_in)) => state.on_next_scheduled(Instant::now(), due_in),
+                    Some(Err(error)) => {
+                        let failed = Failed::new(&error);
+                        needs.reconnect = failed.failure == Failure::Connection;
+                        // The poll still finds such jobs; this look is tried again then.
+                        self.handoff.log(
+                            LogLevel::Debug,
+                            "next_scheduled_failed",
+                            format!("Could not look for jobs scheduled later: {}", failed.reason),
+                        );
+                    }
+                    None => needs.reconnect = true,
                 }
             }
             self.publish(&mut state);
@@ -598,6 +626,20 @@ impl Dispatcher {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// In how long the earliest job scheduled for later, in this worker's queues, is due.
+    async fn next_scheduled(
+        &self,
+        connection: &Connection,
+    ) -> Result<Option<Duration>, tokio_postgres::Error> {
+        let row = connection
+            .client
+            .query_one(sql::NEXT_SCHEDULED, &[&self.config.queues])
+            .await?;
+        let seconds: Option<f64> = row.try_get(0)?;
+        // Past due by now (it was in the future when the statement ran): at once.
+        Ok(seconds.map(|seconds| Duration::try_from_secs_f64(seconds).unwrap_or_default()))
     }
 
     async fn orphaned_claims(

@@ -51,6 +51,8 @@ pub struct InFlight {
 struct Held {
     task_queue: TaskQueue,
     limited: bool,
+    /// It holds a `lock`: its end lets the lock's next job run, maybe one scheduled later.
+    locked: bool,
 }
 
 impl InFlight {
@@ -100,6 +102,7 @@ impl InFlight {
         let held = Held {
             task_queue: task_queue.clone(),
             limited,
+            locked: job.lock.is_some(),
         };
         if self.jobs.insert((job.id, job.attempts), held).is_none() && limited {
             *self.held.entry(job.queue_name.clone()).or_default() += 1;
@@ -107,8 +110,8 @@ impl InFlight {
         (task_queue, replaced)
     }
 
-    /// The job's task and queue, and whether the queue is limited.
-    pub fn remove(&mut self, key: &ClaimKey) -> Option<(TaskQueue, bool)> {
+    /// The job's task and queue, whether the queue is limited, and whether it held a lock.
+    pub fn remove(&mut self, key: &ClaimKey) -> Option<(TaskQueue, bool, bool)> {
         let held = self.jobs.remove(key)?;
         if self.latest.get(&key.0) == Some(&key.1) {
             self.latest.remove(&key.0);
@@ -118,7 +121,7 @@ impl InFlight {
                 *count = count.saturating_sub(1);
             }
         }
-        Some((held.task_queue, held.limited))
+        Some((held.task_queue, held.limited, held.locked))
     }
 
     /// The claims it holds, as parallel arrays (job ids, attempts at claim).
@@ -213,6 +216,12 @@ pub struct State {
     pub claiming: bool,
     /// Jobs handed over so far (for `max_jobs`).
     handed_over: u64,
+    /// When the earliest job scheduled for later becomes claimable (see
+    /// [`State::wants_schedule_check`]): a claim is due then, whatever the polling interval.
+    next_scheduled: Option<Instant>,
+    /// Something may have changed what is scheduled since the last look (a notification,
+    /// a write of this worker's, the start): look again after the next short claim.
+    schedule_changed: bool,
     pub want_claim: bool,
     pub completions_open: bool,
     /// A claim came back short because a limited queue was full: claim again as soon as
@@ -245,6 +254,8 @@ impl State {
             abandoned: Vec::new(),
             claiming: true,
             handed_over: 0,
+            next_scheduled: None,
+            schedule_changed: true,
             want_claim: true,
             completions_open: true,
             claim_when_queue_frees: false,
@@ -351,7 +362,18 @@ impl State {
             }
         });
         self.pending.extend(due);
-        let next_later = self.later.iter().map(|later| later.due).min();
+        if self.next_scheduled.is_some_and(|at| at <= now) {
+            // A job scheduled for now: claim it, and look for the next one after.
+            self.next_scheduled = None;
+            self.want_claim = true;
+            self.schedule_changed = true;
+        }
+        let next_later = self
+            .later
+            .iter()
+            .map(|later| later.due)
+            .chain(self.next_scheduled.filter(|_| self.claiming))
+            .min();
         if !self.completions_open && self.pending.is_empty() && self.later.is_empty() {
             return Plan::Done;
         }
@@ -620,9 +642,16 @@ impl State {
     fn ended(&mut self, key: &ClaimKey, batch: &[Completion]) {
         self.delays.remove(key);
         self.lost_reported.remove(key);
-        let Some((task_queue, limited)) = self.in_flight.remove(key) else {
+        let Some((task_queue, limited, locked)) = self.in_flight.remove(key) else {
             return;
         };
+        let retried = batch.iter().any(|completion| {
+            completion.key() == *key && matches!(completion.outcome, Outcome::Retry { .. })
+        });
+        if locked || retried {
+            // Its lock's next job, or its own retry, may be scheduled for later.
+            self.schedule_changed = true;
+        }
         if limited && self.claim_when_queue_frees {
             self.claim_when_queue_frees = false;
             self.want_claim = true;
@@ -692,6 +721,27 @@ impl State {
             self.outbox.push(HandoffEvent::Drained);
             self.stop_claiming();
         }
+    }
+
+    /// Whether to look when the next job scheduled for later becomes claimable: after a
+    /// short claim (nothing more is claimable now), if something may have changed since the
+    /// last look. An idle worker whose polls find nothing does not look again.
+    pub fn wants_schedule_check(&self) -> bool {
+        self.claiming && !self.want_claim && self.schedule_changed
+    }
+
+    /// The answer of that look: in how long the earliest scheduled job is due (`None`:
+    /// nothing scheduled for later).
+    pub fn on_next_scheduled(&mut self, now: Instant, due_in: Option<Duration>) {
+        self.schedule_changed = false;
+        self.next_scheduled = due_in.map(|due_in| now + due_in);
+    }
+
+    /// A `job_inserted` notification (or, without LISTEN, a poll): claim, and look at the
+    /// schedule again afterwards.
+    pub fn on_wake(&mut self) {
+        self.want_claim = true;
+        self.schedule_changed = true;
     }
 
     /// How many more jobs `max_jobs` lets this worker claim.
@@ -836,6 +886,13 @@ mod tests {
         }
     }
 
+    fn written(keys: &[ClaimKey]) -> CompletionReport {
+        CompletionReport {
+            written: keys.to_vec(),
+            ..CompletionReport::default()
+        }
+    }
+
     fn lost() -> Failed {
         Failed {
             failure: Failure::Connection,
@@ -937,6 +994,124 @@ mod tests {
         let plan = round_trip(&mut state, now);
         assert_eq!(plan.claim_limit, 0);
         assert_eq!(plan.batch.len(), 2);
+    }
+
+    #[test]
+    fn a_job_scheduled_for_later_is_claimed_when_due_not_at_the_next_poll() {
+        let start = Instant::now();
+        let mut state = State::new(settings(2));
+        let plan = round_trip(&mut state, start);
+        state.on_claimed(
+            start,
+            plan.claim_limit,
+            &plan.room,
+            Ok(Vec::new()),
+            &mut Needs::default(),
+        );
+        assert!(state.wants_schedule_check(), "the first short claim looks");
+        state.on_next_scheduled(start, Some(Duration::from_secs(2)));
+        assert!(!state.wants_schedule_check());
+        match state.plan(start, false) {
+            Plan::Wait { until } => assert_eq!(until, Some(start + Duration::from_secs(2))),
+            other => panic!("expected a wait until the job is due, got {other:?}"),
+        }
+        let due = start + Duration::from_secs(2);
+        let plan = round_trip(&mut state, due);
+        assert_eq!(plan.claim_limit, 2);
+        state.on_claimed(
+            due,
+            2,
+            &plan.room,
+            Ok(vec![job(1, 0)]),
+            &mut Needs::default(),
+        );
+        assert!(
+            state.wants_schedule_check(),
+            "after it, the next one is looked for"
+        );
+    }
+
+    #[test]
+    fn an_idle_worker_does_not_look_at_the_schedule_on_every_poll() {
+        let now = Instant::now();
+        let mut state = State::new(settings(2));
+        let plan = round_trip(&mut state, now);
+        state.on_claimed(
+            now,
+            plan.claim_limit,
+            &plan.room,
+            Ok(Vec::new()),
+            &mut Needs::default(),
+        );
+        state.on_next_scheduled(now, None);
+        // A poll: claim, find nothing, nothing changed since the last look.
+        state.want_claim = true;
+        let plan = round_trip(&mut state, now);
+        state.on_claimed(
+            now,
+            plan.claim_limit,
+            &plan.room,
+            Ok(Vec::new()),
+            &mut Needs::default(),
+        );
+        assert!(!state.wants_schedule_check());
+        // A notification may be of a job scheduled for later.
+        state.on_wake();
+        let plan = round_trip(&mut state, now);
+        state.on_claimed(
+            now,
+            plan.claim_limit,
+            &plan.room,
+            Ok(Vec::new()),
+            &mut Needs::default(),
+        );
+        assert!(state.wants_schedule_check());
+    }
+
+    #[test]
+    fn the_end_of_a_locked_job_looks_for_its_successor_scheduled_later() {
+        let now = Instant::now();
+        let locked = JobRow {
+            lock: Some("L".into()),
+            ..job(1, 0)
+        };
+        let mut state = holding(2, &[locked, job(2, 0)]);
+        state.on_next_scheduled(now, None);
+        state.receive(report(vec![succeeded(2, 0)]));
+        let plan = round_trip(&mut state, now);
+        state.on_flushed(
+            now,
+            plan.batch,
+            Ok(written(&[(2, 0)])),
+            &mut Needs::default(),
+        );
+        state.on_claimed(
+            now,
+            plan.claim_limit,
+            &plan.room,
+            Ok(Vec::new()),
+            &mut Needs::default(),
+        );
+        assert!(
+            !state.wants_schedule_check(),
+            "an unlocked job's end changes no schedule"
+        );
+        state.receive(report(vec![succeeded(1, 0)]));
+        let plan = round_trip(&mut state, now);
+        state.on_flushed(
+            now,
+            plan.batch,
+            Ok(written(&[(1, 0)])),
+            &mut Needs::default(),
+        );
+        state.on_claimed(
+            now,
+            plan.claim_limit,
+            &plan.room,
+            Ok(Vec::new()),
+            &mut Needs::default(),
+        );
+        assert!(state.wants_schedule_check());
     }
 
     #[test]

@@ -1,0 +1,124 @@
+"""Work that becomes claimable without a `job_inserted` notification starts at once, not at
+the next poll: a lock's next job, a job scheduled for later, a delayed retry.
+
+The polling interval is an hour in these tests: a job that runs at all within the tests'
+bounded waits was not waiting for a poll. Nothing here is timed."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from typing import Any
+
+import procrastinate
+import pytest
+from procrastinate import JobContext, RetryStrategy
+
+import fastworker
+from tests.conftest import fetch_all
+from tests.helpers import finish, wait_for
+
+HOUR: dict[str, Any] = {
+    "fetch_job_polling_interval": 3600,
+    "abort_job_polling_interval": 3600,
+    "install_signal_handlers": False,
+}
+
+
+def statuses(dsn: str) -> list[str]:
+    return [
+        row[0] for row in fetch_all(dsn, "SELECT status::text FROM procrastinate_jobs ORDER BY id")
+    ]
+
+
+async def run_until(app: procrastinate.App, done: Any, what: str, **options: Any) -> None:
+    worker = asyncio.create_task(fastworker.run_async(app, **{**HOUR, **options}))
+    try:
+        await wait_for(done, what)
+    finally:
+        worker.cancel()
+        await finish(worker)
+
+
+async def test_a_lock_chain_runs_without_waiting_for_the_poll(
+    app: procrastinate.App, dsn: str
+) -> None:
+    """20 jobs on one lock: each starts as soon as the one before it ends (its end and the
+    claim of the next are one round trip), in order."""
+    order: list[int] = []
+
+    @app.task(name="chained")
+    async def chained(n: int) -> None:
+        order.append(n)
+
+    for n in range(20):
+        await chained.configure(lock="entity-1").defer_async(n=n)
+    await run_until(
+        app, lambda: statuses(dsn) == ["succeeded"] * 20, "the whole chain", concurrency=4
+    )
+    assert order == list(range(20))
+
+
+@pytest.mark.parametrize("listen_notify", [True, False], ids=["notified", "not listening"])
+async def test_a_job_scheduled_for_later_starts_when_due(
+    app: procrastinate.App, dsn: str, listen_notify: bool
+) -> None:
+    """Deferred with `schedule_in`, to an idle worker, or before the worker starts: it
+    starts once due (never before), not at the next poll."""
+    started: list[datetime.datetime] = []
+
+    @app.task(name="later")
+    async def later() -> None:
+        started.append(datetime.datetime.now(datetime.timezone.utc))
+
+    before_start = await later.configure(schedule_in={"seconds": 1}).defer_async()
+    worker = asyncio.create_task(fastworker.run_async(app, listen_notify=listen_notify, **HOUR))
+    try:
+        await wait_for(lambda: statuses(dsn) == ["succeeded"], "the job deferred before start")
+        if listen_notify:
+            await later.configure(schedule_in={"seconds": 1}).defer_async()
+            await wait_for(
+                lambda: statuses(dsn) == ["succeeded"] * 2, "the job deferred to an idle worker"
+            )
+    finally:
+        worker.cancel()
+        await finish(worker)
+    scheduled = [
+        row[0] for row in fetch_all(dsn, "SELECT scheduled_at FROM procrastinate_jobs ORDER BY id")
+    ]
+    assert before_start == 1
+    assert len(started) == len(scheduled)
+    for start, due in zip(started, scheduled, strict=True):
+        assert start >= due, (start, due)
+
+
+async def test_a_delayed_retry_runs_when_due(app: procrastinate.App, dsn: str) -> None:
+    attempts: list[int] = []
+
+    @app.task(name="flaky", retry=RetryStrategy(max_attempts=2, wait=1), pass_context=True)
+    async def flaky(context: JobContext) -> None:
+        attempts.append(context.job.attempts)
+        if context.job.attempts == 0:
+            raise ValueError("first attempt fails; retried in a second")
+
+    await flaky.defer_async()
+    await run_until(app, lambda: statuses(dsn) == ["succeeded"], "the retry")
+    assert attempts == [0, 1]
+
+
+async def test_a_lock_successor_scheduled_for_later_runs_when_due(
+    app: procrastinate.App, dsn: str
+) -> None:
+    """The lock's next job is scheduled a second later: it runs then, and (procrastinate's
+    rule) it holds back the lock's later jobs until it has run."""
+    order: list[str] = []
+
+    @app.task(name="step")
+    async def step(label: str) -> None:
+        order.append(label)
+
+    await step.configure(lock="L").defer_async(label="first")
+    await step.configure(lock="L", schedule_in={"seconds": 1}).defer_async(label="scheduled")
+    await step.configure(lock="L").defer_async(label="last")
+    await run_until(app, lambda: statuses(dsn) == ["succeeded"] * 3, "the three steps")
+    assert order == ["first", "scheduled", "last"]
