@@ -12,7 +12,8 @@ from are in `fastworker/runner/`, one file each:
 - `upstream.py`: `_process_job`, copied from procrastinate 3.10;
 - `timeouts.py`: job timeouts;
 - `intake.py`: the core's events, and starting the jobs they hand over;
-- `shutdown.py`: signals and shutdown.
+- `shutdown.py`: signals and shutdown;
+- `periodic.py`: procrastinate's periodic deferrer, kept running through an outage.
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ from fastworker import _core
 from fastworker import options as fastworker_options
 from fastworker.connection import resolve_conninfo
 from fastworker.runner.intake import connector_json_loads
-from fastworker.runner.shutdown import Shutdown
+from fastworker.runner.periodic import Periodic
 from fastworker.runner.state import JobTimeout, logger
 
 __all__ = ["JobTimeout", "Worker", "run", "run_async"]
 
 
-class Worker(Shutdown):
+class Worker(Periodic):
     """Drop-in replacement for `procrastinate.worker.Worker`.
 
     Takes the same arguments (procrastinate's ``WorkerOptions``) plus fastworker's own,

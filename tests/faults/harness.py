@@ -65,6 +65,7 @@ _MARKERS: list[tuple[str, str]] = [
     ("backend_start = $2", "backend_alive"),
     ("pg_backend_pid()", "backend_identity"),
     ("procrastinate_prune_stalled_workers_v1", "prune"),
+    ("procrastinate_defer_periodic_job", "defer_periodic"),
     ("procrastinate_register_worker_v1", "register"),
     ("procrastinate_unregister_worker_v1", "unregister"),
 ]

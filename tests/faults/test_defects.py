@@ -349,6 +349,44 @@ async def test_a_connection_lost_while_starting_is_one_more_reconnect(
     assert "start_connection_lost" in actions(caplog)
 
 
+async def test_a_lost_connection_does_not_stop_the_periodic_deferrer(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """procrastinate's periodic deferrer raises when its connection is lost, and the
+    worker's side-task monitor then stopped the whole worker (found by the chaos soak
+    during a PostgreSQL restart). The deferrer starts again; the worker goes on."""
+    from tests.faults.proxy import Fault
+
+    caplog.set_level(logging.WARNING)
+    create_tables(dsn)
+    with FaultProxy(*server_address(), classify=classify) as proxy:
+        # The app's own connections (where the deferrer defers) go through the proxy.
+        app = fault_app(proxy.dsn(dsn))
+
+        @app.periodic(cron="* * * * * *", periodic_id="every-second")
+        @app.task(name="tick", queueing_lock="tick")
+        async def tick(timestamp: int) -> None:
+            pass
+
+        fault = proxy.add_fault(Fault(kind="defer_periodic", point="after_request", action="cut"))
+        async with app.open_async(), running(app, dsn=dsn, **QUICK):
+            await wait_until(lambda: proxy.has_fired(fault), "the cut periodic defer")
+            # Deferred and run after the cut: the deferrer is running again.
+            await wait_until(
+                lambda: (
+                    fetch_all(
+                        dsn,
+                        "SELECT count(*) FROM procrastinate_jobs"
+                        " WHERE task_name = 'tick' AND status = 'succeeded'",
+                    )[0][0]
+                    >= 2
+                ),
+                "two periodic jobs run after the cut",
+            )
+    assert "periodic_deferrer_restarted" in actions(caplog)
+    assert "side_task_failed" not in actions(caplog)
+
+
 # --- 5. orphaned claims found at any time, not only after a reconnect ---------------------
 
 

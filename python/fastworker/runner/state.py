@@ -4,7 +4,7 @@ The runner is procrastinate's `Worker`, extended role by role, each role a class
 own file that builds on the ones before it:
 
     RunnerState (this file) <- Outcomes <- Upstream <- Timeouts <- Intake <- Shutdown
-        <- fastworker.Worker (the facade, `fastworker/worker.py`)
+        <- Periodic <- fastworker.Worker (the facade, `fastworker/worker.py`)
 """
 
 from __future__ import annotations
