@@ -1077,41 +1077,28 @@ mod tests {
         };
         let mut state = holding(2, &[locked, job(2, 0)]);
         state.on_next_scheduled(now, None);
-        state.receive(report(vec![succeeded(2, 0)]));
-        let plan = round_trip(&mut state, now);
-        state.on_flushed(
-            now,
-            plan.batch,
-            Ok(written(&[(2, 0)])),
-            &mut Needs::default(),
-        );
-        state.on_claimed(
-            now,
-            plan.claim_limit,
-            &plan.room,
-            Ok(Vec::new()),
-            &mut Needs::default(),
-        );
+        end_then_claim_nothing(&mut state, now, (2, 0));
         assert!(
             !state.wants_schedule_check(),
             "an unlocked job's end changes no schedule"
         );
-        state.receive(report(vec![succeeded(1, 0)]));
-        let plan = round_trip(&mut state, now);
-        state.on_flushed(
-            now,
-            plan.batch,
-            Ok(written(&[(1, 0)])),
-            &mut Needs::default(),
-        );
+        end_then_claim_nothing(&mut state, now, (1, 0));
+        assert!(state.wants_schedule_check());
+    }
+
+    /// The claim `key` succeeds, is written, and the same round trip claims nothing.
+    fn end_then_claim_nothing(state: &mut State, now: Instant, key: ClaimKey) {
+        state.receive(report(vec![succeeded(key.0, key.1)]));
+        let plan = round_trip(state, now);
+        let mut needs = Needs::default();
+        state.on_flushed(now, plan.batch, Ok(written(&[key])), &mut needs);
         state.on_claimed(
             now,
             plan.claim_limit,
             &plan.room,
             Ok(Vec::new()),
-            &mut Needs::default(),
+            &mut needs,
         );
-        assert!(state.wants_schedule_check());
     }
 
     #[test]
