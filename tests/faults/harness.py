@@ -124,6 +124,14 @@ def block_until_claimed(dsn: str, job_id: int) -> None:
             time.sleep(0.02)
 
 
+# Set by `release_row_locks`: the row locks held "until released" end.
+_ROW_LOCKS_RELEASED = threading.Event()
+
+
+def release_row_locks() -> None:
+    _ROW_LOCKS_RELEASED.set()
+
+
 def fault_app(dsn: str) -> procrastinate.App:
     """The app of the fault tests. Every task records its run first.
 
@@ -137,6 +145,7 @@ def fault_app(dsn: str) -> procrastinate.App:
       waits for the lock, then fails and is sent again).
     """
     app = make_app(dsn)
+    _ROW_LOCKS_RELEASED.clear()
 
     @app.task(name="ok", pass_context=True)
     async def ok(context: JobContext, n: int = 0) -> int:
@@ -172,7 +181,9 @@ def fault_app(dsn: str) -> procrastinate.App:
         await pass_gate(app, context, gate, size)
 
     def hold_row_lock(job_id: int, seconds: float) -> asyncio.Event:
-        """Another session locks the job's row, for `seconds`; set once it holds it."""
+        """Another session locks the job's row, for `seconds` (a negative number: until
+        `release_row_locks()`, a fault's firing rather than a duration); set once it
+        holds it."""
         locked = asyncio.Event()
         loop = asyncio.get_running_loop()
 
@@ -182,7 +193,10 @@ def fault_app(dsn: str) -> procrastinate.App:
                     "SELECT 1 FROM procrastinate_jobs WHERE id = %s FOR UPDATE", (job_id,)
                 )
                 loop.call_soon_threadsafe(locked.set)
-                time.sleep(seconds)
+                if seconds < 0:
+                    _ROW_LOCKS_RELEASED.wait(PATIENCE)
+                else:
+                    time.sleep(seconds)
                 connection.rollback()
 
         threading.Thread(target=hold, daemon=True).start()
