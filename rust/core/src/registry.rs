@@ -37,7 +37,7 @@ pub async fn check_schema(target: &ConnectionTarget, client: &Client) -> CoreRes
 }
 
 /// The first column of every row, as ids.
-async fn query_ids(
+pub(crate) async fn query_ids(
     client: &impl tokio_postgres::GenericClient,
     statement: &str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
@@ -47,6 +47,20 @@ async fn query_ids(
         .await?
         .iter()
         .map(|row| row.try_get(0))
+        .collect()
+}
+
+/// Every row as a claim: (job id, attempts), the first two columns.
+pub(crate) async fn query_claims(
+    client: &impl tokio_postgres::GenericClient,
+    statement: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<(i64, i32)>, tokio_postgres::Error> {
+    client
+        .query(statement, params)
+        .await?
+        .iter()
+        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
         .collect()
 }
 
@@ -193,13 +207,8 @@ pub async fn recover_unowned_jobs(
 ) -> CoreResult<Recovered> {
     const WHAT: &str = "recovering jobs without a worker";
     let db = |error| CoreError::database(WHAT, error);
-    let jobs = client
-        .query(sql::UNOWNED_JOBS, &[])
+    let jobs = query_claims(client, sql::UNOWNED_JOBS, &[])
         .await
-        .map_err(db)?
-        .iter()
-        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
-        .collect::<Result<Vec<(i64, i32)>, tokio_postgres::Error>>()
         .map_err(db)?;
     let due = unowned.observe(Instant::now(), &jobs, grace);
     if due.is_empty() {

@@ -34,7 +34,7 @@ use crate::errors::{CoreError, CoreResult, Failed, Failure};
 use crate::fetcher::{Claimant, Fetcher, QueueRoom};
 use crate::handoff::HandoffSender;
 use crate::protocol::{Completion, JobRow, LogLevel, Reported};
-use crate::registry::Identity;
+use crate::registry::{query_claims, query_ids, Identity};
 use crate::sql;
 
 pub use state::{InFlight, Needs, Plan, RoundTripPlan, Settings, State};
@@ -679,17 +679,13 @@ impl Dispatcher {
                 Vec::new()
             } else {
                 let (ids, attempts): (Vec<i64>, Vec<i32>) = running.iter().copied().unzip();
-                let reattached = client
-                    .query(
-                        sql::REATTACH_CLAIMS,
-                        &[&ids, &attempts, &self.identity.current()],
-                    )
-                    .await?;
-                if !reattached.is_empty() {
-                    let jobs = reattached
-                        .iter()
-                        .map(|row| row.try_get::<_, i64>(0))
-                        .collect::<Result<Vec<_>, _>>()?;
+                let jobs = query_ids(
+                    client,
+                    sql::REATTACH_CLAIMS,
+                    &[&ids, &attempts, &self.identity.current()],
+                )
+                .await?;
+                if !jobs.is_empty() {
                     self.handoff.log(
                         LogLevel::Warning,
                         "claims_reattached",
@@ -700,26 +696,23 @@ impl Dispatcher {
                         ),
                     );
                 }
-                client
-                    .query(sql::LOST_CLAIMS, &[&ids, &attempts, &self.identity.all()])
-                    .await?
-                    .iter()
-                    .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
-                    .collect::<Result<Vec<(i64, i32)>, tokio_postgres::Error>>()?
+                query_claims(
+                    client,
+                    sql::LOST_CLAIMS,
+                    &[&ids, &attempts, &self.identity.all()],
+                )
+                .await?
             };
             let still = if state.abandoned.is_empty() {
                 None
             } else {
-                let rows = client
-                    .query(
+                Some(
+                    query_ids(
+                        client,
                         sql::STILL_ABANDONED,
                         &[&self.identity.all(), &state.abandoned],
                     )
-                    .await?;
-                Some(
-                    rows.iter()
-                        .map(|row| row.try_get::<_, i64>(0))
-                        .collect::<Result<Vec<_>, _>>()?,
+                    .await?,
                 )
             };
             Ok::<_, tokio_postgres::Error>((orphans, lost, still))

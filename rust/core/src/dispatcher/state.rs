@@ -569,13 +569,18 @@ impl State {
         };
         self.recovered();
         self.batch_sizes.push(batch.len());
+        // Each claim's outcome, looked up once per batch (not once per ended claim).
+        let outcomes: HashMap<ClaimKey, &Outcome> = batch
+            .iter()
+            .map(|completion| (completion.key(), &completion.outcome))
+            .collect();
         for key in &report.written {
             self.maybe_written.remove(key);
-            self.ended(key, &batch);
+            self.ended(key, outcomes.get(key).copied());
         }
         for key in &report.not_current {
             let lost = self.lost_reported.contains(key);
-            self.ended(key, &batch);
+            self.ended(key, outcomes.get(key).copied());
             if lost {
                 self.log(
                     LogLevel::Info,
@@ -611,7 +616,7 @@ impl State {
         }
         for (key, reason) in report.refused {
             self.maybe_written.remove(&key);
-            self.ended(&key, &batch);
+            self.ended(&key, outcomes.get(&key).copied());
             self.log(LogLevel::Error, "finish_task_failed", reason, Some(key.0));
             self.abandoned.push(key.0);
         }
@@ -639,15 +644,13 @@ impl State {
     }
 
     /// A claim ended in the database: free its slot, count it.
-    fn ended(&mut self, key: &ClaimKey, batch: &[Completion]) {
+    fn ended(&mut self, key: &ClaimKey, outcome: Option<&Outcome>) {
         self.delays.remove(key);
         self.lost_reported.remove(key);
         let Some((task_queue, limited, locked)) = self.in_flight.remove(key) else {
             return;
         };
-        let retried = batch.iter().any(|completion| {
-            completion.key() == *key && matches!(completion.outcome, Outcome::Retry { .. })
-        });
+        let retried = matches!(outcome, Some(Outcome::Retry { .. }));
         if locked || retried {
             // Its lock's next job, or its own retry, may be scheduled for later.
             self.schedule_changed = true;
@@ -657,10 +660,7 @@ impl State {
             self.want_claim = true;
         }
         let duration = self.durations.remove(key);
-        let label = batch
-            .iter()
-            .find(|completion| completion.key() == *key)
-            .map_or("failed", |completion| outcome_label(&completion.outcome));
+        let label = outcome.map_or("failed", outcome_label);
         self.ended_metrics.push((task_queue, label, duration));
     }
 
