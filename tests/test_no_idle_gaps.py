@@ -122,3 +122,44 @@ async def test_a_lock_successor_scheduled_for_later_runs_when_due(
     await step.configure(lock="L").defer_async(label="last")
     await run_until(app, lambda: statuses(dsn) == ["succeeded"] * 3, "the three steps")
     assert order == ["first", "scheduled", "last"]
+
+
+async def test_wait_false_runs_everything_that_running_jobs_make_claimable(
+    app: procrastinate.App, dsn: str
+) -> None:
+    """`wait=False` returns once a claim finds nothing and no job runs: a lock's next jobs,
+    a retry with no delay and jobs deferred by running tasks all run before it returns.
+    procrastinate's worker stops at its first empty fetch instead (docs/migration.md)."""
+    ran: list[str] = []
+
+    @app.task(name="parent")
+    async def parent(depth: int) -> None:
+        ran.append(f"parent-{depth}")
+        await asyncio.sleep(0.05)  # the worker's claims come back empty meanwhile
+        if depth < 3:
+            await parent.defer_async(depth=depth + 1)
+
+    @app.task(name="flaky", retry=RetryStrategy(max_attempts=3), pass_context=True)
+    async def flaky(context: JobContext) -> None:
+        ran.append(f"flaky-{context.job.attempts}")
+        if context.job.attempts < 2:
+            raise ValueError("not yet")
+
+    @app.task(name="locked")
+    async def locked(n: int) -> None:
+        ran.append(f"locked-{n}")
+        await asyncio.sleep(0.01)
+
+    await parent.defer_async(depth=0)
+    await flaky.defer_async()
+    for n in range(5):
+        await locked.configure(lock="one-entity").defer_async(n=n)
+    await asyncio.wait_for(
+        fastworker.run_async(app, wait=False, concurrency=4, **HOUR), timeout=120
+    )
+    assert statuses(dsn) == ["succeeded"] * 10
+    assert [name for name in ran if name.startswith("parent")] == [
+        f"parent-{depth}" for depth in range(4)
+    ]
+    assert [name for name in ran if name.startswith("flaky")] == ["flaky-0", "flaky-1", "flaky-2"]
+    assert [name for name in ran if name.startswith("locked")] == [f"locked-{n}" for n in range(5)]

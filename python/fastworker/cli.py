@@ -48,7 +48,7 @@ CONNECT_TIMEOUT = 10
 
 EXIT_CODES_HELP = f"""\
 exit codes:
-  {EXIT_OK}  the worker stopped cleanly (SIGINT/SIGTERM, or --one-shot and the queues are empty)
+  {EXIT_OK}  the worker stopped cleanly (SIGINT/SIGTERM, or --one-shot and nothing left to run)
   {EXIT_FAILURE}  the worker failed
   {EXIT_USAGE}  bad arguments, environment variables or app
   {EXIT_UNREACHABLE}  the database is unreachable, or was lost for longer than --reconnect-timeout
@@ -293,8 +293,8 @@ def _configure_worker_parser(
             action.metavar = "{" + ",".join(c.value for c in jobs.DeleteJobCondition) + "}"
         elif action.dest == "wait":
             action.help = _with_env_suffix(
-                "--wait (default): keep waiting for new jobs; --one-shot: stop once the "
-                "queues are empty",
+                "--wait (default): keep waiting for new jobs; --one-shot: stop once nothing is "
+                "claimable and no job runs",
                 action.help,
             )
         elif action.dest == "listen_notify":

@@ -115,7 +115,7 @@ class Worker(Periodic):
         self._init_runner_state()
 
     async def run(self) -> None:
-        """Run until stopped (or, with ``wait=False``, until the queues are empty)."""
+        """Run until stopped (``wait=False``: until nothing is claimable and no job runs)."""
         self._stop_event.clear()
         self._hard_stop.clear()
         self._fatal_error = None

@@ -1693,24 +1693,6 @@ async def scenario_user_aborts_every_kind_of_job_running(run: Run) -> None:
 
 
 @scenario()
-async def scenario_wait_false_with_graceful_timeout(run: Run) -> None:
-    """`wait=False` stops once a claim finds nothing; a job still running past
-    `shutdown_graceful_timeout` is then aborted (a sync one with retries goes back to
-    `todo`), as procrastinate's worker does."""
-    release_threads = _blocking_tasks(run)
-    await run.app.tasks["blocked"].defer_async()
-    await run.app.tasks["blocked_sync_retry"].defer_async()
-    try:
-        await run.run_worker(concurrency=3, wait=False, shutdown_graceful_timeout=0.05)
-    finally:
-        run.signal("release")
-        release_threads.set()
-    run.unordered_effects = True
-    statuses = await run.query("SELECT status::text, attempts FROM procrastinate_jobs ORDER BY id")
-    assert statuses == [("aborted", 1), ("todo", 1)], statuses
-
-
-@scenario()
 async def scenario_run_twice(run: Run) -> None:
     """The same Worker object runs twice; a stop() between runs does not stick."""
 
@@ -1846,30 +1828,6 @@ async def scenario_graceful_timeout_zero(run: Run) -> None:
         await run.wait_signal("polite started")
 
     await run.run_until(steps, concurrency=2, shutdown_graceful_timeout=0)
-
-
-@scenario()
-async def scenario_wait_false_stops_while_job_runs(run: Run) -> None:
-    """wait=False, two slots: the first empty fetch stops the worker while a job still runs;
-    the worker waits for it."""
-
-    @run.app.task(name="slow")
-    async def slow() -> None:
-        await run.wait_signal("release")
-        run.effects.append("slow done")
-
-    @run.app.task(name="quick")
-    async def quick() -> None:
-        run.effects.append("quick done")
-
-    await slow.defer_async()
-    await quick.defer_async()
-    worker = run.worker(wait=False, concurrency=2)
-    task = asyncio.create_task(worker.run())
-    await run.wait_log("ending_job")
-    run.signal("release")
-    async with asyncio.timeout(20):
-        await task
 
 
 @scenario()

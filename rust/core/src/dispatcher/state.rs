@@ -697,7 +697,15 @@ impl State {
         let limited_progress = !room.is_empty() && !jobs.is_empty();
         self.want_claim = full || limited_progress;
         self.claim_when_queue_frees = !full && !room.full.is_empty();
-        let drained = !self.settings.wait && !full && !limited_progress && room.full.is_empty();
+        // `wait=False` stops once nothing is claimable and nothing runs: a running job may
+        // still free a lock, retry at once or defer follow-up jobs, and every completion
+        // claims again in its round trip (procrastinate stops at the first empty fetch).
+        let drained = !self.settings.wait
+            && !full
+            && !limited_progress
+            && room.full.is_empty()
+            && jobs.is_empty()
+            && self.in_flight.is_empty();
         if !self.abandoned.is_empty() {
             // Claimed again: its refused write had in fact gone through before a
             // connection loss (it was back in `todo`). It holds a slot again.
@@ -1084,6 +1092,47 @@ mod tests {
         );
         end_then_claim_nothing(&mut state, now, (1, 0));
         assert!(state.wants_schedule_check());
+    }
+
+    #[test]
+    fn without_wait_an_empty_claim_drains_only_once_nothing_runs() {
+        let now = Instant::now();
+        let mut state = State::new(Settings {
+            wait: false,
+            ..settings(2)
+        });
+        let plan = round_trip(&mut state, now);
+        let mut needs = Needs::default();
+        state.on_claimed(
+            now,
+            plan.claim_limit,
+            &plan.room,
+            Ok(vec![job(1, 0)]),
+            &mut needs,
+        );
+        let drained = |state: &mut State| {
+            state
+                .outbox
+                .drain(..)
+                .any(|event| matches!(event, HandoffEvent::Drained))
+        };
+        assert!(!drained(&mut state));
+        // A short claim while job 1 runs: it may still free a lock or retry at once.
+        state.want_claim = true;
+        let plan = round_trip(&mut state, now);
+        state.on_claimed(
+            now,
+            plan.claim_limit,
+            &plan.room,
+            Ok(Vec::new()),
+            &mut needs,
+        );
+        assert!(!drained(&mut state), "job 1 still runs");
+        assert!(state.claiming);
+        // Its end is written and the claim of the same round trip finds nothing: done.
+        end_then_claim_nothing(&mut state, now, (1, 0));
+        assert!(drained(&mut state));
+        assert!(!state.claiming);
     }
 
     /// The claim `key` succeeds, is written, and the same round trip claims nothing.
