@@ -14,6 +14,7 @@ import pytest
 import fastworker
 from fastworker import _core, options
 from fastworker.cli import create_parser
+from fastworker.connection import params_from_dsn
 from tests.reliability.helpers import REPO
 
 FASTWORKER_ONLY = [option.name for option in options.OPTIONS]
@@ -112,15 +113,15 @@ async def test_the_core_takes_every_option_the_worker_hands_it(
     worker = fastworker.Worker(
         app, queue_concurrency={"a": 1}, max_jobs=5, update_heartbeat_interval=float("inf")
     )
-    core_options = worker._core_options(dsn)
+    core_options = worker._core_options(params_from_dsn(dsn))
     expected = set(options.PROCRASTINATE_CORE_OPTIONS) | {
         option.name for option in options.OPTIONS if option.core
     }
-    assert set(core_options) == expected | {"conninfo"}
+    assert set(core_options) == expected | {"connection"}
     core = await _core.WorkerCore.start(core_options)
     await core.shutdown()
 
 
 def test_the_core_refuses_an_option_it_does_not_know_by_name() -> None:
     with pytest.raises(_core.ConfigurationError, match="concurency"):
-        _core.WorkerCore.start({"conninfo": "dbname=x", "concurency": 2})
+        _core.WorkerCore.start({"connection": {"dbname": "x"}, "concurency": 2})

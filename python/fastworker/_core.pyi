@@ -6,6 +6,7 @@ from typing import Any, ClassVar, final
 from typing_extensions import Self, disjoint_base
 
 __all__ = [
+    "CONNECTION_KEYWORDS",
     "ConfigurationError",
     "ConnectionLost",
     "DatabaseError",
@@ -20,6 +21,7 @@ __all__ = [
     "WorkerCore",
     "WorkerShutDown",
     "_quiesce_before_exit",
+    "probe_connection",
 ]
 
 @final
@@ -231,7 +233,8 @@ class WorkerCore:
     @staticmethod
     def start(options: Mapping[str, Any]) -> Awaitable[WorkerCore]:
         """Connect, prune stalled workers, register, start claiming. `options`: the core's
-        options by name (`conninfo`, procrastinate's claiming options, fastworker's own with
+        options by name (`connection`: libpq's keywords as libpq resolved them, see
+        `fastworker.connection`; procrastinate's claiming options, fastworker's own with
         `core=True` in `fastworker.options`), durations in seconds."""
     @property
     def worker_id(self) -> int: ...
@@ -249,3 +252,9 @@ class WorkerCore:
     def shutdown(self) -> Awaitable[None]: ...
 
 def _quiesce_before_exit() -> None: ...
+
+CONNECTION_KEYWORDS: list[str]
+"""The libpq keywords the core takes (`WorkerCore.start`'s `connection`)."""
+
+def probe_connection(connection: Mapping[str, str]) -> Awaitable[dict[str, Any]]:
+    """Connect once as the core does; `user`, `database`, `server_port` and `ssl`."""

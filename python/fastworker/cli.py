@@ -32,7 +32,6 @@ from psycopg.conninfo import conninfo_to_dict
 
 import fastworker
 from fastworker import options
-from fastworker.connection import conninfo_from_dsn
 
 PROGRAM_NAME = "fastworker"
 ENV_PREFIX = options.ENV_PREFIX
@@ -540,7 +539,8 @@ def _connection_arguments(
         if isinstance(conninfo, str) and isinstance(kwargs, dict):
             targets.append((conninfo, dict(kwargs)))
     if dsn:
-        targets.append((conninfo_from_dsn(dsn), {}))
+        # libpq resolves it (service file, PG* variables, passfile), as for the core.
+        targets.append((dsn, {}))
     return targets
 
 

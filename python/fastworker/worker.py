@@ -26,7 +26,7 @@ from procrastinate import App, utils
 
 from fastworker import _core
 from fastworker import options as fastworker_options
-from fastworker.connection import resolve_conninfo
+from fastworker.connection import ConnectionParams, resolve_connection
 from fastworker.runner.intake import connector_json_loads
 from fastworker.runner.periodic import Periodic
 from fastworker.runner.state import JobTimeout, logger
@@ -143,9 +143,9 @@ class Worker(Periodic):
                 self._uninstall_signal_handlers(previous_handlers)
             self._loop = None
 
-    def _core_options(self, conninfo: str) -> dict[str, Any]:
+    def _core_options(self, connection: ConnectionParams) -> dict[str, Any]:
         """The options the core takes (its `WorkerConfig`), by name."""
-        core_options: dict[str, Any] = {"conninfo": conninfo}
+        core_options: dict[str, Any] = {"connection": connection}
         for name in fastworker_options.PROCRASTINATE_CORE_OPTIONS:
             core_options[name] = getattr(self, name)
         for option in fastworker_options.OPTIONS:
@@ -157,8 +157,8 @@ class Worker(Periodic):
 
     async def _start_and_run(self) -> None:
         self._json_loads = connector_json_loads(self.app.connector)
-        conninfo = await resolve_conninfo(self.app, self._dsn)
-        core = await _core.WorkerCore.start(self._core_options(conninfo))
+        connection = await resolve_connection(self.app, self._dsn)
+        core = await _core.WorkerCore.start(self._core_options(connection))
         self._core = core
         self.worker_id = core.worker_id
         if core.pruned_workers:

@@ -23,7 +23,7 @@ from procrastinate import worker as procrastinate_worker
 from psycopg.conninfo import conninfo_to_dict
 
 import fastworker
-from fastworker.connection import resolve_conninfo
+from fastworker.connection import resolve_connection
 from tests.conftest import create_database, fetch_all, make_app
 from tests.differential.harness import GUARD_SECONDS, IMPLEMENTATIONS, Impl, worker_class
 
@@ -216,8 +216,7 @@ async def test_connection_from_aiopg_connector(dsn: str) -> None:
     )
     app = procrastinate.App(connector=connector)
     async with app.open_async():
-        assert await resolve_conninfo(app) is not None
-        resolved = conninfo_to_dict(await resolve_conninfo(app))
+        resolved = await resolve_connection(app)
         assert resolved["dbname"] == params["dbname"]
         assert await _drain_with(app, dsn) == [("succeeded", 2)]
 
@@ -228,7 +227,7 @@ async def test_connection_from_aiopg_connector_dsn_before_open(dsn: str) -> None
     from procrastinate.contrib.aiopg import AiopgConnector
 
     app = procrastinate.App(connector=AiopgConnector(dsn=dsn))
-    resolved = conninfo_to_dict(await resolve_conninfo(app))
+    resolved = await resolve_connection(app)
     assert resolved["dbname"] == conninfo_to_dict(dsn)["dbname"]
 
 

@@ -14,7 +14,7 @@ import pytest
 
 import fastworker
 from fastworker import _core
-from fastworker.connection import conninfo_from_dsn
+from fastworker.connection import params_from_dsn
 from tests.conftest import make_app
 from tests.reliability.helpers import (
     REPO,
@@ -39,7 +39,9 @@ SCRAM_HBA = (
 
 async def start_error(conninfo: str) -> BaseException:
     with pytest.raises(fastworker.FastworkerError) as caught:
-        await _core.WorkerCore.start({"conninfo": conninfo, "reconnect_timeout": 1.0})
+        await _core.WorkerCore.start(
+            {"connection": params_from_dsn(conninfo), "reconnect_timeout": 1.0}
+        )
     return caught.value
 
 
@@ -65,8 +67,8 @@ def test_the_worker_and_its_connection_settings_do_not_show_the_password() -> No
     worker = fastworker.Worker(make_app(dsn), dsn=dsn, install_signal_handlers=False)
     assert SECRET not in repr(worker)
     assert SECRET not in str(worker)
-    # The resolved conninfo does carry it (the core needs it), but is never logged.
-    assert SECRET in conninfo_from_dsn(dsn)
+    # The resolved parameters do carry it (the core needs it), but are never logged.
+    assert params_from_dsn(dsn)["password"] == SECRET
 
 
 @pytest.mark.slow

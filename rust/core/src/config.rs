@@ -13,12 +13,14 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use crate::errors::{CoreError, CoreResult};
+use crate::params::ConnectionParams;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WorkerConfig {
-    /// libpq-style connection string (`key=value ...` or `postgresql://` URL).
-    pub conninfo: String,
+    /// Where to connect: libpq's keywords as libpq resolved them (its `Debug` hides the
+    /// password).
+    pub connection: ConnectionParams,
     /// `None` listens to and claims from every queue.
     pub queues: Option<Vec<String>>,
     /// Jobs in `doing` held by this worker never exceed this.
@@ -60,7 +62,7 @@ pub struct WorkerConfig {
 impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
-            conninfo: String::new(),
+            connection: ConnectionParams::default(),
             queues: None,
             concurrency: 1,
             wait: true,
@@ -80,11 +82,17 @@ impl Default for WorkerConfig {
 }
 
 impl WorkerConfig {
-    pub fn new(conninfo: impl Into<String>) -> Self {
+    pub fn new(connection: ConnectionParams) -> Self {
         WorkerConfig {
-            conninfo: conninfo.into(),
+            connection,
             ..WorkerConfig::default()
         }
+    }
+
+    /// The Rust API's string form: libpq's `key=value` syntax, every other option at its
+    /// default.
+    pub fn from_conninfo(conninfo: &str) -> CoreResult<Self> {
+        Ok(Self::new(ConnectionParams::from_key_values(conninfo)?))
     }
 
     /// The settings no statement could work with.
@@ -151,7 +159,7 @@ mod tests {
     #[test]
     fn options_arrive_by_name_with_seconds_as_durations() {
         let config = parse(
-            r#"{"conninfo": "dbname=x", "concurrency": 4, "update_heartbeat_interval": 0.5,
+            r#"{"connection": {"dbname": "x", "password": "s3cret"}, "concurrency": 4, "update_heartbeat_interval": 0.5,
                 "queue_concurrency": {"emails": 2}, "max_jobs": 10}"#,
         )
         .unwrap_or_else(|error| panic!("{error}"));
@@ -162,6 +170,11 @@ mod tests {
         // What was not given keeps its default.
         assert_eq!(config.max_batch_size, 500);
         assert!(config.validate().is_ok());
+        assert_eq!(config.connection.dbname.as_deref(), Some("x"));
+        assert!(
+            !format!("{config:?}").contains("s3cret"),
+            "the password never shows in Debug output"
+        );
     }
 
     #[test]

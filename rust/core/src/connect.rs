@@ -3,12 +3,14 @@
 
 use std::time::{Duration, Instant};
 
-use tokio_postgres::config::Host;
+use tokio_postgres::config::{ChannelBinding, SslMode as ProtocolSslMode, TargetSessionAttrs};
 use tokio_postgres::{Client, Config};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::errors::{is_connectivity_error, CoreError, CoreResult};
-use crate::tls;
+use crate::params::{invalid, unsupported, ConnectionParams, Endpoint};
+use crate::sql;
+use crate::tls::{self, TlsSettings};
 
 /// Session settings for the core's own connections.
 /// - `force_generic_plan`: every statement of the core is planned once per connection, not
@@ -28,7 +30,9 @@ use crate::tls;
 ///
 /// The job connection adds `enable_sort = off` for the claim (see [`crate::fetcher`]).
 const SESSION_SETUP: &str = "SET plan_cache_mode TO force_generic_plan; SET jit TO off; \
-     SET enable_seqscan TO off; SET application_name TO 'fastworker'";
+     SET enable_seqscan TO off";
+/// Unless the connection parameters name the application.
+const SET_APPLICATION_NAME: &str = "SET application_name TO 'fastworker'";
 
 /// `lock_timeout`: no statement of the core waits long for a row that another session
 /// keeps locked (a DBA, another worker's recovery); it fails, and is tried again later,
@@ -46,16 +50,19 @@ const KEEPALIVES_IDLE: Duration = Duration::from_secs(10);
 const KEEPALIVES_INTERVAL: Duration = Duration::from_secs(5);
 const KEEPALIVES_RETRIES: u32 = 4;
 const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
-/// tokio-postgres' own default idle time, i.e. none given.
-const UNSET_KEEPALIVES_IDLE: Duration = Duration::from_secs(2 * 60 * 60);
 
 #[derive(Clone)]
 pub struct ConnectionTarget {
-    config: Config,
+    /// One configuration per host of libpq's list, tried in order (shuffled per attempt
+    /// with `load_balance_hosts=random`), as libpq does.
+    attempts: Vec<Config>,
+    load_balance: bool,
     /// `SET lock_timeout ...` (see [`lock_timeout_for`]): the setting is a number this
     /// module computes, never user input.
     lock_timeout_statement: String,
-    /// libpq's sslmode over rustls (see [`crate::tls`]); unused on Unix sockets.
+    /// Whether to name the application `fastworker` (the parameters name none).
+    name_the_application: bool,
+    /// libpq's TLS keywords over rustls (see [`crate::tls`]); unused on Unix sockets.
     tls: MakeRustlsConnect,
     description: String,
 }
@@ -68,49 +75,121 @@ impl std::fmt::Debug for ConnectionTarget {
 }
 
 impl ConnectionTarget {
-    pub fn parse(conninfo: &str) -> CoreResult<Self> {
-        // tokio-postgres knows neither verify-ca / verify-full nor certificate files.
-        let (conninfo, tls_settings) = tls::split_tls_settings(conninfo)?;
-        let mut config: Config = conninfo.parse().map_err(|error: tokio_postgres::Error| {
-            // The parser's message names the bad key, never the password value.
-            CoreError::Config(error.to_string())
-        })?;
-        if config.get_hosts().is_empty() {
-            // libpq's default: the local Unix socket directory.
-            config.host("/var/run/postgresql");
+    /// The connection that libpq would open for these parameters, or a
+    /// [`CoreError::Config`] naming the keyword whose value the core cannot honour.
+    pub fn new(params: &ConnectionParams) -> CoreResult<Self> {
+        params.check_supported()?;
+        let tls_settings = TlsSettings::from_params(params)?;
+        let endpoints = params.endpoints()?;
+        let unnamed = |endpoint: &Endpoint| matches!(endpoint, Endpoint::Tcp { host: None, .. });
+        if tls_settings.mode == tls::SslMode::VerifyFull && endpoints.iter().any(unnamed) {
+            // libpq's rule and words.
+            return Err(CoreError::Config(
+                "host name must be specified for a verified SSL connection \
+                 (sslmode=verify-full with hostaddr alone)"
+                    .into(),
+            ));
         }
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(Duration::from_secs(10));
-        }
-        if config.get_keepalives_idle() == UNSET_KEEPALIVES_IDLE {
-            config.keepalives_idle(KEEPALIVES_IDLE);
-        }
-        if config.get_keepalives_interval().is_none() {
-            config.keepalives_interval(KEEPALIVES_INTERVAL);
-        }
-        if config.get_keepalives_retries().is_none() {
-            config.keepalives_retries(KEEPALIVES_RETRIES);
-        }
-        match config.get_tcp_user_timeout().copied() {
-            None => {
-                config.tcp_user_timeout(TCP_USER_TIMEOUT);
-            }
-            // libpq's tcp_user_timeout is in milliseconds; tokio-postgres reads seconds.
-            Some(given) => {
-                config.tcp_user_timeout(Duration::from_millis(given.as_secs()));
-            }
-        }
-        config.ssl_mode(tls_settings.mode.protocol());
         let tls = tls::connector(&tls_settings)?;
-        let description = describe(&config);
+        let mut base = Config::new();
+        if let Some(user) = params.user.as_deref().filter(|user| !user.is_empty()) {
+            base.user(user);
+        }
+        if let Some(password) = params.password.as_deref().filter(|p| !p.is_empty()) {
+            base.password(password);
+        }
+        if let Some(dbname) = params.dbname.as_deref().filter(|d| !d.is_empty()) {
+            base.dbname(dbname);
+        }
+        if let Some(options) = params.options.as_deref().filter(|o| !o.is_empty()) {
+            base.options(options);
+        }
+        if let Some(name) = params.application_name() {
+            base.application_name(name);
+        }
+        base.connect_timeout(params.connect_timeout()?.unwrap_or(Duration::from_secs(10)));
+        base.keepalives(params.keepalives()?);
+        base.keepalives_idle(
+            ConnectionParams::seconds(params.keepalives_idle.as_deref(), "keepalives_idle")?
+                .unwrap_or(KEEPALIVES_IDLE),
+        );
+        base.keepalives_interval(
+            ConnectionParams::seconds(
+                params.keepalives_interval.as_deref(),
+                "keepalives_interval",
+            )?
+            .unwrap_or(KEEPALIVES_INTERVAL),
+        );
+        base.keepalives_retries(params.keepalives_count()?.unwrap_or(KEEPALIVES_RETRIES));
+        base.tcp_user_timeout(params.tcp_user_timeout()?.unwrap_or(TCP_USER_TIMEOUT));
+        base.target_session_attrs(match params.target_session_attrs.as_deref() {
+            None | Some("") | Some("any") => TargetSessionAttrs::Any,
+            Some("read-write") => TargetSessionAttrs::ReadWrite,
+            Some(other @ ("read-only" | "primary" | "standby" | "prefer-standby")) => {
+                return Err(unsupported(
+                    "target_session_attrs",
+                    other,
+                    "the core claims and writes jobs: it needs a primary (use any or read-write)",
+                ))
+            }
+            Some(other) => return Err(invalid("target_session_attrs", other)),
+        });
+        let load_balance = match params.load_balance_hosts.as_deref() {
+            None | Some("") | Some("disable") => false,
+            Some("random") => true,
+            Some(other) => return Err(invalid("load_balance_hosts", other)),
+        };
+        base.channel_binding(match params.channel_binding.as_deref() {
+            None | Some("") | Some("prefer") => ChannelBinding::Prefer,
+            Some("disable") => ChannelBinding::Disable,
+            Some("require") => ChannelBinding::Require,
+            Some(other) => return Err(invalid("channel_binding", other)),
+        });
+        let attempts = endpoints
+            .iter()
+            .map(|endpoint| -> CoreResult<Config> {
+                let mut config = base.clone();
+                match endpoint {
+                    Endpoint::Unix { directory, port } => {
+                        // libpq never asks for TLS on a Unix socket, whatever the sslmode.
+                        config
+                            .host_path(directory)
+                            .port(*port)
+                            .ssl_mode(ProtocolSslMode::Disable);
+                    }
+                    Endpoint::Tcp {
+                        host,
+                        hostaddr,
+                        port,
+                    } => {
+                        let name = host.clone().or_else(|| hostaddr.map(|a| a.to_string()));
+                        config.host(name.as_deref().unwrap_or_default());
+                        if let Some(address) = hostaddr {
+                            config.hostaddr(*address);
+                        }
+                        config.port(*port).ssl_mode(tls_settings.mode.protocol());
+                    }
+                }
+                Ok(config)
+            })
+            .collect::<CoreResult<Vec<_>>>()?;
+        let description = describe(&endpoints, params.dbname.as_deref().unwrap_or(""));
         Ok(ConnectionTarget {
-            config,
+            attempts,
+            load_balance,
             lock_timeout_statement: lock_timeout_statement(lock_timeout_for(Duration::from_secs(
                 30,
             ))),
+            name_the_application: params.application_name().is_none(),
             tls,
             description,
         })
+    }
+
+    /// The Rust API's string form: libpq's `key=value` syntax (see
+    /// [`ConnectionParams::from_key_values`]).
+    pub fn parse(conninfo: &str) -> CoreResult<Self> {
+        Self::new(&ConnectionParams::from_key_values(conninfo)?)
     }
 
     /// Statements may wait `response_timeout` for an answer: row locks are waited for
@@ -126,7 +205,11 @@ impl ConnectionTarget {
     }
 
     pub fn database(&self) -> String {
-        self.config.get_dbname().unwrap_or_default().to_string()
+        self.attempts
+            .first()
+            .and_then(|config| config.get_dbname())
+            .unwrap_or_default()
+            .to_string()
     }
 
     /// One attempt. The connection task runs on the current tokio runtime.
@@ -147,14 +230,36 @@ impl ConnectionTarget {
         notifications: Option<tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>>,
     ) -> CoreResult<Client> {
         use futures_util::StreamExt;
-        let (client, mut connection) =
-            self.config
-                .connect(self.tls.clone())
-                .await
-                .map_err(|error| CoreError::Unreachable {
-                    target: self.description.clone(),
-                    reason: error_chain(&error),
-                })?;
+        let mut order: Vec<usize> = (0..self.attempts.len()).collect();
+        if self.load_balance {
+            shuffle(&mut order);
+        }
+        let mut reasons = Vec::new();
+        let mut opened = None;
+        for index in order {
+            match self.attempts[index].connect(self.tls.clone()).await {
+                Ok(pair) => {
+                    opened = Some(pair);
+                    break;
+                }
+                Err(error) => {
+                    let mut reason = error_chain(&error);
+                    if reason.contains("password missing") {
+                        // tokio-postgres' words for libpq's "no password supplied".
+                        reason = "the server asks for a password and none was given \
+                                  (password, PGPASSWORD, or a passfile entry for this host)"
+                            .into();
+                    }
+                    reasons.push(reason);
+                }
+            }
+        }
+        let Some((client, mut connection)) = opened else {
+            return Err(CoreError::Unreachable {
+                target: self.description.clone(),
+                reason: reasons.join("; "),
+            });
+        };
         tokio::spawn(async move {
             let Some(notifications) = notifications else {
                 // Errors surface on the client's next request; nothing to do with them here.
@@ -178,11 +283,32 @@ impl ConnectionTarget {
             .batch_execute(SESSION_SETUP)
             .await
             .map_err(|error| CoreError::database("setting up the session", error))?;
+        if self.name_the_application {
+            client
+                .batch_execute(SET_APPLICATION_NAME)
+                .await
+                .map_err(|error| CoreError::database("setting up the session", error))?;
+        }
         client
             .batch_execute(&self.lock_timeout_statement)
             .await
             .map_err(|error| CoreError::database("setting up the session", error))?;
         Ok(client)
+    }
+
+    /// Connect once, as every connection of the core does, and say where it landed.
+    pub async fn probe(&self) -> CoreResult<Landed> {
+        let client = self.connect().await?;
+        let row = client
+            .query_one(sql::WHERE_CONNECTED, &[])
+            .await
+            .map_err(|error| CoreError::database("probing the connection", error))?;
+        Ok(Landed {
+            user: row.get(0),
+            database: row.get(1),
+            server_port: row.get(2),
+            ssl: row.get(3),
+        })
     }
 
     /// Connect, retrying connectivity failures with exponential backoff until `budget` runs out.
@@ -207,6 +333,16 @@ impl ConnectionTarget {
             delay = (delay * 2).min(Duration::from_secs(2));
         }
     }
+}
+
+/// Where a connection landed (see [`ConnectionTarget::probe`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Landed {
+    pub user: String,
+    pub database: String,
+    /// The server's `port` setting (also for a Unix socket).
+    pub server_port: i32,
+    pub ssl: bool,
 }
 
 fn lock_timeout_statement(timeout: Duration) -> String {
@@ -240,27 +376,41 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-fn describe(config: &Config) -> String {
-    let ports = config.get_ports();
-    let hosts: Vec<String> = config
-        .get_hosts()
+fn describe(endpoints: &[Endpoint], database: &str) -> String {
+    let hosts: Vec<String> = endpoints
         .iter()
-        .enumerate()
-        .map(|(index, host)| {
-            let port = ports
-                .get(index)
-                .or_else(|| ports.first())
-                .copied()
-                .unwrap_or(5432);
-            match host {
-                Host::Tcp(name) => format!("{name}:{port}"),
-                #[cfg(unix)]
-                Host::Unix(path) => format!("{}:{port} (unix socket)", path.display()),
+        .map(|endpoint| match endpoint {
+            Endpoint::Tcp {
+                host,
+                hostaddr,
+                port,
+            } => match (host, hostaddr) {
+                (Some(host), _) => format!("{host}:{port}"),
+                (None, Some(address)) => format!("{address}:{port}"),
+                (None, None) => format!(":{port}"),
+            },
+            Endpoint::Unix { directory, port } => {
+                format!("{}:{port} (unix socket)", directory.display())
             }
         })
         .collect();
-    let database = config.get_dbname().unwrap_or("");
     format!("{}/{}", hosts.join(","), database)
+}
+
+/// `load_balance_hosts=random`: a fresh order per connection (no RNG crate needed for
+/// spreading connections: the clock's nanoseconds seed a small xorshift).
+fn shuffle(order: &mut [usize]) {
+    let mut state = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.subsec_nanos() as u64 | 1)
+        .unwrap_or(0x9e37_79b9);
+    for index in (1..order.len()).rev() {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let other = (state % (index as u64 + 1)) as usize;
+        order.swap(index, other);
+    }
 }
 
 /// Quote a name as a PostgreSQL identifier (`LISTEN` takes no bind parameters).
@@ -272,64 +422,88 @@ pub fn quote_identifier(name: &str) -> String {
 mod tests {
     use super::*;
 
+    fn target(conninfo: &str) -> ConnectionTarget {
+        ConnectionTarget::parse(conninfo).unwrap_or_else(|error| panic!("{error}"))
+    }
+
     #[test]
     fn description_never_contains_the_password() {
-        let target =
-            ConnectionTarget::parse("host=db.example port=6543 user=u password=s3cret dbname=jobs")
-                .expect("valid conninfo");
+        let target = target("host=db.example port=6543 user=u password=s3cret dbname=jobs");
         assert_eq!(target.description(), "db.example:6543/jobs");
         assert!(!format!("{target:?}").contains("s3cret"));
     }
 
     #[test]
-    fn url_form_is_accepted() {
-        let target = ConnectionTarget::parse("postgresql://u:pw@127.0.0.1:5433/x").expect("url");
-        assert_eq!(target.description(), "127.0.0.1:5433/x");
+    fn urls_are_refused_by_the_rust_api() {
+        assert!(matches!(
+            ConnectionTarget::parse("postgresql://u:pw@127.0.0.1:5433/x"),
+            Err(CoreError::Config(_))
+        ));
     }
 
     #[test]
     fn bad_settings_are_a_config_error_without_the_password() {
-        let error = ConnectionTarget::parse("host=x password=hunter2 bogus_key=1").unwrap_err();
-        assert!(matches!(error, CoreError::Config(_)));
-        assert!(!error.to_string().contains("hunter2"));
+        for conninfo in [
+            "host=x password=hunter2 bogus_key=1",
+            "host=x password=hunter2 target_session_attrs=standby",
+            "host=x password=hunter2 channel_binding=sometimes",
+        ] {
+            let error = ConnectionTarget::parse(conninfo).unwrap_err();
+            assert!(matches!(error, CoreError::Config(_)), "{conninfo}");
+            assert!(!error.to_string().contains("hunter2"));
+        }
     }
 
     #[test]
-    fn a_dead_peer_fails_within_about_30_s_unless_the_dsn_says_otherwise() {
-        let target = ConnectionTarget::parse("host=h user=u dbname=d").expect("valid");
-        assert_eq!(target.config.get_keepalives_idle(), KEEPALIVES_IDLE);
+    fn unix_sockets_never_ask_for_tls_and_tcp_hosts_keep_the_sslmode() {
+        let target = target("host=/run/pg,db.example sslmode=require");
+        assert_eq!(target.attempts.len(), 2);
+        assert_eq!(target.attempts[0].get_ssl_mode(), ProtocolSslMode::Disable);
+        assert_eq!(target.attempts[1].get_ssl_mode(), ProtocolSslMode::Require);
         assert_eq!(
-            target.config.get_keepalives_interval(),
-            Some(KEEPALIVES_INTERVAL)
+            target.description(),
+            "/run/pg:5432 (unix socket),db.example:5432/"
         );
-        assert_eq!(
-            target.config.get_keepalives_retries(),
-            Some(KEEPALIVES_RETRIES)
+    }
+
+    #[test]
+    fn verify_full_needs_a_host_name_as_in_libpq() {
+        let error = ConnectionTarget::parse(
+            "hostaddr=127.0.0.1 sslmode=verify-full sslrootcert=/nonexistent/ca.pem",
         );
-        assert_eq!(
-            target.config.get_tcp_user_timeout(),
-            Some(&TCP_USER_TIMEOUT)
-        );
+        assert!(matches!(error, Err(CoreError::Config(_))));
+        let message = error.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(message.contains("host name must be specified"), "{message}");
+    }
+
+    #[test]
+    fn a_dead_peer_fails_within_about_30_s_unless_the_parameters_say_otherwise() {
+        let config = target("host=h user=u dbname=d").attempts[0].clone();
+        assert_eq!(config.get_keepalives_idle(), KEEPALIVES_IDLE);
+        assert_eq!(config.get_keepalives_interval(), Some(KEEPALIVES_INTERVAL));
+        assert_eq!(config.get_keepalives_retries(), Some(KEEPALIVES_RETRIES));
+        assert_eq!(config.get_tcp_user_timeout(), Some(&TCP_USER_TIMEOUT));
         let idle_and_probes = KEEPALIVES_IDLE + KEEPALIVES_INTERVAL * KEEPALIVES_RETRIES;
         assert!(
             idle_and_probes <= Duration::from_secs(35)
                 && TCP_USER_TIMEOUT <= Duration::from_secs(35)
         );
 
-        let target = ConnectionTarget::parse(
+        let config = target(
             "host=h user=u dbname=d keepalives=0 keepalives_idle=77 keepalives_interval=9 \
-             keepalives_retries=2 tcp_user_timeout=12000",
+             keepalives_count=2 tcp_user_timeout=12000",
         )
-        .expect("valid");
-        assert!(!target.config.get_keepalives());
-        assert_eq!(target.config.get_keepalives_idle(), Duration::from_secs(77));
+        .attempts[0]
+            .clone();
+        assert!(!config.get_keepalives());
+        assert_eq!(config.get_keepalives_idle(), Duration::from_secs(77));
         assert_eq!(
-            target.config.get_keepalives_interval(),
+            config.get_keepalives_interval(),
             Some(Duration::from_secs(9))
         );
-        assert_eq!(target.config.get_keepalives_retries(), Some(2));
+        assert_eq!(config.get_keepalives_retries(), Some(2));
         assert_eq!(
-            target.config.get_tcp_user_timeout(),
+            config.get_tcp_user_timeout(),
             Some(&Duration::from_millis(12000))
         );
     }

@@ -11,8 +11,9 @@
 //! - [`metrics`]: counters and histograms kept where the events happen, read on scrape.
 //! - [`registry`]: worker registration, heartbeat, stalled-worker pruning, abort polling.
 //! - [`sql`]: every statement the core sends, with its parameters.
-//! - [`connect`]: connection settings, connecting with backoff, redacted descriptions.
-//! - [`tls`]: libpq's sslmode / sslrootcert / sslcert / sslkey over rustls.
+//! - [`params`]: the connection parameters, libpq's keywords as libpq resolved them.
+//! - [`connect`]: connecting (host lists, backoff), session settings, redacted descriptions.
+//! - [`tls`]: libpq's TLS keywords over rustls.
 //! - [`errors`]: the one error enum.
 //! - [`worker`]: [`worker::WorkerCore`], which starts and stops all of the above.
 
@@ -25,6 +26,7 @@ pub mod fetcher;
 pub mod handoff;
 pub mod listener;
 pub mod metrics;
+pub mod params;
 pub mod protocol;
 pub mod registry;
 pub mod sql;
@@ -34,5 +36,6 @@ pub mod worker;
 pub use config::WorkerConfig;
 pub use errors::{CoreError, CoreResult};
 pub use metrics::{Metrics, MetricsSnapshot};
+pub use params::ConnectionParams;
 pub use protocol::{Completion, HandoffEvent, JobRow, LogLevel, LogRecord, Outcome, Reported};
 pub use worker::WorkerCore;

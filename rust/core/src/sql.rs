@@ -502,6 +502,12 @@ pub const LOCK_UNOWNED_JOBS: &str = "SELECT id FROM procrastinate_jobs AS job
 pub const JOBS_TO_ABORT: &str = "SELECT id FROM procrastinate_jobs
  WHERE status = 'doing' AND abort_requested AND worker_id = ANY($1::bigint[])";
 
+/// Where a connection landed: who, which database, which server (its port setting) and
+/// whether TLS carries it (see [`crate::connect::ConnectionTarget::probe`]).
+pub const WHERE_CONNECTED: &str = "SELECT current_user::text, current_database()::text,
+ current_setting('port')::int,
+ coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)";
+
 /// The connections the core sends its statements on: the job connection's session plans
 /// differently (see [`crate::fetcher`]) from the others' (registry, recovery).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -537,6 +543,7 @@ pub const STATEMENTS: &[(&str, &str, Session)] = &[
     ("backend alive", BACKEND_ALIVE, Session::Jobs),
     ("terminate backend", TERMINATE_BACKEND, Session::Jobs),
     ("check schema", CHECK_SCHEMA, Session::Registry),
+    ("where connected", WHERE_CONNECTED, Session::Registry),
     (
         "prune stalled workers",
         PRUNE_STALLED_WORKERS,

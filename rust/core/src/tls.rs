@@ -1,17 +1,21 @@
-//! TLS for the core's connections, with libpq's `sslmode` meanings, over rustls.
+//! TLS for the core's connections, with libpq's meanings, over rustls.
 //!
 //! tokio-postgres itself only knows `disable` / `prefer` / `require` and no certificate
-//! settings, so the libpq TLS keys (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`) are taken
-//! out of the connection string here, before tokio-postgres parses the rest:
+//! settings, so libpq's TLS keywords are honoured here:
 //!
-//! - `disable`: plaintext only.
-//! - `allow`, `prefer` (libpq's default), `require`: TLS when the server offers it (required
-//!   for `require`), the certificate not checked, unless a root certificate is given
-//!   (`sslrootcert`, or `~/.postgresql/root.crt` as libpq), which makes it `verify-ca`.
-//! - `verify-ca`: the server's chain must lead to a root of `sslrootcert`.
-//! - `verify-full`: that, and the certificate must name the host connected to.
+//! - `sslmode`: `disable`: plaintext only. `allow`, `prefer` (libpq's default), `require`:
+//!   TLS when the server offers it (required for `require`), the certificate not checked,
+//!   unless a root certificate is at hand (`sslrootcert`, or `~/.postgresql/root.crt` as
+//!   libpq), which makes it `verify-ca`. `verify-ca`: the server's chain must lead to a
+//!   root of `sslrootcert`. `verify-full`: that, and the certificate must name the host.
+//! - `sslrootcert=system`: the platform's trust store (libpq 16), `verify-full` only.
+//! - `sslcrl`, `sslcrldir` (or `~/.postgresql/root.crl`): revocation lists, checked for the
+//!   whole chain as libpq's OpenSSL setting does.
+//! - `sslcert` + `sslkey` (or `~/.postgresql/postgresql.crt` / `.key`): a client
+//!   certificate, unless `sslcertmode=disable`.
+//! - `sslsni`, `ssl_min_protocol_version`, `ssl_max_protocol_version` (TLS 1.2 and 1.3).
 //!
-//! `sslcert` + `sslkey`: a client certificate. The crypto provider is `ring`.
+//! Unix-domain sockets never use TLS, as in libpq. The crypto provider is `ring`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,7 +24,9 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{
+    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime,
+};
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
@@ -28,6 +34,7 @@ use tokio_postgres::config::SslMode as ProtocolSslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::errors::{CoreError, CoreResult};
+use crate::params::{invalid, unsupported, ConnectionParams};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SslMode {
@@ -66,13 +73,34 @@ impl SslMode {
     }
 }
 
-/// The TLS keys of a connection string.
+/// The TLS settings of the connection parameters, with libpq's defaults.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TlsSettings {
     pub mode: SslMode,
-    pub root_cert: Option<PathBuf>,
+    pub root_cert: Option<RootCerts>,
+    /// Certificate revocation lists (`sslcrl`, every file of `sslcrldir`).
+    pub crls: Vec<PathBuf>,
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
+    /// `sslsni`: send the host name in the handshake (never for an IP address).
+    pub sni: bool,
+    pub min_version: TlsVersion,
+    pub max_version: TlsVersion,
+}
+
+/// Where the trusted roots come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RootCerts {
+    File(PathBuf),
+    /// `sslrootcert=system` (libpq 16): the platform's trust store.
+    System,
+}
+
+/// The TLS versions rustls speaks (libpq's `TLSv1` and `TLSv1.1` are below them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TlsVersion {
+    Tls12,
+    Tls13,
 }
 
 impl Default for TlsSettings {
@@ -80,176 +108,149 @@ impl Default for TlsSettings {
         TlsSettings {
             mode: SslMode::Prefer,
             root_cert: None,
+            crls: Vec::new(),
             client_cert: None,
             client_key: None,
+            sni: true,
+            min_version: TlsVersion::Tls12,
+            max_version: TlsVersion::Tls13,
         }
     }
 }
 
-const TLS_KEYS: [&str; 4] = ["sslmode", "sslrootcert", "sslcert", "sslkey"];
-
-/// Split a libpq connection string (`key=value ...` or a `postgres://` URL) into the TLS
-/// settings and the rest, for tokio-postgres.
-pub fn split_tls_settings(conninfo: &str) -> CoreResult<(String, TlsSettings)> {
-    let trimmed = conninfo.trim_start();
-    if trimmed.starts_with("postgres://") || trimmed.starts_with("postgresql://") {
-        split_url(trimmed)
-    } else {
-        split_key_values(conninfo)
-    }
-}
-
-fn apply(settings: &mut TlsSettings, key: &str, value: String) -> CoreResult<()> {
-    match key {
-        "sslmode" => settings.mode = SslMode::parse(&value)?,
-        "sslrootcert" => settings.root_cert = Some(PathBuf::from(value)),
-        "sslcert" => settings.client_cert = Some(PathBuf::from(value)),
-        "sslkey" => settings.client_key = Some(PathBuf::from(value)),
-        _ => {}
-    }
-    Ok(())
-}
-
-fn split_key_values(conninfo: &str) -> CoreResult<(String, TlsSettings)> {
-    let mut settings = TlsSettings::default();
-    let mut rest = Vec::new();
-    for (key, value) in parse_key_values(conninfo)? {
-        if TLS_KEYS.contains(&key.as_str()) {
-            apply(&mut settings, &key, value)?;
-        } else {
-            let escaped = value.replace('\\', "\\\\").replace('\'', "\\'");
-            rest.push(format!("{key}='{escaped}'"));
-        }
-    }
-    Ok((rest.join(" "), settings))
-}
-
-/// libpq's `key = value` syntax: values bare or single-quoted, `\` escapes the next char.
-fn parse_key_values(conninfo: &str) -> CoreResult<Vec<(String, String)>> {
-    let mut pairs = Vec::new();
-    let mut chars = conninfo.chars().peekable();
-    loop {
-        while chars.peek().is_some_and(|c| c.is_whitespace()) {
-            chars.next();
-        }
-        if chars.peek().is_none() {
-            return Ok(pairs);
-        }
-        let mut key = String::new();
-        while let Some(&c) = chars.peek() {
-            if c == '=' || c.is_whitespace() {
-                break;
-            }
-            key.push(c);
-            chars.next();
-        }
-        while chars.peek().is_some_and(|c| c.is_whitespace()) {
-            chars.next();
-        }
-        if chars.next() != Some('=') {
+impl TlsSettings {
+    /// libpq's TLS keywords, with libpq's defaults for what is not given: the root
+    /// certificate, the revocation list and the client certificate and key in
+    /// `~/.postgresql/` when those files exist.
+    pub fn from_params(params: &ConnectionParams) -> CoreResult<TlsSettings> {
+        let mode = match params.sslmode.as_deref() {
+            None | Some("") => SslMode::Prefer,
+            Some(mode) => SslMode::parse(mode)?,
+        };
+        let root_cert = match params.sslrootcert.as_deref() {
+            Some("system") => Some(RootCerts::System),
+            Some(path) if !path.is_empty() => Some(RootCerts::File(PathBuf::from(path))),
+            _ => default_file("root.crt").map(RootCerts::File),
+        };
+        if root_cert == Some(RootCerts::System) && mode != SslMode::VerifyFull {
             return Err(CoreError::Config(format!(
-                "invalid connection string: missing \"=\" after {key:?}"
+                "weak sslmode {:?} may not be used with sslrootcert=system (use \"verify-full\")",
+                params.sslmode.as_deref().unwrap_or("prefer")
             )));
         }
-        while chars.peek().is_some_and(|c| c.is_whitespace()) {
-            chars.next();
+        let mut crls = Vec::new();
+        match params.sslcrl.as_deref() {
+            Some(path) if !path.is_empty() => crls.push(PathBuf::from(path)),
+            _ => crls.extend(default_file("root.crl")),
         }
-        let mut value = String::new();
-        if chars.peek() == Some(&'\'') {
-            chars.next();
-            loop {
-                match chars.next() {
-                    Some('\\') => value.extend(chars.next()),
-                    Some('\'') => break,
-                    Some(c) => value.push(c),
-                    None => {
-                        return Err(CoreError::Config(format!(
-                            "invalid connection string: unterminated quoted value of {key:?}"
-                        )))
-                    }
+        if let Some(directory) = params.sslcrldir.as_deref().filter(|d| !d.is_empty()) {
+            let entries = std::fs::read_dir(directory)
+                .map_err(|error| tls_file_error(Path::new(directory), error))?;
+            for entry in entries {
+                let path = entry
+                    .map_err(|error| tls_file_error(Path::new(directory), error))?
+                    .path();
+                if path.is_file() {
+                    crls.push(path);
                 }
             }
+        }
+        let (client_cert, client_key) = if params.sslcertmode.as_deref() == Some("disable") {
+            (None, None)
         } else {
-            while let Some(&c) = chars.peek() {
-                if c.is_whitespace() {
-                    break;
+            let cert = match params.sslcert.as_deref() {
+                Some(path) if !path.is_empty() => Some(PathBuf::from(path)),
+                _ => default_file("postgresql.crt"),
+            };
+            let key = match params.sslkey.as_deref() {
+                Some(path) if !path.is_empty() => Some(PathBuf::from(path)),
+                _ => default_file("postgresql.key"),
+            };
+            // libpq sends a certificate only with its key; a lone default file is ignored.
+            match (cert, key) {
+                (Some(cert), Some(key)) => (Some(cert), Some(key)),
+                (Some(cert), None) if params.sslcert.is_some() => {
+                    return Err(tls_file_error(&cert, "sslcert needs its key (sslkey)"))
                 }
-                chars.next();
-                if c == '\\' {
-                    value.extend(chars.next());
-                } else {
-                    value.push(c);
-                }
+                _ => (None, None),
             }
+        };
+        let sni = match params.sslsni.as_deref() {
+            None | Some("") | Some("1") => true,
+            Some("0") => false,
+            Some(other) => return Err(invalid("sslsni", other)),
+        };
+        let min_version = match params.ssl_min_protocol_version.as_deref() {
+            None | Some("") | Some("TLSv1") | Some("TLSv1.1") | Some("TLSv1.2") => {
+                TlsVersion::Tls12
+            }
+            Some("TLSv1.3") => TlsVersion::Tls13,
+            Some(other) => return Err(invalid("ssl_min_protocol_version", other)),
+        };
+        let max_version = match params.ssl_max_protocol_version.as_deref() {
+            None | Some("") | Some("TLSv1.3") => TlsVersion::Tls13,
+            Some("TLSv1.2") => TlsVersion::Tls12,
+            Some(version @ ("TLSv1" | "TLSv1.1")) => {
+                return Err(unsupported(
+                    "ssl_max_protocol_version",
+                    version,
+                    "the core speaks TLS 1.2 and 1.3 only",
+                ))
+            }
+            Some(other) => return Err(invalid("ssl_max_protocol_version", other)),
+        };
+        if min_version > max_version {
+            return Err(CoreError::Config(
+                "invalid SSL protocol version range: ssl_min_protocol_version is above \
+                 ssl_max_protocol_version"
+                    .into(),
+            ));
         }
-        pairs.push((key, value));
+        Ok(TlsSettings {
+            mode,
+            root_cert,
+            crls,
+            client_cert,
+            client_key,
+            sni,
+            min_version,
+            max_version,
+        })
     }
 }
 
-fn split_url(url: &str) -> CoreResult<(String, TlsSettings)> {
-    let mut settings = TlsSettings::default();
-    let Some((base, query)) = url.split_once('?') else {
-        return Ok((url.to_string(), settings));
-    };
-    let mut kept = Vec::new();
-    for parameter in query.split('&').filter(|p| !p.is_empty()) {
-        let (key, value) = parameter.split_once('=').unwrap_or((parameter, ""));
-        let key = percent_decode(key)?;
-        if TLS_KEYS.contains(&key.as_str()) {
-            apply(&mut settings, &key, percent_decode(value)?)?;
-        } else {
-            kept.push(parameter);
-        }
-    }
-    let rest = if kept.is_empty() {
-        base.to_string()
-    } else {
-        format!("{base}?{}", kept.join("&"))
-    };
-    Ok((rest, settings))
-}
-
-fn percent_decode(text: &str) -> CoreResult<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut index = 0;
-    while index < bytes.len() {
-        if bytes[index] == b'%' && index + 2 < bytes.len() {
-            let hex = std::str::from_utf8(&bytes[index + 1..index + 3]).unwrap_or("");
-            match u8::from_str_radix(hex, 16) {
-                Ok(byte) => {
-                    out.push(byte);
-                    index += 3;
-                    continue;
-                }
-                Err(_) => return Err(CoreError::Config("invalid percent-encoding in URL".into())),
-            }
-        }
-        out.push(bytes[index]);
-        index += 1;
-    }
-    String::from_utf8(out).map_err(|_| CoreError::Config("invalid UTF-8 in URL".into()))
+fn default_file(name: &str) -> Option<PathBuf> {
+    std::env::var_os("HOME")
+        .map(|home| Path::new(&home).join(".postgresql").join(name))
+        .filter(|path| path.is_file())
 }
 
 /// The rustls connector for these settings. Certificates are read here, once.
 pub fn connector(settings: &TlsSettings) -> CoreResult<MakeRustlsConnect> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let root_cert = settings.root_cert.clone().or_else(default_root_cert);
     let verify = match settings.mode {
         SslMode::VerifyCa | SslMode::VerifyFull => Some(settings.mode),
         // libpq: with a root certificate at hand, `require` (and `prefer`) verify the chain.
-        _ if root_cert.is_some() => Some(SslMode::VerifyCa),
+        _ if settings.root_cert.is_some() => Some(SslMode::VerifyCa),
         _ => None,
     };
+    let versions: &[&'static rustls::SupportedProtocolVersion] =
+        match (settings.min_version, settings.max_version) {
+            (TlsVersion::Tls12, TlsVersion::Tls12) => &[&rustls::version::TLS12],
+            (TlsVersion::Tls13, _) => &[&rustls::version::TLS13],
+            (TlsVersion::Tls12, TlsVersion::Tls13) => {
+                &[&rustls::version::TLS13, &rustls::version::TLS12]
+            }
+        };
     let builder = ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .map_err(|error| CoreError::Config(format!("TLS setup: {error}")))?;
     let builder = match verify {
         None => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider))),
         Some(mode) => {
-            let Some(path) = root_cert else {
+            let Some(root_cert) = &settings.root_cert else {
                 return Err(CoreError::Config(format!(
                     "sslmode={} needs a root certificate: set sslrootcert (no {})",
                     if mode == SslMode::VerifyFull {
@@ -257,20 +258,47 @@ pub fn connector(settings: &TlsSettings) -> CoreResult<MakeRustlsConnect> {
                     } else {
                         "verify-ca"
                     },
-                    default_root_cert_path()
-                        .map(|p| p.display().to_string())
-                        .unwrap_or_else(|| "~/.postgresql/root.crt".into())
+                    "~/.postgresql/root.crt"
                 )));
             };
             let mut roots = RootCertStore::empty();
-            for certificate in read_certificates(&path)? {
-                roots
-                    .add(certificate)
-                    .map_err(|error| tls_file_error(&path, error))?;
+            match root_cert {
+                RootCerts::File(path) => {
+                    for certificate in read_certificates(path)? {
+                        roots
+                            .add(certificate)
+                            .map_err(|error| tls_file_error(path, error))?;
+                    }
+                }
+                RootCerts::System => {
+                    let found = rustls_native_certs::load_native_certs();
+                    let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+                    if added == 0 {
+                        return Err(CoreError::Config(format!(
+                            "sslrootcert=system: no trusted root certificate found in the \
+                             platform's store ({} errors)",
+                            found.errors.len()
+                        )));
+                    }
+                }
             }
-            let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+            let mut crls = Vec::new();
+            for path in &settings.crls {
+                for crl in CertificateRevocationListDer::pem_file_iter(path)
+                    .map_err(|error| tls_file_error(path, error))?
+                {
+                    crls.push(crl.map_err(|error| tls_file_error(path, error))?);
+                }
+            }
+            let mut webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider);
+            if !crls.is_empty() {
+                // As OpenSSL's CRL_CHECK_ALL (libpq's setting): every certificate of the
+                // chain needs its issuer's list, and an expired list fails.
+                webpki = webpki.with_crls(crls).enforce_revocation_expiration();
+            }
+            let webpki = webpki
                 .build()
-                .map_err(|error| tls_file_error(&path, error))?;
+                .map_err(|error| CoreError::Config(format!("TLS verifier: {error}")))?;
             if mode == SslMode::VerifyFull {
                 builder.with_webpki_verifier(webpki)
             } else {
@@ -280,7 +308,7 @@ pub fn connector(settings: &TlsSettings) -> CoreResult<MakeRustlsConnect> {
             }
         }
     };
-    let config = match (&settings.client_cert, &settings.client_key) {
+    let mut config = match (&settings.client_cert, &settings.client_key) {
         (Some(cert_path), Some(key_path)) => {
             let chain = read_certificates(cert_path)?;
             let key = PrivateKeyDer::from_pem_file(key_path)
@@ -289,22 +317,10 @@ pub fn connector(settings: &TlsSettings) -> CoreResult<MakeRustlsConnect> {
                 .with_client_auth_cert(chain, key)
                 .map_err(|error| tls_file_error(cert_path, error))?
         }
-        (None, None) => builder.with_no_client_auth(),
-        _ => {
-            return Err(CoreError::Config(
-                "sslcert and sslkey go together (a client certificate needs its key)".into(),
-            ))
-        }
+        _ => builder.with_no_client_auth(),
     };
+    config.enable_sni = settings.sni;
     Ok(MakeRustlsConnect::new(config))
-}
-
-fn default_root_cert_path() -> Option<PathBuf> {
-    std::env::var_os("HOME").map(|home| Path::new(&home).join(".postgresql/root.crt"))
-}
-
-fn default_root_cert() -> Option<PathBuf> {
-    default_root_cert_path().filter(|path| path.is_file())
 }
 
 fn read_certificates(path: &Path) -> CoreResult<Vec<CertificateDer<'static>>> {
@@ -424,52 +440,46 @@ impl ServerCertVerifier for ChainOnly {
 mod tests {
     use super::*;
 
-    #[test]
-    fn key_value_strings_lose_their_tls_keys() {
-        let (rest, settings) = split_tls_settings(
-            "host=db port = 5433 password='it\\'s q' sslmode=verify-full sslrootcert='/a b/ca.pem'",
-        )
-        .unwrap_or_else(|error| panic!("{error}"));
-        assert_eq!(settings.mode, SslMode::VerifyFull);
-        assert_eq!(settings.root_cert, Some(PathBuf::from("/a b/ca.pem")));
-        assert!(!rest.contains("ssl"));
-        let parsed: tokio_postgres::Config = rest.parse().unwrap_or_else(|error| panic!("{error}"));
-        assert_eq!(parsed.get_password(), Some(&b"it's q"[..]));
-        assert_eq!(parsed.get_ports(), &[5433]);
+    fn settings(conninfo: &str) -> CoreResult<TlsSettings> {
+        TlsSettings::from_params(&ConnectionParams::from_key_values(conninfo)?)
     }
 
     #[test]
-    fn urls_lose_their_tls_keys() {
-        let (rest, settings) = split_tls_settings(
-            "postgresql://u:p@h:5/d?sslmode=require&application_name=x&sslrootcert=%2Fca.pem",
+    fn libpq_tls_keywords_become_settings() {
+        let tls = settings(
+            "sslmode=verify-full sslrootcert='/a b/ca.pem' sslcrl=/c.crl sslsni=0 \
+             ssl_min_protocol_version=TLSv1.3",
         )
         .unwrap_or_else(|error| panic!("{error}"));
-        assert_eq!(rest, "postgresql://u:p@h:5/d?application_name=x");
-        assert_eq!(settings.mode, SslMode::Require);
-        assert_eq!(settings.root_cert, Some(PathBuf::from("/ca.pem")));
-        let (rest, settings) =
-            split_tls_settings("postgres://h/d").unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(
-            (rest.as_str(), settings.mode),
-            ("postgres://h/d", SslMode::Prefer)
-        );
+        assert_eq!(tls.mode, SslMode::VerifyFull);
+        assert_eq!(tls.root_cert, Some(RootCerts::File("/a b/ca.pem".into())));
+        assert_eq!(tls.crls, vec![PathBuf::from("/c.crl")]);
+        assert!(!tls.sni);
+        assert_eq!(tls.min_version, TlsVersion::Tls13);
+        let tls = settings("sslmode=verify-full sslrootcert=system").unwrap_or_default();
+        assert_eq!(tls.root_cert, Some(RootCerts::System));
     }
 
     #[test]
     fn bad_tls_settings_are_config_errors() {
-        assert!(matches!(
-            split_tls_settings("sslmode=sometimes"),
-            Err(CoreError::Config(_))
-        ));
-        assert!(matches!(
-            split_tls_settings("host='x"),
-            Err(CoreError::Config(_))
-        ));
-        let settings = TlsSettings {
+        for conninfo in [
+            "sslmode=sometimes",
+            "sslmode=require sslrootcert=system",
+            "ssl_max_protocol_version=TLSv1.1",
+            "ssl_min_protocol_version=TLSv1.3 ssl_max_protocol_version=TLSv1.2",
+            "sslsni=2",
+            "sslcrldir=/nonexistent/dir",
+        ] {
+            assert!(
+                matches!(settings(conninfo), Err(CoreError::Config(_))),
+                "{conninfo}"
+            );
+        }
+        let tls = TlsSettings {
             mode: SslMode::VerifyFull,
-            root_cert: Some(PathBuf::from("/nonexistent/ca.pem")),
+            root_cert: Some(RootCerts::File(PathBuf::from("/nonexistent/ca.pem"))),
             ..TlsSettings::default()
         };
-        assert!(matches!(connector(&settings), Err(CoreError::Config(_))));
+        assert!(matches!(connector(&tls), Err(CoreError::Config(_))));
     }
 }

@@ -169,7 +169,7 @@ impl WorkerCore {
             return Err(CoreError::Config("concurrency must be at least 1".into()));
         }
         let config = Arc::new(config);
-        let target = ConnectionTarget::parse(&config.conninfo)?
+        let target = ConnectionTarget::new(&config.connection)?
             .with_response_timeout(config.response_timeout);
 
         let metrics = Arc::new(Metrics::default());

@@ -11,7 +11,7 @@ mod support;
 use support::{admin_dsn, connect, recreate_database, TestDatabase};
 
 fn config(db: &TestDatabase, concurrency: usize) -> WorkerConfig {
-    let mut config = WorkerConfig::new(db.dsn.clone());
+    let mut config = WorkerConfig::from_conninfo(&db.dsn).expect("test dsn");
     config.concurrency = concurrency;
     config.wait = true;
     config.fetch_job_polling_interval = Duration::from_millis(100);
@@ -308,9 +308,10 @@ async fn a_completion_frees_its_lock_and_slot_for_the_claim_in_the_same_statemen
 
 #[tokio::test]
 async fn an_unreachable_database_is_a_clear_error_without_the_password() {
-    let mut config = WorkerConfig::new(
+    let mut config = WorkerConfig::from_conninfo(
         "host=127.0.0.1 port=1 user=u password=topsecret dbname=x connect_timeout=2",
-    );
+    )
+    .expect("valid conninfo");
     config.concurrency = 1;
     let error = WorkerCore::start(config).await.err().expect("must fail");
     let message = error.to_string();
@@ -327,7 +328,7 @@ async fn a_database_without_the_schema_is_refused() {
         "{} dbname={name}",
         admin_dsn().replace("dbname=postgres", "")
     );
-    let error = WorkerCore::start(WorkerConfig::new(dsn))
+    let error = WorkerCore::start(WorkerConfig::from_conninfo(&dsn).expect("dsn"))
         .await
         .err()
         .expect("must fail");

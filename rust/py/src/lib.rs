@@ -9,7 +9,9 @@ mod protocol;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fastworker_core::{CoreError, WorkerConfig};
+use fastworker_core::connect::ConnectionTarget;
+use fastworker_core::params::CONNECTION_KEYWORDS;
+use fastworker_core::{ConnectionParams, CoreError, WorkerConfig};
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
@@ -25,7 +27,7 @@ struct WorkerCore {
 #[pymethods]
 impl WorkerCore {
     /// Connect, prune stalled workers, register and start claiming. Awaitable.
-    /// `options`: the core's options by name (`WorkerConfig`'s fields: `conninfo`,
+    /// `options`: the core's options by name (`WorkerConfig`'s fields: `connection`,
     /// procrastinate's worker options that concern claiming, fastworker's own), durations
     /// in seconds; what is not given keeps the core's default, and an unknown name or a bad
     /// value raises ConfigurationError.
@@ -123,6 +125,32 @@ impl WorkerCore {
     }
 }
 
+/// Awaitable: connect once with the core's own connection code (`connection`: libpq's
+/// keywords, as `WorkerConfig.connection`), and return where it landed: `user`,
+/// `database`, `server_port` and `ssl`. fastworker's start-up check and its tests use it
+/// to compare the core's connections with libpq's.
+#[pyfunction]
+fn probe_connection<'py>(
+    py: Python<'py>,
+    connection: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let params: ConnectionParams = pythonize::depythonize(connection).map_err(|error| {
+        BindingError(CoreError::Config(format!("connection parameters: {error}")))
+    })?;
+    let target = ConnectionTarget::new(&params).map_err(BindingError)?;
+    pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        let landed = target.probe().await.map_err(BindingError)?;
+        Python::attach(|py| -> PyResult<Py<PyAny>> {
+            let answer = pyo3::types::PyDict::new(py);
+            answer.set_item("user", landed.user)?;
+            answer.set_item("database", landed.database)?;
+            answer.set_item("server_port", landed.server_port)?;
+            answer.set_item("ssl", landed.ssl)?;
+            Ok(answer.into_any().unbind())
+        })
+    })
+}
+
 /// Registered with `atexit`: lets the runtime's threads finish handing results to asyncio
 /// before the interpreter finalizes.
 ///
@@ -151,6 +179,8 @@ fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<WorkerCore>()?;
     errors::register(module)?;
     protocol::register(module)?;
+    module.add_function(wrap_pyfunction!(probe_connection, module)?)?;
+    module.add("CONNECTION_KEYWORDS", CONNECTION_KEYWORDS.to_vec())?;
     let quiesce = wrap_pyfunction!(_quiesce_before_exit, module)?;
     module.add_function(quiesce.clone())?;
     module
