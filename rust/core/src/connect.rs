@@ -7,6 +7,7 @@ use tokio_postgres::config::Host;
 use tokio_postgres::{Client, Config};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+use crate::db::Db;
 use crate::errors::{is_connectivity_error, CoreError, CoreResult};
 use crate::tls;
 
@@ -27,8 +28,17 @@ use crate::tls;
 ///   (`rust/core/tests/plans.rs`) checks every statement's plan from 0 to 1,000,000 rows.
 ///
 /// The job connection adds `enable_sort = off` for the claim (see [`crate::fetcher`]).
-const SESSION_SETUP: &str = "SET plan_cache_mode TO force_generic_plan; SET jit TO off; \
-     SET enable_seqscan TO off; SET application_name TO 'fastworker'";
+/// Behind a transaction pooler these are set in each transaction instead (see
+/// [`crate::db`]).
+const SESSION_SETTINGS: [(&str, &str); 3] = [
+    ("plan_cache_mode", "force_generic_plan"),
+    ("jit", "off"),
+    ("enable_seqscan", "off"),
+];
+
+/// The core's connections say who they are (`pg_stat_activity`), unless the connection
+/// string names itself.
+const APPLICATION_NAME: &str = "fastworker";
 
 /// `lock_timeout`: no statement of the core waits long for a row that another session
 /// keeps locked (a DBA, another worker's recovery); it fails, and is tried again later,
@@ -52,12 +62,13 @@ const UNSET_KEEPALIVES_IDLE: Duration = Duration::from_secs(2 * 60 * 60);
 #[derive(Clone)]
 pub struct ConnectionTarget {
     config: Config,
-    /// `SET lock_timeout ...` (see [`lock_timeout_for`]): the setting is a number this
-    /// module computes, never user input.
-    lock_timeout_statement: String,
+    /// See [`lock_timeout_for`].
+    lock_timeout: Duration,
     /// libpq's sslmode over rustls (see [`crate::tls`]); unused on Unix sockets.
     tls: MakeRustlsConnect,
     description: String,
+    /// Through a transaction pooler (fastworker's `pooler` option, see [`crate::db`]).
+    pooled: bool,
 }
 
 impl std::fmt::Debug for ConnectionTarget {
@@ -100,23 +111,37 @@ impl ConnectionTarget {
                 config.tcp_user_timeout(Duration::from_millis(given.as_secs()));
             }
         }
+        if config.get_application_name().is_none() {
+            // A startup parameter, which a pooler passes on (a `SET` it would not).
+            config.application_name(APPLICATION_NAME);
+        }
         config.ssl_mode(tls_settings.mode.protocol());
         let tls = tls::connector(&tls_settings)?;
         let description = describe(&config);
         Ok(ConnectionTarget {
             config,
-            lock_timeout_statement: lock_timeout_statement(lock_timeout_for(Duration::from_secs(
-                30,
-            ))),
+            lock_timeout: lock_timeout_for(Duration::from_secs(30)),
             tls,
             description,
+            pooled: false,
         })
+    }
+
+    /// Through a transaction pooler: no named prepared statements, no session settings
+    /// (see [`crate::db`]).
+    pub fn through_pooler(mut self, pooled: bool) -> Self {
+        self.pooled = pooled;
+        self
+    }
+
+    pub fn is_pooled(&self) -> bool {
+        self.pooled
     }
 
     /// Statements may wait `response_timeout` for an answer: row locks are waited for
     /// well below that (see [`lock_timeout_for`]).
     pub fn with_response_timeout(mut self, response_timeout: Duration) -> Self {
-        self.lock_timeout_statement = lock_timeout_statement(lock_timeout_for(response_timeout));
+        self.lock_timeout = lock_timeout_for(response_timeout);
         self
     }
 
@@ -130,16 +155,51 @@ impl ConnectionTarget {
     }
 
     /// One attempt. The connection task runs on the current tokio runtime.
-    pub async fn connect(&self) -> CoreResult<Client> {
-        self.open(None).await
+    pub async fn connect(&self) -> CoreResult<Db> {
+        let client = self.open(None).await?;
+        if self.pooled {
+            let mut settings: Vec<(&str, String)> = SESSION_SETTINGS
+                .iter()
+                .map(|(name, value)| (*name, value.to_string()))
+                .collect();
+            settings.push(("lock_timeout", self.lock_timeout.as_millis().to_string()));
+            return Ok(Db::pooled(client, &settings));
+        }
+        self.set_up_session(&client).await?;
+        Ok(Db::direct(client))
     }
 
-    /// A connection whose notifications are forwarded to `notifications`.
+    /// A connection whose notifications are forwarded to `notifications`: a session of
+    /// its own (LISTEN), so never through a transaction pooler.
     pub async fn connect_listening(
         &self,
         notifications: tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>,
     ) -> CoreResult<Client> {
-        self.open(Some(notifications)).await
+        if self.pooled {
+            return Err(CoreError::Config(
+                "LISTEN needs a connection of its own to the server, not through a \
+                 transaction pooler"
+                    .into(),
+            ));
+        }
+        let client = self.open(Some(notifications)).await?;
+        self.set_up_session(&client).await?;
+        Ok(client)
+    }
+
+    async fn set_up_session(&self, client: &Client) -> CoreResult<()> {
+        let mut setup: String = SESSION_SETTINGS
+            .iter()
+            .map(|(name, value)| format!("SET {name} TO {value}; "))
+            .collect();
+        setup.push_str(&format!(
+            "SET lock_timeout TO {}",
+            self.lock_timeout.as_millis()
+        ));
+        client
+            .batch_execute(&setup)
+            .await
+            .map_err(|error| CoreError::database("setting up the session", error))
     }
 
     async fn open(
@@ -174,19 +234,11 @@ impl ConnectionTarget {
                 }
             }
         });
-        client
-            .batch_execute(SESSION_SETUP)
-            .await
-            .map_err(|error| CoreError::database("setting up the session", error))?;
-        client
-            .batch_execute(&self.lock_timeout_statement)
-            .await
-            .map_err(|error| CoreError::database("setting up the session", error))?;
         Ok(client)
     }
 
     /// Connect, retrying connectivity failures with exponential backoff until `budget` runs out.
-    pub async fn connect_with_backoff(&self, budget: Duration) -> CoreResult<Client> {
+    pub async fn connect_with_backoff(&self, budget: Duration) -> CoreResult<Db> {
         let started = Instant::now();
         let mut delay = Duration::from_millis(50);
         loop {
@@ -207,10 +259,6 @@ impl ConnectionTarget {
             delay = (delay * 2).min(Duration::from_secs(2));
         }
     }
-}
-
-fn lock_timeout_statement(timeout: Duration) -> String {
-    format!("SET lock_timeout TO {}", timeout.as_millis())
 }
 
 fn lost(target: &ConnectionTarget, budget: Duration, error: CoreError) -> CoreError {

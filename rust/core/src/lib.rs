@@ -12,6 +12,7 @@
 //! - [`registry`]: worker registration, heartbeat, stalled-worker pruning, abort polling.
 //! - [`sql`]: every statement the core sends, with its parameters.
 //! - [`connect`]: connection settings, connecting with backoff, redacted descriptions.
+//! - [`db`]: a connection, and how statements go to it (directly, or through a pooler).
 //! - [`tls`]: libpq's sslmode / sslrootcert / sslcert / sslkey over rustls.
 //! - [`errors`]: the one error enum.
 //! - [`worker`]: [`worker::WorkerCore`], which starts and stops all of the above.
@@ -19,6 +20,7 @@
 pub mod completer;
 pub mod config;
 pub mod connect;
+pub mod db;
 pub mod dispatcher;
 pub mod errors;
 pub mod fetcher;
