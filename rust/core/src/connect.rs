@@ -36,8 +36,8 @@ const SESSION_SETTINGS: [(&str, &str); 3] = [
     ("enable_seqscan", "off"),
 ];
 
-/// The core's connections say who they are (`pg_stat_activity`), unless the connection
-/// string names itself.
+/// The core's connections say who they are (`pg_stat_activity`), whatever the connection
+/// string says.
 const APPLICATION_NAME: &str = "fastworker";
 
 /// `lock_timeout`: no statement of the core waits long for a row that another session
@@ -111,10 +111,8 @@ impl ConnectionTarget {
                 config.tcp_user_timeout(Duration::from_millis(given.as_secs()));
             }
         }
-        if config.get_application_name().is_none() {
-            // A startup parameter, which a pooler passes on (a `SET` it would not).
-            config.application_name(APPLICATION_NAME);
-        }
+        // A startup parameter, which a pooler passes on (a `SET` it would not).
+        config.application_name(APPLICATION_NAME);
         config.ssl_mode(tls_settings.mode.protocol());
         let tls = tls::connector(&tls_settings)?;
         let description = describe(&config);
