@@ -112,11 +112,11 @@ async def test_the_core_takes_every_option_the_worker_hands_it(
     worker = fastworker.Worker(
         app, queue_concurrency={"a": 1}, max_jobs=5, update_heartbeat_interval=float("inf")
     )
-    core_options = worker._core_options(dsn)
+    core_options = worker._core_options(dsn, listen_conninfo=dsn)
     expected = set(options.PROCRASTINATE_CORE_OPTIONS) | {
         option.name for option in options.OPTIONS if option.core
     }
-    assert set(core_options) == expected | {"conninfo"}
+    assert set(core_options) == expected | {"conninfo", "listen_conninfo"}
     core = await _core.WorkerCore.start(core_options)
     await core.shutdown()
 
