@@ -123,20 +123,21 @@ pidfile = {directory / "pgbouncer.pid"}
     if os.geteuid() == 0:
         for name in ("users.txt", "pgbouncer.ini"):
             os.chown(directory / name, account.pw_uid, account.pw_gid)
+    output = (directory / "output.txt").open("wb")
     process = subprocess.Popen(
         [*command, str(directory / "pgbouncer.ini")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stdout=output,
+        stderr=subprocess.STDOUT,
     )
     bouncer_dsn = make_conninfo(dsn, host="127.0.0.1", port=str(port))
     try:
         deadline = time.monotonic() + PATIENCE
         while not _connects(bouncer_dsn):
             if process.poll() is not None or time.monotonic() > deadline:
-                log = directory / "pgbouncer.log"
+                said = [directory / "output.txt", directory / "pgbouncer.log"]
                 raise AssertionError(
-                    f"PgBouncer did not start: {process.stderr.read() if process.stderr else ''}"
-                    f"{log.read_text() if log.exists() else ''}"
+                    "PgBouncer did not start: "
+                    + "".join(path.read_text() for path in said if path.exists())
                 )
             time.sleep(0.05)
         _check_transaction_pooling(bouncer_dsn)
@@ -148,8 +149,7 @@ pidfile = {directory / "pgbouncer.pid"}
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-        if process.stderr is not None:
-            process.stderr.close()
+        output.close()
         shutil.rmtree(directory, ignore_errors=True)
 
 
