@@ -1,6 +1,7 @@
 # Sourced by test.sh and bench.sh (after venv.sh): ensure_postgres makes sure a local
 # PostgreSQL runs on 127.0.0.1:5432 and accepts `postgres` without a password, installing
-# and starting it if needed.
+# and starting it if needed. ensure_pgbouncer installs PgBouncer (tests/test_pooler.py
+# starts its own, in transaction mode, in front of that server).
 
 ADMIN_DSN="host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 
@@ -44,4 +45,17 @@ ensure_postgres() {
         psql "$ADMIN_DSN" -w -Atqc 'SELECT 1' >/dev/null ||
             die "cannot connect with '$ADMIN_DSN'; point FASTWORKER_TEST_DSN (tests) or --dsn (bench) at a server where databases may be created"
     fi
+}
+
+ensure_pgbouncer() {
+    command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] && return 0
+    if [ "$(id -u)" != 0 ]; then
+        say "PgBouncer is not installed (apt-get install pgbouncer): the pooler tests will be skipped"
+        return 0
+    fi
+    say "installing PgBouncer (apt-get)"
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q pgbouncer
+    # Only the binary is wanted: the tests start their own.
+    if command -v systemctl >/dev/null 2>&1; then systemctl disable --now pgbouncer >/dev/null 2>&1 || true; fi
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine: installs fastworker with its test extras into
 # .venv (maturin build), makes sure a local PostgreSQL runs (installing it with apt-get if
-# absent), then runs `cargo test` (the Rust core) and pytest. Exits non-zero if anything
+# absent) and PgBouncer is installed (for the pooler tests), then runs `cargo test` (the Rust core) and pytest. Exits non-zero if anything
 # fails. Set FASTWORKER_TEST_DSN to use another server (tests create and drop databases).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +13,7 @@ ensure_venv test,demo
 if [ -z "${FASTWORKER_TEST_DSN:-}" ]; then
     ensure_postgres
 fi
+ensure_pgbouncer
 
 failed=0
 say "cargo test (Rust core)"

@@ -113,11 +113,11 @@ async def test_the_core_takes_every_option_the_worker_hands_it(
     worker = fastworker.Worker(
         app, queue_concurrency={"a": 1}, max_jobs=5, update_heartbeat_interval=float("inf")
     )
-    core_options = worker._core_options(params_from_dsn(dsn))
+    core_options = worker._core_options(params_from_dsn(dsn), params_from_dsn(dsn))
     expected = set(options.PROCRASTINATE_CORE_OPTIONS) | {
         option.name for option in options.OPTIONS if option.core
     }
-    assert set(core_options) == expected | {"connection"}
+    assert set(core_options) == expected | {"connection", "listen_connection"}
     core = await _core.WorkerCore.start(core_options)
     await core.shutdown()
 

@@ -136,6 +136,25 @@ OPTIONS: tuple[Option, ...] = (
         shown_default="the app's connector",
     ),
     Option(
+        "pooler",
+        False,
+        boolean,
+        "the worker's connections go through a transaction-mode pooler (PgBouncer): no "
+        "named prepared statements, settings per transaction, LISTEN needs `listen_dsn` "
+        "(see docs/pooler.md)",
+        form="switch",
+        core=True,
+    ),
+    Option(
+        "listen_dsn",
+        None,
+        optional(text),
+        "libpq connection string or URL for the LISTEN connection only, straight to "
+        "PostgreSQL when `dsn` goes through a pooler",
+        metavar="DSN",
+        shown_default="as the other connections",
+    ),
+    Option(
         "reconnect_timeout",
         60.0,
         seconds,

@@ -26,7 +26,7 @@ from procrastinate import App, utils
 
 from fastworker import _core
 from fastworker import options as fastworker_options
-from fastworker.connection import ConnectionParams, resolve_connection
+from fastworker.connection import ConnectionParams, params_from_dsn, resolve_connection
 from fastworker.runner.intake import connector_json_loads
 from fastworker.runner.periodic import Periodic
 from fastworker.runner.state import JobTimeout, logger
@@ -49,6 +49,8 @@ class Worker(Periodic):
         app: App,
         *args: Any,
         dsn: str | None = None,
+        pooler: bool = False,
+        listen_dsn: str | None = None,
         reconnect_timeout: float = 60.0,
         response_timeout: float = 30.0,
         max_batch_size: int = 500,
@@ -70,6 +72,8 @@ class Worker(Periodic):
         own = fastworker_options.checked(
             {
                 "dsn": dsn,
+                "pooler": pooler,
+                "listen_dsn": listen_dsn,
                 "reconnect_timeout": reconnect_timeout,
                 "response_timeout": response_timeout,
                 "max_batch_size": max_batch_size,
@@ -84,6 +88,8 @@ class Worker(Periodic):
             }
         )
         self._dsn: str | None = own["dsn"]
+        self.pooler: bool = own["pooler"]
+        self._listen_dsn: str | None = own["listen_dsn"]
         self.reconnect_timeout: float = own["reconnect_timeout"]
         self.response_timeout: float = own["response_timeout"]
         self.max_batch_size: int = own["max_batch_size"]
@@ -143,9 +149,13 @@ class Worker(Periodic):
                 self._uninstall_signal_handlers(previous_handlers)
             self._loop = None
 
-    def _core_options(self, connection: ConnectionParams) -> dict[str, Any]:
+    def _core_options(
+        self, connection: ConnectionParams, listen_connection: ConnectionParams | None = None
+    ) -> dict[str, Any]:
         """The options the core takes (its `WorkerConfig`), by name."""
         core_options: dict[str, Any] = {"connection": connection}
+        if listen_connection is not None:
+            core_options["listen_connection"] = listen_connection
         for name in fastworker_options.PROCRASTINATE_CORE_OPTIONS:
             core_options[name] = getattr(self, name)
         for option in fastworker_options.OPTIONS:
@@ -158,7 +168,9 @@ class Worker(Periodic):
     async def _start_and_run(self) -> None:
         self._json_loads = connector_json_loads(self.app.connector)
         connection = await resolve_connection(self.app, self._dsn)
-        core = await _core.WorkerCore.start(self._core_options(connection))
+        # Resolved by libpq as `dsn` is.
+        listen_connection = params_from_dsn(self._listen_dsn) if self._listen_dsn else None
+        core = await _core.WorkerCore.start(self._core_options(connection, listen_connection))
         self._core = core
         self.worker_id = core.worker_id
         if core.pruned_workers:

@@ -9,7 +9,7 @@
 //! reported with its job id, never dropped silently, and a write that failed for a passing
 //! reason (a lock timeout, a cancelled statement) is kept to be sent again.
 
-use tokio_postgres::{Client, Statement};
+use crate::db::{Db, Prepared, Within};
 
 use crate::errors::{classify, CoreError, CoreResult, Failed, Failure};
 use crate::protocol::{ClaimKey, Completion, Outcome};
@@ -111,13 +111,13 @@ impl CompletionReport {
 }
 
 pub struct Completer {
-    statement: Statement,
-    finish_one: Statement,
-    retry_one: Statement,
+    statement: Prepared,
+    finish_one: Prepared,
+    retry_one: Prepared,
 }
 
 impl Completer {
-    pub async fn prepare(client: &Client) -> CoreResult<Self> {
+    pub async fn prepare(client: &Db) -> CoreResult<Self> {
         let failed = |error| CoreError::database("preparing the completion statements", error);
         Ok(Completer {
             statement: client.prepare(sql::COMPLETE).await.map_err(failed)?,
@@ -131,11 +131,14 @@ impl Completer {
     /// (a lost connection: maybe; anything else: no).
     pub async fn write(
         &self,
-        client: &Client,
+        client: &Db,
         completions: &[Completion],
         workers: &[i64],
     ) -> Result<CompletionReport, Failed> {
-        match self.write_batch(client, completions, workers).await {
+        match self
+            .write_batch(client, completions, workers, Within::OwnTransaction)
+            .await
+        {
             Ok(report) => Ok(report),
             // One job can hold back a batch: a refused row, or a row another session keeps
             // locked (the job session's lock_timeout). One by one, the others go through.
@@ -151,13 +154,14 @@ impl Completer {
     /// The batch as one statement, nothing else (so it can run inside a transaction).
     pub async fn write_batch(
         &self,
-        client: &Client,
+        client: &Db,
         completions: &[Completion],
         workers: &[i64],
+        within: Within,
     ) -> Result<CompletionReport, tokio_postgres::Error> {
         let batch = CompletionBatch::build(completions);
         let rows = client
-            .query(
+            .query_prepared(
                 &self.statement,
                 &[
                     &batch.finish_ids,
@@ -173,6 +177,7 @@ impl Completer {
                     &batch.retry_locks,
                     &workers,
                 ],
+                within,
             )
             .await?;
         let mut done = std::collections::HashSet::with_capacity(rows.len());
@@ -187,7 +192,7 @@ impl Completer {
     /// written, the caller re-sends them all, conditioned on their claims).
     async fn write_one_by_one(
         &self,
-        client: &Client,
+        client: &Db,
         completions: &[Completion],
         workers: &[i64],
     ) -> Result<CompletionReport, Failed> {
@@ -197,7 +202,7 @@ impl Completer {
             let result = match &completion.outcome {
                 Outcome::Finish { status, delete } => {
                     client
-                        .query(
+                        .query_prepared(
                             &self.finish_one,
                             &[
                                 &completion.job_id,
@@ -206,6 +211,7 @@ impl Completer {
                                 status,
                                 delete,
                             ],
+                            Within::OwnTransaction,
                         )
                         .await
                 }
@@ -216,7 +222,7 @@ impl Completer {
                     lock,
                 } => {
                     client
-                        .query(
+                        .query_prepared(
                             &self.retry_one,
                             &[
                                 &completion.job_id,
@@ -227,6 +233,7 @@ impl Completer {
                                 queue,
                                 lock,
                             ],
+                            Within::OwnTransaction,
                         )
                         .await
                 }

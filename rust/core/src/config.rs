@@ -21,6 +21,13 @@ pub struct WorkerConfig {
     /// Where to connect: libpq's keywords as libpq resolved them (its `Debug` hides the
     /// password).
     pub connection: ConnectionParams,
+    /// fastworker's `pooler`: `connection` goes through a transaction pooler (PgBouncer
+    /// `pool_mode = transaction`): no named prepared statements, settings per transaction
+    /// (see [`crate::db`]). LISTEN then needs `listen_connection`, or `listen_notify` off.
+    pub pooler: bool,
+    /// fastworker's `listen_dsn`, resolved: where the LISTEN connection goes (straight to
+    /// the server, where `connection` goes through a pooler). `None`: `connection`.
+    pub listen_connection: Option<ConnectionParams>,
     /// `None` listens to and claims from every queue.
     pub queues: Option<Vec<String>>,
     /// Jobs in `doing` held by this worker never exceed this.
@@ -63,6 +70,8 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
             connection: ConnectionParams::default(),
+            pooler: false,
+            listen_connection: None,
             queues: None,
             concurrency: 1,
             wait: true,
@@ -103,6 +112,14 @@ impl WorkerConfig {
             Some("max_batch_size must be at least 1".to_string())
         } else if self.response_timeout.is_zero() {
             Some("response_timeout must be positive".to_string())
+        } else if self.pooler && self.listen_notify && self.listen_connection.is_none() {
+            Some(
+                "behind a transaction pooler (pooler=True), LISTEN/NOTIFY does not reach the \
+                 worker: give listen_dsn, a connection string straight to the PostgreSQL \
+                 server, or set listen_notify=False (new jobs are then found by polling, \
+                 every fetch_job_polling_interval)"
+                    .to_string(),
+            )
         } else {
             self.queue_concurrency
                 .iter()
@@ -187,6 +204,21 @@ mod tests {
         assert!(negative.is_some_and(|message| message.contains("non-negative")));
         let zero = parse(r#"{"queue_concurrency": {"a": 0}}"#).unwrap_or_else(|e| panic!("{e}"));
         assert!(zero.validate().is_err());
+    }
+
+    #[test]
+    fn behind_a_pooler_listen_needs_its_own_connection_or_none() {
+        let listening = parse(r#"{"pooler": true}"#).unwrap_or_else(|e| panic!("{e}"));
+        let refused = listening.validate().err().map(|e| e.to_string());
+        assert!(refused.is_some_and(|message| message.contains("listen_dsn")));
+        for ok in [
+            r#"{"pooler": true, "listen_connection": {"host": "db"}}"#,
+            r#"{"pooler": true, "listen_notify": false}"#,
+            r#"{"pooler": false}"#,
+        ] {
+            let config = parse(ok).unwrap_or_else(|e| panic!("{e}"));
+            assert!(config.validate().is_ok(), "{ok}");
+        }
     }
 
     #[test]

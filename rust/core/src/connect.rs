@@ -7,6 +7,7 @@ use tokio_postgres::config::{ChannelBinding, SslMode as ProtocolSslMode, TargetS
 use tokio_postgres::{Client, Config};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+use crate::db::Db;
 use crate::errors::{is_connectivity_error, CoreError, CoreResult};
 use crate::params::{invalid, unsupported, ConnectionParams, Endpoint};
 use crate::sql;
@@ -29,10 +30,18 @@ use crate::tls::{self, TlsSettings};
 ///   (`rust/core/tests/plans.rs`) checks every statement's plan from 0 to 1,000,000 rows.
 ///
 /// The job connection adds `enable_sort = off` for the claim (see [`crate::fetcher`]).
-const SESSION_SETUP: &str = "SET plan_cache_mode TO force_generic_plan; SET jit TO off; \
-     SET enable_seqscan TO off";
-/// Unless the connection parameters name the application.
-const SET_APPLICATION_NAME: &str = "SET application_name TO 'fastworker'";
+/// Behind a transaction pooler these are set in each transaction instead (see
+/// [`crate::db`]).
+const SESSION_SETTINGS: [(&str, &str); 3] = [
+    ("plan_cache_mode", "force_generic_plan"),
+    ("jit", "off"),
+    ("enable_seqscan", "off"),
+];
+
+/// The core's connections say who they are (`pg_stat_activity`) unless the connection
+/// parameters name the application. A startup parameter, which a pooler passes on (a
+/// `SET` it would not).
+const APPLICATION_NAME: &str = "fastworker";
 
 /// `lock_timeout`: no statement of the core waits long for a row that another session
 /// keeps locked (a DBA, another worker's recovery); it fails, and is tried again later,
@@ -57,14 +66,13 @@ pub struct ConnectionTarget {
     /// with `load_balance_hosts=random`), as libpq does.
     attempts: Vec<Config>,
     load_balance: bool,
-    /// `SET lock_timeout ...` (see [`lock_timeout_for`]): the setting is a number this
-    /// module computes, never user input.
-    lock_timeout_statement: String,
-    /// Whether to name the application `fastworker` (the parameters name none).
-    name_the_application: bool,
+    /// See [`lock_timeout_for`].
+    lock_timeout: Duration,
     /// libpq's TLS keywords over rustls (see [`crate::tls`]); unused on Unix sockets.
     tls: MakeRustlsConnect,
     description: String,
+    /// Through a transaction pooler (fastworker's `pooler` option, see [`crate::db`]).
+    pooled: bool,
 }
 
 impl std::fmt::Debug for ConnectionTarget {
@@ -104,9 +112,7 @@ impl ConnectionTarget {
         if let Some(options) = params.options.as_deref().filter(|o| !o.is_empty()) {
             base.options(options);
         }
-        if let Some(name) = params.application_name() {
-            base.application_name(name);
-        }
+        base.application_name(params.application_name().unwrap_or(APPLICATION_NAME));
         base.connect_timeout(params.connect_timeout()?.unwrap_or(Duration::from_secs(10)));
         base.keepalives(params.keepalives()?);
         base.keepalives_idle(
@@ -177,12 +183,10 @@ impl ConnectionTarget {
         Ok(ConnectionTarget {
             attempts,
             load_balance,
-            lock_timeout_statement: lock_timeout_statement(lock_timeout_for(Duration::from_secs(
-                30,
-            ))),
-            name_the_application: params.application_name().is_none(),
+            lock_timeout: lock_timeout_for(Duration::from_secs(30)),
             tls,
             description,
+            pooled: false,
         })
     }
 
@@ -192,10 +196,21 @@ impl ConnectionTarget {
         Self::new(&ConnectionParams::from_key_values(conninfo)?)
     }
 
+    /// Through a transaction pooler: no named prepared statements, no session settings
+    /// (see [`crate::db`]).
+    pub fn through_pooler(mut self, pooled: bool) -> Self {
+        self.pooled = pooled;
+        self
+    }
+
+    pub fn is_pooled(&self) -> bool {
+        self.pooled
+    }
+
     /// Statements may wait `response_timeout` for an answer: row locks are waited for
     /// well below that (see [`lock_timeout_for`]).
     pub fn with_response_timeout(mut self, response_timeout: Duration) -> Self {
-        self.lock_timeout_statement = lock_timeout_statement(lock_timeout_for(response_timeout));
+        self.lock_timeout = lock_timeout_for(response_timeout);
         self
     }
 
@@ -213,16 +228,52 @@ impl ConnectionTarget {
     }
 
     /// One attempt. The connection task runs on the current tokio runtime.
-    pub async fn connect(&self) -> CoreResult<Client> {
-        self.open(None).await
+    pub async fn connect(&self) -> CoreResult<Db> {
+        let client = self.open(None).await?;
+        if self.pooled {
+            let mut settings: Vec<(&str, String)> = SESSION_SETTINGS
+                .iter()
+                .map(|(name, value)| (*name, value.to_string()))
+                .collect();
+            settings.push(("lock_timeout", self.lock_timeout.as_millis().to_string()));
+            return Ok(Db::pooled(client, &settings));
+        }
+        self.set_up_session(&client).await?;
+        Ok(Db::direct(client))
     }
 
-    /// A connection whose notifications are forwarded to `notifications`.
+    /// A connection whose notifications are forwarded to `notifications`: a session of
+    /// its own (LISTEN), so never through a transaction pooler.
     pub async fn connect_listening(
         &self,
         notifications: tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>,
     ) -> CoreResult<Client> {
-        self.open(Some(notifications)).await
+        if self.pooled {
+            return Err(CoreError::Config(
+                "LISTEN needs a connection of its own to the server, not through a \
+                 transaction pooler"
+                    .into(),
+            ));
+        }
+        let client = self.open(Some(notifications)).await?;
+        self.set_up_session(&client).await?;
+        Ok(client)
+    }
+
+    async fn set_up_session(&self, client: &Client) -> CoreResult<()> {
+        // Names and numbers of this module's own, never user input.
+        let mut setup: String = SESSION_SETTINGS
+            .iter()
+            .map(|(name, value)| format!("SET {name} TO {value}; "))
+            .collect();
+        setup.push_str(&format!(
+            "SET lock_timeout TO {}",
+            self.lock_timeout.as_millis()
+        ));
+        client
+            .batch_execute(&setup)
+            .await
+            .map_err(|error| CoreError::database("setting up the session", error))
     }
 
     async fn open(
@@ -279,30 +330,20 @@ impl ConnectionTarget {
                 }
             }
         });
-        client
-            .batch_execute(SESSION_SETUP)
-            .await
-            .map_err(|error| CoreError::database("setting up the session", error))?;
-        if self.name_the_application {
-            client
-                .batch_execute(SET_APPLICATION_NAME)
-                .await
-                .map_err(|error| CoreError::database("setting up the session", error))?;
-        }
-        client
-            .batch_execute(&self.lock_timeout_statement)
-            .await
-            .map_err(|error| CoreError::database("setting up the session", error))?;
         Ok(client)
     }
 
     /// Connect once, as every connection of the core does, and say where it landed.
     pub async fn probe(&self) -> CoreResult<Landed> {
-        let client = self.connect().await?;
+        // Unnamed (no prepared statement), so that it works through a pooler too.
+        let client = self.open(None).await?;
         let row = client
-            .query_one(sql::WHERE_CONNECTED, &[])
+            .query_typed(sql::WHERE_CONNECTED, &[])
             .await
-            .map_err(|error| CoreError::database("probing the connection", error))?;
+            .map_err(|error| CoreError::database("probing the connection", error))?
+            .into_iter()
+            .next()
+            .ok_or_else(|| CoreError::Internal("probing the connection: no row".into()))?;
         Ok(Landed {
             user: row.get(0),
             database: row.get(1),
@@ -312,7 +353,7 @@ impl ConnectionTarget {
     }
 
     /// Connect, retrying connectivity failures with exponential backoff until `budget` runs out.
-    pub async fn connect_with_backoff(&self, budget: Duration) -> CoreResult<Client> {
+    pub async fn connect_with_backoff(&self, budget: Duration) -> CoreResult<Db> {
         let started = Instant::now();
         let mut delay = Duration::from_millis(50);
         loop {
@@ -343,10 +384,6 @@ pub struct Landed {
     /// The server's `port` setting (also for a Unix socket).
     pub server_port: i32,
     pub ssl: bool,
-}
-
-fn lock_timeout_statement(timeout: Duration) -> String {
-    format!("SET lock_timeout TO {}", timeout.as_millis())
 }
 
 fn lost(target: &ConnectionTarget, budget: Duration, error: CoreError) -> CoreError {

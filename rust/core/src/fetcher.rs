@@ -9,7 +9,8 @@
 use std::collections::HashSet;
 
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, Statement};
+
+use crate::db::{Db, Prepared, Within};
 
 use crate::completer::CompletionBatch;
 use crate::errors::{CoreError, CoreResult};
@@ -62,7 +63,7 @@ impl QueueRoom {
 /// (The common `lock_timeout` matters most here: a job row that another session keeps
 /// locked makes its terminal write fail after a moment, to be sent again later, instead of
 /// holding back every other completion and claim behind it.)
-const CLAIM_SESSION_SETUP: &str = "SET enable_sort TO off";
+const CLAIM_SETTINGS: [(&str, &str); 1] = [("enable_sort", "off")];
 
 /// Who claims: this worker's current id, and every id this process has had (see
 /// [`crate::registry::Identity`]).
@@ -73,8 +74,8 @@ pub struct Claimant {
 }
 
 pub struct Fetcher {
-    statement: Statement,
-    completing_statement: Statement,
+    statement: Prepared,
+    completing_statement: Prepared,
     queues: Option<Vec<String>>,
     concurrency: i64,
     /// Per-queue limits are set: the statements with their steps (and 3 more parameters).
@@ -85,15 +86,17 @@ impl Fetcher {
     /// `queue_limits`: whether `queue_concurrency` is set; without it, the claim leaves
     /// out the per-queue steps (a window function and sorts) altogether.
     pub async fn prepare(
-        client: &Client,
+        client: &mut Db,
         queues: Option<Vec<String>>,
         concurrency: usize,
         queue_limits: bool,
     ) -> CoreResult<Self> {
-        client
-            .batch_execute(CLAIM_SESSION_SETUP)
-            .await
-            .map_err(|error| CoreError::database("setting up the job session", error))?;
+        for (name, value) in CLAIM_SETTINGS {
+            client
+                .set(name, value)
+                .await
+                .map_err(|error| CoreError::database("setting up the job session", error))?;
+        }
         let failed = |error| CoreError::database("preparing the claim statements", error);
         let (statement, completing_statement) = if queue_limits {
             (
@@ -129,7 +132,8 @@ impl Fetcher {
     /// do not count against `concurrency`.
     pub async fn claim(
         &self,
-        client: &Client,
+        client: &Db,
+        within: Within,
         claimant: &Claimant,
         limit: usize,
         room: &QueueRoom,
@@ -138,7 +142,9 @@ impl Fetcher {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let mut params = self.claim_params(claimant, &limit, &abandoned);
         self.add_room(&mut params, room);
-        let rows = client.query(&self.statement, &params).await?;
+        let rows = client
+            .query_prepared(&self.statement, &params, within)
+            .await?;
         let jobs = rows
             .iter()
             .map(JobRow::from_row)
@@ -150,7 +156,7 @@ impl Fetcher {
     /// ([`sql::COMPLETE_AND_CLAIM`]): the claimed jobs, and the ids whose claim it ended.
     pub async fn complete_and_claim(
         &self,
-        client: &Client,
+        client: &Db,
         claimant: &Claimant,
         batch: &CompletionBatch,
         limit: usize,
@@ -168,7 +174,9 @@ impl Fetcher {
             &claimant.worker_ids,
         ]);
         self.add_room(&mut params, room);
-        let rows = client.query(&self.completing_statement, &params).await?;
+        let rows = client
+            .query_prepared(&self.completing_statement, &params, Within::OwnTransaction)
+            .await?;
         let mut jobs = Vec::new();
         let mut done = HashSet::new();
         for row in &rows {

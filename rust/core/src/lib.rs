@@ -13,6 +13,7 @@
 //! - [`sql`]: every statement the core sends, with its parameters.
 //! - [`params`]: the connection parameters, libpq's keywords as libpq resolved them.
 //! - [`connect`]: connecting (host lists, backoff), session settings, redacted descriptions.
+//! - [`db`]: a connection, and how statements go to it (directly, or through a pooler).
 //! - [`tls`]: libpq's TLS keywords over rustls.
 //! - [`errors`]: the one error enum.
 //! - [`worker`]: [`worker::WorkerCore`], which starts and stops all of the above.
@@ -20,6 +21,7 @@
 pub mod completer;
 pub mod config;
 pub mod connect;
+pub mod db;
 pub mod dispatcher;
 pub mod errors;
 pub mod fetcher;

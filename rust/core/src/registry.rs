@@ -10,16 +10,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify};
-use tokio_postgres::Client;
+use tokio_postgres::Transaction;
 
 use crate::connect::ConnectionTarget;
+use crate::db::{execute_in, query_in, Db};
 use crate::errors::{is_connectivity_error, CoreError, CoreResult, Failed, Failure};
 use crate::fetcher::Claimant;
 use crate::handoff::HandoffSender;
 use crate::protocol::{HandoffEvent, LogLevel};
 use crate::sql;
 
-pub async fn check_schema(target: &ConnectionTarget, client: &Client) -> CoreResult<()> {
+pub async fn check_schema(target: &ConnectionTarget, client: &Db) -> CoreResult<()> {
     let row = client
         .query_one(sql::CHECK_SCHEMA, &[])
         .await
@@ -36,25 +37,35 @@ pub async fn check_schema(target: &ConnectionTarget, client: &Client) -> CoreRes
     }
 }
 
+type Params<'a> = &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)];
+
 /// The first column of every row, as ids.
 pub(crate) async fn query_ids(
-    client: &impl tokio_postgres::GenericClient,
-    statement: &str,
-    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    client: &Db,
+    statement: &'static str,
+    params: Params<'_>,
 ) -> Result<Vec<i64>, tokio_postgres::Error> {
-    client
-        .query(statement, params)
-        .await?
-        .iter()
-        .map(|row| row.try_get(0))
-        .collect()
+    ids(client.query(statement, params).await?)
+}
+
+/// [`query_ids`] in an open transaction.
+async fn query_ids_in(
+    transaction: &Transaction<'_>,
+    statement: &'static str,
+    params: Params<'_>,
+) -> Result<Vec<i64>, tokio_postgres::Error> {
+    ids(query_in(transaction, statement, params).await?)
+}
+
+fn ids(rows: Vec<tokio_postgres::Row>) -> Result<Vec<i64>, tokio_postgres::Error> {
+    rows.iter().map(|row| row.try_get(0)).collect()
 }
 
 /// Every row as a claim: (job id, attempts), the first two columns.
 pub(crate) async fn query_claims(
-    client: &impl tokio_postgres::GenericClient,
-    statement: &str,
-    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    client: &Db,
+    statement: &'static str,
+    params: Params<'_>,
 ) -> Result<Vec<(i64, i32)>, tokio_postgres::Error> {
     client
         .query(statement, params)
@@ -66,7 +77,7 @@ pub(crate) async fn query_claims(
 
 /// Delete workers whose heartbeat is older than `stalled_worker_timeout`, as procrastinate's
 /// worker does at start. Their `doing` jobs keep running nowhere (worker_id becomes NULL).
-pub async fn prune_stalled_workers(client: &Client, timeout: Duration) -> CoreResult<Vec<i64>> {
+pub async fn prune_stalled_workers(client: &Db, timeout: Duration) -> CoreResult<Vec<i64>> {
     query_ids(
         client,
         sql::PRUNE_STALLED_WORKERS,
@@ -94,7 +105,7 @@ pub struct Recovered {
 /// itself, however late its heartbeat. Row locks held by another session make it fail
 /// after the session's `lock_timeout`, to be tried again at the next round.
 pub async fn prune_and_recover_stalled_jobs(
-    client: &mut Client,
+    client: &mut Db,
     timeout: Duration,
     own: &[i64],
 ) -> CoreResult<Recovered> {
@@ -102,17 +113,17 @@ pub async fn prune_and_recover_stalled_jobs(
     let db = |error| CoreError::database(WHAT, error);
     let mut transaction = client.transaction().await.map_err(db)?;
     let seconds = timeout.as_secs_f64();
-    let stalled = query_ids(&transaction, sql::LOCK_STALLED_WORKERS, &[&seconds, &own])
+    let stalled = query_ids_in(&transaction, sql::LOCK_STALLED_WORKERS, &[&seconds, &own])
         .await
         .map_err(db)?;
     if stalled.is_empty() {
         transaction.commit().await.map_err(db)?;
         return Ok(Recovered::default());
     }
-    let jobs = query_ids(&transaction, sql::JOBS_OF_WORKERS, &[&stalled])
+    let jobs = query_ids_in(&transaction, sql::JOBS_OF_WORKERS, &[&stalled])
         .await
         .map_err(db)?;
-    let pruned_workers = query_ids(&transaction, sql::DELETE_WORKERS, &[&stalled])
+    let pruned_workers = query_ids_in(&transaction, sql::DELETE_WORKERS, &[&stalled])
         .await
         .map_err(db)?;
     let mut recovered = Recovered {
@@ -131,11 +142,11 @@ pub async fn prune_and_recover_stalled_jobs(
 /// `JobManager.retry_job(job)` does: all at once; if one refuses (a `queueing_lock`
 /// conflict), one by one, and a job that cannot go back to `todo` ends `failed`.
 async fn retry_or_fail(
-    transaction: &mut tokio_postgres::Transaction<'_>,
+    transaction: &mut Transaction<'_>,
     jobs: Vec<i64>,
 ) -> Result<(Vec<i64>, Vec<(i64, String)>), tokio_postgres::Error> {
     let all = transaction.savepoint("fastworker_recover_all").await?;
-    match all.execute(sql::RETRY_JOBS, &[&jobs]).await {
+    match execute_in(&all, sql::RETRY_JOBS, &[&jobs]).await {
         Ok(_) => {
             all.commit().await?;
             return Ok((jobs, Vec::new()));
@@ -147,7 +158,7 @@ async fn retry_or_fail(
     let mut failed = Vec::new();
     for job_id in jobs {
         let one = transaction.savepoint("fastworker_recover_one").await?;
-        match one.execute(sql::RETRY_JOB, &[&job_id]).await {
+        match execute_in(&one, sql::RETRY_JOB, &[&job_id]).await {
             Ok(_) => {
                 one.commit().await?;
                 retried.push(job_id);
@@ -159,7 +170,7 @@ async fn retry_or_fail(
                     .as_db_error()
                     .map(|db_error| db_error.message().to_string())
                     .unwrap_or_else(|| error.to_string());
-                transaction.execute(sql::FAIL_JOB, &[&job_id]).await?;
+                execute_in(transaction, sql::FAIL_JOB, &[&job_id]).await?;
                 failed.push((job_id, reason));
             }
         }
@@ -201,7 +212,7 @@ impl Unowned {
 /// was deleted takes its jobs back within a heartbeat interval or so
 /// ([`sql::REATTACH_CLAIMS`]), so those are not touched.
 pub async fn recover_unowned_jobs(
-    client: &mut Client,
+    client: &mut Db,
     unowned: &mut Unowned,
     grace: Duration,
 ) -> CoreResult<Recovered> {
@@ -216,7 +227,7 @@ pub async fn recover_unowned_jobs(
     }
     let (ids, attempts): (Vec<i64>, Vec<i32>) = due.into_iter().unzip();
     let mut transaction = client.transaction().await.map_err(db)?;
-    let locked = query_ids(&transaction, sql::LOCK_UNOWNED_JOBS, &[&ids, &attempts])
+    let locked = query_ids_in(&transaction, sql::LOCK_UNOWNED_JOBS, &[&ids, &attempts])
         .await
         .map_err(db)?;
     let mut recovered = Recovered::default();
@@ -260,7 +271,7 @@ pub fn log_recovery(handoff: &HandoffSender, recovered: &Recovered) {
     }
 }
 
-pub async fn register_worker(client: &Client) -> CoreResult<i64> {
+pub async fn register_worker(client: &Db) -> CoreResult<i64> {
     let row = client
         .query_one(sql::REGISTER_WORKER, &[])
         .await
@@ -313,7 +324,7 @@ impl Identity {
     /// so. Returns the id to use from now on.
     pub async fn register_again(
         &self,
-        client: &Client,
+        client: &Db,
         gone: i64,
         handoff: &HandoffSender,
         noticed: &str,
@@ -366,7 +377,7 @@ fn not_connected(reason: String) -> Failed {
 pub struct Registry {
     pub target: ConnectionTarget,
     /// `None` while disconnected: the next duty connects again.
-    pub client: Option<Client>,
+    pub client: Option<Db>,
     pub identity: Arc<Identity>,
     pub handoff: HandoffSender,
     pub in_flight: Arc<AtomicUsize>,
@@ -466,7 +477,7 @@ impl Registry {
     }
 
     async fn ensure_connected(&mut self) -> Result<(), Failed> {
-        if self.client.as_ref().is_none_or(Client::is_closed) {
+        if self.client.as_ref().is_none_or(Db::is_closed) {
             self.connect().await.map_err(not_connected)?;
         }
         Ok(())
@@ -511,7 +522,7 @@ impl Registry {
                     Some(client) => {
                         bounded(
                             self.response_timeout.min(TRYING),
-                            client.execute(sql::UNREGISTER_WORKER, &[&worker_id]),
+                            client.query(sql::UNREGISTER_WORKER, &[&worker_id]),
                         )
                         .await
                     }
@@ -552,7 +563,7 @@ pub struct Recovery {
 
 impl Recovery {
     pub async fn run(mut self) {
-        let mut client: Option<Client> = None;
+        let mut client: Option<Db> = None;
         let mut unowned = Unowned::default();
         let mut tick =
             tokio::time::interval(self.stalled_worker_timeout.max(Duration::from_secs(1)));
@@ -563,7 +574,7 @@ impl Recovery {
                 _ = self.stop.changed() => return,
                 _ = tick.tick() => {}
             }
-            if client.as_ref().is_none_or(Client::is_closed) {
+            if client.as_ref().is_none_or(Db::is_closed) {
                 client = self.target.connect().await.ok();
             }
             let Some(connection) = client.as_mut() else {

@@ -27,7 +27,7 @@ use crate::registry::{self, Identity, Recovery, Registry};
 /// What the start-up steps leave: the maintenance connection (the registry's from then on),
 /// this worker's id, and what the start-up prune did.
 struct StartUp {
-    maintenance: tokio_postgres::Client,
+    maintenance: crate::db::Db,
     worker_id: i64,
     pruned_workers: Vec<i64>,
     recovered_jobs: Vec<i64>,
@@ -82,7 +82,7 @@ async fn start_up(
 /// jobs. A prune that fails for another reason than a lost connection (another session's
 /// locks) is not worth failing the start for: it is logged, and done next time.
 async fn start_up_steps(
-    maintenance: &mut tokio_postgres::Client,
+    maintenance: &mut crate::db::Db,
     target: &ConnectionTarget,
     config: &WorkerConfig,
     handoff: &handoff::HandoffSender,
@@ -169,8 +169,18 @@ impl WorkerCore {
             return Err(CoreError::Config("concurrency must be at least 1".into()));
         }
         let config = Arc::new(config);
+        config.validate()?;
         let target = ConnectionTarget::new(&config.connection)?
-            .with_response_timeout(config.response_timeout);
+            .with_response_timeout(config.response_timeout)
+            .through_pooler(config.pooler);
+        // LISTEN needs a session: straight to the server (validate() refused a pooler
+        // without it).
+        let listen_target = match &config.listen_connection {
+            Some(connection) => {
+                ConnectionTarget::new(connection)?.with_response_timeout(config.response_timeout)
+            }
+            None => target.clone(),
+        };
 
         let metrics = Arc::new(Metrics::default());
         let (handoff, events) = handoff::channel(metrics.clone());
@@ -214,7 +224,7 @@ impl WorkerCore {
 
         let listener = if config.listen_notify {
             let listener = Listener {
-                target: target.clone(),
+                target: listen_target,
                 channels: listener::channels(config.queues.as_deref()),
                 wake: wake.clone(),
                 handoff: handoff.clone(),

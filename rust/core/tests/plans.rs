@@ -5,10 +5,12 @@
 //! a plan made on a small table, or on statistics gone stale, stays in use as the table
 //! grows. Every statement of `sql::STATEMENTS` is explained as its own session runs it
 //! (same settings), on tables of 0, 100, 2,000, 20,000 and 1,000,000 jobs, a mix of
-//! `todo`, `doing` and finished ones with their events, ANALYZEd; and once more on a table
-//! grown from empty without an ANALYZE. A failure names the statement and the size.
+//! `todo`, `doing` and finished ones with their events, ANALYZEd (directly connected, and
+//! as behind a transaction pooler: settings per transaction, see `db.rs`); and once more on
+//! a table grown from empty without an ANALYZE. A failure names the statement and the size.
 
 use fastworker_core::connect::ConnectionTarget;
+use fastworker_core::db::Db;
 use fastworker_core::fetcher::Fetcher;
 use fastworker_core::sql::{Session, STATEMENTS};
 use tokio_postgres::Client;
@@ -71,8 +73,24 @@ async fn fill(client: &Client, from: i64, size: i64) {
         .expect("fill the jobs table");
 }
 
-/// The statement's plan as its session makes it (generic), as JSON nodes.
-async fn plan(client: &Client, name: &str, sql: &str) -> serde_json::Value {
+/// The statement's plan as its session makes it (generic), as JSON nodes. Behind a
+/// pooler, in a transaction with the settings each of the core's transactions has.
+async fn plan(db: &Db, name: &str, sql: &str) -> serde_json::Value {
+    let client = db.raw_client();
+    if db.is_pooled() {
+        client
+            .batch_execute(&db.begin_statement())
+            .await
+            .expect(name);
+    }
+    let explained = explain(client, name, sql).await;
+    if db.is_pooled() {
+        client.batch_execute("COMMIT").await.expect(name);
+    }
+    explained
+}
+
+async fn explain(client: &Client, name: &str, sql: &str) -> serde_json::Value {
     let statement = client.prepare(sql).await.expect(name);
     let types: Vec<String> = statement
         .params()
@@ -162,23 +180,22 @@ fn problems(name: &str, plan: &serde_json::Value, empty: bool) -> Vec<String> {
     found
 }
 
-async fn sessions(db: &TestDatabase) -> (Client, Client) {
-    let target = ConnectionTarget::parse(&db.dsn).expect("conninfo");
-    let jobs = target.connect().await.expect("job session");
+/// The job and registry sessions; `pooled`: as through a transaction pooler (settings per
+/// transaction).
+async fn sessions(db: &TestDatabase, pooled: bool) -> (Db, Db) {
+    let target = ConnectionTarget::parse(&db.dsn)
+        .expect("conninfo")
+        .through_pooler(pooled);
+    let mut jobs = target.connect().await.expect("job session");
     // As the dispatcher sets up its job connection.
-    Fetcher::prepare(&jobs, None, 1, false)
+    Fetcher::prepare(&mut jobs, None, 1, false)
         .await
         .expect("job session settings");
     let registry = target.connect().await.expect("registry session");
     (jobs, registry)
 }
 
-async fn check_every_statement(
-    jobs: &Client,
-    registry: &Client,
-    label: &str,
-    empty: bool,
-) -> Vec<String> {
+async fn check_every_statement(jobs: &Db, registry: &Db, label: &str, empty: bool) -> Vec<String> {
     let mut failures = Vec::new();
     for (name, sql, session) in STATEMENTS {
         let client = match session {
@@ -220,9 +237,11 @@ async fn no_statement_reads_the_jobs_table_whole_at_any_size() {
             .await
             .unwrap();
         // New sessions, as a worker started now would have.
-        let (jobs, registry) = sessions(&db).await;
-        let label = format!("{size} jobs");
-        failures.extend(check_every_statement(&jobs, &registry, &label, size == 0).await);
+        for pooled in [false, true] {
+            let (jobs, registry) = sessions(&db, pooled).await;
+            let label = format!("{size} jobs{}", if pooled { ", pooler" } else { "" });
+            failures.extend(check_every_statement(&jobs, &registry, &label, size == 0).await);
+        }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
     db.drop_database().await;
@@ -234,7 +253,7 @@ async fn no_statement_reads_the_jobs_table_whole_at_any_size() {
 async fn plans_made_on_an_empty_table_stay_on_indexes_as_it_grows() {
     let db = database("plans_stale").await;
     fill(&db.client, 0, 20_000).await;
-    let (jobs, registry) = sessions(&db).await;
+    let (jobs, registry) = sessions(&db, false).await;
     let failures =
         check_every_statement(&jobs, &registry, "20,000 jobs, not analyzed", false).await;
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));

@@ -25,11 +25,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{mpsc, watch, Notify};
-use tokio_postgres::Client;
 
 use crate::completer::{Completer, CompletionBatch, CompletionReport};
 use crate::config::WorkerConfig;
 use crate::connect::ConnectionTarget;
+use crate::db::{Db, Within};
 use crate::errors::{CoreError, CoreResult, Failed, Failure};
 use crate::fetcher::{Claimant, Fetcher, QueueRoom};
 use crate::handoff::HandoffSender;
@@ -85,7 +85,7 @@ struct Backend {
 }
 
 struct Connection {
-    client: Client,
+    client: Db,
     fetcher: Fetcher,
     completer: Completer,
     backend: Option<Backend>,
@@ -108,6 +108,7 @@ async fn round_trip(
         fetcher
             .claim(
                 client,
+                Within::OwnTransaction,
                 claim.claimant,
                 claim.limit,
                 claim.room,
@@ -168,11 +169,13 @@ async fn round_trip(
             // Retries: completions, then the claim, in one transaction, so the claim sees
             // a retried job that is due at once. Polled in order by join!, so sent in this
             // order, in one round trip.
+            let begin_statement = client.begin_statement();
             let (begin, flushed, claimed, commit) = tokio::join!(
-                client.batch_execute("BEGIN"),
-                completer.write_batch(client, batch, workers),
+                client.batch_execute(&begin_statement),
+                completer.write_batch(client, batch, workers, Within::OpenTransaction),
                 fetcher.claim(
                     client,
+                    Within::OpenTransaction,
                     claim.claimant,
                     claim.limit,
                     claim.room,
@@ -241,7 +244,14 @@ async fn separately(
     }
     let claimed = connection
         .fetcher
-        .claim(client, claim.claimant, claim.limit, claim.room, &abandoned)
+        .claim(
+            client,
+            Within::OwnTransaction,
+            claim.claimant,
+            claim.limit,
+            claim.room,
+            &abandoned,
+        )
         .await
         .map_err(|error| Failed::new(&error));
     RoundTrip {
@@ -263,22 +273,30 @@ impl Dispatcher {
         }
     }
 
-    async fn prepare(&self, client: Client) -> CoreResult<Connection> {
+    async fn prepare(&self, mut client: Db) -> CoreResult<Connection> {
         let fetcher = Fetcher::prepare(
-            &client,
+            &mut client,
             self.config.queues.clone(),
             self.config.concurrency,
             !self.config.queue_concurrency.is_empty(),
         )
         .await?;
         let completer = Completer::prepare(&client).await?;
-        let backend = client
-            .query_one(sql::BACKEND_IDENTITY, &[])
-            .await
-            .and_then(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
-            .map(|(pid, started)| Backend { pid, started })
-            // Behind a pooler the backend may not be visible: nothing to wait for then.
-            .ok();
+        let backend = if client.is_pooled() {
+            // Behind a transaction pooler, the server process is the pooler's, shared
+            // with other clients: never one of this worker's to end. (A client lost in a
+            // transaction makes the pooler close that server connection.)
+            None
+        } else {
+            client
+                .query_one(sql::BACKEND_IDENTITY, &[])
+                .await
+                .and_then(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+                .map(|(pid, started)| Backend { pid, started })
+                // The backend may not be visible (no rights on pg_stat_activity): nothing
+                // to wait for then.
+                .ok()
+        };
         Ok(Connection {
             client,
             fetcher,
@@ -293,7 +311,7 @@ impl Dispatcher {
 
     /// Runs until the completion sender is dropped and every completion is written (or
     /// given up on, after the reconnect budget or a hard stop).
-    pub async fn run(mut self, client: Client) -> CoreResult<()> {
+    pub async fn run(mut self, client: Db) -> CoreResult<()> {
         let mut state = State::new(self.settings());
         let mut connection = match self.prepare(client).await {
             Ok(connection) => Some(connection),
@@ -604,7 +622,7 @@ impl Dispatcher {
     /// of a transaction nobody will finish. Claims would skip (SKIP LOCKED) or wait for
     /// those rows. Let it end on its own for a moment, then end it (it is this worker's
     /// own process, told apart from any later one by its start time).
-    async fn retire_old_backend(&self, client: &Client, old: Backend) {
+    async fn retire_old_backend(&self, client: &Db, old: Backend) {
         let alive = || async {
             client
                 .query_one(sql::BACKEND_ALIVE, &[&old.pid, &old.started])
@@ -621,7 +639,7 @@ impl Dispatcher {
             if !terminated && started.elapsed() > OLD_BACKEND_GRACE {
                 terminated = true;
                 let _ = client
-                    .execute(sql::TERMINATE_BACKEND, &[&old.pid, &old.started])
+                    .query(sql::TERMINATE_BACKEND, &[&old.pid, &old.started])
                     .await;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -644,7 +662,7 @@ impl Dispatcher {
 
     async fn orphaned_claims(
         &self,
-        client: &Client,
+        client: &Db,
         state: &State,
     ) -> Result<Vec<JobRow>, tokio_postgres::Error> {
         let (ids, attempts) = state.in_flight.keys();
