@@ -124,6 +124,30 @@ async def test_a_lock_successor_scheduled_for_later_runs_when_due(
     assert order == ["first", "scheduled", "last"]
 
 
+async def test_only_the_worker_s_own_queues_set_its_wake_up(
+    app: procrastinate.App, dsn: str
+) -> None:
+    """A job of another queue, due first, does not count for this worker: its own queue's
+    job, due a little later, still starts when due, and the other one stays `todo`."""
+    ran: list[str] = []
+
+    @app.task(name="record")
+    async def record(label: str) -> None:
+        ran.append(label)
+
+    await record.configure(queue="elsewhere", schedule_in={"seconds": 1}).defer_async(
+        label="elsewhere"
+    )
+    await record.configure(queue="mine", schedule_in={"seconds": 2}).defer_async(label="mine")
+    await run_until(
+        app,
+        lambda: statuses(dsn) == ["todo", "succeeded"],
+        "this worker's own scheduled job",
+        queues=["mine"],
+    )
+    assert ran == ["mine"]
+
+
 async def test_wait_false_runs_everything_that_running_jobs_make_claimable(
     app: procrastinate.App, dsn: str
 ) -> None:
