@@ -35,6 +35,12 @@ ensure_venv() {
         fi
     fi
     .venv/bin/python -m pip install --quiet --upgrade pip
-    say "building and installing fastworker[$extras] into .venv (maturin, release build; the first build takes a few minutes)"
+    # A .venv made before the rename holds this package under its former distribution name
+    # (`fastworker`, the same `fastworker` import package): remove it, so that one
+    # distribution owns the files.
+    if .venv/bin/python -m pip show --quiet fastworker >/dev/null 2>&1; then
+        .venv/bin/python -m pip uninstall --quiet --yes fastworker
+    fi
+    say "building and installing procrastinate-fastworker[$extras] into .venv (maturin, release build; the first build takes a few minutes)"
     .venv/bin/python -m pip install --quiet ".[$extras]"
 }

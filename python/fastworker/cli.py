@@ -35,6 +35,9 @@ from fastworker import options
 from fastworker.connection import conninfo_from_dsn
 
 PROGRAM_NAME = "fastworker"
+# The name it is installed under (`pip install procrastinate-fastworker`); `fastworker` on
+# the package index is an unrelated project.
+DISTRIBUTION = "procrastinate-fastworker"
 ENV_PREFIX = options.ENV_PREFIX
 
 EXIT_OK = 0
@@ -72,7 +75,7 @@ class CliError(Exception):
 
 def _version() -> str:
     try:
-        return importlib.metadata.version("fastworker")
+        return importlib.metadata.version(DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:  # pragma: no cover - not installed
         return "unknown"
 
