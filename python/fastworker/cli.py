@@ -31,7 +31,7 @@ from procrastinate import jobs
 from psycopg.conninfo import conninfo_to_dict
 
 import fastworker
-from fastworker import options
+from fastworker import compat, options
 from fastworker.connection import conninfo_from_dsn
 
 PROGRAM_NAME = "fastworker"
@@ -537,7 +537,7 @@ def _connection_arguments(
     targets: list[tuple[str, dict[str, Any]]] = []
     connector = app.connector
     if isinstance(connector, procrastinate.PsycopgConnector):
-        arguments = getattr(connector, "_pool_args", {})
+        arguments = compat.connector_pool_args(connector) or {}
         conninfo = arguments.get("conninfo", "")
         kwargs = arguments.get("kwargs") or {}
         if isinstance(conninfo, str) and isinstance(kwargs, dict):

@@ -15,6 +15,8 @@ from typing import Any
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from fastworker import compat
+
 # Keys the core understands (tokio-postgres', plus the libpq TLS keys the core handles
 # itself: sslmode's verify-ca / verify-full, sslrootcert, sslcert, sslkey); other
 # libpq-only keys are dropped.
@@ -81,7 +83,7 @@ def conninfo_from_dsn(dsn: str) -> str:
 
 
 async def _from_psycopg_connector(connector: Any) -> str | None:
-    pool = getattr(connector, "_async_pool", None)
+    pool = compat.psycopg_async_pool(connector)
     if pool is None:
         return None
     async with pool.connection() as connection:
@@ -102,7 +104,7 @@ async def _from_psycopg_connector(connector: Any) -> str | None:
 async def _from_aiopg_connector(connector: Any) -> str | None:
     """procrastinate's AiopgConnector: what psycopg2 resolved for one of the pool's
     connections (the pool exists once the app is open)."""
-    pool = getattr(connector, "_pool", None)
+    pool = compat.aiopg_pool(connector)
     if pool is None or not hasattr(pool, "acquire"):
         return None
     async with pool.acquire() as connection:
@@ -136,8 +138,8 @@ def _from_django_connector(connector: Any) -> str | None:
 
 
 def _from_connector_arguments(connector: Any) -> str | None:
-    arguments = getattr(connector, "_pool_args", None)
-    if not isinstance(arguments, Mapping):
+    arguments = compat.connector_pool_args(connector)
+    if arguments is None:
         return None
     params: dict[str, Any] = {}
     for key in ("conninfo", "dsn"):

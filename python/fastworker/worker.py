@@ -24,7 +24,7 @@ from typing import Any
 
 from procrastinate import App, utils
 
-from fastworker import _core
+from fastworker import _core, compat
 from fastworker import options as fastworker_options
 from fastworker.connection import resolve_conninfo
 from fastworker.runner.intake import connector_json_loads
@@ -64,6 +64,8 @@ class Worker(Periodic):
     ):
         # procrastinate's options, positional (in its order) or by keyword.
         super().__init__(app, *args, **options)
+        # The private members of procrastinate's Worker the runner uses (fastworker.compat).
+        compat.check_worker(self)
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
         # fastworker's own, checked as `fastworker.options` declares them.
