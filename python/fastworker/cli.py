@@ -33,6 +33,7 @@ from psycopg.conninfo import conninfo_to_dict
 import fastworker
 from fastworker import compat, options
 from fastworker.connection import conninfo_from_dsn
+from fastworker.worker import check_platform
 
 PROGRAM_NAME = "fastworker"
 # The name it is installed under (`pip install procrastinate-fastworker`); `fastworker` on
@@ -682,6 +683,10 @@ def execute(parsed: dict[str, Any], app: procrastinate.App | None = None) -> Non
     """Run the worker the parsed flags describe, until it stops; raises `CliError` (with
     its exit code) when it fails. ``app``: run for this app instead of the one ``--app``
     names (the Django command)."""
+    try:
+        check_platform()
+    except fastworker.ConfigurationError as error:
+        raise CliError(str(error), EXIT_FAILURE) from None
     parsed = dict(parsed)
     procrastinate_cli.configure_logging(
         verbosity=parsed.pop("verbose", None),

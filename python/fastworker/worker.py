@@ -19,6 +19,7 @@ from are in `fastworker/runner/`, one file each:
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,7 +32,19 @@ from fastworker.runner.intake import connector_json_loads
 from fastworker.runner.periodic import Periodic
 from fastworker.runner.state import JobTimeout, logger
 
-__all__ = ["JobTimeout", "Worker", "run", "run_async"]
+__all__ = ["JobTimeout", "Worker", "check_platform", "run", "run_async"]
+
+
+def check_platform() -> None:
+    """fastworker runs on POSIX systems (Linux, macOS), where it is built and tested: its
+    signal handling uses the event loop's `add_signal_handler`, which Windows' loops lack,
+    and no Windows wheel is published. Elsewhere, a clear error at start."""
+    if sys.platform == "win32" or sys.platform == "cygwin":
+        raise _core.ConfigurationError(
+            f"fastworker runs on Linux and macOS only, not on Windows ({sys.platform}); "
+            "run procrastinate's own worker there (`procrastinate worker`, "
+            "`app.run_worker_async()`)"
+        )
 
 
 class Worker(Periodic):
@@ -62,6 +75,7 @@ class Worker(Periodic):
         max_jobs: int | None = None,
         **options: Any,
     ):
+        check_platform()
         # procrastinate's options, positional (in its order) or by keyword.
         super().__init__(app, *args, **options)
         # The private members of procrastinate's Worker the runner uses (fastworker.compat).
