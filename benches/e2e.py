@@ -741,7 +741,7 @@ def main() -> None:
         try:
             plot(results, args.out / "e2e.png")
         except ImportError:
-            print("no plot: matplotlib is not installed (pip install 'fastworker[bench]')")
+            print("no plot: matplotlib is not installed (pip install -r requirements/bench.txt)")
         else:
             print(f"wrote {args.out / 'e2e.png'}")
 

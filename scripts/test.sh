@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The whole test suite, on a fresh machine: installs fastworker with its test extras into
-# .venv (maturin build), makes sure a local PostgreSQL runs (installing it with apt-get if
-# absent) and PgBouncer is installed (for the pooler tests), then runs `cargo test` (the Rust core) and pytest. Exits non-zero if anything
-# fails. Set FASTWORKER_TEST_DSN to use another server (tests create and drop databases).
+# The whole test suite, on a fresh machine: installs fastworker and the test tools
+# (requirements/test.txt) into .venv (maturin build), makes sure a local PostgreSQL runs
+# (installing it with apt-get if absent) and PgBouncer is installed (for the pooler tests),
+# then runs `cargo test` (the Rust core) and pytest. Exits non-zero if anything fails. Set
+# FASTWORKER_TEST_DSN to use another server (tests create and drop databases).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh

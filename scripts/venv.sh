@@ -16,9 +16,19 @@ find_python() {
     return 1
 }
 
-# ensure_venv EXTRAS: .venv with `pip install ".[EXTRAS]"`.
+# ensure_venv NAMES: .venv with the package and, for each comma-separated name, the
+# requirements file requirements/NAME.txt (tools: test, bench) if there is one, else the
+# package's extra NAME (demo, metrics, otel): `ensure_venv test,demo` is
+# `pip install ".[demo]" -r requirements/test.txt`.
 ensure_venv() {
-    local extras=$1 python
+    local names=$1 python name extras="" requirements=()
+    for name in ${names//,/ }; do
+        if [ -f "requirements/$name.txt" ]; then
+            requirements+=(-r "requirements/$name.txt")
+        else
+            extras="${extras:+$extras,}$name"
+        fi
+    done
     if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
         export PATH="$HOME/.cargo/bin:$PATH"
     fi
@@ -35,6 +45,12 @@ ensure_venv() {
         fi
     fi
     .venv/bin/python -m pip install --quiet --upgrade pip
-    say "building and installing fastworker[$extras] into .venv (maturin, release build; the first build takes a few minutes)"
-    .venv/bin/python -m pip install --quiet ".[$extras]"
+    # A .venv made before the rename holds this package under its former distribution name
+    # (`fastworker`, the same `fastworker` import package): remove it, so that one
+    # distribution owns the files.
+    if .venv/bin/python -m pip show --quiet fastworker >/dev/null 2>&1; then
+        .venv/bin/python -m pip uninstall --quiet --yes fastworker
+    fi
+    say "building and installing procrastinate-fastworker${extras:+[$extras]}${requirements[*]:+ with ${requirements[*]}} into .venv (maturin, release build; the first build takes a few minutes)"
+    .venv/bin/python -m pip install --quiet ".${extras:+[$extras]}" "${requirements[@]}"
 }

@@ -7,6 +7,7 @@ only decide how long a failing test takes to fail.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import signal
 import subprocess
@@ -384,3 +385,6 @@ def test_version(tmp_path: Path) -> None:
     )
     assert result.returncode == 0
     assert "fastworker" in result.stdout and procrastinate.__version__ in result.stdout
+    # The version of the distribution as installed (`procrastinate-fastworker`), not "unknown".
+    installed = importlib.metadata.version("procrastinate-fastworker")
+    assert result.stdout.startswith(f"fastworker {installed} ")

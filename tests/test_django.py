@@ -1,8 +1,9 @@
 """``./manage.py fastworker``: procrastinate's Django integration, run by fastworker.
 
-A real Django project (written to a temporary directory) whose settings point at the test
-database, a task registered on ``procrastinate.contrib.django.app``, and the management
-command run in a subprocess until the queue is empty.
+A real Django project (written to a temporary directory: settings pointing at the test
+database, a manage.py, a task registered on ``procrastinate.contrib.django.app``), and the
+management command run in a subprocess (``./manage.py fastworker``, ``django-admin`` with
+``--settings`` / ``--pythonpath``, ``call_command``) until the queue is empty.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 from psycopg.conninfo import conninfo_to_dict
@@ -47,34 +49,73 @@ def write_project(root: Path, dsn: str, marker: Path) -> None:
             """
         )
     )
+    (root / "manage.py").write_text(
+        textwrap.dedent(
+            """
+            import os
+            import sys
+
+            if __name__ == "__main__":
+                os.environ.setdefault("DJANGO_SETTINGS_MODULE", "djangoproject.settings")
+                from django.core.management import execute_from_command_line
+
+                execute_from_command_line(sys.argv)
+            """
+        )
+    )
     (root / "tasksapp").mkdir()
     (root / "tasksapp" / "__init__.py").write_text("")
+    # A system check that fails when FAILING_CHECK is set: Django runs the checks before
+    # the command (unless --skip-checks).
+    (root / "tasksapp" / "apps.py").write_text(
+        textwrap.dedent(
+            """
+            import os
+
+            from django.apps import AppConfig
+            from django.core import checks
+
+
+            def failing_check(app_configs, **kwargs):
+                if os.environ.get("FAILING_CHECK"):
+                    return [checks.Error("the check that fails", id="tasksapp.E001")]
+                return []
+
+
+            class TasksConfig(AppConfig):
+                name = "tasksapp"
+
+                def ready(self):
+                    checks.register(failing_check)
+            """
+        )
+    )
     (root / "tasksapp" / "tasks.py").write_text(
         textwrap.dedent(
             f"""
             from procrastinate.contrib.django import app
 
-            @app.task(name="record")
-            def record(value):
+            @app.task(name="record", pass_context=True)
+            def record(context, value):
                 with open({str(marker)!r}, "a") as marker:
-                    marker.write(f"{{value}}\\n")
+                    marker.write(f"{{value}} {{context.worker_name}}\\n")
             """
         )
     )
 
 
-def manage_py(project: Path, *arguments: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    """`django-admin fastworker ARGUMENTS` in the project written by `write_project`."""
-    environment = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "djangoproject.settings",
-        # Only the project: fastworker comes from the installed package (its native module).
-        "PYTHONPATH": str(project),
-    }
+def run_in(
+    project: Path, *command: str, timeout: float, **environment: str
+) -> subprocess.CompletedProcess[str]:
+    """A command run in the project written by `write_project`; fastworker comes from the
+    installed package (its native module), the project from its directory."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("FASTWORKER_")}
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    env.pop("PYTHONPATH", None)
     return subprocess.run(
-        [sys.executable, "-m", "django", "fastworker", *arguments],
+        [sys.executable, *command],
         cwd=project,
-        env=environment,
+        env={**env, **environment},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -82,26 +123,160 @@ def manage_py(project: Path, *arguments: str, timeout: float) -> subprocess.Comp
     )
 
 
-def test_manage_py_fastworker_runs_the_django_apps_jobs(dsn: str, tmp_path: Path) -> None:
-    marker = tmp_path / "ran.txt"
-    write_project(tmp_path, dsn, marker)
-    with_values = ",".join(f"('default', 'record', '{{\"value\": {i}}}')" for i in range(5))
+def manage_py(
+    project: Path, *arguments: str, timeout: float, **environment: str
+) -> subprocess.CompletedProcess[str]:
+    """`./manage.py fastworker ARGUMENTS` in the project written by `write_project`."""
+    return run_in(project, "manage.py", "fastworker", *arguments, timeout=timeout, **environment)
+
+
+def defer_records(dsn: str, count: int) -> None:
+    values = ",".join(f"('default', 'record', '{{\"value\": {i}}}')" for i in range(count))
     fetch_all(
         dsn,
-        f"INSERT INTO procrastinate_jobs (queue_name, task_name, args) VALUES {with_values}"
-        " RETURNING id",
+        "INSERT INTO procrastinate_jobs (queue_name, task_name, args)"
+        f" VALUES {values} RETURNING id",
     )
-    completed = manage_py(tmp_path, "--one-shot", "--concurrency", "2", timeout=120)
-    assert completed.returncode == 0, completed.stderr
-    assert sorted(marker.read_text().split()) == ["0", "1", "2", "3", "4"]
-    assert fetch_all(dsn, "SELECT status::text, count(*) FROM procrastinate_jobs GROUP BY 1") == [
-        ("succeeded", 5)
-    ]
 
 
-def test_manage_py_fastworker_help_lists_the_worker_flags(dsn: str, tmp_path: Path) -> None:
-    write_project(tmp_path, dsn, tmp_path / "unused.txt")
-    completed = manage_py(tmp_path, "--help", timeout=60)
+def recorded(marker: Path) -> list[tuple[str, str]]:
+    """(value, worker name) of each job run."""
+    return sorted(tuple(line.split()) for line in marker.read_text().splitlines())  # type: ignore[misc]
+
+
+def statuses(dsn: str) -> list[tuple[Any, ...]]:
+    return fetch_all(dsn, "SELECT status::text, count(*) FROM procrastinate_jobs GROUP BY 1")
+
+
+@pytest.fixture
+def project(dsn: str, tmp_path: Path) -> Path:
+    write_project(tmp_path, dsn, tmp_path / "ran.txt")
+    return tmp_path
+
+
+def test_manage_py_fastworker_runs_the_django_apps_jobs(dsn: str, project: Path) -> None:
+    defer_records(dsn, 5)
+    completed = manage_py(project, "--one-shot", "--concurrency", "2", timeout=120)
     assert completed.returncode == 0, completed.stderr
-    for flag in ("--concurrency", "--queues", "--one-shot", "--queue-limit", "--job-timeout"):
+    assert recorded(project / "ran.txt") == [(str(i), "worker") for i in range(5)]
+    assert statuses(dsn) == [("succeeded", 5)]
+
+
+def test_manage_py_fastworker_worker_is_accepted_too(dsn: str, project: Path) -> None:
+    """As `./manage.py procrastinate worker ...`."""
+    defer_records(dsn, 3)
+    completed = manage_py(project, "worker", "--one-shot", "-n", "named", timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    assert recorded(project / "ran.txt") == [(str(i), "named") for i in range(3)]
+
+
+def test_djangos_settings_and_pythonpath_options(dsn: str, project: Path) -> None:
+    """--settings and --pythonpath, with neither DJANGO_SETTINGS_MODULE nor PYTHONPATH set,
+    from another directory: Django's own options work."""
+    defer_records(dsn, 2)
+    elsewhere = project / "elsewhere"
+    elsewhere.mkdir()
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "django",
+            "fastworker",
+            "--settings=djangoproject.settings",
+            f"--pythonpath={project}",
+            "--one-shot",
+            "--queues=default",
+        ],
+        cwd=elsewhere,
+        env={
+            key: value
+            for key, value in os.environ.items()
+            if key not in ("DJANGO_SETTINGS_MODULE", "PYTHONPATH")
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert statuses(dsn) == [("succeeded", 2)]
+
+
+def test_call_command_takes_the_worker_options(dsn: str, project: Path) -> None:
+    defer_records(dsn, 4)
+    script = textwrap.dedent(
+        """
+        import django
+        from django.core.management import call_command
+
+        django.setup()
+        call_command(
+            "fastworker", concurrency=5, wait=False, name="called", max_batch_size=2
+        )
+        """
+    )
+    completed = run_in(
+        project, "-c", script, timeout=120, DJANGO_SETTINGS_MODULE="djangoproject.settings"
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert recorded(project / "ran.txt") == [(str(i), "called") for i in range(4)]
+    assert statuses(dsn) == [("succeeded", 4)]
+
+
+def test_call_command_with_a_bad_option_raises_a_command_error(project: Path) -> None:
+    script = textwrap.dedent(
+        """
+        import django
+        from django.core.management import CommandError, call_command
+
+        django.setup()
+        try:
+            call_command("fastworker", concurrency=0, wait=False)
+        except CommandError as error:
+            print(f"CommandError {error.returncode}: {error}")
+        """
+    )
+    completed = run_in(
+        project, "-c", script, timeout=120, DJANGO_SETTINGS_MODULE="djangoproject.settings"
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == (
+        "CommandError 2: invalid worker settings: concurrency must be at least 1, got 0"
+    )
+
+
+def test_djangos_system_checks_run_first(dsn: str, project: Path) -> None:
+    defer_records(dsn, 1)
+    failed = manage_py(project, "--one-shot", timeout=120, FAILING_CHECK="1")
+    assert failed.returncode != 0
+    assert "SystemCheckError" in failed.stderr and "tasksapp.E001" in failed.stderr
+    assert statuses(dsn) == [("todo", 1)]
+    skipped = manage_py(project, "--one-shot", "--skip-checks", timeout=120, FAILING_CHECK="1")
+    assert skipped.returncode == 0, skipped.stderr
+    assert statuses(dsn) == [("succeeded", 1)]
+
+
+def test_a_bad_flag_or_variable_is_a_usage_error(project: Path) -> None:
+    flag = manage_py(project, "--concurrency", "zero", timeout=60)
+    assert flag.returncode == 2
+    assert "--concurrency" in flag.stderr and "invalid int value: 'zero'" in flag.stderr
+    variable = manage_py(project, "--one-shot", timeout=60, FASTWORKER_MAX_BATCH_SIZE="many")
+    assert variable.returncode == 2
+    assert "FASTWORKER_MAX_BATCH_SIZE" in variable.stderr
+    assert "Traceback" not in flag.stderr + variable.stderr
+
+
+def test_manage_py_fastworker_help_lists_the_worker_flags(project: Path) -> None:
+    completed = manage_py(project, "--help", timeout=60)
+    assert completed.returncode == 0, completed.stderr
+    for flag in (
+        "--concurrency",
+        "--queues",
+        "--one-shot",
+        "--queue-limit",
+        "--job-timeout",
+        "--settings",
+        "--pythonpath",
+        "--skip-checks",
+    ):
         assert flag in completed.stdout

@@ -31,9 +31,13 @@ from procrastinate import jobs
 from psycopg.conninfo import conninfo_to_dict
 
 import fastworker
-from fastworker import options
+from fastworker import compat, options
+from fastworker.worker import check_platform
 
 PROGRAM_NAME = "fastworker"
+# The name it is installed under (`pip install procrastinate-fastworker`); `fastworker` on
+# the package index is an unrelated project.
+DISTRIBUTION = "procrastinate-fastworker"
 ENV_PREFIX = options.ENV_PREFIX
 
 EXIT_OK = 0
@@ -71,7 +75,7 @@ class CliError(Exception):
 
 def _version() -> str:
     try:
-        return importlib.metadata.version("fastworker")
+        return importlib.metadata.version(DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:  # pragma: no cover - not installed
         return "unknown"
 
@@ -404,6 +408,28 @@ def _add_option(group: argparse._ArgumentGroup, option: options.Option) -> None:
         )
 
 
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``fastworker worker``, on another parser (the Django command's): the
+    same actions, so the same spelling, types, checks and environment variables. Not
+    ``--app``, and no flag string the parser has already (Django's ``-v``, ``-h``)."""
+    holder = argparse.ArgumentParser(add_help=False)
+    worker = _configure_worker_parser(holder.add_subparsers())
+    taken = set(parser._option_string_actions)
+    for action in worker._actions:
+        action.option_strings = [flag for flag in action.option_strings if flag not in taken]
+    # argparse's own way of copying actions (what `parents=` does), groups and mutually
+    # exclusive groups included.
+    worker._actions = [
+        action
+        for action in worker._actions
+        if action.option_strings and action.dest not in ("help", "app")
+    ]
+    for group in worker._action_groups + worker._mutually_exclusive_groups:
+        group._group_actions = [a for a in group._group_actions if a in worker._actions]
+    parser._add_container_actions(worker)
+    parser.set_defaults(**{key: value for key, value in worker._defaults.items() if key != "func"})
+
+
 def create_parser() -> argparse.ArgumentParser:
     """The ``fastworker`` parser. Reads the environment (PROCRASTINATE_*, FASTWORKER_*)."""
     parser = argparse.ArgumentParser(
@@ -533,7 +559,7 @@ def _connection_arguments(
     targets: list[tuple[str, dict[str, Any]]] = []
     connector = app.connector
     if isinstance(connector, procrastinate.PsycopgConnector):
-        arguments = getattr(connector, "_pool_args", {})
+        arguments = compat.connector_pool_args(connector) or {}
         conninfo = arguments.get("conninfo", "")
         kwargs = arguments.get("kwargs") or {}
         if isinstance(conninfo, str) and isinstance(kwargs, dict):
@@ -653,37 +679,48 @@ def _error_for(error: BaseException) -> CliError:
     return CliError(f"the worker failed: {type(error).__name__}: {error}", EXIT_FAILURE)
 
 
-def main(argv: Sequence[str] | None = None, *, app: procrastinate.App | None = None) -> int:
-    """Entry point of the ``fastworker`` command; returns the exit code.
-
-    ``app``: run for this app instead of the one ``--app`` names (the Django command).
-    """
+def execute(parsed: dict[str, Any], app: procrastinate.App | None = None) -> None:
+    """Run the worker the parsed flags describe, until it stops; raises `CliError` (with
+    its exit code) when it fails. ``app``: run for this app instead of the one ``--app``
+    names (the Django command)."""
     try:
-        parsed = parse_args(sys.argv[1:] if argv is None else argv)
-    except CliError as error:
-        print(f"{PROGRAM_NAME}: error: {error}", file=sys.stderr)
-        return error.exit_code
-
+        check_platform()
+    except fastworker.ConfigurationError as error:
+        raise CliError(str(error), EXIT_FAILURE) from None
+    parsed = dict(parsed)
     procrastinate_cli.configure_logging(
         verbosity=parsed.pop("verbose", None),
         log_level=parsed.pop("log_level", None),
-        format=parsed.pop("log_format"),
-        style=parsed.pop("log_format_style"),
+        format=parsed.pop("log_format", logging.BASIC_FORMAT),
+        style=parsed.pop("log_format_style", "%"),
     )
-    app_path: str = parsed.pop("app")
+    app_path: str = parsed.pop("app", "")
     for key in ("command", "func"):
         parsed.pop(key, None)
     options = parsed  # only the flags given (or set in the environment)
 
     try:
-        return asyncio.run(run_worker(app_path, options, app))
+        asyncio.run(run_worker(app_path, options, app))
     except KeyboardInterrupt:  # a SIGINT outside the worker's own handling
-        return 130
+        raise CliError("interrupted", 130) from None
     except Exception as error:
-        cli_error = _error_for(error)
         logging.getLogger("fastworker.cli").debug("Exception details:", exc_info=error)
-        print(f"{PROGRAM_NAME}: error: {cli_error}", file=sys.stderr)
-        return cli_error.exit_code
+        raise _error_for(error) from error
+
+
+def main(argv: Sequence[str] | None = None, *, app: procrastinate.App | None = None) -> int:
+    """Entry point of the ``fastworker`` command; returns the exit code.
+
+    ``app``: run for this app instead of the one ``--app`` names.
+    """
+    try:
+        execute(parse_args(sys.argv[1:] if argv is None else argv), app)
+    except CliError as error:
+        if error.exit_code == 130:
+            return error.exit_code
+        print(f"{PROGRAM_NAME}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

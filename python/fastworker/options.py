@@ -239,7 +239,7 @@ OPTIONS: tuple[Option, ...] = (
         None,
         optional(port),
         "serve Prometheus metrics on this port at /metrics (0: any free port; extra "
-        "`fastworker[metrics]`)",
+        "`procrastinate-fastworker[metrics]`)",
         parse=_number(int),
         metavar="PORT",
     ),
@@ -254,7 +254,7 @@ OPTIONS: tuple[Option, ...] = (
         "opentelemetry",
         False,
         boolean,
-        "one OpenTelemetry span per job (extra `fastworker[otel]`)",
+        "one OpenTelemetry span per job (extra `procrastinate-fastworker[otel]`)",
         form="switch",
     ),
 )

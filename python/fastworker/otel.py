@@ -1,4 +1,4 @@
-"""OpenTelemetry spans per job (extra ``fastworker[otel]``), following procrastinate
+"""OpenTelemetry spans per job (extra ``procrastinate-fastworker[otel]``), following procrastinate
 issue #1431: one CONSUMER span per job run, named ``<task name> process``, with the
 messaging attributes of OpenTelemetry's semantic conventions.
 
@@ -17,7 +17,8 @@ try:
     from opentelemetry.trace import SpanKind, Status, StatusCode
 except ImportError as error:  # pragma: no cover - depends on the installed extras
     raise ImportError(
-        "opentelemetry=True needs the opentelemetry-api package: pip install 'fastworker[otel]'"
+        "opentelemetry=True needs the opentelemetry-api package: "
+        "pip install 'procrastinate-fastworker[otel]'"
     ) from error
 
 _tracer = trace.get_tracer("fastworker")

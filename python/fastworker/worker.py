@@ -19,19 +19,32 @@ from are in `fastworker/runner/`, one file each:
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 from procrastinate import App, utils
 
-from fastworker import _core
+from fastworker import _core, compat
 from fastworker import options as fastworker_options
 from fastworker.connection import ConnectionParams, params_from_dsn, resolve_connection
 from fastworker.runner.intake import connector_json_loads
 from fastworker.runner.periodic import Periodic
 from fastworker.runner.state import JobTimeout, logger
 
-__all__ = ["JobTimeout", "Worker", "run", "run_async"]
+__all__ = ["JobTimeout", "Worker", "check_platform", "run", "run_async"]
+
+
+def check_platform() -> None:
+    """fastworker runs on POSIX systems (Linux, macOS), where it is built and tested: its
+    signal handling uses the event loop's `add_signal_handler`, which Windows' loops lack,
+    and no Windows wheel is published. Elsewhere, a clear error at start."""
+    if sys.platform == "win32" or sys.platform == "cygwin":
+        raise _core.ConfigurationError(
+            f"fastworker runs on Linux and macOS only, not on Windows ({sys.platform}); "
+            "run procrastinate's own worker there (`procrastinate worker`, "
+            "`app.run_worker_async()`)"
+        )
 
 
 class Worker(Periodic):
@@ -64,8 +77,11 @@ class Worker(Periodic):
         max_jobs: int | None = None,
         **options: Any,
     ):
+        check_platform()
         # procrastinate's options, positional (in its order) or by keyword.
         super().__init__(app, *args, **options)
+        # The private members of procrastinate's Worker the runner uses (fastworker.compat).
+        compat.check_worker(self)
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
         # fastworker's own, checked as `fastworker.options` declares them.

@@ -14,7 +14,7 @@ from typing import Any
 
 from procrastinate import job_context, jobs
 
-from fastworker import _core
+from fastworker import _core, compat
 from fastworker.runner.state import claim_of, core_logger
 from fastworker.runner.timeouts import Timeouts
 
@@ -27,8 +27,7 @@ _UNREPRESENTABLE_SCHEDULED_AT = -(2**63)
 def connector_json_loads(connector: Any) -> Callable[[str], Any]:
     """The JSON decoder the app's connector uses for job arguments (procrastinate's
     connectors take a ``json_loads``), else the standard one."""
-    loads = getattr(connector, "_json_loads", None) or getattr(connector, "json_loads", None)
-    return loads if callable(loads) else json.loads
+    return compat.connector_json_loads(connector) or json.loads
 
 
 def job_from_row(

@@ -1,11 +1,19 @@
-"""``./manage.py fastworker [worker flags]``: a fastworker worker for procrastinate's Django app."""
+"""``./manage.py fastworker [worker] [worker flags]``: a fastworker worker for procrastinate's
+Django app.
+
+A normal Django command: Django's own options (``--settings``, ``--pythonpath``,
+``--traceback``, ``--skip-checks``, ...) and system checks apply, and
+``call_command("fastworker", concurrency=5)`` works. Its worker flags are those of
+``fastworker worker`` (procrastinate's worker flags and fastworker's option table, with
+their environment variables), made by the same code. ``./manage.py fastworker worker ...``
+is accepted too, as ``./manage.py procrastinate worker ...`` is.
+"""
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from fastworker import cli
 
@@ -13,22 +21,40 @@ from fastworker import cli
 class Command(BaseCommand):
     help = (
         "Run a fastworker worker for procrastinate's Django app; takes the flags of "
-        "`fastworker worker` (see --help)."
+        "`fastworker worker`."
     )
 
-    def run_from_argv(self, argv: list[str]) -> None:
-        # fastworker's own parser (procrastinate's worker flags plus fastworker's), not
-        # Django's: the flags and their environment variables stay those of the CLI.
+    def add_arguments(self, parser: CommandParser) -> None:
+        # Django's own options, to leave out of the worker's.
+        self._django_options = {action.dest for action in parser._actions}
+        parser.add_argument(
+            "subcommand",
+            nargs="?",
+            choices=["worker"],
+            help="optional, as in `./manage.py procrastinate worker`",
+        )
+        try:
+            cli.add_worker_arguments(parser)
+        except cli.CliError as error:  # an invalid FASTWORKER_* / PROCRASTINATE_* variable
+            parser.error(str(error))
+
+    def handle(self, *args: Any, **options: Any) -> None:
         from procrastinate.contrib.django import django_connector, procrastinate_app
 
+        worker_options = {
+            name: value
+            for name, value in options.items()
+            if name not in self._django_options and name != "subcommand"
+        }
         app = procrastinate_app.current_app
-        connector = getattr(app, "connector", None)
-        if isinstance(connector, django_connector.DjangoConnector):
-            # As `manage.py procrastinate worker`: Django's own connections are not made
-            # for workers; use a psycopg (or aiopg) connector on the same database.
-            with app.replace_connector(connector.get_worker_connector()):  # type: ignore[union-attr]
-                sys.exit(cli.main(["worker", *argv[2:]], app=app))  # type: ignore[arg-type]
-        sys.exit(cli.main(["worker", *argv[2:]], app=app))  # type: ignore[arg-type]
-
-    def handle(self, *args: Any, **options: Any) -> None:  # pragma: no cover - see run_from_argv
-        raise NotImplementedError
+        try:
+            connector = app.connector
+            if isinstance(connector, django_connector.DjangoConnector):
+                # As `manage.py procrastinate worker`: Django's own connections are not
+                # made for workers; a psycopg (or aiopg) connector on the same database.
+                with app.replace_connector(connector.get_worker_connector()):
+                    cli.execute(worker_options, app)
+            else:
+                cli.execute(worker_options, app)
+        except cli.CliError as error:
+            raise CommandError(str(error), returncode=error.exit_code) from error

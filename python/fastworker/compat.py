@@ -1,0 +1,238 @@
+"""Every private member of procrastinate that fastworker relies on, declared in one place.
+
+fastworker's runner is procrastinate's `Worker`, extended (`fastworker/runner/`): it reads
+and calls some of that class's private members, overrides others, and reproduces the
+behaviour of the methods it replaces. Outside the runner, fastworker reads a few private
+attributes of procrastinate's connectors, only through the accessors below.
+
+A procrastinate release may rename, remove or rewrite any of these. `missing_members()` and
+`changed_sources()` say which, by name: tests/test_compat.py runs them (and checks that the
+runner uses no private member of procrastinate's `Worker` that is not declared here), and
+scripts/compat.sh runs the suite against each procrastinate release that pyproject.toml's
+pin allows. `Worker` refuses to start, naming the member, when one is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import textwrap
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import procrastinate
+from procrastinate import worker as procrastinate_worker
+
+# The releases this module was checked against: the pin in pyproject.toml
+# (`procrastinate>=3.10,<3.11`) allows exactly these series; scripts/compat.sh runs the test
+# suite against the newest release of each. procrastinate 3.9.0 is not among them: its
+# worker logs a missing task as "Task was not found: <error>" (fastworker's copy of
+# `_process_job` is 3.10's), its `cli.configure_logging` has no `log_level`, and its worker
+# ends an aborted sync job differently from 3.10's (the differential suite's
+# `user_aborts_every_kind_of_job_running`).
+TESTED_SERIES = ("3.10",)
+
+
+@dataclass(frozen=True)
+class Member:
+    """A private member of `procrastinate.worker.Worker` that the runner uses.
+
+    ``parameters``: for a method, the parameters fastworker passes or expects (by name, in
+    procrastinate's order, without ``self``); None for a data attribute.
+    ``use``: where and how fastworker uses it.
+    """
+
+    name: str
+    use: str
+    parameters: tuple[str, ...] | None = None
+
+
+# Read, written or called by the runner.
+WORKER_MEMBERS: tuple[Member, ...] = (
+    Member("_log_extra", "builds every log record's extra", ("action", "context", "job_result")),
+    Member("_running_jobs", "the running jobs' tasks and contexts (intake, shutdown)"),
+    Member("_stop_event", "set to stop the worker (intake, the facade)"),
+    Member("_job_ids_to_abort", "abort reasons by job id (intake, timeouts, outcomes)"),
+    Member("_loop", "the worker's loop, for stop() from another thread (shutdown)"),
+    Member(
+        "_abort_job",
+        "cancels a running job; overridden by intake",
+        ("process_job_task", "context", "reason"),
+    ),
+    Member("_abort_running_jobs", "aborts every running job at a hard stop (shutdown)", ()),
+    Member("_handle_abort_jobs_requested", "abort requests from the core (intake)", ("job_ids",)),
+    Member(
+        "_log_job_outcome",
+        "logs a job's end (upstream)",
+        ("status", "context", "job_result", "job_retry", "exc_info"),
+    ),
+    Member(
+        "_resolve_task_middlewares", "a task's middleware (upstream)", ("task", "task_is_async")
+    ),
+    Member("_monitor_side_tasks", "stops the worker when a side task fails", ("side_tasks",)),
+    Member("_periodic_deferrer", "procrastinate's periodic deferrer (periodic)", ()),
+    Member("_process_job", "runs one job; overridden by upstream", ("context",)),
+    Member(
+        "_persist_job_status",
+        "writes a job's end; overridden by outcomes",
+        ("job", "status", "retry_decision", "context", "job_result"),
+    ),
+    Member("_run_loop", "the worker's main loop; replaced by the facade", ()),
+)
+
+# procrastinate's `Worker` methods whose behaviour fastworker reproduces (copies step by step,
+# or replaces with the core's), with the fingerprints of their source in the releases that
+# were read against fastworker's code. A new fingerprint means upstream changed the method:
+# re-read fastworker's counterpart against it, then add the fingerprint here.
+REVIEWED_SOURCES: Mapping[str, tuple[str, frozenset[str]]] = {
+    "__init__": (
+        "its options are passed on by fastworker's Worker, and taken by the core by name "
+        "(fastworker/options.py, PROCRASTINATE_CORE_OPTIONS)",
+        frozenset({"a6a9cadd80b5f6da"}),
+    ),
+    "run": (
+        "replaced by fastworker/worker.py's Worker.run",
+        frozenset({"48cf282970e1957f"}),
+    ),
+    "_run_loop": (
+        "replaced by fastworker/worker.py's Worker._run_loop",
+        frozenset({"cf412345fcc270c4"}),
+    ),
+    "_process_job": (
+        "copied step by step in fastworker/runner/upstream.py",
+        frozenset({"35d5da56aea6cff5"}),
+    ),
+    "_persist_job_status": (
+        "replaced by fastworker/runner/outcomes.py (outcomes go to the core)",
+        frozenset({"8d53fd9c1738b7c5"}),
+    ),
+    "_fetch_and_process_jobs": (
+        "replaced by the core's claims and fastworker/runner/intake.py",
+        frozenset({"61ce06fd0fe2120a"}),
+    ),
+    "_poll_jobs_to_abort": (
+        "replaced by the core's abort polling",
+        frozenset({"e771dda5f939533c"}),
+    ),
+    "_update_heartbeat": (
+        "replaced by the core's heartbeat",
+        frozenset({"a86faef3ab683a19"}),
+    ),
+    "_handle_notification": (
+        "replaced by the core's listener",
+        frozenset({"1cdd4f2f9e26a205"}),
+    ),
+    "_start_side_tasks": (
+        "replaced by fastworker/worker.py's Worker._run_loop",
+        frozenset({"19274ee46774617c"}),
+    ),
+    "_shutdown": (
+        "replaced by fastworker/runner/shutdown.py's _shutdown_all",
+        frozenset({"6fde710b5f1c3dda"}),
+    ),
+}
+
+
+def fingerprint(function: Callable[..., Any]) -> str:
+    """A short hash of a function's source (dedented), to notice upstream changes."""
+    source = textwrap.dedent(inspect.getsource(function))
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+def _missing_attribute(worker: object, member: Member) -> str | None:
+    if not hasattr(worker, member.name):
+        return f"procrastinate.worker.Worker.{member.name} is gone ({member.use})"
+    if member.parameters is None:
+        return None
+    method = getattr(worker, member.name)
+    if not callable(method):
+        return f"procrastinate.worker.Worker.{member.name} is no longer a method ({member.use})"
+    found = tuple(inspect.signature(method).parameters)
+    if isinstance(worker, type):
+        found = found[1:]  # the class's function: without `self`
+    named = tuple(name for name in found if not name.startswith("*"))
+    if named[: len(member.parameters)] != member.parameters:
+        return (
+            f"procrastinate.worker.Worker.{member.name} takes ({', '.join(found)}), "
+            f"fastworker expects ({', '.join(member.parameters)}) ({member.use})"
+        )
+    return None
+
+
+def missing_members(worker: object | None = None) -> list[str]:
+    """The members of `WORKER_MEMBERS` the installed procrastinate lacks, or whose
+    parameters changed: one line each, naming it. ``worker``: a constructed procrastinate
+    `Worker` (its instance attributes are checked too); else the class only."""
+    subject: object = worker if worker is not None else procrastinate_worker.Worker
+    found = []
+    for member in WORKER_MEMBERS:
+        if worker is None and member.parameters is None:
+            continue  # an instance attribute: set by __init__
+        problem = _missing_attribute(subject, member)
+        if problem:
+            found.append(problem)
+    return found
+
+
+def changed_sources() -> list[str]:
+    """The methods of `REVIEWED_SOURCES` whose source, in the installed procrastinate, is
+    none of the reviewed ones: one line each, naming it."""
+    found = []
+    for name, (counterpart, reviewed) in REVIEWED_SOURCES.items():
+        function = getattr(procrastinate_worker.Worker, name, None)
+        if function is None:
+            found.append(f"procrastinate.worker.Worker.{name} is gone ({counterpart})")
+            continue
+        seen = fingerprint(function)
+        if seen not in reviewed:
+            found.append(
+                f"procrastinate.worker.Worker.{name} changed in procrastinate "
+                f"{procrastinate.__version__} (source fingerprint {seen}; {counterpart}): "
+                "re-read it against fastworker's code, then add the fingerprint to "
+                "fastworker.compat.REVIEWED_SOURCES"
+            )
+    return found
+
+
+def check_worker(worker: object) -> None:
+    """Refuse to run on a procrastinate whose `Worker` lacks a member fastworker uses (a
+    release outside the pin, installed anyway): a clear error naming it, not an
+    AttributeError in the middle of a job."""
+    missing = missing_members(worker)
+    if missing:
+        raise RuntimeError(
+            f"fastworker does not support procrastinate {procrastinate.__version__} "
+            f"(tested: {', '.join(series + '.x' for series in TESTED_SERIES)}): "
+            + "; ".join(missing)
+        )
+
+
+# --- procrastinate's connectors -----------------------------------------------------------
+# Private attributes of the connectors, read only here. Each returns None when the
+# connector has no such attribute (another connector class, or a procrastinate that
+# renamed it: tests/test_compat.py checks they exist on real connectors).
+
+
+def connector_pool_args(connector: Any) -> Mapping[str, Any] | None:
+    """The arguments the connector was built with (PsycopgConnector, AiopgConnector:
+    ``_pool_args``)."""
+    arguments = getattr(connector, "_pool_args", None)
+    return arguments if isinstance(arguments, Mapping) else None
+
+
+def psycopg_async_pool(connector: Any) -> Any:
+    """PsycopgConnector's open pool (``_async_pool``; None until the app is open)."""
+    return getattr(connector, "_async_pool", None)
+
+
+def aiopg_pool(connector: Any) -> Any:
+    """AiopgConnector's open pool (``_pool``; None until the app is open)."""
+    return getattr(connector, "_pool", None)
+
+
+def connector_json_loads(connector: Any) -> Callable[[str], Any] | None:
+    """The JSON decoder the connector uses for job arguments (``_json_loads``, or a public
+    ``json_loads``), if it has one."""
+    loads = getattr(connector, "_json_loads", None) or getattr(connector, "json_loads", None)
+    return loads if callable(loads) else None
