@@ -653,13 +653,44 @@ def _error_for(error: BaseException) -> CliError:
     return CliError(f"the worker failed: {type(error).__name__}: {error}", EXIT_FAILURE)
 
 
+def _dsn_arguments(argv: Sequence[str]) -> list[str]:
+    """The values of ``--dsn`` given on the command line itself (not from the environment)."""
+    values = []
+    for index, argument in enumerate(argv):
+        if argument == "--":
+            break
+        if argument == "--dsn" and index + 1 < len(argv):
+            values.append(argv[index + 1])
+        elif argument.startswith("--dsn="):
+            values.append(argument.removeprefix("--dsn="))
+    return values
+
+
+def dsn_password_warning(argv: Sequence[str]) -> str | None:
+    """A warning when ``--dsn`` on the command line holds a password: any user of the
+    machine sees it in the process list (``ps``)."""
+    for dsn in _dsn_arguments(argv):
+        try:
+            password = conninfo_to_dict(dsn).get("password")
+        except psycopg.ProgrammingError:
+            continue  # a malformed DSN: reported as such when the worker connects
+        if password:
+            return (
+                "--dsn holds a password, which every user of this machine can read in the "
+                "process list (ps); give the DSN in $FASTWORKER_DSN instead, or the password "
+                "in a passfile (~/.pgpass, $PGPASSFILE) or $PGPASSWORD"
+            )
+    return None
+
+
 def main(argv: Sequence[str] | None = None, *, app: procrastinate.App | None = None) -> int:
     """Entry point of the ``fastworker`` command; returns the exit code.
 
     ``app``: run for this app instead of the one ``--app`` names (the Django command).
     """
+    arguments = list(sys.argv[1:] if argv is None else argv)
     try:
-        parsed = parse_args(sys.argv[1:] if argv is None else argv)
+        parsed = parse_args(arguments)
     except CliError as error:
         print(f"{PROGRAM_NAME}: error: {error}", file=sys.stderr)
         return error.exit_code
@@ -670,6 +701,9 @@ def main(argv: Sequence[str] | None = None, *, app: procrastinate.App | None = N
         format=parsed.pop("log_format"),
         style=parsed.pop("log_format_style"),
     )
+    warning = dsn_password_warning(arguments)
+    if warning is not None:
+        print(f"{PROGRAM_NAME}: warning: {warning}", file=sys.stderr)
     app_path: str = parsed.pop("app")
     for key in ("command", "func"):
         parsed.pop(key, None)

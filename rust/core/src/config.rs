@@ -8,6 +8,8 @@
 //! seconds.
 
 use std::collections::HashMap;
+use std::fmt;
+use std::ops::Deref;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
@@ -17,8 +19,9 @@ use crate::errors::{CoreError, CoreResult};
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WorkerConfig {
-    /// libpq-style connection string (`key=value ...` or `postgresql://` URL).
-    pub conninfo: String,
+    /// libpq-style connection string (`key=value ...` or `postgresql://` URL). It may hold
+    /// a password: `Debug` shows it redacted.
+    pub conninfo: Secret<String>,
     /// `None` listens to and claims from every queue.
     pub queues: Option<Vec<String>>,
     /// Jobs in `doing` held by this worker never exceed this.
@@ -60,7 +63,7 @@ pub struct WorkerConfig {
 impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
-            conninfo: String::new(),
+            conninfo: Secret::default(),
             queues: None,
             concurrency: 1,
             wait: true,
@@ -82,7 +85,7 @@ impl Default for WorkerConfig {
 impl WorkerConfig {
     pub fn new(conninfo: impl Into<String>) -> Self {
         WorkerConfig {
-            conninfo: conninfo.into(),
+            conninfo: Secret(conninfo.into()),
             ..WorkerConfig::default()
         }
     }
@@ -105,6 +108,34 @@ impl WorkerConfig {
             Some(problem) => Err(CoreError::Config(problem)),
             None => Ok(()),
         }
+    }
+}
+
+/// A value that may hold a secret (a password, a connection string with one): used as the
+/// value itself (`Deref`), deserialized as the value itself, and never shown by `Debug`,
+/// so that logging a configuration (`{config:?}`, a panic message) cannot leak it.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret<T>(pub T);
+
+impl<T> Secret<T> {
+    /// The secret itself, for the one place that needs it (connecting).
+    pub fn expose(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> Deref for Secret<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> fmt::Debug for Secret<T> {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("Secret(<redacted>)")
     }
 }
 
@@ -174,6 +205,28 @@ mod tests {
         assert!(negative.is_some_and(|message| message.contains("non-negative")));
         let zero = parse(r#"{"queue_concurrency": {"a": 0}}"#).unwrap_or_else(|e| panic!("{e}"));
         assert!(zero.validate().is_err());
+    }
+
+    #[test]
+    fn debug_never_shows_the_connection_string_or_its_password() {
+        let conninfo = "host=db user=app password=hunter2 dbname=jobs";
+        let url = "postgresql://app:s3cr%21t@db/jobs";
+        for given in [conninfo, url] {
+            let config = parse(&format!(r#"{{"conninfo": {given:?}, "concurrency": 2}}"#))
+                .unwrap_or_else(|error| panic!("{error}"));
+            assert_eq!(config.conninfo.expose(), given);
+            for shown in [format!("{config:?}"), format!("{config:#?}")] {
+                assert!(!shown.contains("hunter2"), "{shown}");
+                assert!(!shown.contains("s3cr"), "{shown}");
+                assert!(!shown.contains("user=app"), "{shown}");
+                assert!(shown.contains("conninfo: Secret(<redacted>)"), "{shown}");
+                // The rest is still shown.
+                assert!(shown.contains("concurrency: 2"), "{shown}");
+            }
+        }
+        let built = WorkerConfig::new(conninfo);
+        assert!(!format!("{built:?}").contains("hunter2"));
+        assert_eq!(built.conninfo.as_str(), conninfo);
     }
 
     #[test]

@@ -31,7 +31,7 @@ pub mod sql;
 pub mod tls;
 pub mod worker;
 
-pub use config::WorkerConfig;
+pub use config::{Secret, WorkerConfig};
 pub use errors::{CoreError, CoreResult};
 pub use metrics::{Metrics, MetricsSnapshot};
 pub use protocol::{Completion, HandoffEvent, JobRow, LogLevel, LogRecord, Outcome, Reported};
