@@ -116,7 +116,7 @@ async def test_the_core_takes_every_option_the_worker_hands_it(
     expected = set(options.PROCRASTINATE_CORE_OPTIONS) | {
         option.name for option in options.OPTIONS if option.core
     }
-    assert set(core_options) == expected | {"conninfo"}
+    assert set(core_options) == expected | {"conninfo", *options.RUNNER_CORE_VALUES}
     core = await _core.WorkerCore.start(core_options)
     await core.shutdown()
 

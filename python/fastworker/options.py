@@ -240,6 +240,10 @@ OPTIONS: tuple[Option, ...] = (
     ),
 )
 
+# Values the runner hands the core besides the options: the app's registered task names
+# (metric labels).
+RUNNER_CORE_VALUES = ("task_names",)
+
 BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}
 
 # procrastinate's worker options that the core takes too (procrastinate's `Worker` checks

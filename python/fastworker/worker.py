@@ -153,6 +153,8 @@ class Worker(Periodic):
                 core_options[option.name] = getattr(self, option.name)
         if self.queues is not None:
             core_options["queues"] = list(self.queues)
+        # The runner's values (`fastworker.options.RUNNER_CORE_VALUES`).
+        core_options["task_names"] = sorted(self.app.tasks)
         return core_options
 
     async def _start_and_run(self) -> None:

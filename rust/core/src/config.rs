@@ -58,6 +58,9 @@ pub struct WorkerConfig {
     /// stop claiming and report [`crate::HandoffEvent::Drained`], so the worker ends once
     /// they have run (process recycling).
     pub max_jobs: Option<u64>,
+    /// The app's registered task names, for the metric labels: jobs of other task names
+    /// are counted under [`crate::metrics::UNKNOWN_TASK_LABEL`]. `None`: not known.
+    pub task_names: Option<Vec<String>>,
 }
 
 impl Default for WorkerConfig {
@@ -78,6 +81,7 @@ impl Default for WorkerConfig {
             max_batch_size: 500,
             queue_concurrency: HashMap::new(),
             max_jobs: None,
+            task_names: None,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Counters kept where the events happen (claims, outcomes, hand-off, connections), read
 //! by the runner only when scraped: no per-job cost on the Python side.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,6 +11,15 @@ pub const DURATION_BUCKETS: &[f64] = &[
 ];
 /// Jobs per claim or per completion statement.
 pub const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0];
+
+/// At most this many distinct task names, and as many queue names, become metric labels
+/// (beyond them: [`OTHER_LABEL`]). Registered task names, the worker's own queues and the
+/// queues with a concurrency limit always keep their own label.
+pub const MAX_LABEL_VALUES: usize = 100;
+/// The task label of jobs whose task is not registered in the app.
+pub const UNKNOWN_TASK_LABEL: &str = "unknown";
+/// The label of the task or queue names beyond [`MAX_LABEL_VALUES`].
+pub const OTHER_LABEL: &str = "other";
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Histogram {
@@ -47,8 +56,94 @@ impl Histogram {
     }
 }
 
-/// (task name, queue name)
+/// (task label, queue label): see [`Labels`].
 pub type TaskQueue = (Arc<str>, Arc<str>);
+
+/// The label values of task and queue names: the set is capped, so that names written by
+/// whoever can defer jobs (unregistered tasks, any queue) cannot grow the worker's memory
+/// and each scrape without bound.
+#[derive(Clone, Debug)]
+pub struct Labels {
+    /// The app's registered tasks; `None`: not known (every name counts against the cap).
+    registered: Option<HashSet<String>>,
+    tasks: HashSet<Arc<str>>,
+    queues: HashSet<Arc<str>>,
+    /// Names counted against the cap, in each set.
+    counted_tasks: usize,
+    counted_queues: usize,
+    unknown: Arc<str>,
+    other: Arc<str>,
+}
+
+impl Default for Labels {
+    fn default() -> Self {
+        Labels::new(None, std::iter::empty())
+    }
+}
+
+impl Labels {
+    /// `registered`: the app's task names (others count as [`UNKNOWN_TASK_LABEL`]);
+    /// `queues`: queue names that always keep their own label.
+    pub fn new<'a>(
+        registered: Option<&[String]>,
+        queues: impl IntoIterator<Item = &'a String>,
+    ) -> Self {
+        let queues: HashSet<Arc<str>> = queues
+            .into_iter()
+            .map(|name| name.as_str().into())
+            .collect();
+        Labels {
+            registered: registered.map(|names| names.iter().cloned().collect()),
+            tasks: HashSet::new(),
+            counted_queues: queues.len(),
+            queues,
+            counted_tasks: 0,
+            unknown: UNKNOWN_TASK_LABEL.into(),
+            other: OTHER_LABEL.into(),
+        }
+    }
+
+    pub fn task(&mut self, name: &str) -> Arc<str> {
+        let Some(registered) = &self.registered else {
+            return intern(&mut self.tasks, &mut self.counted_tasks, name, &self.other);
+        };
+        if !registered.contains(name) {
+            return self.unknown.clone();
+        }
+        // Registered: bounded by the app itself.
+        let mut uncapped = 0;
+        intern(&mut self.tasks, &mut uncapped, name, &self.other)
+    }
+
+    pub fn queue(&mut self, name: &str) -> Arc<str> {
+        intern(
+            &mut self.queues,
+            &mut self.counted_queues,
+            name,
+            &self.other,
+        )
+    }
+}
+
+/// `name`'s shared label: itself while fewer than [`MAX_LABEL_VALUES`] names were counted
+/// in `counted`, else `other`.
+fn intern(
+    set: &mut HashSet<Arc<str>>,
+    counted: &mut usize,
+    name: &str,
+    other: &Arc<str>,
+) -> Arc<str> {
+    if let Some(shared) = set.get(name) {
+        return shared.clone();
+    }
+    if *counted >= MAX_LABEL_VALUES {
+        return other.clone();
+    }
+    *counted += 1;
+    let shared: Arc<str> = name.into();
+    set.insert(shared.clone());
+    shared
+}
 
 #[derive(Clone, Debug)]
 pub struct MetricsSnapshot {
@@ -133,6 +228,33 @@ mod tests {
         assert_eq!(histogram.counts, vec![2, 3, 1]);
         assert_eq!(histogram.count, 6);
         assert!((histogram.sum - 15.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn unregistered_tasks_share_one_label_and_the_label_set_is_capped() {
+        let registered = vec!["send_email".to_string(), "resize".to_string()];
+        let limited = ["emails".to_string()];
+        let mut labels = Labels::new(Some(&registered), limited.iter());
+        assert_eq!(&*labels.task("send_email"), "send_email");
+        for index in 0..10_000 {
+            assert_eq!(&*labels.task(&format!("junk-{index}")), UNKNOWN_TASK_LABEL);
+        }
+        assert_eq!(&*labels.task("resize"), "resize");
+        let queues: HashSet<String> = (0..10_000)
+            .map(|index| labels.queue(&format!("q-{index}")).to_string())
+            .collect();
+        // The limited queue counts against the cap and keeps its label.
+        assert_eq!(queues.len(), MAX_LABEL_VALUES);
+        assert!(queues.contains(OTHER_LABEL));
+        assert_eq!(&*labels.queue("emails"), "emails");
+        assert_eq!(&*labels.queue("q-0"), "q-0");
+        assert_eq!(&*labels.queue("q-5000"), OTHER_LABEL);
+        // Without the registered names: the first names, then `other`.
+        let mut unknown = Labels::default();
+        let tasks: HashSet<String> = (0..500)
+            .map(|index| unknown.task(&format!("t-{index}")).to_string())
+            .collect();
+        assert_eq!(tasks.len(), MAX_LABEL_VALUES + 1);
     }
 
     #[test]

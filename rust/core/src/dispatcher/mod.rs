@@ -33,6 +33,7 @@ use crate::connect::ConnectionTarget;
 use crate::errors::{CoreError, CoreResult, Failed, Failure};
 use crate::fetcher::{Claimant, Fetcher, QueueRoom};
 use crate::handoff::HandoffSender;
+use crate::metrics::Labels;
 use crate::protocol::{Completion, JobRow, LogLevel, Reported};
 use crate::registry::{query_claims, query_ids, Identity};
 use crate::sql;
@@ -260,6 +261,14 @@ impl Dispatcher {
             max_jobs: self.config.max_jobs,
             budget: self.config.reconnect_timeout,
             target: self.target.description().to_string(),
+            labels: Labels::new(
+                self.config.task_names.as_deref(),
+                self.config
+                    .queues
+                    .iter()
+                    .flatten()
+                    .chain(self.config.queue_concurrency.keys()),
+            ),
         }
     }
 

@@ -4,13 +4,12 @@
 //! `on_connection_lost`, ...); every event for the runner goes through `outbox`.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::completer::CompletionReport;
 use crate::errors::{CoreError, Failed, Failure};
 use crate::fetcher::QueueRoom;
-use crate::metrics::{Histogram, MetricsSnapshot, TaskQueue, DURATION_BUCKETS};
+use crate::metrics::{Histogram, Labels, MetricsSnapshot, TaskQueue, DURATION_BUCKETS};
 use crate::protocol::{
     ClaimKey, Completion, HandoffEvent, JobRow, LogLevel, LogRecord, Outcome, Reported,
 };
@@ -33,6 +32,8 @@ pub struct Settings {
     pub budget: Duration,
     /// For error messages.
     pub target: String,
+    /// The metric labels of task and queue names.
+    pub labels: Labels,
 }
 
 /// Claims handed to the runner and not yet ended in the database, with per-queue counts
@@ -44,8 +45,9 @@ pub struct InFlight {
     latest: HashMap<i64, i32>,
     held: HashMap<String, usize>,
     limits: HashMap<String, usize>,
-    /// Task and queue names, shared by all the jobs that have them.
-    names: HashSet<Arc<str>>,
+    /// The metric labels of task and queue names, shared by all the jobs that have them
+    /// (a queue with a limit keeps its own name as its label).
+    labels: Labels,
 }
 
 struct Held {
@@ -56,7 +58,7 @@ struct Held {
 }
 
 impl InFlight {
-    pub fn new(limits: HashMap<String, usize>, capacity: usize) -> Self {
+    pub fn new(limits: HashMap<String, usize>, capacity: usize, labels: Labels) -> Self {
         InFlight {
             // `capacity` is the concurrency, which may be huge ("unbounded", as procrastinate
             // allows): reserve for a sensible number of jobs, grow beyond that if needed.
@@ -64,7 +66,7 @@ impl InFlight {
             latest: HashMap::with_capacity(capacity.min(1024)),
             held: HashMap::new(),
             limits,
-            names: HashSet::new(),
+            labels,
         }
     }
 
@@ -80,15 +82,6 @@ impl InFlight {
         self.jobs.contains_key(key)
     }
 
-    fn name(&mut self, name: &str) -> Arc<str> {
-        if let Some(shared) = self.names.get(name) {
-            return shared.clone();
-        }
-        let shared: Arc<str> = name.into();
-        self.names.insert(shared.clone());
-        shared
-    }
-
     /// Hold a claim. Returns the job's task and queue, and the claim of the same job that
     /// it replaces, if any: that one is lost (the job moved on without this worker).
     pub fn insert(&mut self, job: &JobRow) -> (TaskQueue, Option<ClaimKey>) {
@@ -98,7 +91,10 @@ impl InFlight {
             .filter(|attempts| *attempts != job.attempts)
             .map(|attempts| (job.id, attempts));
         let limited = self.limits.contains_key(&job.queue_name);
-        let task_queue = (self.name(&job.task_name), self.name(&job.queue_name));
+        let task_queue = (
+            self.labels.task(&job.task_name),
+            self.labels.queue(&job.queue_name),
+        );
         let held = Held {
             task_queue: task_queue.clone(),
             limited,
@@ -241,7 +237,11 @@ pub struct State {
 
 impl State {
     pub fn new(settings: Settings) -> State {
-        let in_flight = InFlight::new(settings.queue_limits.clone(), settings.concurrency);
+        let in_flight = InFlight::new(
+            settings.queue_limits.clone(),
+            settings.concurrency,
+            settings.labels.clone(),
+        );
         State {
             settings,
             in_flight,
@@ -849,6 +849,7 @@ mod tests {
             max_jobs: None,
             budget: Duration::from_secs(60),
             target: "db:5432/x".into(),
+            labels: Labels::default(),
         }
     }
 
