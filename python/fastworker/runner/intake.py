@@ -54,8 +54,7 @@ def check_args_depth(text: str, value: Any) -> None:
     depth = _depth(value)
     if depth > MAX_ARGS_DEPTH:
         raise ValueError(
-            f"its args nest {depth} levels deep, more than fastworker handles "
-            f"({MAX_ARGS_DEPTH})"
+            f"its args nest {depth} levels deep, more than fastworker handles ({MAX_ARGS_DEPTH})"
         )
 
 
