@@ -269,6 +269,7 @@ impl Dispatcher {
                     .flatten()
                     .chain(self.config.queue_concurrency.keys()),
             ),
+            sample_waits: self.config.sample_metrics,
         }
     }
 
@@ -502,6 +503,10 @@ impl Dispatcher {
     fn publish(&self, state: &mut State) {
         self.send_outbox(state);
         let claimed = std::mem::take(&mut state.claimed_metrics);
+        let waits = std::mem::take(&mut state.claimed_waits);
+        if !waits.is_empty() {
+            self.handoff.metrics().waits_claimed(waits);
+        }
         let ended = std::mem::take(&mut state.ended_metrics);
         let batch_sizes = std::mem::take(&mut state.batch_sizes);
         let held = state.in_flight.len();

@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 use crate::completer::CompletionReport;
 use crate::errors::{CoreError, Failed, Failure};
 use crate::fetcher::QueueRoom;
-use crate::metrics::{Histogram, Labels, MetricsSnapshot, TaskQueue, DURATION_BUCKETS};
+use crate::metrics::{Histogram, Labels, MetricsSnapshot, PendingWait, TaskQueue};
 use crate::protocol::{
     ClaimKey, Completion, HandoffEvent, JobRow, LogLevel, LogRecord, Outcome, Reported,
 };
+use crate::sql::UNREPRESENTABLE_SCHEDULED_AT;
 
 /// Backoff of statements that failed for a passing reason, and of reconnects.
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(50);
@@ -34,6 +35,8 @@ pub struct Settings {
     pub target: String,
     /// The metric labels of task and queue names.
     pub labels: Labels,
+    /// Note each claimed job for the measure of its wait (metrics are served).
+    pub sample_waits: bool,
 }
 
 /// Claims handed to the runner and not yet ended in the database, with per-queue counts
@@ -231,6 +234,8 @@ pub struct State {
     pub outbox: Vec<HandoffEvent>,
     /// Metrics changes, applied by the shell.
     pub claimed_metrics: Vec<TaskQueue>,
+    /// Claimed jobs whose wait is to be measured (`sample_waits`).
+    pub claimed_waits: Vec<PendingWait>,
     pub ended_metrics: Vec<(TaskQueue, &'static str, Option<f64>)>,
     pub batch_sizes: Vec<usize>,
 }
@@ -264,6 +269,7 @@ impl State {
             closed_at: None,
             outbox: Vec::new(),
             claimed_metrics: Vec::new(),
+            claimed_waits: Vec::new(),
             ended_metrics: Vec::new(),
             batch_sizes: Vec::new(),
         }
@@ -763,6 +769,15 @@ impl State {
         let mut lost = Vec::new();
         for job in &jobs {
             let (task_queue, replaced) = self.in_flight.insert(job);
+            if self.settings.sample_waits {
+                self.claimed_waits.push(PendingWait {
+                    job_id: job.id,
+                    queue: task_queue.1.clone(),
+                    scheduled_at_us: job
+                        .scheduled_at_us
+                        .filter(|at| *at != UNREPRESENTABLE_SCHEDULED_AT),
+                });
+            }
             self.claimed_metrics.push(task_queue);
             lost.extend(replaced);
         }
@@ -829,7 +844,7 @@ pub fn record_outcomes(metrics: &mut MetricsSnapshot, ended: Vec<Ended>, batch_s
             metrics
                 .job_duration
                 .entry((task.clone(), queue.clone()))
-                .or_insert_with(|| Histogram::new(DURATION_BUCKETS))
+                .or_insert_with(|| Histogram::shared(metrics.duration_bounds.clone()))
                 .observe(seconds);
         }
         *metrics.outcomes.entry((task, queue, status)).or_default() += 1;
@@ -850,6 +865,7 @@ mod tests {
             budget: Duration::from_secs(60),
             target: "db:5432/x".into(),
             labels: Labels::default(),
+            sample_waits: false,
         }
     }
 
