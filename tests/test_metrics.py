@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -377,3 +378,61 @@ async def test_unregistered_task_names_share_one_label_and_queue_labels_are_capp
     assert sum(queues.values()) == 150
     statuses = fetch_all(dsn, "SELECT status::text, count(*) FROM procrastinate_jobs GROUP BY 1")
     assert sorted(statuses) == [("failed", 30), ("succeeded", 150)]
+
+
+async def test_every_metric_the_docs_alerts_and_dashboard_name_is_served(
+    app: procrastinate.App,
+) -> None:
+    """docs/operations.md's reference, the alert rules and the Grafana dashboard name only
+    metrics a real worker serves (after one job of each outcome kind)."""
+
+    @app.task(name="ok")
+    async def ok() -> None:
+        await asyncio.sleep(0)
+
+    await ok.defer_async()
+    await ok.configure(queue="unserved").defer_async()  # queue depth: one todo job
+    worker = running_worker(app, queues=["default"])
+    run = asyncio.create_task(worker.run())
+    try:
+        port = await served_port(worker)
+
+        async def complete() -> str | None:
+            text = await asyncio.to_thread(scrape_text, port)
+            done = "fastworker_job_wait_seconds_count" in text and "unserved" in text
+            return text if done else None
+
+        text = await poll(complete, "a full scrape")
+    finally:
+        worker.stop()
+        await run
+    served = set()
+    for family in text_string_to_metric_families(text):
+        # A family without samples yet (no reconnect so far) is still declared.
+        served |= (
+            {family.name, f"{family.name}_total"} if family.type == "counter" else {family.name}
+        )
+        served |= {sample.name for sample in family.samples}
+    docs = Path(__file__).parent.parent / "docs"
+    named: dict[str, set[str]] = {}
+    for path in (
+        docs / "operations.md",
+        docs / "prometheus-alerts.yml",
+        docs / "grafana-dashboard.json",
+    ):
+        named[path.name] = set(
+            re.findall(r"\b(?:fastworker|process|python)_[a-z_]+\b", path.read_text())
+        )
+    # The reference table's names are families: a histogram serves _bucket/_sum/_count,
+    # a counter _total.
+    suffixes = ("", "_bucket", "_sum", "_count", "_total")
+    for source, names in named.items():
+        missing = {
+            name
+            for name in names
+            if name not in ("process_", "python_")
+            and not any(name + suffix in served for suffix in suffixes)
+            and not name.endswith(("_", "_py"))
+        }
+        assert not missing, f"{source} names metrics no worker serves: {sorted(missing)}"
+    assert json.loads((docs / "grafana-dashboard.json").read_text())["panels"]
