@@ -362,6 +362,29 @@ def test_unreachable_dsn_for_the_worker_is_a_clear_error(
     assert "s3cr3t-pw" not in result.stderr + result.stdout
 
 
+def test_a_password_in_dsn_on_the_command_line_is_warned_about(app_dir: Path, dsn: str) -> None:
+    """`ps` shows a command line to every user: a password there gets a warning (never the
+    password itself); the same DSN from FASTWORKER_DSN gets none."""
+    with_password = conninfo_to_dict(dsn)
+    with_password["password"] = "pw-in-argv"
+    secret_dsn = make_conninfo("", **with_password)
+    for args, env in (
+        (["--dsn", secret_dsn], cli_env(dsn)),
+        ([f"--dsn={secret_dsn}"], cli_env(dsn)),
+        ([], cli_env(dsn, FASTWORKER_DSN=secret_dsn)),
+        (["--dsn", dsn], cli_env(dsn)),
+    ):
+        result = run_cli(
+            "--app", "cli_test_app.app", "worker", "--one-shot", *args, cwd=app_dir, env=env
+        )
+        assert result.returncode == 0, result.stderr
+        warned = [line for line in result.stderr.splitlines() if "warning: --dsn" in line]
+        assert len(warned) == (1 if args and "pw-in-argv" in args[-1] else 0), result.stderr
+        assert "pw-in-argv" not in result.stderr + result.stdout
+        if warned:
+            assert "FASTWORKER_DSN" in warned[0] and "PGPASSWORD" in warned[0]
+
+
 def test_missing_schema_is_a_clear_error(app_dir: Path, database_name: str) -> None:
     bare = create_database(database_name, with_schema=False)
     try:

@@ -75,6 +75,8 @@ def test_an_old_spelling_still_works_on_the_command_line() -> None:
         (["--queue-concurrency", "a=0"], "queue_concurrency['a'] must be an integer >= 1"),
         (["--response-timeout", "0"], "response_timeout must be a number of seconds > 0"),
         (["--metrics-port", "70000"], "metrics_port must be a port number"),
+        (["--metrics-duration-buckets", "60,1"], "metrics_duration_buckets must be positive"),
+        (["--metrics-duration-buckets", "1,x"], "invalid float value: 'x'"),
     ],
 )
 def test_a_bad_value_on_the_command_line_is_refused_by_the_table_s_check(
@@ -98,6 +100,8 @@ def test_a_bad_value_on_the_command_line_is_refused_by_the_table_s_check(
         ("max_jobs", 0, "max_jobs must be an integer >= 1"),
         ("task_timeouts", {"t": -1}, "task_timeouts['t'] must be a number of seconds >= 0"),
         ("recover_stalled_jobs", "yes", "recover_stalled_jobs must be True or False"),
+        ("metrics_duration_buckets", [1, float("inf")], "in increasing order"),
+        ("metrics_duration_buckets", [], "in increasing order"),
     ],
 )
 def test_a_bad_value_in_python_is_refused_by_the_table_s_check(
@@ -117,7 +121,11 @@ async def test_the_core_takes_every_option_the_worker_hands_it(
     expected = set(options.PROCRASTINATE_CORE_OPTIONS) | {
         option.name for option in options.OPTIONS if option.core
     }
-    assert set(core_options) == expected | {"connection", "listen_connection"}
+    assert set(core_options) == expected | {
+        "connection",
+        "listen_connection",
+        *options.RUNNER_CORE_VALUES,
+    }
     core = await _core.WorkerCore.start(core_options)
     await core.shutdown()
 

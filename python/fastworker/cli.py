@@ -679,6 +679,36 @@ def _error_for(error: BaseException) -> CliError:
     return CliError(f"the worker failed: {type(error).__name__}: {error}", EXIT_FAILURE)
 
 
+def _dsn_arguments(argv: Sequence[str]) -> list[str]:
+    """The values of ``--dsn`` given on the command line itself (not from the environment)."""
+    values = []
+    for index, argument in enumerate(argv):
+        if argument == "--":
+            break
+        if argument == "--dsn" and index + 1 < len(argv):
+            values.append(argv[index + 1])
+        elif argument.startswith("--dsn="):
+            values.append(argument.removeprefix("--dsn="))
+    return values
+
+
+def dsn_password_warning(argv: Sequence[str]) -> str | None:
+    """A warning when ``--dsn`` on the command line holds a password: any user of the
+    machine sees it in the process list (``ps``)."""
+    for dsn in _dsn_arguments(argv):
+        try:
+            password = conninfo_to_dict(dsn).get("password")
+        except psycopg.ProgrammingError:
+            continue  # a malformed DSN: reported as such when the worker connects
+        if password:
+            return (
+                "--dsn holds a password, which every user of this machine can read in the "
+                "process list (ps); give the DSN in $FASTWORKER_DSN instead, or the password "
+                "in a passfile (~/.pgpass, $PGPASSFILE) or $PGPASSWORD"
+            )
+    return None
+
+
 def execute(parsed: dict[str, Any], app: procrastinate.App | None = None) -> None:
     """Run the worker the parsed flags describe, until it stops; raises `CliError` (with
     its exit code) when it fails. ``app``: run for this app instead of the one ``--app``
@@ -713,8 +743,13 @@ def main(argv: Sequence[str] | None = None, *, app: procrastinate.App | None = N
 
     ``app``: run for this app instead of the one ``--app`` names.
     """
+    arguments = list(sys.argv[1:] if argv is None else argv)
     try:
-        execute(parse_args(sys.argv[1:] if argv is None else argv), app)
+        parsed = parse_args(arguments)
+        warning = dsn_password_warning(arguments)
+        if warning is not None:
+            print(f"{PROGRAM_NAME}: warning: {warning}", file=sys.stderr)
+        execute(parsed, app)
     except CliError as error:
         if error.exit_code == 130:
             return error.exit_code

@@ -11,6 +11,7 @@ effect (and, if the core takes it, a field of `WorkerConfig` in `rust/core/src/c
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -53,6 +54,28 @@ def port(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
         raise ValueError(f"{name} must be a port number (0-65535), got {value!r}")
     return value
+
+
+def bucket_bounds(name: str, value: Any) -> list[float]:
+    """Histogram bounds: positive, finite numbers of seconds, in increasing order."""
+    if isinstance(value, str | bytes) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{name} must be a list of seconds, got {value!r}")
+    bounds = list(value)
+    numbers = all(
+        not isinstance(bound, bool) and isinstance(bound, int | float) and 0 < bound < math.inf
+        for bound in bounds
+    )
+    if not bounds or not numbers or any(a >= b for a, b in itertools.pairwise(bounds)):
+        raise ValueError(
+            f"{name} must be positive numbers of seconds in increasing order, got {value!r}"
+        )
+    return [float(bound) for bound in bounds]
+
+
+def _bounds(value: str) -> list[float]:
+    """``1,60,3600``: the bounds, parsed (checked by `bucket_bounds`)."""
+    parse = _number(float)
+    return [parse(part.strip()) for part in value.split(",") if part.strip()]
 
 
 def optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
@@ -247,8 +270,19 @@ OPTIONS: tuple[Option, ...] = (
         "metrics_address",
         "0.0.0.0",
         text,
-        "address the metrics server listens on",
+        "address the metrics server listens on (`127.0.0.1`: this machine only)",
         metavar="ADDRESS",
+    ),
+    Option(
+        "metrics_duration_buckets",
+        None,
+        optional(bucket_bounds),
+        "upper bounds, in seconds, of the job duration and wait histograms: "
+        "`[1, 60, 3600, 86400]`, `--metrics-duration-buckets 1,60,3600,86400`",
+        parse=_bounds,
+        metavar="SECONDS,...",
+        core=True,
+        shown_default="5 ms to 4 h (20 buckets)",
     ),
     Option(
         "opentelemetry",
@@ -258,6 +292,11 @@ OPTIONS: tuple[Option, ...] = (
         form="switch",
     ),
 )
+
+# Values the runner hands the core besides the options: the app's registered task names
+# (metric labels) and whether metrics are served (the core then samples the queue depth
+# and the jobs' waits).
+RUNNER_CORE_VALUES = ("task_names", "sample_metrics")
 
 BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}
 

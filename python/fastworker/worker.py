@@ -73,6 +73,7 @@ class Worker(Periodic):
         task_timeouts: Mapping[str, float] | None = None,
         metrics_port: int | None = None,
         metrics_address: str = "0.0.0.0",
+        metrics_duration_buckets: list[float] | None = None,
         opentelemetry: bool = False,
         max_jobs: int | None = None,
         **options: Any,
@@ -100,6 +101,7 @@ class Worker(Periodic):
                 "task_timeouts": task_timeouts,
                 "metrics_port": metrics_port,
                 "metrics_address": metrics_address,
+                "metrics_duration_buckets": metrics_duration_buckets,
                 "opentelemetry": opentelemetry,
             }
         )
@@ -116,6 +118,7 @@ class Worker(Periodic):
         self.task_timeouts: dict[str, float] = own["task_timeouts"]
         self.metrics_port: int | None = own["metrics_port"]
         self.metrics_address: str = own["metrics_address"]
+        self.metrics_duration_buckets: list[float] | None = own["metrics_duration_buckets"]
         self.metrics_server: Any = None
         self.opentelemetry: bool = own["opentelemetry"]
         if opentelemetry:
@@ -179,6 +182,9 @@ class Worker(Periodic):
                 core_options[option.name] = getattr(self, option.name)
         if self.queues is not None:
             core_options["queues"] = list(self.queues)
+        # The runner's values (`fastworker.options.RUNNER_CORE_VALUES`).
+        core_options["task_names"] = sorted(self.app.tasks)
+        core_options["sample_metrics"] = self.metrics_port is not None
         return core_options
 
     async def _start_and_run(self) -> None:
@@ -186,7 +192,14 @@ class Worker(Periodic):
         connection = await resolve_connection(self.app, self._dsn)
         # Resolved by libpq as `dsn` is.
         listen_connection = params_from_dsn(self._listen_dsn) if self._listen_dsn else None
-        core = await _core.WorkerCore.start(self._core_options(connection, listen_connection))
+        if self.metrics_port is not None:
+            # Bound first: a port in use is a clear error before anything starts.
+            self._start_metrics_server()
+        try:
+            core = await _core.WorkerCore.start(self._core_options(connection, listen_connection))
+        except BaseException:
+            self._close_metrics_server()
+            raise
         self._core = core
         self.worker_id = core.worker_id
         if core.pruned_workers:
@@ -196,28 +209,36 @@ class Worker(Periodic):
         logger.debug(f"Registered worker {self.worker_id} in the database")
         if self._stop_event.is_set():
             core.stop_fetching()
-        if self.metrics_port is not None:
-            self._start_metrics_server()
         try:
             await self._run_loop()
         finally:
             self._core = None
-            if self.metrics_server is not None:
-                self.metrics_server.close()
-                self.metrics_server = None
+            self._close_metrics_server()
         if self._fatal_error is not None:
             raise self._fatal_error
 
     def _start_metrics_server(self) -> None:
-        from fastworker.metrics import CoreCollector, MetricsServer
+        from fastworker.metrics import CoreCollector, MetricsServer, health
 
         assert self.metrics_port is not None
         collector = CoreCollector(lambda: self._core, lambda: len(self._running_jobs))
-        self.metrics_server = MetricsServer(self.metrics_port, self.metrics_address, collector)
+        roles = ("dispatcher", "listener") if self.listen_notify else ("dispatcher",)
+        self.metrics_server = MetricsServer(
+            self.metrics_port,
+            self.metrics_address,
+            collector,
+            lambda: health(self._core, roles, self.stalled_worker_timeout),
+        )
         logger.info(
-            f"Serving metrics on {self.metrics_address}:{self.metrics_server.port}/metrics",
+            f"Serving metrics on {self.metrics_address}:{self.metrics_server.port}/metrics "
+            "(and /healthz)",
             extra={"action": "metrics_server_started", "port": self.metrics_server.port},
         )
+
+    def _close_metrics_server(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
 
     async def _run_loop(self) -> None:
         self.logger.info(

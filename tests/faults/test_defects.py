@@ -504,6 +504,88 @@ async def test_rows_that_cannot_be_decoded_fail_alone_and_the_others_run(
     assert "Python cannot represent" in logged
 
 
+async def test_args_that_decode_but_nest_too_deep_fail_alone_with_logging_on(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Args nested 900 deep decode (below Python's recursion limit), but procrastinate's
+    job log (`Starting job ...`, the repr of the args) then raised RecursionError inside
+    the job's own handling: no outcome was written and the job stayed `doing`, its slot
+    lost. It fails alone now, with the depth said, and the other jobs of its batch run."""
+    caplog.set_level(logging.INFO)
+    create_tables(dsn)
+    app = fault_app(dsn)
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        before = defer(dsn, "ok", 3)
+        [(deep_job,)] = connection.execute(
+            """INSERT INTO procrastinate_jobs (queue_name, task_name, args)
+               VALUES ('default', 'ok', %s::jsonb) RETURNING id""",
+            ('{"x": ' + deep(900) + "}",),
+        ).fetchall()
+        after = defer(dsn, "ok", 3)
+    # One claim takes all seven: the deep one is in the same batch as the others.
+    async with app.open_async(), running(app, concurrency=7, **QUICK):
+        await wait_until(lambda: settled(dsn), "every job to end")
+        later = defer(dsn, "ok", 2)  # the worker goes on, all its slots free
+        await wait_until(lambda: settled(dsn), "the later jobs")
+        await all_slots_work(dsn, 7)
+    assert status_of(dsn, deep_job) == "failed"
+    for job_id in before + after + later:
+        assert status_of(dsn, job_id) == "succeeded", job_id
+    logged = " ".join(record.getMessage() for record in caplog.records)
+    assert "nest 901 levels deep" in logged
+
+
+class Unprintable:
+    """An argument the app's own decoder makes, whose repr fails."""
+
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+async def test_a_job_whose_logging_fails_still_gets_an_outcome(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The connector's decoder returns an object whose repr raises: procrastinate's job
+    logs (in the job's handling, outside the task) raise, before and after the task runs,
+    and no outcome was reported; the job stayed `doing`. Every job handed over ends now:
+    this one failed, with the reason logged; the others run."""
+    caplog.set_level(logging.INFO)
+    create_tables(dsn)
+
+    def loads(text: str) -> Any:
+        value = json.loads(text)
+        if isinstance(value, dict) and value.get("unprintable"):
+            value["unprintable"] = Unprintable()
+        return value
+
+    app = procrastinate.App(
+        connector=procrastinate.PsycopgConnector(conninfo=dsn, json_loads=loads)
+    )
+
+    @app.task(name="ok", pass_context=True)
+    async def ok(context: JobContext, **_: Any) -> None:
+        await record_run(app, context)
+
+    @app.task(name="gate", pass_context=True)
+    async def gate(context: JobContext, gate: str, size: int) -> None:
+        await record_run(app, context)
+        await pass_gate(app, context, gate, size)
+
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        [(bad,)] = connection.execute(
+            """INSERT INTO procrastinate_jobs (queue_name, task_name, args)
+               VALUES ('default', 'ok', '{"unprintable": true}') RETURNING id"""
+        ).fetchall()
+    good = defer(dsn, "ok", 4)
+    async with app.open_async(), running(app, concurrency=5, **QUICK):
+        await wait_until(lambda: settled(dsn), "every job to end")
+        await all_slots_work(dsn, 5)
+    assert status_of(dsn, bad) == "failed"
+    assert all(status_of(dsn, job_id) == "succeeded" for job_id in good)
+    logged = " ".join(record.getMessage() for record in caplog.records)
+    assert "ended without an outcome (RuntimeError: no repr)" in logged
+
+
 # --- 7. the smaller ones ----------------------------------------------------------------------
 
 

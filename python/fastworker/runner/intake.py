@@ -22,6 +22,40 @@ _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 # The core's `scheduled_at` for a date no datetime can hold (±infinity, a year outside
 # 1-9999): such a job fails alone, with this said.
 _UNREPRESENTABLE_SCHEDULED_AT = -(2**63)
+# Arguments nested deeper than this fail their job alone. Python's recursive operations
+# (repr in procrastinate's job logs, copies, JSON log formatters) stop at the recursion
+# limit (1000 frames, with the caller's frames counted): args that decode but nest close to
+# it broke the job's logging and left it `doing`.
+MAX_ARGS_DEPTH = 500
+
+
+def _depth(value: Any) -> int:
+    """How deep lists and dicts nest in ``value``, without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def check_args_depth(text: str, value: Any) -> None:
+    """Refuse arguments nested deeper than `MAX_ARGS_DEPTH`. The brackets of the JSON text
+    bound the depth, so only texts with that many are walked."""
+    if text.count("[") + text.count("{") <= MAX_ARGS_DEPTH:
+        return
+    depth = _depth(value)
+    if depth > MAX_ARGS_DEPTH:
+        raise ValueError(
+            f"its args nest {depth} levels deep, more than fastworker handles ({MAX_ARGS_DEPTH})"
+        )
 
 
 def connector_json_loads(connector: Any) -> Callable[[str], Any]:
@@ -45,6 +79,7 @@ def job_from_row(
                 "outside 1-9999)"
             )
         task_kwargs = loads(row.args)
+        check_args_depth(row.args, task_kwargs)
         if scheduled_at_us is not None:
             scheduled_at = _EPOCH + datetime.timedelta(microseconds=scheduled_at_us)
     return jobs.Job(
@@ -254,18 +289,32 @@ class Intake(Timeouts):
         self._started.discard(claim_of(context.job))
         if claim_of(context.job) not in self._awaiting_outcome:
             return
-        # The task ended without reporting an outcome: it was cancelled before its first
-        # step (`_abort_job` defers such cancels, but anyone may cancel a task). Its job
-        # still gets one, so that it leaves `doing` and frees its slot.
+        # The task ended without reporting an outcome. Its job still gets one, so that it
+        # leaves `doing` and frees its slot. Named without its arguments: they may be what
+        # broke it.
         job = context.job
+        now = time.time()
+        result = job_context.JobResult(start_timestamp=now, end_timestamp=now)
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            # Something failed outside the task's own code, where `_process_job` reports
+            # (its logging: a log handler, or arguments whose repr fails).
+            reason = f"{type(error).__name__}: {error}"[:300]
+            self.logger.error(
+                f"Job {job.task_name}[{job.id}] ended without an outcome ({reason}): "
+                "ending it failed",
+                extra={"action": "job_error", "job_id": job.id, "exception": reason},
+            )
+            self._report_outcome(job, jobs.Status.FAILED, None, context, result)
+            return
+        # Cancelled before its first step (`_abort_job` defers such cancels, but anyone
+        # may cancel a task).
         self.logger.warning(
-            f"Job {job.call_string} was cancelled before it started: ending it aborted",
+            f"Job {job.task_name}[{job.id}] was cancelled before it started: ending it aborted",
             extra=self._log_extra(
                 action="job_cancelled_before_start", context=context, job_result=None
             ),
         )
-        now = time.time()
-        result = job_context.JobResult(start_timestamp=now, end_timestamp=now)
         self._report_outcome(job, jobs.Status.ABORTED, None, context, result)
 
     def _abort_job(

@@ -64,6 +64,15 @@ pub struct WorkerConfig {
     /// stop claiming and report [`crate::HandoffEvent::Drained`], so the worker ends once
     /// they have run (process recycling).
     pub max_jobs: Option<u64>,
+    /// The app's registered task names, for the metric labels: jobs of other task names
+    /// are counted under [`crate::metrics::UNKNOWN_TASK_LABEL`]. `None`: not known.
+    pub task_names: Option<Vec<String>>,
+    /// The runner serves metrics: sample the queue depth and the jobs' waits (a statement
+    /// each every few seconds, on the registry's connection).
+    pub sample_metrics: bool,
+    /// Bounds, in seconds, of the histograms of how long jobs ran and waited; `None`:
+    /// [`crate::metrics::JOB_DURATION_BUCKETS`].
+    pub metrics_duration_buckets: Option<Vec<f64>>,
 }
 
 impl Default for WorkerConfig {
@@ -86,6 +95,9 @@ impl Default for WorkerConfig {
             max_batch_size: 500,
             queue_concurrency: HashMap::new(),
             max_jobs: None,
+            task_names: None,
+            sample_metrics: false,
+            metrics_duration_buckets: None,
         }
     }
 }
@@ -120,6 +132,8 @@ impl WorkerConfig {
                  every fetch_job_polling_interval)"
                     .to_string(),
             )
+        } else if let Some(problem) = self.bucket_problem() {
+            Some(problem)
         } else {
             self.queue_concurrency
                 .iter()
@@ -130,6 +144,20 @@ impl WorkerConfig {
             Some(problem) => Err(CoreError::Config(problem)),
             None => Ok(()),
         }
+    }
+}
+
+impl WorkerConfig {
+    fn bucket_problem(&self) -> Option<String> {
+        let bounds = self.metrics_duration_buckets.as_ref()?;
+        let increasing = bounds.windows(2).all(|pair| pair[0] < pair[1]);
+        let valid = bounds.iter().all(|bound| bound.is_finite() && *bound > 0.0);
+        (bounds.is_empty() || !increasing || !valid).then(|| {
+            format!(
+                "metrics_duration_buckets must be positive numbers of seconds in increasing \
+                 order, got {bounds:?}"
+            )
+        })
     }
 }
 
@@ -204,6 +232,37 @@ mod tests {
         assert!(negative.is_some_and(|message| message.contains("non-negative")));
         let zero = parse(r#"{"queue_concurrency": {"a": 0}}"#).unwrap_or_else(|e| panic!("{e}"));
         assert!(zero.validate().is_err());
+        for buckets in ["[]", "[1.0, 1.0]", "[2.0, 1.0]", "[0.0, 1.0]", "[-1.0]"] {
+            let config = parse(&format!(r#"{{"metrics_duration_buckets": {buckets}}}"#))
+                .unwrap_or_else(|e| panic!("{e}"));
+            let refused = config.validate().err().map(|e| e.to_string());
+            assert!(
+                refused.is_some_and(|message| message.contains("metrics_duration_buckets")),
+                "{buckets}"
+            );
+        }
+        let hours = parse(r#"{"metrics_duration_buckets": [1.0, 60.0, 3600.0, 86400.0]}"#)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(hours.validate().is_ok());
+    }
+
+    #[test]
+    fn debug_never_shows_the_password() {
+        let config = parse(
+            r#"{"connection": {"host": "db", "user": "app", "password": "hunter2"},
+                "concurrency": 2}"#,
+        )
+        .unwrap_or_else(|error| panic!("{error}"));
+        assert_eq!(config.connection.password.as_deref(), Some("hunter2"));
+        for shown in [format!("{config:?}"), format!("{config:#?}")] {
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert!(shown.contains("<redacted>"), "{shown}");
+            // The rest is still shown.
+            assert!(shown.contains("concurrency: 2"), "{shown}");
+        }
+        let built = WorkerConfig::from_conninfo("host=db password=hunter2")
+            .unwrap_or_else(|error| panic!("{error}"));
+        assert!(!format!("{built:?}").contains("hunter2"));
     }
 
     #[test]

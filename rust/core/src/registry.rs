@@ -17,6 +17,7 @@ use crate::db::{execute_in, query_in, Db};
 use crate::errors::{is_connectivity_error, CoreError, CoreResult, Failed, Failure};
 use crate::fetcher::Claimant;
 use crate::handoff::HandoffSender;
+use crate::metrics::{QueueDepth, MAX_LABEL_VALUES, OTHER_LABEL};
 use crate::protocol::{HandoffEvent, LogLevel};
 use crate::sql;
 
@@ -241,6 +242,11 @@ pub async fn recover_unowned_jobs(
 
 /// Log what a recovery did, with procrastinate-style `action` extras.
 pub fn log_recovery(handoff: &HandoffSender, recovered: &Recovered) {
+    handoff.metrics().stalled_recovered(
+        recovered.pruned_workers.len(),
+        recovered.retried.len(),
+        recovered.failed.len(),
+    );
     if !recovered.retried.is_empty() {
         handoff.log(
             LogLevel::Warning,
@@ -269,6 +275,39 @@ pub fn log_recovery(handoff: &HandoffSender, recovered: &Recovered) {
             format!("Stalled job {job_id} could not be retried and was marked failed: {reason}"),
         );
     }
+}
+
+/// The queues with the most jobs keep their label, at most [`MAX_LABEL_VALUES`] of them;
+/// the others are summed under [`OTHER_LABEL`], by status.
+pub fn cap_queue_depth(mut depth: Vec<QueueDepth>) -> Vec<QueueDepth> {
+    let mut totals: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    for entry in &depth {
+        *totals.entry(entry.queue.clone()).or_default() += entry.jobs;
+    }
+    if totals.len() <= MAX_LABEL_VALUES {
+        return depth;
+    }
+    let mut queues: Vec<(String, u64)> = totals.into_iter().collect();
+    queues.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let kept: std::collections::HashSet<String> = queues
+        .into_iter()
+        .take(MAX_LABEL_VALUES - 1)
+        .map(|(queue, _)| queue)
+        .collect();
+    let mut other: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    depth.retain(|entry| {
+        if kept.contains(&entry.queue) {
+            return true;
+        }
+        *other.entry(entry.status.clone()).or_default() += entry.jobs;
+        false
+    });
+    depth.extend(other.into_iter().map(|(status, jobs)| QueueDepth {
+        queue: OTHER_LABEL.to_string(),
+        status,
+        jobs,
+    }));
+    depth
 }
 
 pub async fn register_worker(client: &Db) -> CoreResult<i64> {
@@ -385,7 +424,12 @@ pub struct Registry {
     pub abort_polling_interval: Duration,
     pub response_timeout: Duration,
     pub stop: watch::Receiver<bool>,
+    /// Metrics are served: sample the queue depth and the claimed jobs' waits.
+    pub sample_metrics: bool,
 }
+
+/// How often the registry samples the queue depth and the waits, when metrics are served.
+pub const METRICS_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 
 impl Registry {
     /// Heartbeat and abort polling until stopped; returns itself so the caller can unregister.
@@ -398,9 +442,24 @@ impl Registry {
             tokio::time::interval(self.abort_polling_interval.max(Duration::from_millis(10)));
         abort_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         abort_poll.tick().await;
+        let mut sample = tokio::time::interval(METRICS_SAMPLE_INTERVAL);
+        sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = self.stop.changed() => return self,
+                _ = sample.tick(), if self.sample_metrics => {
+                    if let Err(error) = self.sample_metrics().await {
+                        // Not worth a warning each time: the heartbeat says it.
+                        self.handoff.log(
+                            LogLevel::Debug,
+                            "metrics_sample_failed",
+                            format!("Error sampling the queue depth: {}", error.reason),
+                        );
+                        if error.failure == Failure::Connection {
+                            self.client = None;
+                        }
+                    }
+                }
                 _ = heartbeat.tick() => {
                     // A failed heartbeat is sent again at once on a new connection: a
                     // heartbeat that waits for the next tick may come too late.
@@ -438,6 +497,9 @@ impl Registry {
             client.query(sql::UPDATE_HEARTBEAT, &[&worker_id]),
         )
         .await?;
+        if !rows.is_empty() {
+            self.handoff.metrics().heartbeat_written();
+        }
         if rows.is_empty() {
             self.identity
                 .register_again(
@@ -455,6 +517,63 @@ impl Registry {
                     },
                     reason: error.to_string(),
                 })?;
+        }
+        Ok(())
+    }
+
+    /// One sample: the jobs by queue and status, and the waits of the jobs claimed since
+    /// the last one (from their events: inserted, claimed; database time).
+    async fn sample_metrics(&mut self) -> Result<(), Failed> {
+        self.ensure_connected().await?;
+        let client = self
+            .client
+            .as_ref()
+            .ok_or_else(|| not_connected("not connected".into()))?;
+        let rows = bounded(self.response_timeout, client.query(sql::QUEUE_DEPTH, &[])).await?;
+        let mut depth = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let jobs: i64 = row.try_get(2).map_err(|error| Failed::new(&error))?;
+            depth.push(QueueDepth {
+                queue: row.try_get(0).map_err(|error| Failed::new(&error))?,
+                status: row.try_get(1).map_err(|error| Failed::new(&error))?,
+                jobs: u64::try_from(jobs).unwrap_or(0),
+            });
+        }
+        let depth = cap_queue_depth(depth);
+        self.handoff.metrics().update(|state| {
+            state.queue_depth = depth;
+            state.queue_depth_sampled = Some(Instant::now());
+        });
+        let pending = self.handoff.metrics().take_pending_waits();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<i64> = pending.iter().map(|wait| wait.job_id).collect();
+        let rows = bounded(
+            self.response_timeout,
+            client.query(sql::JOB_EVENT_TIMES, &[&ids]),
+        )
+        .await?;
+        let mut times = std::collections::HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let job_id: i64 = row.try_get(0).map_err(|error| Failed::new(&error))?;
+            let deferred: Option<f64> = row.try_get(1).map_err(|error| Failed::new(&error))?;
+            let started: Option<f64> = row.try_get(2).map_err(|error| Failed::new(&error))?;
+            times.insert(job_id, (deferred, started));
+        }
+        for wait in pending {
+            let Some(&(deferred, Some(started))) = times.get(&wait.job_id) else {
+                continue; // deleted since (delete_jobs), or its events were
+            };
+            let scheduled = wait.scheduled_at_us.map(|at| at as f64 / 1_000_000.0);
+            let since = match (deferred, scheduled) {
+                (Some(deferred), Some(scheduled)) => deferred.max(scheduled),
+                (Some(at), None) | (None, Some(at)) => at,
+                (None, None) => continue,
+            };
+            self.handoff
+                .metrics()
+                .observe_wait(wait.queue, started - since);
         }
         Ok(())
     }
@@ -622,6 +741,34 @@ impl Recovery {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_queue_depth_keeps_the_deepest_queues_and_sums_the_others() {
+        let depth: Vec<QueueDepth> = (0..150u64)
+            .flat_map(|index| {
+                ["todo", "doing"].map(|status| QueueDepth {
+                    queue: format!("q{index}"),
+                    status: status.to_string(),
+                    jobs: index,
+                })
+            })
+            .collect();
+        let capped = cap_queue_depth(depth);
+        let queues: std::collections::HashSet<&str> =
+            capped.iter().map(|entry| entry.queue.as_str()).collect();
+        assert_eq!(queues.len(), MAX_LABEL_VALUES);
+        assert!(queues.contains("q149") && !queues.contains("q0"));
+        // Nothing is lost: the sums are kept.
+        let total = |status: &str| -> u64 {
+            capped
+                .iter()
+                .filter(|entry| entry.status == status)
+                .map(|entry| entry.jobs)
+                .sum()
+        };
+        assert_eq!(total("todo"), (0..150).sum::<u64>());
+        assert_eq!(total("doing"), (0..150).sum::<u64>());
+    }
 
     #[test]
     fn an_unowned_job_is_due_once_seen_so_for_the_whole_grace() {

@@ -507,6 +507,22 @@ pub const JOBS_TO_ABORT: &str = "SELECT id FROM procrastinate_jobs
 pub const WHERE_CONNECTED: &str = "SELECT current_user::text, current_database()::text,
  current_setting('port')::int,
  coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)";
+/// Metrics (only when the runner serves them): the waiting and running jobs by queue and
+/// status, sampled every few seconds. It counts the rows of procrastinate's partial index of
+/// `todo` and `doing` jobs: its cost grows with the backlog, not with the finished jobs.
+pub const QUEUE_DEPTH: &str = "SELECT queue_name::text, status::text, count(*)::bigint
+  FROM procrastinate_jobs
+ WHERE status = ANY(ARRAY['todo', 'doing']::procrastinate_job_status[])
+ GROUP BY queue_name, status";
+/// Metrics: when the claimed jobs `$1` were inserted (their `deferred` event) and last
+/// claimed (`started`), in seconds since the epoch (database time), by their events' index.
+pub const JOB_EVENT_TIMES: &str = "SELECT job_id,
+       extract(epoch FROM max(at) FILTER (WHERE type = 'deferred'))::float8,
+       extract(epoch FROM max(at) FILTER (WHERE type = 'started'))::float8
+  FROM procrastinate_events
+ WHERE job_id = ANY($1::bigint[])
+   AND type = ANY(ARRAY['deferred', 'started']::procrastinate_job_event_type[])
+ GROUP BY job_id";
 
 /// The connections the core sends its statements on: the job connection's session plans
 /// differently (see [`crate::fetcher`]) from the others' (registry, recovery).
@@ -553,6 +569,8 @@ pub const STATEMENTS: &[(&str, &str, Session)] = &[
     ("unregister worker", UNREGISTER_WORKER, Session::Registry),
     ("heartbeat", UPDATE_HEARTBEAT, Session::Registry),
     ("abort poll", JOBS_TO_ABORT, Session::Registry),
+    ("queue depth", QUEUE_DEPTH, Session::Registry),
+    ("job event times", JOB_EVENT_TIMES, Session::Registry),
     (
         "lock stalled workers",
         LOCK_STALLED_WORKERS,

@@ -99,7 +99,10 @@ async fn start_up_steps(
     } else {
         registry::prune_stalled_workers(maintenance, config.stalled_worker_timeout)
             .await
-            .map(|pruned| (pruned, Vec::new()))
+            .map(|pruned| {
+                handoff.metrics().stalled_recovered(pruned.len(), 0, 0);
+                (pruned, Vec::new())
+            })
     };
     let (pruned_workers, recovered_jobs) = match pruning {
         Ok(done) => done,
@@ -182,7 +185,9 @@ impl WorkerCore {
             None => target.clone(),
         };
 
-        let metrics = Arc::new(Metrics::default());
+        let metrics = Arc::new(Metrics::with_duration_bounds(
+            config.metrics_duration_buckets.as_deref(),
+        ));
         let (handoff, events) = handoff::channel(metrics.clone());
         let StartUp {
             maintenance,
@@ -190,6 +195,8 @@ impl WorkerCore {
             pruned_workers,
             recovered_jobs,
         } = start_up(&target, &config, &handoff).await?;
+        // Registering wrote the first heartbeat.
+        metrics.heartbeat_written();
         let identity = Arc::new(Identity::new(worker_id));
         let job_connection = target
             .connect_with_backoff(config.reconnect_timeout)
@@ -262,6 +269,7 @@ impl WorkerCore {
             abort_polling_interval: config.abort_job_polling_interval,
             response_timeout: config.response_timeout,
             stop: stop_background_receiver,
+            sample_metrics: config.sample_metrics,
         };
         let registry = tokio::spawn(registry.run());
         drop(handoff);

@@ -243,6 +243,18 @@ pub struct Metrics {
     pub connected: std::collections::HashMap<String, bool>,
     /// role -> connections re-established
     pub reconnects: std::collections::HashMap<String, u64>,
+    /// (queue, how long its jobs waited to be claimed)
+    pub job_wait: Vec<(String, Py<Histogram>)>,
+    /// Seconds since this worker's heartbeat was last written (None: never).
+    pub heartbeat_age: Option<f64>,
+    /// Stalled workers this worker pruned; their jobs it put back to run, or failed.
+    pub stalled_workers_pruned: u64,
+    pub stalled_jobs_recovered: u64,
+    pub stalled_jobs_failed: u64,
+    /// (queue, status, jobs) as last sampled; empty unless sampled.
+    pub queue_depth: Vec<(String, String, u64)>,
+    /// Seconds since the queue depth was sampled (None: never).
+    pub queue_depth_age: Option<f64>,
 }
 
 pub fn metrics_to_python(py: Python<'_>, snapshot: MetricsSnapshot) -> PyResult<Metrics> {
@@ -287,6 +299,23 @@ pub fn metrics_to_python(py: Python<'_>, snapshot: MetricsSnapshot) -> PyResult<
             .iter()
             .map(|(role, count)| (role.to_string(), *count))
             .collect(),
+        job_wait: snapshot
+            .job_wait
+            .iter()
+            .map(|(queue, waits)| Ok((queue.to_string(), histogram(waits)?)))
+            .collect::<PyResult<_>>()?,
+        heartbeat_age: snapshot.last_heartbeat.map(|at| at.elapsed().as_secs_f64()),
+        stalled_workers_pruned: snapshot.stalled_workers_pruned,
+        stalled_jobs_recovered: snapshot.stalled_jobs_recovered,
+        stalled_jobs_failed: snapshot.stalled_jobs_failed,
+        queue_depth: snapshot
+            .queue_depth
+            .into_iter()
+            .map(|depth| (depth.queue, depth.status, depth.jobs))
+            .collect(),
+        queue_depth_age: snapshot
+            .queue_depth_sampled
+            .map(|at| at.elapsed().as_secs_f64()),
     })
 }
 

@@ -33,6 +33,7 @@ use crate::db::{Db, Within};
 use crate::errors::{CoreError, CoreResult, Failed, Failure};
 use crate::fetcher::{Claimant, Fetcher, QueueRoom};
 use crate::handoff::HandoffSender;
+use crate::metrics::Labels;
 use crate::protocol::{Completion, JobRow, LogLevel, Reported};
 use crate::registry::{query_claims, query_ids, Identity};
 use crate::sql;
@@ -270,6 +271,15 @@ impl Dispatcher {
             max_jobs: self.config.max_jobs,
             budget: self.config.reconnect_timeout,
             target: self.target.description().to_string(),
+            labels: Labels::new(
+                self.config.task_names.as_deref(),
+                self.config
+                    .queues
+                    .iter()
+                    .flatten()
+                    .chain(self.config.queue_concurrency.keys()),
+            ),
+            sample_waits: self.config.sample_metrics,
         }
     }
 
@@ -511,6 +521,10 @@ impl Dispatcher {
     fn publish(&self, state: &mut State) {
         self.send_outbox(state);
         let claimed = std::mem::take(&mut state.claimed_metrics);
+        let waits = std::mem::take(&mut state.claimed_waits);
+        if !waits.is_empty() {
+            self.handoff.metrics().waits_claimed(waits);
+        }
         let ended = std::mem::take(&mut state.ended_metrics);
         let batch_sizes = std::mem::take(&mut state.batch_sizes);
         let held = state.in_flight.len();

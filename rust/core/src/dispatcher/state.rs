@@ -4,16 +4,16 @@
 //! `on_connection_lost`, ...); every event for the runner goes through `outbox`.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::completer::CompletionReport;
 use crate::errors::{CoreError, Failed, Failure};
 use crate::fetcher::QueueRoom;
-use crate::metrics::{Histogram, MetricsSnapshot, TaskQueue, DURATION_BUCKETS};
+use crate::metrics::{Histogram, Labels, MetricsSnapshot, PendingWait, TaskQueue};
 use crate::protocol::{
     ClaimKey, Completion, HandoffEvent, JobRow, LogLevel, LogRecord, Outcome, Reported,
 };
+use crate::sql::UNREPRESENTABLE_SCHEDULED_AT;
 
 /// Backoff of statements that failed for a passing reason, and of reconnects.
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(50);
@@ -33,6 +33,10 @@ pub struct Settings {
     pub budget: Duration,
     /// For error messages.
     pub target: String,
+    /// The metric labels of task and queue names.
+    pub labels: Labels,
+    /// Note each claimed job for the measure of its wait (metrics are served).
+    pub sample_waits: bool,
 }
 
 /// Claims handed to the runner and not yet ended in the database, with per-queue counts
@@ -44,8 +48,9 @@ pub struct InFlight {
     latest: HashMap<i64, i32>,
     held: HashMap<String, usize>,
     limits: HashMap<String, usize>,
-    /// Task and queue names, shared by all the jobs that have them.
-    names: HashSet<Arc<str>>,
+    /// The metric labels of task and queue names, shared by all the jobs that have them
+    /// (a queue with a limit keeps its own name as its label).
+    labels: Labels,
 }
 
 struct Held {
@@ -56,7 +61,7 @@ struct Held {
 }
 
 impl InFlight {
-    pub fn new(limits: HashMap<String, usize>, capacity: usize) -> Self {
+    pub fn new(limits: HashMap<String, usize>, capacity: usize, labels: Labels) -> Self {
         InFlight {
             // `capacity` is the concurrency, which may be huge ("unbounded", as procrastinate
             // allows): reserve for a sensible number of jobs, grow beyond that if needed.
@@ -64,7 +69,7 @@ impl InFlight {
             latest: HashMap::with_capacity(capacity.min(1024)),
             held: HashMap::new(),
             limits,
-            names: HashSet::new(),
+            labels,
         }
     }
 
@@ -80,15 +85,6 @@ impl InFlight {
         self.jobs.contains_key(key)
     }
 
-    fn name(&mut self, name: &str) -> Arc<str> {
-        if let Some(shared) = self.names.get(name) {
-            return shared.clone();
-        }
-        let shared: Arc<str> = name.into();
-        self.names.insert(shared.clone());
-        shared
-    }
-
     /// Hold a claim. Returns the job's task and queue, and the claim of the same job that
     /// it replaces, if any: that one is lost (the job moved on without this worker).
     pub fn insert(&mut self, job: &JobRow) -> (TaskQueue, Option<ClaimKey>) {
@@ -98,7 +94,10 @@ impl InFlight {
             .filter(|attempts| *attempts != job.attempts)
             .map(|attempts| (job.id, attempts));
         let limited = self.limits.contains_key(&job.queue_name);
-        let task_queue = (self.name(&job.task_name), self.name(&job.queue_name));
+        let task_queue = (
+            self.labels.task(&job.task_name),
+            self.labels.queue(&job.queue_name),
+        );
         let held = Held {
             task_queue: task_queue.clone(),
             limited,
@@ -235,13 +234,19 @@ pub struct State {
     pub outbox: Vec<HandoffEvent>,
     /// Metrics changes, applied by the shell.
     pub claimed_metrics: Vec<TaskQueue>,
+    /// Claimed jobs whose wait is to be measured (`sample_waits`).
+    pub claimed_waits: Vec<PendingWait>,
     pub ended_metrics: Vec<(TaskQueue, &'static str, Option<f64>)>,
     pub batch_sizes: Vec<usize>,
 }
 
 impl State {
     pub fn new(settings: Settings) -> State {
-        let in_flight = InFlight::new(settings.queue_limits.clone(), settings.concurrency);
+        let in_flight = InFlight::new(
+            settings.queue_limits.clone(),
+            settings.concurrency,
+            settings.labels.clone(),
+        );
         State {
             settings,
             in_flight,
@@ -264,6 +269,7 @@ impl State {
             closed_at: None,
             outbox: Vec::new(),
             claimed_metrics: Vec::new(),
+            claimed_waits: Vec::new(),
             ended_metrics: Vec::new(),
             batch_sizes: Vec::new(),
         }
@@ -771,6 +777,15 @@ impl State {
         let mut lost = Vec::new();
         for job in &jobs {
             let (task_queue, replaced) = self.in_flight.insert(job);
+            if self.settings.sample_waits {
+                self.claimed_waits.push(PendingWait {
+                    job_id: job.id,
+                    queue: task_queue.1.clone(),
+                    scheduled_at_us: job
+                        .scheduled_at_us
+                        .filter(|at| *at != UNREPRESENTABLE_SCHEDULED_AT),
+                });
+            }
             self.claimed_metrics.push(task_queue);
             lost.extend(replaced);
         }
@@ -837,7 +852,7 @@ pub fn record_outcomes(metrics: &mut MetricsSnapshot, ended: Vec<Ended>, batch_s
             metrics
                 .job_duration
                 .entry((task.clone(), queue.clone()))
-                .or_insert_with(|| Histogram::new(DURATION_BUCKETS))
+                .or_insert_with(|| Histogram::shared(metrics.duration_bounds.clone()))
                 .observe(seconds);
         }
         *metrics.outcomes.entry((task, queue, status)).or_default() += 1;
@@ -857,6 +872,8 @@ mod tests {
             max_jobs: None,
             budget: Duration::from_secs(60),
             target: "db:5432/x".into(),
+            labels: Labels::default(),
+            sample_waits: false,
         }
     }
 
