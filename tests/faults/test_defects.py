@@ -453,6 +453,20 @@ def deep(levels: int) -> str:
     return "[" * levels + "]" * levels
 
 
+def app_recording_ok_runs(dsn: str, loads: Any) -> procrastinate.App:
+    """An app whose connector decodes args with `loads`, with a task `ok` that records its
+    runs."""
+    app = procrastinate.App(
+        connector=procrastinate.PsycopgConnector(conninfo=dsn, json_loads=loads)
+    )
+
+    @app.task(name="ok", pass_context=True)
+    async def ok(context: JobContext, **_: Any) -> None:
+        await record_run(app, context)
+
+    return app
+
+
 async def test_rows_that_cannot_be_decoded_fail_alone_and_the_others_run(
     dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -468,13 +482,7 @@ async def test_rows_that_cannot_be_decoded_fail_alone_and_the_others_run(
             raise ValueError("rejected by the connector's json_loads")
         return value
 
-    app = procrastinate.App(
-        connector=procrastinate.PsycopgConnector(conninfo=dsn, json_loads=loads)
-    )
-
-    @app.task(name="ok", pass_context=True)
-    async def ok(context: JobContext, **_: Any) -> None:
-        await record_run(app, context)
+    app = app_recording_ok_runs(dsn, loads)
 
     with psycopg.connect(dsn, autocommit=True) as connection:
         poisoned = [
@@ -558,13 +566,7 @@ async def test_a_job_whose_logging_fails_still_gets_an_outcome(
             value["unprintable"] = Unprintable()
         return value
 
-    app = procrastinate.App(
-        connector=procrastinate.PsycopgConnector(conninfo=dsn, json_loads=loads)
-    )
-
-    @app.task(name="ok", pass_context=True)
-    async def ok(context: JobContext, **_: Any) -> None:
-        await record_run(app, context)
+    app = app_recording_ok_runs(dsn, loads)
 
     @app.task(name="gate", pass_context=True)
     async def gate(context: JobContext, gate: str, size: int) -> None:

@@ -939,6 +939,14 @@ mod tests {
         }
     }
 
+    /// Plan a round trip whose claim (all the plan allows) answers `claimed`.
+    fn claim_round(state: &mut State, now: Instant, claimed: Result<Vec<JobRow>, Failed>) -> Needs {
+        let plan = round_trip(state, now);
+        let mut needs = Needs::default();
+        state.on_claimed(now, plan.claim_limit, &plan.room, claimed, &mut needs);
+        needs
+    }
+
     fn logs(state: &mut State) -> Vec<(LogLevel, &'static str)> {
         state
             .outbox
@@ -1025,14 +1033,7 @@ mod tests {
     fn a_job_scheduled_for_later_is_claimed_when_due_not_at_the_next_poll() {
         let start = Instant::now();
         let mut state = State::new(settings(2));
-        let plan = round_trip(&mut state, start);
-        state.on_claimed(
-            start,
-            plan.claim_limit,
-            &plan.room,
-            Ok(Vec::new()),
-            &mut Needs::default(),
-        );
+        claim_round(&mut state, start, Ok(Vec::new()));
         assert!(state.wants_schedule_check(), "the first short claim looks");
         state.on_next_scheduled(start, Some(Duration::from_secs(2)));
         assert!(!state.wants_schedule_check());
@@ -1060,36 +1061,15 @@ mod tests {
     fn an_idle_worker_does_not_look_at_the_schedule_on_every_poll() {
         let now = Instant::now();
         let mut state = State::new(settings(2));
-        let plan = round_trip(&mut state, now);
-        state.on_claimed(
-            now,
-            plan.claim_limit,
-            &plan.room,
-            Ok(Vec::new()),
-            &mut Needs::default(),
-        );
+        claim_round(&mut state, now, Ok(Vec::new()));
         state.on_next_scheduled(now, None);
         // A poll: claim, find nothing, nothing changed since the last look.
         state.want_claim = true;
-        let plan = round_trip(&mut state, now);
-        state.on_claimed(
-            now,
-            plan.claim_limit,
-            &plan.room,
-            Ok(Vec::new()),
-            &mut Needs::default(),
-        );
+        claim_round(&mut state, now, Ok(Vec::new()));
         assert!(!state.wants_schedule_check());
         // A notification may be of a job scheduled for later.
         state.on_wake();
-        let plan = round_trip(&mut state, now);
-        state.on_claimed(
-            now,
-            plan.claim_limit,
-            &plan.room,
-            Ok(Vec::new()),
-            &mut Needs::default(),
-        );
+        claim_round(&mut state, now, Ok(Vec::new()));
         assert!(state.wants_schedule_check());
     }
 
@@ -1118,15 +1098,7 @@ mod tests {
             wait: false,
             ..settings(2)
         });
-        let plan = round_trip(&mut state, now);
-        let mut needs = Needs::default();
-        state.on_claimed(
-            now,
-            plan.claim_limit,
-            &plan.room,
-            Ok(vec![job(1, 0)]),
-            &mut needs,
-        );
+        claim_round(&mut state, now, Ok(vec![job(1, 0)]));
         let drained = |state: &mut State| {
             state
                 .outbox
@@ -1136,14 +1108,7 @@ mod tests {
         assert!(!drained(&mut state));
         // A short claim while job 1 runs: it may still free a lock or retry at once.
         state.want_claim = true;
-        let plan = round_trip(&mut state, now);
-        state.on_claimed(
-            now,
-            plan.claim_limit,
-            &plan.room,
-            Ok(Vec::new()),
-            &mut needs,
-        );
+        claim_round(&mut state, now, Ok(Vec::new()));
         assert!(!drained(&mut state), "job 1 still runs");
         assert!(state.claiming);
         // Its end is written and the claim of the same round trip finds nothing: done.
@@ -1259,15 +1224,7 @@ mod tests {
             budget: Duration::from_secs(1),
             ..settings(2)
         });
-        let plan = round_trip(&mut state, start);
-        let mut needs = Needs::default();
-        state.on_claimed(
-            start,
-            plan.claim_limit,
-            &plan.room,
-            Err(transient()),
-            &mut needs,
-        );
+        let needs = claim_round(&mut state, start, Err(transient()));
         assert_eq!(
             needs,
             Needs::default(),
@@ -1279,14 +1236,7 @@ mod tests {
             Plan::Wait { until: Some(_) }
         ));
         let later = start + Duration::from_secs(2);
-        let plan = round_trip(&mut state, later);
-        state.on_claimed(
-            later,
-            plan.claim_limit,
-            &plan.room,
-            Err(transient()),
-            &mut needs,
-        );
+        claim_round(&mut state, later, Err(transient()));
         assert!(!state.claiming);
         let fatal = state
             .outbox
