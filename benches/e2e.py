@@ -58,6 +58,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -966,17 +967,18 @@ def scale_out(dsn: str, processes: int, concurrency: int, jobs: int) -> dict[str
                 stderr.seek(0)
                 raise RuntimeError(stderr.read()[-3000:])
         server_before = server_cpu_seconds(dsn)
-        for child, _ in children:
-            assert child.stdin is not None
-            child.stdin.write("go\n")
-            child.stdin.flush()
-        results = []
-        for child, stderr in children:
-            stdout, _ = child.communicate(timeout=600)
-            if child.returncode != 0:
-                stderr.seek(0)
-                raise RuntimeError(stderr.read()[-3000:])
-            results.append(json.loads(stdout.strip().splitlines()[-1]))
+        with DatabaseCpu(dsn) as database_cpu:
+            for child, _ in children:
+                assert child.stdin is not None
+                child.stdin.write("go\n")
+                child.stdin.flush()
+            results = []
+            for child, stderr in children:
+                stdout, _ = child.communicate(timeout=600)
+                if child.returncode != 0:
+                    stderr.seek(0)
+                    raise RuntimeError(stderr.read()[-3000:])
+                results.append(json.loads(stdout.strip().splitlines()[-1]))
         server_after = server_cpu_seconds(dsn)
     time.sleep(1.1)
     commits_after = commits(dsn)
@@ -994,9 +996,93 @@ def scale_out(dsn: str, processes: int, concurrency: int, jobs: int) -> dict[str
         "commits_per_job": (commits_after - commits_before) / jobs,
     }
     if server_before is not None and server_after is not None:
+        # All of the server's processes: other databases' clients too, on a shared server.
         measured["server_cpu_us_per_job"] = (server_after - server_before) / jobs * 1e6
         measured["server_cores"] = (server_after - server_before) / wall
+    if database_cpu.last:
+        # This database's backends only (when the server is local).
+        measured["database_cpu_us_per_job"] = database_cpu.seconds / jobs * 1e6
+        measured["database_cores"] = database_cpu.seconds / wall
+    measured["machine_busy_cores"] = database_cpu.machine_busy_cores
+    measured["machine_cores"] = os.cpu_count()
     return measured
+
+
+class DatabaseCpu:
+    """CPU of the server's backends on this database (the server may be shared with other
+    databases' clients), and of the whole machine, while it runs: backends are sampled from
+    /proc every 20 ms (a backend that exits loses at most its last 20 ms), from a connection
+    to another database."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dbname = conninfo_to_dict(dsn).get("dbname")
+        self.admin = make_conninfo(dsn, dbname="postgres")
+        self.first: dict[int, int] = {}
+        self.last: dict[int, int] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.ready = threading.Event()
+
+    @staticmethod
+    def _ticks(pid: int) -> int | None:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            return None
+
+    @staticmethod
+    def _machine() -> tuple[int, int]:
+        # user nice system idle iowait irq softirq steal (guest time is in user already)
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+        return sum(fields), fields[3] + fields[4]  # all, idle + iowait
+
+    def _sample(self, connection: psycopg.Connection[Any], baseline: bool) -> None:
+        pids = [
+            row[0]
+            for row in connection.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = %s", (self.dbname,)
+            )
+        ]
+        for pid in pids:
+            ticks = self._ticks(pid)
+            if ticks is None:
+                continue
+            if pid not in self.first:
+                self.first[pid] = ticks if baseline else 0
+            self.last[pid] = ticks
+
+    def _run(self) -> None:
+        with psycopg.connect(self.admin, autocommit=True) as connection:
+            self._sample(connection, baseline=True)
+            self.ready.set()
+            while not self.stop.wait(0.02):
+                self._sample(connection, baseline=False)
+            self._sample(connection, baseline=False)
+
+    def __enter__(self) -> DatabaseCpu:
+        self.window = time.perf_counter()
+        self.machine_before = self._machine()
+        self.thread.start()
+        self.ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.machine_after = self._machine()
+        self.window = time.perf_counter() - self.window
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.last[pid] - self.first[pid] for pid in self.last) / CLOCK_TICKS
+
+    @property
+    def machine_busy_cores(self) -> float:
+        """Busy CPUs of the whole machine, on average over the measured window."""
+        total = self.machine_after[0] - self.machine_before[0]
+        idle = self.machine_after[1] - self.machine_before[1]
+        return (total - idle) / max(1, total) * (os.cpu_count() or 1)
 
 
 def environment(dsn: str) -> dict[str, Any]:
@@ -1497,18 +1583,23 @@ def report_idle_gaps(results: dict[str, Any]) -> list[str]:
         lines += [
             "",
             "| scale-out, fastworker | jobs/s | worker CPU µs/job | server CPU µs/job "
-            "| worker cores | server cores | commits/job |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| this database's backends µs/job | worker cores | backends' cores "
+            "| machine busy cores | commits/job |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
+
+        def figure(value: float | None, format: str) -> str:
+            return "n/a" if value is None else format.format(value)
+
         for measured in results["scale_out"]:
-            server = measured.get("server_cpu_us_per_job")
-            cores = measured.get("server_cores")
             lines.append(
                 f"| {measured['processes']} x C={measured['concurrency']} | "
                 f"{measured['jobs_per_s']:.0f} | {measured['worker_cpu_us_per_job']:.0f} | "
-                f"{'n/a' if server is None else f'{server:.0f}'} | "
+                f"{figure(measured.get('server_cpu_us_per_job'), '{:.0f}')} | "
+                f"{figure(measured.get('database_cpu_us_per_job'), '{:.0f}')} | "
                 f"{measured['worker_cores']:.2f} | "
-                f"{'n/a' if cores is None else f'{cores:.2f}'} | "
+                f"{figure(measured.get('database_cores'), '{:.2f}')} | "
+                f"{measured['machine_busy_cores']:.2f} of {measured['machine_cores']} | "
                 f"{measured['commits_per_job']:.3f} |"
             )
     return lines
