@@ -22,20 +22,23 @@ entrypoints, so its sync settings are n/a.
 
 Then the idle-gap benchmarks, each worker waiting with the default polling interval (5 s):
 - lock_chain: 200 no-op jobs on one `lock`, deferred at once (one INSERT) to an idle worker;
-  seconds from the defer to the start of the last job. procrastinate's worker runs one job
+  seconds from the defer to the start of the last job, and as its floor a C=1 drain of as
+  many jobs without a lock (one job per round trip). procrastinate's worker runs one job
   per poll there (about 1,000 s for 200 jobs); pgqueuer, which has no per-job lock, runs an
   entrypoint with concurrency_limit=1 (serialized dispatch) instead.
-- lateness: an idle worker; over 10 s, 200 jobs deferred with a schedule 1-3 s ahead and
-  100 jobs whose first attempt fails and is retried 1 s later; start minus `scheduled_at`
-  (p50/p99/max). pgqueuer: scheduled jobs only (its retries are in-process).
+- lateness: an idle worker; 200 jobs deferred at once, scheduled 1 to 11 s ahead, and 100
+  jobs (scheduled the same way) whose first attempt fails and is retried 1 s later; start
+  minus `scheduled_at` (p50/p99/max). lateness_paced: the same jobs deferred one at a time
+  over 10 s, each 1-3 s ahead (retried ones at once), so that the deferrals' notifications
+  also wake the workers. pgqueuer: scheduled jobs only (its retries are in-process).
 - io: 20,000 I/O-bound jobs (async: `asyncio.sleep` then one query through the app's
   connector, or a sleep alone, at C=100; sync: `time.sleep(0.005)` at C=10), set against
   the limit: the same callables run by a bare asyncio loop under a semaphore, no queue.
 - scale_out: 1, 2 and 4 fastworker processes at C=100 drain one queue of 100,000 no-op
   jobs: jobs/s, worker and server CPU per job and in cores (where the ceiling is).
 Each run records the commit, the versions (procrastinate, PostgreSQL, Python), the CPU
-model and, per part, the load average at its start. `--only lock_chain,lateness` runs a
-subset.
+model and, per part (and per system where a part runs one system at a time), the load
+average at its start. `--only lock_chain,lateness` runs a subset.
 
 Output: tables on stdout, `benches/results/e2e.json` (the parts run replace theirs; the
 others are kept), `benches/results/e2e.png` (drains) and `e2e-idle-gaps.png`.
@@ -852,6 +855,10 @@ def lock_chain(dsn: str, system: str, jobs: int, concurrency: int) -> dict[str, 
     records = sorted(finish_serve(child, stderr, timeout + 120), key=lambda r: r["start"])
     starts = [r["start"] for r in records]
     gaps = [b - a for a, b in itertools.pairwise(starts)]
+    # The floor of a chain: the same number of no-op jobs without a lock, drained at C=1
+    # (one job per round trip), just after, in the same conditions.
+    floor = drain(dsn, system, Setting("async", 1), jobs)
+    assert floor is not None
     return {
         "jobs": jobs,
         "ran": len(records),
@@ -861,13 +868,22 @@ def lock_chain(dsn: str, system: str, jobs: int, concurrency: int) -> dict[str, 
         "seconds_to_timeout": None if len(records) == jobs else time.time() - started,
         "in_order": [r["n"] for r in records] == list(range(len(records))),
         "gap": quantiles_ms(gaps),
+        "c1_drain_ms_per_job": 1000 / floor["jobs_per_s"],
     }
 
 
-def lateness(dsn: str, system: str, scheduled: int, retries: int, seconds: float) -> dict[str, Any]:
-    """An idle worker (default polling interval); over `seconds`, `scheduled` jobs deferred
-    with a schedule 1-3 s ahead and `retries` jobs whose first attempt fails and is retried
-    RETRY_WAIT_S later, interleaved at a steady pace. Lateness: start minus scheduled_at."""
+def lateness(
+    dsn: str, system: str, scheduled: int, retries: int, seconds: float, paced: bool
+) -> dict[str, Any]:
+    """Start minus scheduled_at, for `scheduled` jobs deferred with a schedule and
+    `retries` jobs whose first attempt fails and is retried RETRY_WAIT_S later.
+
+    Not paced (an idle worker): all jobs are deferred at once (one statement) to a waiting
+    worker, scheduled 1 s to 1 + `seconds` s ahead; retried jobs too (their first attempt
+    at that time), and nothing else happens: no notification wakes the worker when a job
+    falls due. Paced: over `seconds`, one deferral at a time at a steady pace, each
+    scheduled 1-3 s ahead (retried jobs: not scheduled), so the deferrals' notifications
+    also wake the worker."""
     if system == "pgqueuer":
         retries = 0  # its retries are in-process (no job scheduled in the database)
     reset_queue(dsn, 0, "late", system)
@@ -876,31 +892,54 @@ def lateness(dsn: str, system: str, scheduled: int, retries: int, seconds: float
     rng.shuffle(plan)
     timeout = seconds + 3 + RETRY_WAIT_S + 60  # the last job's schedule, then slack
     child, stderr = start_serve(system, dsn, 10, "late", len(plan), timeout)
-    interval = seconds / max(1, len(plan))
     with psycopg.connect(dsn, autocommit=True) as connection:
         queries = pgqueuer_sync_queries(connection) if system == "pgqueuer" else None
-        next_at = time.perf_counter()
-        for kind in plan:
-            if kind == "scheduled":
-                delay = rng.uniform(1.0, 3.0)
-                if queries is not None:
-                    queries.enqueue(["late"], [None], [0], execute_after=[timedelta(seconds=delay)])
-                else:
-                    connection.execute(
-                        "INSERT INTO procrastinate_jobs"
-                        " (queue_name, task_name, args, scheduled_at)"
-                        " VALUES ('default', 'late', '{}', now() + %s * interval '1 second')",
-                        (delay,),
-                    )
+        if not paced:
+            delays = [1.0 + rng.uniform(0.0, seconds) for _ in plan]
+            if queries is not None:
+                queries.enqueue(
+                    ["late"] * len(plan),
+                    [None] * len(plan),
+                    [0] * len(plan),
+                    execute_after=[timedelta(seconds=delay) for delay in delays],
+                )
             else:
                 connection.execute(
-                    "INSERT INTO procrastinate_jobs (queue_name, task_name, args)"
-                    " VALUES ('default', 'late', '{\"fail_first\": true}')"
+                    "INSERT INTO procrastinate_jobs (queue_name, task_name, args, scheduled_at)"
+                    " SELECT 'default', 'late', jsonb_build_object('fail_first', fail),"
+                    "  now() + delay * interval '1 second'"
+                    " FROM unnest(%s::float8[], %s::bool[]) AS plan(delay, fail)",
+                    (delays, [kind == "retry" for kind in plan]),
                 )
-            next_at += interval
-            time.sleep(max(0.0, next_at - time.perf_counter()))
+        else:
+            interval = seconds / max(1, len(plan))
+            next_at = time.perf_counter()
+            for kind in plan:
+                if kind == "scheduled":
+                    delay = rng.uniform(1.0, 3.0)
+                    if queries is not None:
+                        queries.enqueue(
+                            ["late"], [None], [0], execute_after=[timedelta(seconds=delay)]
+                        )
+                    else:
+                        connection.execute(
+                            "INSERT INTO procrastinate_jobs"
+                            " (queue_name, task_name, args, scheduled_at)"
+                            " VALUES ('default', 'late', '{}', now() + %s * interval '1 second')",
+                            (delay,),
+                        )
+                else:
+                    connection.execute(
+                        "INSERT INTO procrastinate_jobs (queue_name, task_name, args)"
+                        " VALUES ('default', 'late', '{\"fail_first\": true}')"
+                    )
+                next_at += interval
+                time.sleep(max(0.0, next_at - time.perf_counter()))
     records = finish_serve(child, stderr, timeout + 60)
-    measured: dict[str, Any] = {"deferred": {"scheduled": scheduled, "retry": retries}}
+    measured: dict[str, Any] = {
+        "mode": "paced" if paced else "at once, idle worker",
+        "deferred": {"scheduled": scheduled, "retry": retries},
+    }
     for kind in ("scheduled", "retry"):
         values = [r["lateness"] for r in records if r["kind"] == kind]
         measured[kind] = quantiles_ms(values) if values else None
@@ -1206,7 +1245,16 @@ def plot(results: dict[str, Any], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
-PARTS = ("drain", "latency", "memory", "lock_chain", "lateness", "io", "scale_out")
+PARTS = (
+    "drain",
+    "latency",
+    "memory",
+    "lock_chain",
+    "lateness",
+    "lateness_paced",
+    "io",
+    "scale_out",
+)
 
 
 def main() -> None:
@@ -1258,12 +1306,15 @@ def main() -> None:
         help="jobs on one lock (procrastinate's worker runs one per poll: about 5 s each)",
     )
     parser.add_argument("--lock-chain-concurrency", type=int, default=10)
-    parser.add_argument("--lateness-jobs", type=int, default=200, help="jobs scheduled 1-3 s ahead")
+    parser.add_argument("--lateness-jobs", type=int, default=200, help="jobs scheduled ahead")
     parser.add_argument(
         "--lateness-retries", type=int, default=100, help="jobs retried after a failure"
     )
     parser.add_argument(
-        "--lateness-seconds", type=float, default=10.0, help="deferrals spread over this long"
+        "--lateness-seconds",
+        type=float,
+        default=10.0,
+        help="schedules (lateness) or deferrals (lateness_paced) spread over this long",
     )
     parser.add_argument("--io-jobs", type=int, default=20000, help="jobs per I/O-bound drain")
     parser.add_argument(
@@ -1383,16 +1434,23 @@ def main() -> None:
                 measured["run"] = stamp
                 results["lock_chain"][system] = measured
                 print(f"lock chain {system:>13}: {measured['seconds']} s", flush=True)
-        if "lateness" in parts:
-            results["runs"]["lateness"] = run_stamp()
-            results["lateness"] = {}
+        for part in ("lateness", "lateness_paced"):
+            if part not in parts:
+                continue
+            results["runs"][part] = run_stamp()
+            results[part] = {}
             for system in systems:
                 stamp = run_stamp()
-                results["lateness"][system] = lateness(
-                    dsn, system, args.lateness_jobs, args.lateness_retries, args.lateness_seconds
+                results[part][system] = lateness(
+                    dsn,
+                    system,
+                    args.lateness_jobs,
+                    args.lateness_retries,
+                    args.lateness_seconds,
+                    paced=part == "lateness_paced",
                 )
-                results["lateness"][system]["run"] = stamp
-                print(f"lateness {system:>13}: done", flush=True)
+                results[part][system]["run"] = stamp
+                print(f"{part} {system:>13}: done", flush=True)
         if "io" in parts:
             results["runs"]["io_bound"] = run_stamp()
             results["io_bound"] = [
@@ -1430,7 +1488,7 @@ def main() -> None:
         print("no plot: matplotlib is not installed (pip install 'fastworker[bench]')")
 
 
-NEW_PARTS = ("lock_chain", "lateness", "io_bound", "scale_out")
+NEW_PARTS = ("lock_chain", "lateness", "lateness_paced", "io_bound", "scale_out")
 
 
 def merge_results(path: Path, results: dict[str, Any]) -> dict[str, Any]:
@@ -1443,7 +1501,7 @@ def merge_results(path: Path, results: dict[str, Any]) -> dict[str, Any]:
     runs = {**merged.get("runs", {}), **results["runs"]}
     for part in results["runs"]:  # each part also records the environment it ran in
         runs[part] = {**results["environment"], **results["runs"][part]}
-    for part in ("lock_chain", "lateness"):  # one entry per system, each with its stamp
+    for part in ("lock_chain", "lateness", "lateness_paced"):  # per system, each stamped
         if part in results:
             results[part] = {**merged.get(part, {}), **results[part]}
     merged.update(results)
@@ -1524,8 +1582,9 @@ def report_idle_gaps(results: dict[str, Any]) -> list[str]:
     if results.get("lock_chain"):
         lines += [
             "",
-            "| lock chain | jobs | seconds | in order | gap p50 ms | gap max ms |",
-            "|---|---:|---:|---|---:|---:|",
+            "| lock chain | jobs | seconds | in order | gap p50 ms | gap max ms "
+            "| C=1 drain, ms/job |",
+            "|---|---:|---:|---|---:|---:|---:|",
         ]
         for system, measured in results["lock_chain"].items():
             seconds = measured["seconds"]
@@ -1538,16 +1597,17 @@ def report_idle_gaps(results: dict[str, Any]) -> list[str]:
             lines.append(
                 f"| {system} | {measured['jobs']} | {shown} | "
                 f"{'yes' if measured['in_order'] else 'no'} | {ms(gap.get('p50_ms'))} | "
-                f"{ms(gap.get('max_ms'))} |"
+                f"{ms(gap.get('max_ms'))} | {ms(measured.get('c1_drain_ms_per_job'))} |"
             )
-    if results.get("lateness"):
-        lines += [
-            "",
-            "| lateness (start - scheduled_at) | jobs | p50 ms | p99 ms | max ms |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for system, measured in results["lateness"].items():
-            for kind, label in (("scheduled", "schedule_in 1-3 s"), ("retry", "retry after 1 s")):
+    for part, title, scheduled in (
+        ("lateness", "lateness, idle worker (start - scheduled_at)", "scheduled 1-11 s ahead"),
+        ("lateness_paced", "lateness, paced deferrals", "schedule_in 1-3 s"),
+    ):
+        if not results.get(part):
+            continue
+        lines += ["", f"| {title} | jobs | p50 ms | p99 ms | max ms |", "|---|---:|---:|---:|---:|"]
+        for system, measured in results[part].items():
+            for kind, label in (("scheduled", scheduled), ("retry", "retry after 1 s")):
                 value = measured[kind]
                 if not isinstance(value, dict):
                     lines.append(f"| {system}, {label} | n/a | n/a | n/a | n/a |")
@@ -1612,7 +1672,8 @@ def plot_idle_gaps(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [key for key in NEW_PARTS if results.get(key)]
+    shown = ("lock_chain", "lateness", "io_bound", "scale_out")
+    panels = [key for key in shown if results.get(key)]
     figure, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.6), squeeze=False)
     for axis, key in zip(axes[0], panels, strict=True):
         if key == "lock_chain":
@@ -1645,7 +1706,7 @@ def plot_idle_gaps(results: dict[str, Any], path: Path) -> None:
             axis.set_xticks(range(len(systems)), systems)
             axis.set_yscale("log")
             axis.set_ylabel("ms after scheduled_at (log)")
-            axis.set_title("lateness, schedule_in 1-3 s")
+            axis.set_title("lateness of scheduled jobs, idle worker")
             axis.legend()
         elif key == "io_bound":
             entries = results[key]
