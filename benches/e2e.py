@@ -1503,6 +1503,10 @@ def merge_results(path: Path, results: dict[str, Any]) -> dict[str, Any]:
         runs[part] = {**results["environment"], **results["runs"][part]}
     for part in ("lock_chain", "lateness", "lateness_paced"):  # per system, each stamped
         if part in results:
+            for measured in results[part].values():
+                measured.setdefault("run", {}).setdefault(
+                    "commit", results["environment"]["commit"]
+                )
             results[part] = {**merged.get(part, {}), **results[part]}
     merged.update(results)
     merged["runs"] = runs
