@@ -1428,12 +1428,10 @@ def main() -> None:
             results["lock_chain"] = {}
             for system in systems:
                 stamp = run_stamp()
-                measured = lock_chain(
-                    dsn, system, args.lock_chain_jobs, args.lock_chain_concurrency
-                )
-                measured["run"] = stamp
-                results["lock_chain"][system] = measured
-                print(f"lock chain {system:>13}: {measured['seconds']} s", flush=True)
+                chain = lock_chain(dsn, system, args.lock_chain_jobs, args.lock_chain_concurrency)
+                chain["run"] = stamp
+                results["lock_chain"][system] = chain
+                print(f"lock chain {system:>13}: {chain['seconds']} s", flush=True)
         for part in ("lateness", "lateness_paced"):
             if part not in parts:
                 continue
@@ -1676,8 +1674,9 @@ def plot_idle_gaps(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = ("lock_chain", "lateness", "io_bound", "scale_out")
-    panels = [key for key in shown if results.get(key)]
+    panels = [
+        key for key in ("lock_chain", "lateness", "io_bound", "scale_out") if results.get(key)
+    ]
     figure, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.6), squeeze=False)
     for axis, key in zip(axes[0], panels, strict=True):
         if key == "lock_chain":
