@@ -3,6 +3,7 @@
 # the bench extra (matplotlib for the plot, pgqueuer as a third system), a local PostgreSQL
 # (installed and started if needed), then benches/e2e.py. Arguments go to it, e.g.
 #   bash scripts/bench.sh --jobs 5000 --memory-jobs 0
+#   bash scripts/bench.sh --only lock_chain,lateness,io,scale_out
 #   bash scripts/bench.sh --dsn "host=db.example user=bench dbname=bench"
 set -euo pipefail
 cd "$(dirname "$0")/.."
