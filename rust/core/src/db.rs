@@ -85,7 +85,7 @@ impl Db {
 
     /// One more setting of this connection: `SET` for the session, or, in pooler mode,
     /// `SET LOCAL` in each transaction. `name` and `value` are the core's own constants.
-    pub async fn set(&mut self, name: &str, value: &str) -> Result<(), Error> {
+    pub async fn set(&mut self, name: &'static str, value: &'static str) -> Result<(), Error> {
         if self.is_pooled() {
             self.push_local_setting(name, value);
             Ok(())
