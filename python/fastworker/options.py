@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,7 +58,7 @@ def port(name: str, value: Any) -> int:
 
 def bucket_bounds(name: str, value: Any) -> list[float]:
     """Histogram bounds: positive, finite numbers of seconds, in increasing order."""
-    if isinstance(value, str | bytes) or not hasattr(value, "__iter__"):
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
         raise ValueError(f"{name} must be a list of seconds, got {value!r}")
     bounds = list(value)
     numbers = all(
