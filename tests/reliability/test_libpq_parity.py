@@ -176,8 +176,13 @@ CASES: list[tuple[str, str, dict[str, str]]] = [
         {},
     ),
     (
-        "unreadable passfile",
+        "missing passfile",
         "host=127.0.0.1 port={port} user=worker dbname=parity passfile={home}/missing",
+        {},
+    ),
+    (
+        "passfile others may read (libpq ignores it)",
+        "host=127.0.0.1 port={port} user=worker dbname=parity passfile={home}/pgpass-open",
         {},
     ),
     (
@@ -312,6 +317,9 @@ def test_the_core_connects_where_libpq_does_or_refuses(
     pgpass = setup.home / "pgpass"
     pgpass.write_text(f"127.0.0.1:{setup.port}:*:worker:{SECRET.replace(':', chr(92) + ':')}\n")
     pgpass.chmod(0o600)
+    open_pgpass = setup.home / "pgpass-open"
+    open_pgpass.write_text(pgpass.read_text())
+    open_pgpass.chmod(0o644)
     for variable, value in environment.items():
         monkeypatch.setenv(variable, case_text(value, setup))
     dsn = case_text(dsn, setup)
