@@ -16,6 +16,7 @@ known keywords that it cannot honour the same way. Nothing is dropped.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -54,7 +55,9 @@ _UNREACHABLE_MARKERS = (
 )
 
 
+@functools.cache
 def _compiled_defaults() -> dict[str, str | None]:
+    """libpq's keywords with their built-in defaults (a property of the loaded libpq)."""
     return {
         option.keyword.decode(): option.compiled.decode() if option.compiled is not None else None
         for option in pq.Conninfo.get_defaults()
@@ -119,6 +122,13 @@ def _for_the_core(resolved: Mapping[str, str]) -> ConnectionParams:
     return params
 
 
+def _params_from_libpq_keywords(conninfo: str, params: Mapping[str, Any]) -> ConnectionParams:
+    """``conninfo`` with those of ``params`` that are libpq keywords (connectors also carry
+    their driver's own, such as psycopg's ``context``)."""
+    ours = _compiled_defaults()
+    return params_from_dsn(conninfo, **{k: v for k, v in params.items() if k in ours})
+
+
 def params_from_dsn(dsn: str, **overrides: Any) -> ConnectionParams:
     """A libpq DSN or URL (plus keyword overrides), resolved by libpq for the core."""
     given = {key: value for key, value in overrides.items() if value is not None}
@@ -174,7 +184,7 @@ async def _from_aiopg_connector(connector: Any) -> ConnectionParams | None:
             params["password"] = info.password
     # psycopg2's libpq may know keywords that psycopg's does not: those are checked
     # as they are (taken by the core, at their default, or refused).
-    ours = set(_compiled_defaults())
+    ours = _compiled_defaults()
     resolved = _libpq_resolve(
         make_conninfo("", **{k: v for k, v in params.items() if k in ours and v is not None})
     )
@@ -193,8 +203,7 @@ def _from_django_connector(connector: Any) -> ConnectionParams | None:
         params["dbname"] = params.pop("database")
     conninfo = params.pop("conninfo", "") or ""
     # Only libpq's keywords go to libpq (Django adds psycopg's own, such as `context`).
-    ours = set(_compiled_defaults())
-    return params_from_dsn(conninfo, **{k: v for k, v in params.items() if k in ours})
+    return _params_from_libpq_keywords(conninfo, params)
 
 
 def _from_connector_arguments(connector: Any) -> ConnectionParams | None:
@@ -215,8 +224,7 @@ def _from_connector_arguments(connector: Any) -> ConnectionParams | None:
             params["dbname" if key == "database" else key] = arguments[key]
     if not conninfo and not params:
         return None
-    ours = set(_compiled_defaults())
-    return params_from_dsn(conninfo, **{k: v for k, v in params.items() if k in ours})
+    return _params_from_libpq_keywords(conninfo, params)
 
 
 async def resolve_connection(app: Any, dsn: str | None = None) -> ConnectionParams:
