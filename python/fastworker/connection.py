@@ -395,4 +395,4 @@ def _without(message: str, spans: list[tuple[int, int]]) -> str:
 
 def conninfo_of(params: Mapping[str, str]) -> str:
     """The same parameters as a libpq string (for psycopg; holds the password)."""
-    return make_conninfo("", **params)
+    return make_conninfo("", **{k: v for k, v in params.items() if k != _DEFAULT_SOCKET_DIRECTORY})
