@@ -6,12 +6,15 @@ variables and defaults all count; Django's: the database's connection parameters
 arguments the connector was built with); else nothing but libpq's defaults.
 
 Whatever the source, libpq resolves it (``PQconnectStart``, which parses URLs and
-``key=value`` strings, and applies the service file, the ``PG*`` variables, the passfile and
-its defaults, with its own precedence: explicit values beat the environment), and the core
+``key=value`` strings, and applies the service file, the ``PG*`` variables and its
+defaults, with its own precedence: explicit values beat the environment), and the core
 gets libpq's keywords as a mapping (``ConnectionParams`` on the Rust side). No string is
-parsed a second time. A keyword the core does not know, set to anything but libpq's default,
-is refused with a :class:`ConfigurationError` that names it; the core refuses the values of
-known keywords that it cannot honour the same way. Nothing is dropped.
+parsed a second time. The password goes over only when one is given; otherwise the core
+gets libpq's ``passfile`` and reads each host's own line at each connection, as libpq does
+(libpq's ``PQpass`` is one host's line, not the others'). A keyword the core does not
+know, set to anything but libpq's default, is refused with a :class:`ConfigurationError`
+that names it; the core refuses the values of known keywords that it cannot honour the
+same way. Nothing is dropped.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 //! The connection parameters of the core's connections: libpq's keywords, with libpq's
 //! values, as libpq itself resolved them.
 //!
-//! The Python layer resolves a DSN, a connector's settings, the `PG*` variables, the service
-//! file and the passfile through libpq (the one parser of record) and hands the core these
-//! keywords; no connection string is parsed twice. Every keyword here is honoured with
+//! The Python layer resolves a DSN, a connector's settings, the `PG*` variables and the
+//! service file through libpq (the one parser of record) and hands the core these
+//! keywords; no connection string is parsed twice. The passfile is read by the core, per
+//! host, as libpq reads it (see [`crate::passfile`]). Every keyword here is honoured with
 //! libpq's meaning, or its value is refused with a [`CoreError::Config`] that names it; a
 //! keyword the core does not know is refused (`deny_unknown_fields`).
 //!
