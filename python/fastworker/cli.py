@@ -20,7 +20,7 @@ import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import procrastinate
 import psycopg
@@ -32,6 +32,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 import fastworker
 from fastworker import compat, options
+from fastworker.connection import redact_password
 from fastworker.worker import check_platform
 
 PROGRAM_NAME = "fastworker"
@@ -268,7 +269,7 @@ def _with_env_suffix(text: str, old_help: str | None) -> str:
 
 
 def _configure_worker_parser(
-    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+    subparsers: argparse._SubParsersAction[Any],
 ) -> argparse.ArgumentParser:
     # procrastinate's own `worker` subcommand: same flags, same PROCRASTINATE_WORKER_* vars.
     procrastinate_cli.configure_worker_parser(subparsers)
@@ -430,9 +431,18 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(**{key: value for key, value in worker._defaults.items() if key != "func"})
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser (its subcommands' too), whose errors never show a password:
+    they quote arguments, such as a mistyped flag's whole connection string."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {redact_password(message)}\n")
+
+
 def create_parser() -> argparse.ArgumentParser:
     """The ``fastworker`` parser. Reads the environment (PROCRASTINATE_*, FASTWORKER_*)."""
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog=PROGRAM_NAME,
         description="Run procrastinate jobs with fastworker, a Rust-accelerated drop-in worker:\n"
         "`procrastinate --app=APP worker ...` becomes `fastworker --app=APP worker ...`.\n"
@@ -574,7 +584,13 @@ async def check_database(app: procrastinate.App, dsn: str | None, app_path: str 
     """Fail fast and clearly when the database is unreachable or has no procrastinate
     schema (the app's pool would otherwise retry for 30 s and then time out vaguely)."""
     for conninfo, kwargs in _connection_arguments(app, dsn):
-        params = conninfo_to_dict(conninfo, **kwargs)
+        try:
+            params = conninfo_to_dict(conninfo, **kwargs)
+        except psycopg.ProgrammingError as error:  # libpq's parser's words, which may quote
+            raise CliError(  # a piece of a mistyped password
+                f"invalid connection settings: {redact_password(str(error), conninfo)}",
+                EXIT_USAGE,
+            ) from None
         timeout = min(int(params.get("connect_timeout") or CONNECT_TIMEOUT), CONNECT_TIMEOUT)
         if timeout <= 0:
             timeout = CONNECT_TIMEOUT
@@ -583,11 +599,12 @@ async def check_database(app: procrastinate.App, dsn: str | None, app_path: str 
             connection = await psycopg.AsyncConnection.connect(conninfo, **kwargs)
         except psycopg.OperationalError as error:
             password = str(params.get("password") or os.environ.get("PGPASSWORD") or "")
-            raise CliError(
+            message = (
                 f"cannot connect to PostgreSQL at {_where(params)}: "
-                f"{_connect_reason(error, password)}",
-                EXIT_UNREACHABLE,
-            ) from None
+                f"{_connect_reason(error, password)}"
+            )
+            # A mistyped URL puts pieces of its password where the host or database goes.
+            raise CliError(redact_password(message, conninfo), EXIT_UNREACHABLE) from None
         async with connection:
             cursor = await connection.execute(
                 "SELECT to_regclass('procrastinate_jobs') IS NOT NULL"
@@ -679,34 +696,43 @@ def _error_for(error: BaseException) -> CliError:
     return CliError(f"the worker failed: {type(error).__name__}: {error}", EXIT_FAILURE)
 
 
-def _dsn_arguments(argv: Sequence[str]) -> list[str]:
-    """The values of ``--dsn`` given on the command line itself (not from the environment)."""
-    values = []
+def _passwords_in_arguments(argv: Sequence[str]) -> list[str]:
+    """The flags (``--dsn``, ``--listen-dsn``, any other, abbreviated or mistyped) whose
+    value on the command line itself is a connection string that holds a password."""
+    flags = []
     for index, argument in enumerate(argv):
         if argument == "--":
             break
-        if argument == "--dsn" and index + 1 < len(argv):
-            values.append(argv[index + 1])
-        elif argument.startswith("--dsn="):
-            values.append(argument.removeprefix("--dsn="))
-    return values
+        flag, separator, value = argument.partition("=")
+        if argument.startswith("--") and separator:
+            candidate = value
+        elif not argument.startswith("-"):
+            after_flag = index > 0 and argv[index - 1].startswith("--")
+            flag, candidate = (argv[index - 1] if after_flag else "an argument"), argument
+        else:
+            continue
+        try:
+            password = conninfo_to_dict(candidate).get("password")
+        except psycopg.ProgrammingError:
+            continue  # not a connection string, or a malformed one (reported, redacted)
+        if password and flag not in flags:
+            flags.append(flag)
+    return flags
 
 
 def dsn_password_warning(argv: Sequence[str]) -> str | None:
-    """A warning when ``--dsn`` on the command line holds a password: any user of the
-    machine sees it in the process list (``ps``)."""
-    for dsn in _dsn_arguments(argv):
-        try:
-            password = conninfo_to_dict(dsn).get("password")
-        except psycopg.ProgrammingError:
-            continue  # a malformed DSN: reported as such when the worker connects
-        if password:
-            return (
-                "--dsn holds a password, which every user of this machine can read in the "
-                "process list (ps); give the DSN in $FASTWORKER_DSN instead, or the password "
-                "in a passfile (~/.pgpass, $PGPASSFILE) or $PGPASSWORD"
-            )
-    return None
+    """A warning when a connection string on the command line holds a password: any user
+    of the machine sees it in the process list (``ps``). ``argv``: the arguments after the
+    program's name (the ``fastworker`` command's, or ``manage.py fastworker``'s)."""
+    flags = _passwords_in_arguments(argv)
+    if not flags:
+        return None
+    return (
+        f"{' and '.join(flags)} {'holds a password' if len(flags) == 1 else 'hold passwords'}, "
+        "which every user of this machine can read in the process list (ps); give the DSN in "
+        "$FASTWORKER_DSN (or $FASTWORKER_LISTEN_DSN) instead, or the password in a passfile "
+        "(~/.pgpass, $PGPASSFILE) or $PGPASSWORD"
+    )
 
 
 def execute(parsed: dict[str, Any], app: procrastinate.App | None = None) -> None:
@@ -753,7 +779,7 @@ def main(argv: Sequence[str] | None = None, *, app: procrastinate.App | None = N
     except CliError as error:
         if error.exit_code == 130:
             return error.exit_code
-        print(f"{PROGRAM_NAME}: error: {error}", file=sys.stderr)
+        print(f"{PROGRAM_NAME}: error: {redact_password(str(error))}", file=sys.stderr)
         return error.exit_code
     return EXIT_OK
 

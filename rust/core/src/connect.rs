@@ -1,6 +1,7 @@
 //! Connection settings and connecting. Every connection of the core comes from here, so
 //! they all get the same session settings and the same redacted description in errors.
 
+use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::config::{ChannelBinding, SslMode as ProtocolSslMode, TargetSessionAttrs};
@@ -10,6 +11,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use crate::db::Db;
 use crate::errors::{is_connectivity_error, CoreError, CoreResult};
 use crate::params::{invalid, unsupported, ConnectionParams, Endpoint};
+use crate::passfile::Passfile;
 use crate::sql;
 use crate::tls::{self, TlsSettings};
 
@@ -73,6 +75,8 @@ pub struct ConnectionTarget {
     description: String,
     /// Through a transaction pooler (fastworker's `pooler` option, see [`crate::db`]).
     pooled: bool,
+    /// No password given: each attempt's own passfile entry, read at each connection.
+    passfile: Option<Passfile>,
 }
 
 impl std::fmt::Debug for ConnectionTarget {
@@ -187,6 +191,7 @@ impl ConnectionTarget {
             tls,
             description,
             pooled: false,
+            passfile: params.passfile_lookup(),
         })
     }
 
@@ -288,7 +293,7 @@ impl ConnectionTarget {
         let mut reasons = Vec::new();
         let mut opened = None;
         for index in order {
-            match self.attempts[index].connect(self.tls.clone()).await {
+            match self.attempt(index).connect(self.tls.clone()).await {
                 Ok(pair) => {
                     opened = Some(pair);
                     break;
@@ -331,6 +336,24 @@ impl ConnectionTarget {
             }
         });
         Ok(client)
+    }
+
+    /// The `index`th host's configuration, with its own passfile entry when no password
+    /// is given (as libpq, which reads the file at each connection).
+    fn attempt(&self, index: usize) -> Cow<'_, Config> {
+        let config = &self.attempts[index];
+        match self
+            .passfile
+            .as_ref()
+            .and_then(|file| file.password_for(index))
+        {
+            Some(password) => {
+                let mut config = config.clone();
+                config.password(password);
+                Cow::Owned(config)
+            }
+            None => Cow::Borrowed(config),
+        }
     }
 
     /// Connect once, as every connection of the core does, and say where it landed.

@@ -12,6 +12,7 @@
 //! - [`registry`]: worker registration, heartbeat, stalled-worker pruning, abort polling.
 //! - [`sql`]: every statement the core sends, with its parameters.
 //! - [`params`]: the connection parameters, libpq's keywords as libpq resolved them.
+//! - [`passfile`]: libpq's password file, each host's own entry.
 //! - [`connect`]: connecting (host lists, backoff), session settings, redacted descriptions.
 //! - [`db`]: a connection, and how statements go to it (directly, or through a pooler).
 //! - [`tls`]: libpq's TLS keywords over rustls.
@@ -29,6 +30,7 @@ pub mod handoff;
 pub mod listener;
 pub mod metrics;
 pub mod params;
+pub mod passfile;
 pub mod protocol;
 pub mod registry;
 pub mod sql;

@@ -1,9 +1,10 @@
 //! The connection parameters of the core's connections: libpq's keywords, with libpq's
 //! values, as libpq itself resolved them.
 //!
-//! The Python layer resolves a DSN, a connector's settings, the `PG*` variables, the service
-//! file and the passfile through libpq (the one parser of record) and hands the core these
-//! keywords; no connection string is parsed twice. Every keyword here is honoured with
+//! The Python layer resolves a DSN, a connector's settings, the `PG*` variables and the
+//! service file through libpq (the one parser of record) and hands the core these
+//! keywords; no connection string is parsed twice. The passfile is read by the core, per
+//! host, as libpq reads it (see [`crate::passfile`]). Every keyword here is honoured with
 //! libpq's meaning, or its value is refused with a [`CoreError::Config`] that names it; a
 //! keyword the core does not know is refused (`deny_unknown_fields`).
 //!
@@ -17,6 +18,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::errors::{CoreError, CoreResult};
+use crate::passfile::Passfile;
 
 /// libpq keywords, each a string as libpq gives it (`PQconninfo`); `None`: not set.
 #[derive(Clone, Default, Deserialize, PartialEq, Eq)]
@@ -54,11 +56,18 @@ pub struct ConnectionParams {
     pub sslsni: Option<String>,
     pub ssl_min_protocol_version: Option<String>,
     pub ssl_max_protocol_version: Option<String>,
+    /// libpq's password file: each host's own entry when no `password` is given (see
+    /// [`crate::passfile`]).
+    pub passfile: Option<String>,
+    /// Not a libpq keyword: the default socket directory of the libpq that resolved these
+    /// parameters (a build setting of libpq's), which its passfile lookup calls
+    /// `localhost`. The Python layer sets it; `None`: no socket directory is.
+    pub default_socket_directory: Option<String>,
 }
 
 /// The keywords above, for the Python layer: a libpq keyword outside this list that has a
 /// value other than libpq's default is refused there, by name.
-pub const CONNECTION_KEYWORDS: [&str; 32] = [
+pub const CONNECTION_KEYWORDS: [&str; 33] = [
     "host",
     "hostaddr",
     "port",
@@ -91,6 +100,7 @@ pub const CONNECTION_KEYWORDS: [&str; 32] = [
     "sslsni",
     "ssl_min_protocol_version",
     "ssl_max_protocol_version",
+    "passfile",
 ];
 
 impl std::fmt::Debug for ConnectionParams {
@@ -104,6 +114,7 @@ impl std::fmt::Debug for ConnectionParams {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("dbname", &self.dbname)
             .field("sslmode", &self.sslmode)
+            .field("passfile", &self.passfile)
             .finish_non_exhaustive()
     }
 }
@@ -205,6 +216,49 @@ impl ConnectionParams {
                 }
             })
             .collect()
+    }
+
+    /// Where each host's password comes from when none is given: libpq's passfile, one
+    /// lookup key per host of [`Self::endpoints`]' list (`None`: a password is given, or no
+    /// passfile). libpq never sends one host's entry to another.
+    pub fn passfile_lookup(&self) -> Option<Passfile> {
+        if self.password.as_deref().is_some_and(|p| !p.is_empty()) {
+            return None;
+        }
+        let path = self.passfile.as_deref().filter(|p| !p.is_empty())?;
+        let hosts = list(self.host.as_deref());
+        let addresses = list(self.hostaddr.as_deref());
+        let ports = list(self.port.as_deref());
+        let count = hosts.len().max(addresses.len()).max(1);
+        let keys: Vec<(&str, &str, &str)> = (0..count)
+            .map(|index| {
+                let port = match ports.len() {
+                    0 => "",
+                    1 => ports[0],
+                    _ => ports.get(index).copied().unwrap_or(""),
+                };
+                (
+                    hosts.get(index).copied().unwrap_or(""),
+                    addresses.get(index).copied().unwrap_or(""),
+                    port,
+                )
+            })
+            .collect();
+        // libpq's defaults when the parameters were not resolved by libpq (the Rust API):
+        // the database is named after the user.
+        let user = self.user.as_deref().unwrap_or("");
+        let dbname = self
+            .dbname
+            .as_deref()
+            .filter(|d| !d.is_empty())
+            .unwrap_or(user);
+        Some(Passfile::new(
+            PathBuf::from(path),
+            dbname,
+            user,
+            &keys,
+            self.default_socket_directory.as_deref(),
+        ))
     }
 
     /// libpq's `connect_timeout`: whole seconds; 0 or less waits forever, 1 means 2.
@@ -515,6 +569,32 @@ mod tests {
                 .check_supported()
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn the_passfile_is_looked_up_per_host_and_only_without_a_password() {
+        let params = parse(
+            "host=a,/sock,,b hostaddr=,,10.0.0.1, port=1,2,3,4 user=u passfile=/f \
+             default_socket_directory=/sock",
+        );
+        let expected = Passfile::new(
+            PathBuf::from("/f"),
+            "u",
+            "u",
+            &[
+                ("a", "", "1"),
+                ("/sock", "", "2"),
+                ("", "10.0.0.1", "3"),
+                ("b", "", "4"),
+            ],
+            Some("/sock"),
+        );
+        assert_eq!(params.passfile_lookup(), Some(expected));
+        assert_eq!(
+            parse("host=a password=given passfile=/f").passfile_lookup(),
+            None
+        );
+        assert_eq!(parse("host=a").passfile_lookup(), None);
     }
 
     #[test]

@@ -11,6 +11,7 @@ is accepted too, as ``./manage.py procrastinate worker ...`` is.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -37,6 +38,14 @@ class Command(BaseCommand):
             cli.add_worker_arguments(parser)
         except cli.CliError as error:  # an invalid FASTWORKER_* / PROCRASTINATE_* variable
             parser.error(str(error))
+
+    def run_from_argv(self, argv: list[str]) -> None:
+        # A command line is visible in `ps`: warn about a password in it, as `fastworker`
+        # does (argv: manage.py, the command's name, its arguments).
+        warning = cli.dsn_password_warning(argv[2:])
+        if warning is not None:
+            print(f"{cli.PROGRAM_NAME}: warning: {warning}", file=sys.stderr)
+        super().run_from_argv(argv)
 
     def handle(self, *args: Any, **options: Any) -> None:
         from procrastinate.contrib.django import django_connector, procrastinate_app
