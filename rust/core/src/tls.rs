@@ -249,16 +249,26 @@ impl TlsSettings {
         let (client_cert, client_key) = if params.sslcertmode.as_deref() == Some("disable") {
             (None, None)
         } else {
-            // libpq: no certificate file, no client certificate (the key is then not read).
-            match given(params.sslcert.as_deref())
+            let cert = given(params.sslcert.as_deref())
                 .map(PathBuf::from)
-                .or_else(|| in_home("postgresql.crt"))
-            {
-                Some(cert) if exists(&cert) => {
+                .or_else(|| in_home("postgresql.crt"));
+            match cert.map(|cert| (std::fs::metadata(&cert), cert)) {
+                Some((Ok(_), cert)) => {
                     let key = given(params.sslkey.as_deref())
                         .map(PathBuf::from)
                         .or_else(|| in_home("postgresql.key"));
                     (Some(cert), key)
+                }
+                // libpq: no certificate file, no client certificate (the key is not read);
+                // any other failure to look at it is an error.
+                Some((Err(error), cert))
+                    if error.kind() != std::io::ErrorKind::NotFound
+                        && error.raw_os_error() != Some(libc::ENOTDIR) =>
+                {
+                    return Err(CoreError::Config(format!(
+                        "could not open certificate file \"{}\": {error}",
+                        cert.display()
+                    )));
                 }
                 _ => (None, None),
             }
@@ -1010,9 +1020,12 @@ mod tests {
     impl Scratch {
         fn new(name: &str) -> Scratch {
             let path = std::env::temp_dir().join(format!(
-                "fw-tls-{name}-{}-{:?}",
+                "fw-tls-{name}-{}-{}",
                 std::process::id(),
                 std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|elapsed| elapsed.as_nanos())
+                    .unwrap_or_default()
             ));
             std::fs::create_dir_all(&path).unwrap_or_else(|error| panic!("{error}"));
             Scratch(path)
@@ -1264,6 +1277,15 @@ mod tests {
             tls.client_key,
             Some(home.0.join(".postgresql/postgresql.key"))
         );
+        // A certificate path through a regular file (ENOTDIR): no certificate, as libpq.
+        let tls = settings_in(
+            &format!(
+                "sslcert={}/postgresql.crt/x",
+                home.0.join(".postgresql").display()
+            ),
+            &home.0,
+        );
+        assert_eq!(tls.client_cert, None);
         // sslcrldir replaces the default list file; sslcertmode=disable, the certificate.
         let tls = settings_in("sslcrldir=/d sslcertmode=disable", &home.0);
         assert_eq!((tls.crl_file, tls.client_cert), (None, None));
