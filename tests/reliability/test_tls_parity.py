@@ -485,7 +485,8 @@ def worker_in(env: dict[str, str], setup: Setup, dsn: str, log: Path) -> tuple[i
 )
 def test_home_unset_uses_the_user_database_home_as_libpq(setup: Setup, tmp_path: Path) -> None:
     """Item 10: with HOME unset, libpq finds ~/.postgresql/ through getpwuid: its root.crt
-    makes `require` verify the server, its postgresql.crt/.key are the client certificate."""
+    makes `require` verify the server, its postgresql.crt/.key are the client certificate,
+    its root.crl revokes."""
     home = tmp_path / "passwd-home"
     (home / ".postgresql").mkdir(parents=True)
     env = nss_environment(tmp_path, home)
@@ -508,3 +509,23 @@ def test_home_unset_uses_the_user_database_home_as_libpq(setup: Setup, tmp_path:
     assert libpq.returncode == 0 and libpq.stdout.strip() == "True", libpq
     code, log = worker_in(env, setup, dsn, tmp_path / "connected.log")
     assert code == 0, log[-3000:]
+
+    # A revocation list there that revokes the server's certificate: both refuse.
+    authority = tmp_path / "authority"
+    authority.mkdir()
+    for name in ("ca.crt", "ca.key", "server.crt"):
+        shutil.copy(setup.pki / name, authority / name)
+    (authority / "index.txt").touch()
+    (authority / "crlnumber").write_text("1000\n")
+    (authority / "ca.cnf").write_text(
+        "[ca]\ndefault_ca = CA_default\n[CA_default]\ndatabase = index.txt\n"
+        "crlnumber = crlnumber\ndefault_md = sha256\ndefault_crl_days = 2\n"
+        "certificate = ca.crt\nprivate_key = ca.key\n"
+    )
+    openssl("ca", "-config", "ca.cnf", "-revoke", "server.crt", cwd=authority)
+    openssl("ca", "-config", "ca.cnf", "-gencrl", "-out", "revoked.crl", cwd=authority)
+    shutil.copy(authority / "revoked.crl", home / ".postgresql" / "root.crl")
+    libpq = libpq_in(env, dsn)
+    assert libpq.returncode != 0 and "certificate verify failed" in libpq.stderr, libpq
+    code, log = worker_in(env, setup, dsn, tmp_path / "revoked.log")
+    assert code != 0 and "Revoked" in log, log[-3000:]
