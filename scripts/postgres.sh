@@ -1,7 +1,9 @@
 # Sourced by test.sh and bench.sh (after venv.sh): ensure_postgres makes sure a local
 # PostgreSQL runs on 127.0.0.1:5432 and accepts `postgres` without a password, installing
 # and starting it if needed. ensure_pgbouncer installs PgBouncer (tests/test_pooler.py
-# starts its own, in transaction mode, in front of that server).
+# starts its own, in transaction mode, in front of that server). ensure_nss_wrapper
+# installs nss_wrapper (tests/reliability/test_tls_parity.py gives a worker a user
+# database of its own, to check libpq's home directory with HOME unset).
 
 ADMIN_DSN="host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 
@@ -58,4 +60,18 @@ ensure_pgbouncer() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q pgbouncer
     # Only the binary is wanted: the tests start their own.
     if command -v systemctl >/dev/null 2>&1; then systemctl disable --now pgbouncer >/dev/null 2>&1 || true; fi
+}
+
+ensure_nss_wrapper() {
+    local library
+    for library in /usr/lib/*/libnss_wrapper.so /usr/lib*/libnss_wrapper.so; do
+        [ -e "$library" ] && return 0
+    done
+    if [ "$(id -u)" != 0 ]; then
+        say "nss_wrapper is not installed (apt-get install libnss-wrapper): a TLS test will be skipped"
+        return 0
+    fi
+    say "installing nss_wrapper (apt-get)"
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q libnss-wrapper
 }

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine: installs fastworker and the test tools
 # (requirements/test.txt) into .venv (maturin build), makes sure a local PostgreSQL runs
-# (installing it with apt-get if absent) and PgBouncer is installed (for the pooler tests),
-# then runs `cargo test` (the Rust core) and pytest. Exits non-zero if anything fails. Set
-# FASTWORKER_TEST_DSN to use another server (tests create and drop databases).
+# (installing it with apt-get if absent) and PgBouncer (for the pooler tests) and
+# nss_wrapper (for a TLS test with HOME unset) are installed, then runs `cargo test` (the
+# Rust core) and pytest. Exits non-zero if anything fails. Set FASTWORKER_TEST_DSN to use
+# another server (tests create and drop databases).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh
@@ -15,6 +16,7 @@ if [ -z "${FASTWORKER_TEST_DSN:-}" ]; then
     ensure_postgres
 fi
 ensure_pgbouncer
+ensure_nss_wrapper
 
 failed=0
 say "cargo test (Rust core)"

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::config::{ChannelBinding, SslMode as ProtocolSslMode, TargetSessionAttrs};
 use tokio_postgres::{Client, Config};
-use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::db::Db;
 use crate::errors::{is_connectivity_error, CoreError, CoreResult};
@@ -70,8 +69,9 @@ pub struct ConnectionTarget {
     load_balance: bool,
     /// See [`lock_timeout_for`].
     lock_timeout: Duration,
-    /// libpq's TLS keywords over rustls (see [`crate::tls`]); unused on Unix sockets.
-    tls: MakeRustlsConnect,
+    /// libpq's TLS keywords over rustls, and its `allow` / `prefer` fallbacks (see
+    /// [`crate::tls`]); Unix sockets never use TLS.
+    tls: tls::Negotiator,
     description: String,
     /// Through a transaction pooler (fastworker's `pooler` option, see [`crate::db`]).
     pooled: bool,
@@ -102,7 +102,7 @@ impl ConnectionTarget {
                     .into(),
             ));
         }
-        let tls = tls::connector(&tls_settings)?;
+        let tls = tls::Negotiator::new(&tls_settings)?;
         let mut base = Config::new();
         if let Some(user) = params.user.as_deref().filter(|user| !user.is_empty()) {
             base.user(user);
@@ -293,7 +293,7 @@ impl ConnectionTarget {
         let mut reasons = Vec::new();
         let mut opened = None;
         for index in order {
-            match self.attempt(index).connect(self.tls.clone()).await {
+            match self.tls.connect(&self.attempt(index)).await {
                 Ok(pair) => {
                     opened = Some(pair);
                     break;
