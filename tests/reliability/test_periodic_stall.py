@@ -109,3 +109,28 @@ def test_a_stalled_worker_never_defers_a_second_the_fleet_has_passed(
         f"the stalls tried again by the stalled worker, {len(twice)} deferred twice"
     )
     assert twice == {}, f"seconds deferred more than once: {twice}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_mark_from_a_clock_far_ahead_does_not_silence_the_task(dsn: str, tmp_path: Path) -> None:
+    """A worker whose clock ran an hour ahead left the mark of a second an hour away. Taken
+    as how far the fleet has gone, it would keep every other worker from deferring the task
+    for that hour; a mark more than a minute ahead of the database's clock does not count."""
+    create_executions_table(dsn)
+    fetch_all(
+        dsn,
+        "INSERT INTO procrastinate_periodic_defers (task_name, periodic_id, defer_timestamp) "
+        "VALUES ('periodic_tick', 'tick', extract(epoch FROM now())::bigint + 3600) "
+        "RETURNING id",
+    )
+    worker = WorkerProcess(dsn, tmp_path / "worker.log", "--periodic", "--concurrency", "4")
+    try:
+        wait_until(
+            lambda: len(periodic_seconds(dsn)) >= 3,
+            timeout=120,
+            what="three seconds of the periodic task deferred",
+        )
+    finally:
+        code = worker.stop()
+    assert code == 0, worker.log()[-3000:]

@@ -31,12 +31,15 @@ from fastworker.runner.state import logger
 # deferrer can stall between the look and the defer. The newest mark is never deleted (the
 # function deletes only marks older than the one it inserts), so it always tells how far
 # the fleet has gone. Two deferrers of one second are told apart by the marks' unique
-# constraint, as in procrastinate.
+# constraint, as in procrastinate. A mark more than a minute ahead of the database's clock
+# (a worker whose clock runs ahead) does not count: it would silence the task for as long
+# as that clock is ahead, after that worker is gone.
 DEFER_PERIODIC_JOB_UNLESS_PASSED = """SELECT CASE
     WHEN EXISTS (
         SELECT 1 FROM procrastinate_periodic_defers
          WHERE task_name = %(task_name)s AND periodic_id = %(periodic_id)s
-           AND defer_timestamp >= %(defer_timestamp)s)
+           AND defer_timestamp >= %(defer_timestamp)s
+           AND defer_timestamp <= extract(epoch FROM now())::bigint + 60)
     THEN NULL
     ELSE procrastinate_defer_periodic_job_v2(%(queue)s, %(lock)s, %(queueing_lock)s,
         %(task_name)s, %(priority)s, %(periodic_id)s, %(defer_timestamp)s, %(args)s)
