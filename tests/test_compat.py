@@ -161,6 +161,25 @@ def test_a_rewritten_method_upstream_is_named(monkeypatch: pytest.MonkeyPatch) -
     assert "replaced by the core's heartbeat" in problem
 
 
+def test_a_rewritten_query_or_method_outside_the_worker_is_named(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from procrastinate import periodic, sql
+
+    monkeypatch.setitem(sql.queries, "defer_periodic_job", "SELECT 1 AS id;")
+
+    async def defer_jobs(self: Any, jobs_to_defer: Any) -> None:
+        """A release that defers differently."""
+
+    monkeypatch.setattr(periodic.PeriodicDeferrer, "defer_jobs", defer_jobs)
+    problems = [line for line in compat.changed_sources() if "procrastinate's" in line]
+    assert [problem.split(" changed in ")[0] for problem in problems] == [
+        "procrastinate's periodic.PeriodicDeferrer.defer_jobs",
+        "procrastinate's sql.queries.defer_periodic_job",
+    ]
+    assert "DEFER_PERIODIC_JOB_UNLESS_PASSED" in problems[1]
+
+
 async def test_the_connector_accessors_find_their_members_on_real_connectors(dsn: str) -> None:
     def loads(text: str) -> Any:
         return text

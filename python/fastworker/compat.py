@@ -15,6 +15,7 @@ pin allows. `Worker` refuses to start, naming the member, when one is missing.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import inspect
 import textwrap
 from collections.abc import Callable, Mapping
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import procrastinate
+from procrastinate import sql as procrastinate_sql
 from procrastinate import worker as procrastinate_worker
 
 # The releases this module was checked against: the pin in pyproject.toml
@@ -131,13 +133,53 @@ REVIEWED_SOURCES: Mapping[str, tuple[str, frozenset[str]]] = {
         "replaced by fastworker/runner/shutdown.py's _shutdown_all",
         frozenset({"6fde710b5f1c3dda"}),
     ),
+    "_periodic_deferrer": (
+        "replaced by fastworker/runner/periodic.py's Periodic._periodic_deferrer",
+        frozenset({"4fc1c39d101a92d5"}),
+    ),
+}
+
+# The same, for the parts of procrastinate outside its `Worker` that fastworker reproduces:
+# a function or method by its path in the package, or a query of procrastinate's
+# `sql/queries.sql` as `sql.queries.<name>`.
+REVIEWED_UPSTREAM: Mapping[str, tuple[str, frozenset[str]]] = {
+    "periodic.PeriodicDeferrer.defer_jobs": (
+        "copied step by step in fastworker/runner/periodic.py's FleetPeriodicDeferrer",
+        frozenset({"109dd5d13e8955ac"}),
+    ),
+    "manager.JobManager.defer_periodic_job": (
+        "reproduced by fastworker/runner/periodic.py's defer_periodic_job_unless_passed",
+        frozenset({"434495eacc5e2c96"}),
+    ),
+    "sql.queries.defer_periodic_job": (
+        "guarded in fastworker/runner/periodic.py's DEFER_PERIODIC_JOB_UNLESS_PASSED",
+        frozenset({"ea6b04988ac3313a"}),
+    ),
 }
 
 
 def fingerprint(function: Callable[..., Any]) -> str:
     """A short hash of a function's source (dedented), to notice upstream changes."""
-    source = textwrap.dedent(inspect.getsource(function))
-    return hashlib.sha256(source.encode()).hexdigest()[:16]
+    return text_fingerprint(textwrap.dedent(inspect.getsource(function)))
+
+
+def text_fingerprint(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def upstream_fingerprint(path: str) -> str | None:
+    """The fingerprint of a `REVIEWED_UPSTREAM` entry in the installed procrastinate, or
+    None if it is gone."""
+    if path.startswith("sql.queries."):
+        query = procrastinate_sql.queries.get(path.removeprefix("sql.queries."))
+        return None if query is None else text_fingerprint(query)
+    module, *attributes = path.split(".")
+    found: Any = importlib.import_module(f"procrastinate.{module}")
+    for attribute in attributes:
+        found = getattr(found, attribute, None)
+        if found is None:
+            return None
+    return fingerprint(found)
 
 
 def _missing_attribute(worker: object, member: Member) -> str | None:
@@ -176,8 +218,9 @@ def missing_members(worker: object | None = None) -> list[str]:
 
 
 def changed_sources() -> list[str]:
-    """The methods of `REVIEWED_SOURCES` whose source, in the installed procrastinate, is
-    none of the reviewed ones: one line each, naming it."""
+    """The methods of `REVIEWED_SOURCES` and the parts of `REVIEWED_UPSTREAM` whose
+    source, in the installed procrastinate, is none of the reviewed ones: one line each,
+    naming it."""
     found = []
     for name, (counterpart, reviewed) in REVIEWED_SOURCES.items():
         function = getattr(procrastinate_worker.Worker, name, None)
@@ -191,6 +234,16 @@ def changed_sources() -> list[str]:
                 f"{procrastinate.__version__} (source fingerprint {seen}; {counterpart}): "
                 "re-read it against fastworker's code, then add the fingerprint to "
                 "fastworker.compat.REVIEWED_SOURCES"
+            )
+    for path, (counterpart, reviewed) in REVIEWED_UPSTREAM.items():
+        upstream = upstream_fingerprint(path)
+        if upstream is None:
+            found.append(f"procrastinate's {path} is gone ({counterpart})")
+        elif upstream not in reviewed:
+            found.append(
+                f"procrastinate's {path} changed in procrastinate {procrastinate.__version__} "
+                f"(source fingerprint {upstream}; {counterpart}): re-read it against fastworker's "
+                "code, then add the fingerprint to fastworker.compat.REVIEWED_UPSTREAM"
             )
     return found
 

@@ -227,8 +227,10 @@ class Intake(Timeouts):
     def _stop_lost_claims(self, claims: list[tuple[int, int]]) -> None:
         """These runs' claims are no longer this worker's (the job was recovered by another
         worker after this one was pruned, and may run there): stop them, as an abort would.
-        Their ends are still reported, and found no longer current. By claim, not by job:
-        the job may run here under a new claim too."""
+        A run that has not started yet (its first step not taken, or a sync job still
+        waiting for a thread) never calls its task function: `_process_job` ends it
+        aborted. Their ends are still reported, and found no longer current. By claim, not
+        by job: the job may run here under a new claim too."""
         lost = set(claims)
         self._lost_claims |= lost
         for job_task, context in list(self._running_jobs.items()):

@@ -20,6 +20,14 @@ from fastworker.runner.state import JobTimeout, claim_of
 class Upstream(Outcomes):
     """procrastinate's `_process_job`, reporting to the core."""
 
+    def _unless_claim_lost(self, job: jobs.Job) -> None:
+        """Called in a sync job's thread, before its function. The job may have waited for
+        a thread of the loop's executor (fewer threads than `concurrency`), and its claim
+        may have been lost meanwhile: then the function is not called, and the job ends
+        aborted, as a sync job that saw `should_abort()` does."""
+        if claim_of(job) in self._lost_claims:
+            raise exceptions.JobAborted(f"The claim of job {job.id} is no longer this worker's")
+
     async def _process_job(self, context: job_context.JobContext) -> None:
         """Run one job and hand its outcome to the core.
 
@@ -29,8 +37,11 @@ class Upstream(Outcomes):
           the outcome is handed to the core synchronously (it never blocks) instead of
           through a shielded task: nothing observable changes;
         - fastworker's own: the claim is marked started (only started jobs are cancelled,
-          see `_abort_job`); an abort that came before the first step is raised here; a
-          job cancelled by its timeout ends with `JobTimeout` instead of as aborted.
+          see `_abort_job`); an abort that came before the first step is raised here, and
+          so is a claim lost before it (see `_stop_lost_claims`): its task function is
+          never called, sync or async; a sync job whose claim is lost while it waits for
+          a thread is not called either (`_unless_claim_lost`); a job cancelled by its
+          timeout ends with `JobTimeout` instead of as aborted.
         """
         job = context.job
         task = self.app.tasks.get(job.task_name)
@@ -41,6 +52,10 @@ class Upstream(Outcomes):
         if job.id is not None:
             self._started.add(claim_of(job))
         try:
+            if job.id is not None and claim_of(job) in self._lost_claims:
+                # No longer this worker's claim (it may run elsewhere already): it never
+                # starts, as a cancel at its first step would end it.
+                raise asyncio.CancelledError()
             if task is not None and job.id in self._job_ids_to_abort and self._task_is_async(task):
                 # Aborted before it started (see `_abort_job`): cancelled at its first
                 # step, as the cancel would have done.
@@ -77,6 +92,7 @@ class Upstream(Outcomes):
                 else:
 
                     def run_sync_task() -> Any:
+                        self._unless_claim_lost(job)
                         return task(*job_args, **job.task_kwargs)
 
                     task_result = await utils.sync_to_async(
