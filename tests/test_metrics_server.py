@@ -21,7 +21,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import procrastinate
@@ -106,75 +106,97 @@ def exchange(port: int, request: bytes) -> bytes:
 # --- the server's own limits, on an in-process worker ----------------------------------------
 
 
+@pytest.fixture
+async def serving(app: procrastinate.App) -> AsyncIterator[fastworker.Worker]:
+    """A running worker, healthy (connected, its heartbeat written)."""
+    worker = fastworker.Worker(
+        app, metrics_port=0, metrics_address="127.0.0.1", install_signal_handlers=False
+    )
+    run = asyncio.create_task(worker.run())
+    try:
+        await asyncio.to_thread(
+            wait_until,
+            lambda: worker.metrics_server is not None and worker._core is not None,
+            timeout=PATIENCE,
+            what="the metrics server",
+        )
+        port = worker.metrics_server.port
+        await asyncio.to_thread(
+            wait_until, lambda: healthz(port) == 200, timeout=PATIENCE, what="a healthy worker"
+        )
+        yield worker
+    finally:
+        worker.stop()
+        await run
+
+
 async def test_idle_clients_are_capped_and_closed_and_health_still_answers(
-    app: procrastinate.App,
+    serving: fastworker.Worker,
 ) -> None:
-    worker = fastworker.Worker(
-        app, metrics_port=0, metrics_address="127.0.0.1", install_signal_handlers=False
-    )
-    run = asyncio.create_task(worker.run())
-    try:
+    port = serving.metrics_server.port
+    with idle_clients(port, IDLE_CLIENTS) as clients:
+        assert len(clients) == IDLE_CLIENTS
+        # A probe among idle clients is answered: they do not lock it out.
+        assert await asyncio.to_thread(healthz, port) == 200
+        # The server closes every idle client: beyond the cap at once, the others when
+        # their time to send a request is up. (Before: none was ever closed.)
         await asyncio.to_thread(
             wait_until,
-            lambda: worker.metrics_server is not None and worker._core is not None,
+            lambda: all(closed_by_server(client) for client in clients),
             timeout=PATIENCE,
-            what="the metrics server",
+            what="the server to close every idle client",
         )
-        port = worker.metrics_server.port
-        with idle_clients(port, IDLE_CLIENTS) as clients:
-            # A probe among idle clients is answered: they do not lock it out.
-            assert await asyncio.to_thread(healthz, port) == 200
-            # The server closes every idle client: beyond the cap at once, the others when
-            # their time to send a request is up. (Before: none was ever closed.)
-            await asyncio.to_thread(
-                wait_until,
-                lambda: all(closed_by_server(client) for client in clients),
-                timeout=PATIENCE,
-                what="the server to close every idle client",
-            )
-            assert worker.metrics_server.connections <= metrics.MAX_CONNECTIONS
-            assert await asyncio.to_thread(healthz, port) == 200
-    finally:
-        worker.stop()
-        await run
+        assert serving.metrics_server.connections <= metrics.MAX_CONNECTIONS
+        assert await asyncio.to_thread(healthz, port) == 200
 
 
-async def test_one_request_per_connection_and_bad_requests(app: procrastinate.App) -> None:
-    worker = fastworker.Worker(
-        app, metrics_port=0, metrics_address="127.0.0.1", install_signal_handlers=False
+def trickle(port: int, head: bytes) -> bool:
+    """Send `head` a byte at a time, 0.1 s apart; whether the server closed the connection
+    before the end."""
+    with socket.create_connection(("127.0.0.1", port), timeout=PATIENCE) as client:
+        for byte in head:
+            try:
+                client.sendall(bytes([byte]))
+            except OSError:
+                return True  # reset by the server
+            readable, _, _ = select.select([client], [], [], 0.1)
+            if readable and closed_by_server(client):
+                return True
+    return False
+
+
+async def test_a_client_trickling_its_request_is_closed_at_its_deadline(
+    serving: fastworker.Worker,
+) -> None:
+    """A client that keeps sending, too slowly to finish its request head (before: held
+    for as long as it kept sending, a thread and a descriptor each)."""
+    head = b"GET /metrics HTTP/1.1\r\nX-Slow: " + b"x" * 500 + b"\r\n\r\n"
+    assert await asyncio.to_thread(trickle, serving.metrics_server.port, head)
+    assert await asyncio.to_thread(healthz, serving.metrics_server.port) == 200
+
+
+async def test_one_request_per_connection_and_bad_requests(serving: fastworker.Worker) -> None:
+    port = serving.metrics_server.port
+    # Two requests on one connection: one answer, then the server closes.
+    answer = await asyncio.to_thread(
+        exchange, port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /metrics HTTP/1.1\r\n\r\n"
     )
-    run = asyncio.create_task(worker.run())
-    try:
-        await asyncio.to_thread(
-            wait_until,
-            lambda: worker.metrics_server is not None and worker._core is not None,
-            timeout=PATIENCE,
-            what="the metrics server",
-        )
-        port = worker.metrics_server.port
-        # Two requests on one connection: one answer, then the server closes.
-        answer = await asyncio.to_thread(
-            exchange, port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /metrics HTTP/1.1\r\n\r\n"
-        )
-        head, _, body = answer.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 200 "), answer[:200]
-        assert b"\r\nConnection: close" in head
-        assert json.loads(body)["status"] == "ok"
-        # HEAD: the head alone.
-        answer = await asyncio.to_thread(exchange, port, b"HEAD /healthz HTTP/1.1\r\n\r\n")
-        assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"\r\n\r\n"), answer
-        # Not HTTP, and a head that never ends: answered and closed, the server goes on.
-        answer = await asyncio.to_thread(exchange, port, b"hello\r\n\r\n")
-        assert answer.startswith(b"HTTP/1.1 400 "), answer
-        answer = await asyncio.to_thread(
-            exchange, port, b"GET /metrics HTTP/1.1\r\nX: " + b"x" * 20_000
-        )
-        assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
-        metrics = await asyncio.to_thread(exchange, port, b"GET /metrics HTTP/1.0\r\n\r\n")
-        assert b"fastworker_jobs_running 0.0" in metrics
-    finally:
-        worker.stop()
-        await run
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert b"\r\nConnection: close" in head
+    assert json.loads(body)["status"] == "ok"
+    # HEAD: the head alone.
+    answer = await asyncio.to_thread(exchange, port, b"HEAD /healthz HTTP/1.1\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"\r\n\r\n"), answer
+    # Not HTTP, and a head too long: answered and closed, the server goes on.
+    answer = await asyncio.to_thread(exchange, port, b"hello\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    answer = await asyncio.to_thread(
+        exchange, port, b"GET /metrics HTTP/1.1\r\nX: " + b"x" * 20_000
+    )
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    scraped = await asyncio.to_thread(exchange, port, b"GET /metrics HTTP/1.0\r\n\r\n")
+    assert b"fastworker_jobs_running 0.0" in scraped
 
 
 # --- the audit's recipe: a worker process with few descriptors ------------------------------
