@@ -21,12 +21,12 @@ use crate::handoff::HandoffSender;
 use crate::protocol::{HandoffEvent, LogLevel};
 
 pub const ANY_QUEUE_CHANNEL: &str = "procrastinate_any_queue_v1";
+pub const QUEUE_CHANNEL_PREFIX: &str = "procrastinate_queue_v1#";
 /// Malformed notifications after a logged one are counted, and the count logged, once per
 /// this period.
 pub const MALFORMED_LOG_PERIOD: Duration = Duration::from_secs(10);
 /// At most this many notifications are taken from the connection at once.
 const NOTIFICATION_BATCH: usize = 1024;
-pub const QUEUE_CHANNEL_PREFIX: &str = "procrastinate_queue_v1#";
 
 /// The channels procrastinate's worker listens on for these queues.
 pub fn channels(queues: Option<&[String]>) -> Vec<String> {
@@ -108,7 +108,9 @@ impl Listener {
                 self.reconnect(sender).await?
             };
             let Some(client) = subscribed else {
-                return Ok(()); // stopped while reconnecting
+                // Stopped while reconnecting.
+                self.log_unlogged(malformed.period_ended());
+                return Ok(());
             };
             if !first {
                 self.handoff.log(
@@ -263,7 +265,7 @@ impl Listener {
                 LogLevel::Warning,
                 "malformed_notifications_counted",
                 format!(
-                    "... and {count} more malformed notifications ignored in the last {:.0} s",
+                    "... and {count} more malformed notifications ignored in the last {:.1} s",
                     over.as_secs_f64()
                 ),
             );
