@@ -10,14 +10,18 @@ arguments or errors) and ``/healthz``. docs/operations.md is the reference.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import logging
+import selectors
 import socket
 import threading
+import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from fastworker import _core
 
@@ -35,13 +39,14 @@ try:
         HistogramMetricFamily,
         Metric,
     )
-    from prometheus_client.exposition import ThreadingWSGIServer
     from prometheus_client.registry import Collector
 except ImportError as error:  # pragma: no cover - depends on the installed extras
     raise ImportError(
         "metrics_port needs the prometheus-client package: "
         "pip install 'procrastinate-fastworker[metrics]'"
     ) from error
+
+logger = logging.getLogger("fastworker.metrics")
 
 
 def _buckets(histogram: _core.Histogram) -> tuple[list[tuple[str, float]], float]:
@@ -223,11 +228,6 @@ def health(core: _core.WorkerCore | None, roles: Iterable[str], heartbeat_timeou
     return Health(not problems, tuple(problems), age)
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        """No access log on stderr (scrapes and probes come every few seconds)."""
-
-
 def _bind_error(port: int, address: str, error: OSError) -> _core.ConfigurationError:
     where = f"{address}:{port}"
     if error.errno == errno.EADDRINUSE:
@@ -244,10 +244,45 @@ def _bind_error(port: int, address: str, error: OSError) -> _core.ConfigurationE
     return _core.ConfigurationError(f"metrics_port: cannot serve metrics on {where}: {reason}")
 
 
+#: At most this many clients are connected at once. One more closes the oldest that has
+#: not sent its whole request yet (idle or slow clients cannot lock a probe out), or, when
+#: every one is being answered, is closed at once.
+MAX_CONNECTIONS = 64
+#: Seconds a client has to send its whole request head (request line and headers).
+REQUEST_TIMEOUT = 5.0
+#: Seconds a client has to take the whole answer.
+RESPONSE_TIMEOUT = 10.0
+#: The longest request head read, in bytes; a longer one is answered 431.
+MAX_REQUEST_HEAD = 16 * 1024
+#: How long accepting pauses when the process has no descriptor left for a new client.
+ACCEPT_PAUSE = 0.5
+
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+class _Client:
+    """A connected client: its request head as it arrives, then the answer as it leaves."""
+
+    __slots__ = ("answer", "deadline", "received", "sock")
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        self.sock = sock
+        self.deadline = deadline
+        self.received = bytearray()
+        self.answer: memoryview | None = None
+
+
 class MetricsServer:
     """An HTTP endpoint serving the worker's metrics at ``/metrics`` and its health at
     ``/healthz``, until closed. Binds when created: a port in use, a privileged port or an
-    unknown address is a `ConfigurationError` then, naming the port."""
+    unknown address is a `ConfigurationError` then, naming the port.
+
+    One thread serves every client through a selector, one request per connection
+    (``Connection: close``), so that clients cannot take more of the process than
+    `MAX_CONNECTIONS` sockets and that thread, whatever they do: a client has
+    `REQUEST_TIMEOUT` seconds to send its request and `RESPONSE_TIMEOUT` to take the
+    answer. The thread is not the worker's event loop, so a stalled loop (a task blocking
+    it) does not silence ``/healthz``."""
 
     def __init__(
         self,
@@ -274,38 +309,239 @@ class MetricsServer:
                 return [answer.body()]
             return metrics_app(environ, start_response)  # type: ignore[no-any-return]
 
-        server_class = _server_class(address)
-        try:
-            self._server = make_server(
-                address, port, app, server_class=server_class, handler_class=_QuietHandler
-            )
-        except (socket.gaierror, UnicodeError) as error:
-            raise _core.ConfigurationError(
-                f"metrics_address: {address!r} is not an address to listen on ({error})"
-            ) from None
-        except OSError as error:
-            raise _bind_error(port, address, error) from None
-        self.port = int(self._server.server_port)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="fastworker metrics", daemon=True
-        )
+        self._app: WsgiApp = app
+        self._listener = _listen(address, port)
+        self.port = int(self._listener.getsockname()[1])
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        for sock in (self._listener, self._wake_reader, self._wake_writer):
+            sock.setblocking(False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._listener, selectors.EVENT_READ)
+        self._selector.register(self._wake_reader, selectors.EVENT_READ)
+        # Oldest first (dicts keep insertion order): the order clients are evicted in.
+        self._clients: dict[socket.socket, _Client] = {}
+        self._accepting_again_at: float | None = None
+        self._closing = False
+        self._thread = threading.Thread(target=self._serve, name="fastworker metrics", daemon=True)
         self._thread.start()
 
+    @property
+    def connections(self) -> int:
+        """Clients connected now."""
+        return len(self._clients)
+
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._closing = True
+        with contextlib.suppress(OSError):
+            self._wake_writer.send(b"\0")
         self._thread.join(timeout=5)
+        self._wake_writer.close()
+
+    # --- the serving thread ---------------------------------------------------------------
+
+    def _serve(self) -> None:
+        try:
+            while not self._closing:
+                self._serve_once()
+        except Exception:  # a bug here must not pass silently, nor take the worker down
+            logger.exception("The metrics server stopped on an unexpected error")
+        finally:
+            for client in list(self._clients.values()):
+                self._drop(client)
+            self._selector.close()
+            self._listener.close()
+            self._wake_reader.close()
+
+    def _serve_once(self) -> None:
+        for key, events in self._selector.select(self._wait(time.monotonic())):
+            if key.fileobj is self._listener:
+                self._accept()
+            elif key.fileobj is self._wake_reader:
+                with contextlib.suppress(OSError):
+                    self._wake_reader.recv(64)
+            else:
+                client: _Client = key.data
+                if self._clients.get(client.sock) is not client:
+                    continue  # dropped meanwhile (evicted by a newer client)
+                if events & selectors.EVENT_READ:
+                    self._read(client)
+                else:
+                    self._write(client)
+        self._expire(time.monotonic())
+
+    def _wait(self, now: float) -> float | None:
+        """Seconds until the next deadline (None: none)."""
+        deadlines = [client.deadline for client in self._clients.values()]
+        if self._accepting_again_at is not None:
+            deadlines.append(self._accepting_again_at)
+        return max(0.0, min(deadlines) - now) if deadlines else None
+
+    def _expire(self, now: float) -> None:
+        for client in list(self._clients.values()):
+            if client.deadline <= now:
+                self._drop(client)
+        if self._accepting_again_at is not None and self._accepting_again_at <= now:
+            self._accepting_again_at = None
+            self._selector.register(self._listener, selectors.EVENT_READ)
+
+    def _accept(self) -> None:
+        for _ in range(MAX_CONNECTIONS):  # then the other clients get their turn
+            try:
+                sock, _ = self._listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as error:
+                if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # The listener stays readable: pause rather than spin on it.
+                    self._selector.unregister(self._listener)
+                    self._accepting_again_at = time.monotonic() + ACCEPT_PAUSE
+                return  # (a client gone before being accepted: the next one, next turn)
+            if len(self._clients) >= MAX_CONNECTIONS and not self._evict_one():
+                sock.close()
+                continue
+            sock.setblocking(False)
+            client = _Client(sock, time.monotonic() + REQUEST_TIMEOUT)
+            self._clients[sock] = client
+            self._selector.register(sock, selectors.EVENT_READ, client)
+
+    def _evict_one(self) -> bool:
+        """Close the oldest client still sending its request; False if there is none."""
+        for client in self._clients.values():
+            if client.answer is None:
+                self._drop(client)
+                return True
+        return False
+
+    def _read(self, client: _Client) -> None:
+        try:
+            data = client.sock.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._drop(client)
+            return
+        if not data:
+            self._drop(client)
+            return
+        client.received += data
+        end = _end_of_head(client.received)
+        if end is not None:
+            self._answer(client, self._respond(bytes(client.received[:end])))
+        elif len(client.received) > MAX_REQUEST_HEAD:
+            self._answer(client, _response("431 Request Header Fields Too Large", [], b""))
+
+    def _answer(self, client: _Client, answer: bytes) -> None:
+        client.received = bytearray()
+        client.answer = memoryview(answer)
+        client.deadline = time.monotonic() + RESPONSE_TIMEOUT
+        self._selector.modify(client.sock, selectors.EVENT_WRITE, client)
+        self._write(client)  # most answers leave at once
+
+    def _write(self, client: _Client) -> None:
+        assert client.answer is not None
+        try:
+            sent = client.sock.send(client.answer)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._drop(client)
+            return
+        client.answer = client.answer[sent:]
+        if not client.answer:
+            # Unread bytes at close would reset the connection, and the client could lose
+            # the answer: take what it sent beyond its head first (bounded).
+            with contextlib.suppress(OSError):
+                for _ in range(4):
+                    if not client.sock.recv(65536):
+                        break
+            with contextlib.suppress(OSError):
+                client.sock.shutdown(socket.SHUT_WR)
+            self._drop(client)
+
+    def _drop(self, client: _Client) -> None:
+        self._clients.pop(client.sock, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(client.sock)
+        client.sock.close()
+
+    def _respond(self, head: bytes) -> bytes:
+        """The answer to one request head, from the WSGI app."""
+        lines = head.decode("latin-1").splitlines()
+        parts = lines[0].split() if lines else []
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            return _response("400 Bad Request", [], b"")
+        method, target, version = parts
+        path, _, query = target.partition("?")
+        environ: dict[str, Any] = {
+            "REQUEST_METHOD": method,
+            "SCRIPT_NAME": "",
+            "PATH_INFO": urllib.parse.unquote(path, "latin-1"),
+            "QUERY_STRING": query,
+            "SERVER_PROTOCOL": version,
+            "SERVER_NAME": "fastworker",
+            "SERVER_PORT": str(self.port),
+            "wsgi.url_scheme": "http",
+        }
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
+            if colon:
+                key = name.strip().upper().replace("-", "_")
+                prefix = "" if key in ("CONTENT_TYPE", "CONTENT_LENGTH") else "HTTP_"
+                environ[prefix + key] = value.strip()
+        started: list[Any] = []
+
+        def start_response(status: str, headers: list[tuple[str, str]], *_: Any) -> None:
+            started[:] = [status, headers]
+
+        try:
+            body = b"".join(self._app(environ, start_response))
+        except Exception:
+            logger.exception(f"Answering {method} {path} on the metrics port failed")
+            return _response("500 Internal Server Error", [], b"")
+        status, headers = started
+        return _response(status, headers, b"" if method == "HEAD" else body, len(body))
 
 
-def _server_class(address: str) -> type[ThreadingWSGIServer]:
-    """prometheus_client's threading server, for the address family of ``address`` (an
-    IPv6 address, like ``::``, needs AF_INET6)."""
+def _end_of_head(received: bytearray) -> int | None:
+    """Where the request head ends (after its blank line), if it has arrived."""
+    for blank in (b"\r\n\r\n", b"\n\n"):
+        found = received.find(blank)
+        if found >= 0:
+            return found + len(blank)
+    return None
+
+
+def _response(
+    status: str, headers: list[tuple[str, str]], body: bytes, length: int | None = None
+) -> bytes:
+    lines = [f"HTTP/1.1 {status}"]
+    lines += [
+        f"{name}: {value}"
+        for name, value in headers
+        if name.lower() not in ("content-length", "connection")
+    ]
+    lines += [f"Content-Length: {len(body) if length is None else length}", "Connection: close"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def _listen(address: str, port: int) -> socket.socket:
+    """A listening socket on ``address``:``port``, of the address's family (an IPv6 address,
+    like ``::``, needs AF_INET6)."""
     try:
-        family = socket.getaddrinfo(address, None, type=socket.SOCK_STREAM)[0][0]
-    except socket.gaierror:
-        family = socket.AF_INET
-
-    class Server(ThreadingWSGIServer):
-        address_family = family
-
-    return Server
+        family, kind, protocol, _, where = socket.getaddrinfo(
+            address, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as error:
+        raise _core.ConfigurationError(
+            f"metrics_address: {address!r} is not an address to listen on ({error})"
+        ) from None
+    listener = socket.socket(family, kind, protocol)
+    try:
+        # As http.server does: a restarted worker can bind while old connections linger.
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(where)
+        listener.listen(128)
+    except OSError as error:
+        listener.close()
+        raise _bind_error(port, address, error) from None
+    return listener

@@ -134,6 +134,8 @@ impl WorkerConfig {
             )
         } else if let Some(problem) = self.bucket_problem() {
             Some(problem)
+        } else if let Some(problem) = self.queue_name_problem() {
+            Some(problem)
         } else {
             self.queue_concurrency
                 .iter()
@@ -148,6 +150,25 @@ impl WorkerConfig {
 }
 
 impl WorkerConfig {
+    /// A queue name PostgreSQL cannot hold: with a NUL in it, every claim would fail (text
+    /// cannot contain NUL), for ever.
+    fn queue_name_problem(&self) -> Option<String> {
+        let queues = self.queues.iter().flatten().map(|queue| ("queues", queue));
+        let limited = self
+            .queue_concurrency
+            .keys()
+            .map(|queue| ("queue_concurrency", queue));
+        queues
+            .chain(limited)
+            .find(|(_, queue)| queue.contains('\0'))
+            .map(|(option, queue)| {
+                format!(
+                    "{option}: the queue name {queue:?} contains a NUL character, which \
+                     PostgreSQL text cannot hold (no job can be in that queue)"
+                )
+            })
+    }
+
     fn bucket_problem(&self) -> Option<String> {
         let bounds = self.metrics_duration_buckets.as_ref()?;
         let increasing = bounds.windows(2).all(|pair| pair[0] < pair[1]);
@@ -244,6 +265,29 @@ mod tests {
         let hours = parse(r#"{"metrics_duration_buckets": [1.0, 60.0, 3600.0, 86400.0]}"#)
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(hours.validate().is_ok());
+    }
+
+    #[test]
+    fn a_queue_name_with_a_nul_is_refused_naming_it() {
+        for (json, option) in [
+            (r#"{"queues": ["fine", "a\u0000b"]}"#, "queues"),
+            (
+                r#"{"queue_concurrency": {"a\u0000b": 2}}"#,
+                "queue_concurrency",
+            ),
+        ] {
+            let config = parse(json).unwrap_or_else(|e| panic!("{e}"));
+            let refused = config.validate().err().map(|e| e.to_string());
+            assert!(
+                refused.as_deref().is_some_and(|message| message
+                    .contains(&format!("{option}: the queue name \"a\\0b\""))
+                    && message.contains("NUL")),
+                "{refused:?}"
+            );
+        }
+        let fine = parse(r#"{"queues": ["it's", "we\"ird q", "ünïcødé"]}"#)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(fine.validate().is_ok());
     }
 
     #[test]

@@ -3,8 +3,14 @@
 //! channels is logged and ignored. A lost connection is re-established with backoff, and
 //! the dispatcher is woken after each (re)connect, since notifications sent while the
 //! connection was down are gone.
+//!
+//! Any role may NOTIFY on these channels, as fast as it likes: what a notification costs
+//! is bounded. Notifications are taken in batches, each batch wakes the dispatcher at most
+//! once and hands its abort requests over in one event, and malformed ones are logged at
+//! most once per [`MALFORMED_LOG_PERIOD`] (the first in full, then a count).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch, Notify};
@@ -16,6 +22,11 @@ use crate::protocol::{HandoffEvent, LogLevel};
 
 pub const ANY_QUEUE_CHANNEL: &str = "procrastinate_any_queue_v1";
 pub const QUEUE_CHANNEL_PREFIX: &str = "procrastinate_queue_v1#";
+/// Malformed notifications after a logged one are counted, and the count logged, once per
+/// this period.
+pub const MALFORMED_LOG_PERIOD: Duration = Duration::from_secs(10);
+/// At most this many notifications are taken from the connection at once.
+const NOTIFICATION_BATCH: usize = 1024;
 
 /// The channels procrastinate's worker listens on for these queues.
 pub fn channels(queues: Option<&[String]>) -> Vec<String> {
@@ -81,6 +92,8 @@ pub struct Listener {
 impl Listener {
     pub async fn run(mut self) -> CoreResult<()> {
         let mut first = true;
+        let mut malformed = MalformedLog::new(MALFORMED_LOG_PERIOD);
+        let mut batch = Vec::with_capacity(NOTIFICATION_BATCH);
         loop {
             let (sender, mut notifications) = mpsc::unbounded_channel();
             let subscribed = if first {
@@ -95,7 +108,9 @@ impl Listener {
                 self.reconnect(sender).await?
             };
             let Some(client) = subscribed else {
-                return Ok(()); // stopped while reconnecting
+                // Stopped while reconnecting.
+                self.log_unlogged(malformed.period_ended());
+                return Ok(());
             };
             if !first {
                 self.handoff.log(
@@ -117,18 +132,32 @@ impl Listener {
             ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             ping.tick().await;
             loop {
+                // The count of unlogged malformed notifications is due at the period's end.
+                let summary_due = malformed.period_end();
+                let summary_at = tokio::time::Instant::from_std(
+                    summary_due.unwrap_or_else(std::time::Instant::now),
+                );
                 tokio::select! {
-                    notification = notifications.recv() => match notification {
-                        Some(notification) => self.handle(notification.channel(), notification.payload()),
-                        None => break,
-                    },
+                    received = notifications.recv_many(&mut batch, NOTIFICATION_BATCH) => {
+                        if received == 0 {
+                            break;
+                        }
+                        self.handle(&batch, &mut malformed);
+                        batch.clear();
+                    }
                     _ = ping.tick() => {
                         let answered = tokio::time::timeout(self.response_timeout, client.simple_query("")).await;
                         if !matches!(answered, Ok(Ok(_))) {
                             break;
                         }
                     }
-                    _ = self.stop.changed() => return Ok(()),
+                    _ = tokio::time::sleep_until(summary_at), if summary_due.is_some() => {
+                        self.log_unlogged(malformed.period_ended());
+                    }
+                    _ = self.stop.changed() => {
+                        self.log_unlogged(malformed.period_ended());
+                        return Ok(());
+                    }
                 }
             }
             self.handoff.metrics().set_connected("listener", false);
@@ -193,21 +222,106 @@ impl Listener {
         }
     }
 
-    fn handle(&self, channel: &str, payload: &str) {
-        match parse_notification(payload) {
-            Ok(Notification::JobInserted { .. }) => self.wake.notify_one(),
-            Ok(Notification::AbortJobRequested { job_id }) => {
-                self.handoff.send(HandoffEvent::Abort(vec![job_id]))
-            }
-            Err(reason) => {
-                let shown: String = payload.chars().take(200).collect();
-                self.handoff.log(
-                    LogLevel::Warning,
-                    "malformed_notification",
-                    format!("Ignoring notification on {channel:?}: {reason}: {shown:?}"),
-                );
+    /// One batch of notifications: one wake-up of the dispatcher at most, one event for
+    /// its abort requests, and malformed ones logged as `malformed` allows.
+    fn handle(&self, batch: &[tokio_postgres::Notification], malformed: &mut MalformedLog) {
+        let mut wake = false;
+        let mut aborts = Vec::new();
+        for notification in batch {
+            match parse_notification(notification.payload()) {
+                Ok(Notification::JobInserted { .. }) => wake = true,
+                Ok(Notification::AbortJobRequested { job_id }) => aborts.push(job_id),
+                Err(reason) => {
+                    if malformed.record() {
+                        let shown: String = notification.payload().chars().take(200).collect();
+                        self.handoff.log(
+                            LogLevel::Warning,
+                            "malformed_notification",
+                            format!(
+                                "Ignoring notification on {:?}: {reason}: {shown:?} (more \
+                                 malformed ones are counted, and the count logged every {} s)",
+                                notification.channel(),
+                                MALFORMED_LOG_PERIOD.as_secs()
+                            ),
+                        );
+                    }
+                }
             }
         }
+        if wake {
+            self.wake.notify_one();
+        }
+        if !aborts.is_empty() {
+            aborts.sort_unstable();
+            aborts.dedup();
+            self.handoff.send(HandoffEvent::Abort(aborts));
+        }
+    }
+
+    /// Logs how many malformed notifications went unlogged, if any did.
+    fn log_unlogged(&self, unlogged: Option<(u64, Duration)>) {
+        if let Some((count, over)) = unlogged {
+            self.handoff.log(
+                LogLevel::Warning,
+                "malformed_notifications_counted",
+                format!(
+                    "... and {count} more malformed notifications ignored in the last {:.1} s",
+                    over.as_secs_f64()
+                ),
+            );
+        }
+    }
+}
+
+/// Rate-limits the log of malformed notifications: the first is logged in full and starts
+/// a period; the ones after it in that period are only counted, and the count is logged at
+/// its end, which starts the next period if there were any (a quiet period ends it, so the
+/// next malformed notification is logged in full again).
+#[derive(Debug)]
+pub struct MalformedLog {
+    period: Duration,
+    /// When the current period started, while one runs.
+    started: Option<std::time::Instant>,
+    /// Malformed notifications in the current period not logged.
+    unlogged: u64,
+}
+
+impl MalformedLog {
+    pub fn new(period: Duration) -> MalformedLog {
+        MalformedLog {
+            period,
+            started: None,
+            unlogged: 0,
+        }
+    }
+
+    /// One more malformed notification: `true` if it is to be logged in full.
+    pub fn record(&mut self) -> bool {
+        if self.started.is_some() {
+            self.unlogged += 1;
+            false
+        } else {
+            self.started = Some(std::time::Instant::now());
+            true
+        }
+    }
+
+    /// When the current period ends (`None`: no period runs).
+    pub fn period_end(&self) -> Option<std::time::Instant> {
+        self.started.map(|started| started + self.period)
+    }
+
+    /// Ends the current period: how many went unlogged in it, and over how long, if any.
+    pub fn period_ended(&mut self) -> Option<(u64, Duration)> {
+        let started = self.started?;
+        let unlogged = std::mem::take(&mut self.unlogged);
+        if unlogged == 0 {
+            self.started = None;
+            return None;
+        }
+        let now = std::time::Instant::now();
+        self.started = Some(now);
+        Some((unlogged, now.duration_since(started)))
     }
 }
 
@@ -239,6 +353,26 @@ mod tests {
         assert!(parse_notification(r#"{"type": "abort_job_requested"}"#).is_err());
         assert!(parse_notification(r#"{"type": "abort_job_requested", "job_id": "x"}"#).is_err());
         assert!(parse_notification("[1, 2]").is_err());
+    }
+
+    #[test]
+    fn malformed_notifications_are_logged_once_per_period() {
+        let mut log = MalformedLog::new(Duration::from_secs(3600));
+        assert_eq!(log.period_end(), None);
+        assert!(log.record()); // the first, in full
+        assert!(log.period_end().is_some());
+        for _ in 0..99_999 {
+            assert!(!log.record());
+        }
+        let (count, _) = log.period_ended().unwrap_or_default();
+        assert_eq!(count, 99_999);
+        // A period with some starts another: they are still counted...
+        assert!(!log.record());
+        assert_eq!(log.period_ended().map(|(count, _)| count), Some(1));
+        // ...and a quiet one ends it: the next is logged in full again.
+        assert_eq!(log.period_ended(), None);
+        assert_eq!(log.period_end(), None);
+        assert!(log.record());
     }
 
     #[test]
