@@ -8,7 +8,7 @@ use tokio_postgres::{Client, Config};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::db::Db;
-use crate::errors::{is_connectivity_error, CoreError, CoreResult};
+use crate::errors::{is_connectivity_error, is_passing_error, CoreError, CoreResult};
 use crate::params::{invalid, unsupported, ConnectionParams, Endpoint};
 use crate::sql;
 use crate::tls::{self, TlsSettings};
@@ -360,9 +360,12 @@ impl ConnectionTarget {
             match self.connect().await {
                 Ok(client) => return Ok(client),
                 Err(error) => {
+                    // A session `SET` refused for a passing reason (a cancel) too.
                     let retryable = match &error {
                         CoreError::Unreachable { .. } => true,
-                        CoreError::Database { source, .. } => is_connectivity_error(source),
+                        CoreError::Database { source, .. } => {
+                            is_connectivity_error(source) || is_passing_error(source)
+                        }
                         _ => false,
                     };
                     if !retryable || started.elapsed() + delay > budget {
