@@ -335,6 +335,7 @@ impl WorkerCore {
         let registry = Registry {
             target,
             client: Some(maintenance),
+            outage: None,
             identity: identity.clone(),
             handoff: handoff.clone(),
             in_flight,
