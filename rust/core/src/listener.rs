@@ -85,7 +85,12 @@ impl Listener {
             let (sender, mut notifications) = mpsc::unbounded_channel();
             let subscribed = if first {
                 match self.subscribe(sender.clone()).await {
-                    Ok(client) => Some(client),
+                    Ok(client) => {
+                        // The connection's task holds the only sender: its end (the
+                        // connection died) closes the channel, and is seen at once.
+                        drop(sender);
+                        Some(client)
+                    }
                     // A refusal (LISTEN not allowed...) is a clear error at start; a
                     // connection lost on the way, or a statement refused for a passing
                     // reason (a cancel), is one more reconnect.

@@ -413,6 +413,13 @@ fn not_connected(reason: String) -> Failed {
     }
 }
 
+/// How often an idle role looks whether its connection is still open (a local check, no
+/// round trip): a connection whose server process ended (`pg_terminate_backend`, a
+/// restart) shows as down, and is replaced, within this, not at the role's next statement.
+pub fn liveness_interval(response_timeout: Duration) -> Duration {
+    response_timeout.min(Duration::from_secs(1))
+}
+
 /// The first wait, and the longest, between two connection attempts of the registry's
 /// duties during an outage (the heartbeat tries at each of its ticks regardless).
 const OUTAGE_FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -461,9 +468,22 @@ impl Registry {
         abort_poll.tick().await;
         let mut sample = tokio::time::interval(METRICS_SAMPLE_INTERVAL);
         sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut liveness = tokio::time::interval(liveness_interval(self.response_timeout));
+        liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.handoff
+            .metrics()
+            .set_connected("registry", self.client.is_some());
         loop {
             tokio::select! {
                 _ = self.stop.changed() => return self,
+                _ = liveness.tick() => {
+                    let closed = self.client.as_ref().is_none_or(Db::is_closed);
+                    if closed && !self.backing_off() {
+                        if let Err(reason) = self.connect().await {
+                            self.connection_failed(&reason);
+                        }
+                    }
+                }
                 _ = sample.tick(), if self.sample_metrics => {
                     if self.backing_off() {
                         continue;

@@ -358,6 +358,12 @@ impl Dispatcher {
                 .max(Duration::from_secs(1)),
         );
         orphan_check.tick().await;
+        // An idle connection whose server process ended is seen (and replaced) at once,
+        // not at the next claim, which may be a polling interval away.
+        let mut liveness = interval(crate::registry::liveness_interval(
+            self.config.response_timeout,
+        ));
+        liveness.tick().await;
 
         loop {
             if connection.is_none() {
@@ -395,6 +401,12 @@ impl Dispatcher {
                             }
                         }
                         _ = self.stop_fetching.changed(), if state.claiming => {},
+                        _ = liveness.tick() => {
+                            if current.client.is_closed() {
+                                old_backend = current.backend;
+                                connection = None;
+                            }
+                        }
                         _ = orphan_check.tick() => {
                             if let Err(failed) = self.check_orphans(current, &mut state).await {
                                 if failed.failure == Failure::Connection {
