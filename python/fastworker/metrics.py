@@ -126,7 +126,7 @@ class CoreCollector(Collector):
         )
         connected = GaugeMetricFamily(
             "fastworker_connection_up",
-            "Whether the connection of a role (dispatcher, listener) is up.",
+            "Whether the connection of a role (dispatcher, registry, listener) is up.",
             labels=["role"],
         )
         for role, up in snapshot.connected.items():

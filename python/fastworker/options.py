@@ -181,8 +181,9 @@ OPTIONS: tuple[Option, ...] = (
         "reconnect_timeout",
         60.0,
         seconds,
-        "seconds the database may be unreachable (or refuse every statement) before the "
-        "worker stops with `fastworker.ConnectionLost` (CLI: exit code 3)",
+        "seconds the database may be unreachable, or refuse every statement (a lock, a "
+        "cancel), also at start, before the worker stops with `fastworker.ConnectionLost` "
+        "(CLI: exit code 3), or `fastworker.DatabaseError` if it kept refusing (exit code 1)",
         parse=_number(float),
         metavar="SECONDS",
         core=True,

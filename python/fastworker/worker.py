@@ -222,7 +222,7 @@ class Worker(Periodic):
 
         assert self.metrics_port is not None
         collector = CoreCollector(lambda: self._core, lambda: len(self._running_jobs))
-        roles = ("dispatcher", "listener") if self.listen_notify else ("dispatcher",)
+        roles = ("dispatcher", "registry", *(("listener",) if self.listen_notify else ()))
         self.metrics_server = MetricsServer(
             self.metrics_port,
             self.metrics_address,

@@ -8,7 +8,7 @@ use tokio_postgres::config::{ChannelBinding, SslMode as ProtocolSslMode, TargetS
 use tokio_postgres::{Client, Config};
 
 use crate::db::Db;
-use crate::errors::{is_connectivity_error, CoreError, CoreResult};
+use crate::errors::{is_connectivity_error, is_passing_error, CoreError, CoreResult};
 use crate::params::{invalid, unsupported, ConnectionParams, Endpoint};
 use crate::passfile::Passfile;
 use crate::sql;
@@ -383,9 +383,12 @@ impl ConnectionTarget {
             match self.connect().await {
                 Ok(client) => return Ok(client),
                 Err(error) => {
+                    // A session `SET` refused for a passing reason (a cancel) too.
                     let retryable = match &error {
                         CoreError::Unreachable { .. } => true,
-                        CoreError::Database { source, .. } => is_connectivity_error(source),
+                        CoreError::Database { source, .. } => {
+                            is_connectivity_error(source) || is_passing_error(source)
+                        }
                         _ => false,
                     };
                     if !retryable || started.elapsed() + delay > budget {

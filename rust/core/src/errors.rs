@@ -62,6 +62,15 @@ impl CoreError {
             _ => false,
         }
     }
+
+    /// A statement refused for a passing reason ([`is_passing_error`]): worth trying again,
+    /// on the same connection.
+    pub fn is_passing(&self) -> bool {
+        match self {
+            CoreError::Database { source, .. } => is_passing_error(source),
+            _ => false,
+        }
+    }
 }
 
 /// tokio-postgres shows a server error as just "db error"; say what the server said.
@@ -157,6 +166,19 @@ pub fn is_connectivity_error(error: &tokio_postgres::Error) -> bool {
     }
     // No server error attached: an I/O error, a closed socket or a protocol desync.
     true
+}
+
+/// A statement refused for a reason that passes: cancelled (`pg_cancel_backend`, a
+/// `statement_timeout`: 57014), a lock waited for longer than `lock_timeout` (55P03, as
+/// when a migration holds a table), a deadlock or a serialization failure (class 40), the
+/// server short of a resource (class 53: memory, disk, connections). Nothing was done, and
+/// the same statement may go through a moment later: unlike a refusal because of what the
+/// statement says (a missing table, a permission), which would fail again.
+pub fn is_passing_error(error: &tokio_postgres::Error) -> bool {
+    error.as_db_error().is_some_and(|db_error| {
+        let code = db_error.code().code();
+        code == "57014" || code == "55P03" || code.starts_with("40") || code.starts_with("53")
+    })
 }
 
 pub type CoreResult<T> = Result<T, CoreError>;

@@ -98,10 +98,27 @@ impl Listener {
             let (sender, mut notifications) = mpsc::unbounded_channel();
             let subscribed = if first {
                 match self.subscribe(sender.clone()).await {
-                    Ok(client) => Some(client),
+                    Ok(client) => {
+                        // The connection's task holds the only sender: its end (the
+                        // connection died) closes the channel, and is seen at once.
+                        drop(sender);
+                        Some(client)
+                    }
                     // A refusal (LISTEN not allowed...) is a clear error at start; a
-                    // connection lost on the way is one more reconnect.
-                    Err(error) if is_lost(&error) => self.reconnect(sender).await?,
+                    // connection lost on the way, or a statement refused for a passing
+                    // reason (a cancel), is one more reconnect.
+                    Err(error) if is_lost(&error) || error.is_passing() => {
+                        self.handoff.log(
+                            LogLevel::Warning,
+                            "listener_set_up_failed",
+                            format!(
+                                "Could not listen for notifications ({error}): trying again \
+                                 for up to {:.0} s",
+                                self.reconnect_timeout.as_secs_f64()
+                            ),
+                        );
+                        self.reconnect(sender).await?
+                    }
                     Err(error) => return Err(error),
                 }
             } else {
@@ -206,10 +223,21 @@ impl Listener {
                 Err(error) => error,
             };
             if started.elapsed() + delay > self.reconnect_timeout {
-                return Err(CoreError::ConnectionLost {
-                    target: self.target.description().to_string(),
-                    budget: self.reconnect_timeout,
-                    reason: error.to_string(),
+                let target = self.target.description().to_string();
+                let budget = self.reconnect_timeout;
+                let reason = error.to_string();
+                return Err(if error.is_passing() {
+                    CoreError::Unusable {
+                        target,
+                        budget,
+                        reason,
+                    }
+                } else {
+                    CoreError::ConnectionLost {
+                        target,
+                        budget,
+                        reason,
+                    }
                 });
             }
             let mut stop = self.stop.clone();

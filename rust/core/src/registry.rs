@@ -413,10 +413,34 @@ fn not_connected(reason: String) -> Failed {
     }
 }
 
+/// How often an idle role looks whether its connection is still open (a local check, no
+/// round trip): a connection whose server process ended (`pg_terminate_backend`, a
+/// restart) shows as down, and is replaced, within this, not at the role's next statement.
+pub fn liveness_interval(response_timeout: Duration) -> Duration {
+    response_timeout.min(Duration::from_secs(1))
+}
+
+/// The first wait, and the longest, between two connection attempts of the registry's
+/// duties during an outage (the heartbeat tries at each of its ticks regardless).
+const OUTAGE_FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const OUTAGE_MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The registry's connection is down and could not be opened again: since when, and when
+/// its duties try again. One outage is logged twice, when it starts and when it ends, not
+/// once per failed duty.
+#[derive(Debug)]
+pub struct Outage {
+    since: Instant,
+    backoff: Duration,
+    retry_at: Instant,
+}
+
 pub struct Registry {
     pub target: ConnectionTarget,
     /// `None` while disconnected: the next duty connects again.
     pub client: Option<Db>,
+    /// `Some` while the connection is down (see [`Outage`]).
+    pub outage: Option<Outage>,
     pub identity: Arc<Identity>,
     pub handoff: HandoffSender,
     pub in_flight: Arc<AtomicUsize>,
@@ -444,19 +468,36 @@ impl Registry {
         abort_poll.tick().await;
         let mut sample = tokio::time::interval(METRICS_SAMPLE_INTERVAL);
         sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut liveness = tokio::time::interval(liveness_interval(self.response_timeout));
+        liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.handoff
+            .metrics()
+            .set_connected("registry", self.client.is_some());
         loop {
             tokio::select! {
                 _ = self.stop.changed() => return self,
+                _ = liveness.tick() => {
+                    let closed = self.client.as_ref().is_none_or(Db::is_closed);
+                    if closed && !self.backing_off() {
+                        if let Err(reason) = self.connect().await {
+                            self.connection_failed(&reason);
+                        }
+                    }
+                }
                 _ = sample.tick(), if self.sample_metrics => {
+                    if self.backing_off() {
+                        continue;
+                    }
                     if let Err(error) = self.sample_metrics().await {
-                        // Not worth a warning each time: the heartbeat says it.
-                        self.handoff.log(
-                            LogLevel::Debug,
-                            "metrics_sample_failed",
-                            format!("Error sampling the queue depth: {}", error.reason),
-                        );
                         if error.failure == Failure::Connection {
-                            self.client = None;
+                            self.lost("metrics_sample_failed", "sampling the queue depth", &error);
+                        } else {
+                            // Not worth a warning each time: the heartbeat says it.
+                            self.handoff.log(
+                                LogLevel::Debug,
+                                "metrics_sample_failed",
+                                format!("Error sampling the queue depth: {}", error.reason),
+                            );
                         }
                     }
                 }
@@ -474,7 +515,7 @@ impl Registry {
                     }
                 }
                 _ = abort_poll.tick() => {
-                    if self.in_flight.load(Ordering::Relaxed) == 0 {
+                    if self.in_flight.load(Ordering::Relaxed) == 0 || self.backing_off() {
                         continue;
                     }
                     if let Err(error) = self.poll_aborts().await {
@@ -602,30 +643,95 @@ impl Registry {
         Ok(())
     }
 
-    /// One attempt at a new connection; why it failed.
+    /// One attempt at a new connection; why it failed. The first success after an outage
+    /// ends it, and says how long it lasted.
     async fn connect(&mut self) -> Result<(), String> {
         self.client = None;
+        self.handoff.metrics().set_connected("registry", false);
         let client = self
             .target
             .connect()
             .await
             .map_err(|error| error.to_string())?;
         self.client = Some(client);
+        self.handoff.metrics().set_connected("registry", true);
+        if let Some(outage) = self.outage.take() {
+            self.handoff.log(
+                LogLevel::Info,
+                "registry_reconnected",
+                format!(
+                    "Connected to {} again, after {:.1} s without a connection: heartbeat \
+                     and abort polling go on",
+                    self.target.description(),
+                    outage.since.elapsed().as_secs_f64()
+                ),
+            );
+        }
         Ok(())
     }
 
+    /// During an outage, whether the duties that can wait (abort polling, metrics) wait
+    /// for its next attempt rather than try to connect now.
+    fn backing_off(&self) -> bool {
+        self.client.as_ref().is_none_or(Db::is_closed)
+            && self
+                .outage
+                .as_ref()
+                .is_some_and(|outage| Instant::now() < outage.retry_at)
+    }
+
+    /// The connection is gone, or could not be opened: an outage starts (a warning) or
+    /// goes on (a detail, and a longer wait before the next attempt).
+    fn connection_failed(&mut self, reason: &str) {
+        self.client = None;
+        self.handoff.metrics().set_connected("registry", false);
+        let now = Instant::now();
+        match &mut self.outage {
+            None => {
+                self.outage = Some(Outage {
+                    since: now,
+                    backoff: OUTAGE_FIRST_BACKOFF,
+                    retry_at: now + OUTAGE_FIRST_BACKOFF,
+                });
+                self.handoff.log(
+                    LogLevel::Warning,
+                    "registry_connection_lost",
+                    format!(
+                        "Lost the connection to {} ({reason}): heartbeat and abort polling \
+                         try again with backoff until it is back",
+                        self.target.description()
+                    ),
+                );
+            }
+            Some(outage) => {
+                outage.backoff = (outage.backoff * 2).min(OUTAGE_MAX_BACKOFF);
+                outage.retry_at = now + outage.backoff;
+                let wait = outage.backoff.as_secs_f64();
+                self.handoff.log(
+                    LogLevel::Debug,
+                    "registry_still_disconnected",
+                    format!(
+                        "Still no connection to {} ({reason}); next try in {wait:.1} s",
+                        self.target.description()
+                    ),
+                );
+            }
+        }
+    }
+
     /// Log a failed duty. A lost (or unanswering) connection is dropped, and the next duty
-    /// opens a new one; a statement that failed on a live connection keeps it (opening
-    /// one may be what fails, on a server out of connections).
+    /// opens a new one, within the outage's backoff; a statement that failed on a live
+    /// connection keeps it (opening one may be what fails, on a server out of connections).
     fn lost(&mut self, action: &'static str, what: &str, error: &Failed) {
+        if error.failure == Failure::Connection {
+            self.connection_failed(&format!("{what}: {}", error.reason));
+            return;
+        }
         self.handoff.log(
             LogLevel::Warning,
             action,
             format!("Error {what}: {}", error.reason),
         );
-        if error.failure == Failure::Connection {
-            self.client = None;
-        }
     }
 
     /// Delete this worker's row, trying for a few seconds (a new connection each time a

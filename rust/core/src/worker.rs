@@ -34,46 +34,119 @@ struct StartUp {
 }
 
 /// Connect, check the schema, prune stalled workers (and, with `recover_stalled_jobs`, put
-/// their jobs back to run), register. A database unreachable at the first connect fails
-/// the start at once, with a clear error; a connection lost during the later steps (a
-/// restart, a cut) is one more reconnect, and the steps run again, for up to
-/// `reconnect_timeout`.
+/// their jobs back to run), register. Only a database unreachable at the very first
+/// connect, or without procrastinate's schema, fails the start at once, with a clear
+/// error. Anything that passes is tried again, with backoff, for up to `reconnect_timeout`,
+/// as at any other time: a connection lost during the steps (a restart, a cut), or a
+/// statement refused for a passing reason (a migration holding a lock on the jobs table,
+/// a `pg_cancel_backend`, a deadlock).
 async fn start_up(
     target: &ConnectionTarget,
     config: &WorkerConfig,
     handoff: &handoff::HandoffSender,
 ) -> CoreResult<StartUp> {
-    let mut maintenance = target.connect().await?;
-    let mut lost_since: Option<Instant> = None;
+    let mut maintenance: Option<crate::db::Db> = None;
+    let mut connected_once = false;
+    let mut trouble_since: Option<Instant> = None;
     let mut delay = Duration::from_millis(50);
+    let mut warned = false;
     loop {
-        match start_up_steps(&mut maintenance, target, config, handoff).await {
-            Ok((worker_id, pruned_workers, recovered_jobs)) => {
-                return Ok(StartUp {
-                    maintenance,
-                    worker_id,
-                    pruned_workers,
-                    recovered_jobs,
-                })
-            }
-            Err(error) if error.is_connectivity() => {
-                let since = *lost_since.get_or_insert_with(Instant::now);
-                let left = config.reconnect_timeout.saturating_sub(since.elapsed());
-                if left.is_zero() {
-                    return Err(error);
+        let attempt = match maintenance.take() {
+            Some(client) if !client.is_closed() => Ok(client),
+            _ => target.connect().await,
+        };
+        let error = match attempt {
+            Ok(mut client) => {
+                connected_once = true;
+                match start_up_steps(&mut client, target, config, handoff).await {
+                    Ok((worker_id, pruned_workers, recovered_jobs)) => {
+                        if let Some(since) = trouble_since {
+                            handoff.log(
+                                LogLevel::Info,
+                                "start_retried",
+                                format!(
+                                    "Started after {:.1} s of trying again",
+                                    since.elapsed().as_secs_f64()
+                                ),
+                            );
+                        }
+                        return Ok(StartUp {
+                            maintenance: client,
+                            worker_id,
+                            pruned_workers,
+                            recovered_jobs,
+                        });
+                    }
+                    Err(error) => {
+                        maintenance = Some(client);
+                        error
+                    }
                 }
-                handoff.log(
-                    LogLevel::Warning,
-                    "start_connection_lost",
-                    format!("Connection lost while starting ({error}): starting again"),
-                );
-                tokio::time::sleep(delay.min(left)).await;
-                delay = (delay * 2).min(Duration::from_secs(1));
-                maintenance = target
-                    .connect_with_backoff(config.reconnect_timeout.saturating_sub(since.elapsed()))
-                    .await?;
             }
-            Err(error) => return Err(error),
+            Err(error) => error,
+        };
+        let lost = error.is_connectivity()
+            || (connected_once && matches!(error, CoreError::Unreachable { .. }));
+        if !lost && !error.is_passing() {
+            return Err(error);
+        }
+        let since = *trouble_since.get_or_insert_with(Instant::now);
+        let left = config.reconnect_timeout.saturating_sub(since.elapsed());
+        if left.is_zero() {
+            return Err(start_given_up(target, config, lost, &error));
+        }
+        let (action, what) = if lost {
+            ("start_connection_lost", "Connection lost while starting")
+        } else {
+            (
+                "start_statement_refused",
+                "A start-up statement was refused",
+            )
+        };
+        // The first trouble as a warning; the next tries are details.
+        handoff.log(
+            if warned {
+                LogLevel::Debug
+            } else {
+                LogLevel::Warning
+            },
+            action,
+            format!(
+                "{what} ({error}): trying again for up to {:.0} s",
+                left.as_secs_f64()
+            ),
+        );
+        warned = true;
+        tokio::time::sleep(delay.min(left)).await;
+        delay = (delay * 2).min(Duration::from_secs(1));
+        if lost {
+            maintenance = None;
+        }
+    }
+}
+
+/// The start's error once `reconnect_timeout` is spent: the connection lost, or the
+/// database unusable (it kept refusing the start-up statements).
+fn start_given_up(
+    target: &ConnectionTarget,
+    config: &WorkerConfig,
+    lost: bool,
+    error: &CoreError,
+) -> CoreError {
+    let target = target.description().to_string();
+    let budget = config.reconnect_timeout;
+    let reason = error.to_string();
+    if lost {
+        CoreError::ConnectionLost {
+            target,
+            budget,
+            reason,
+        }
+    } else {
+        CoreError::Unusable {
+            target,
+            budget,
+            reason,
         }
     }
 }
@@ -262,6 +335,7 @@ impl WorkerCore {
         let registry = Registry {
             target,
             client: Some(maintenance),
+            outage: None,
             identity: identity.clone(),
             handoff: handoff.clone(),
             in_flight,

@@ -323,9 +323,24 @@ impl Dispatcher {
     /// given up on, after the reconnect budget or a hard stop).
     pub async fn run(mut self, client: Db) -> CoreResult<()> {
         let mut state = State::new(self.settings());
+        // The first set-up is tried again as any later one (see `reconnect`): lost on the
+        // way, or refused for a passing reason (a migration holding a lock on the jobs
+        // table makes the claim's prepare wait for `lock_timeout`, then fail).
         let mut connection = match self.prepare(client).await {
             Ok(connection) => Some(connection),
             Err(error) if error.is_connectivity() => None,
+            Err(error) if error.is_passing() => {
+                self.handoff.log(
+                    LogLevel::Warning,
+                    "dispatcher_set_up_refused",
+                    format!(
+                        "Could not set up the job connection ({error}): trying again for up \
+                         to {:.0} s",
+                        self.config.reconnect_timeout.as_secs_f64()
+                    ),
+                );
+                None
+            }
             Err(error) => return Err(error),
         };
         self.handoff
@@ -343,6 +358,12 @@ impl Dispatcher {
                 .max(Duration::from_secs(1)),
         );
         orphan_check.tick().await;
+        // An idle connection whose server process ended is seen (and replaced) at once,
+        // not at the next claim, which may be a polling interval away.
+        let mut liveness = interval(crate::registry::liveness_interval(
+            self.config.response_timeout,
+        ));
+        liveness.tick().await;
 
         loop {
             if connection.is_none() {
@@ -380,6 +401,12 @@ impl Dispatcher {
                             }
                         }
                         _ = self.stop_fetching.changed(), if state.claiming => {},
+                        _ = liveness.tick() => {
+                            if current.client.is_closed() {
+                                old_backend = current.backend;
+                                connection = None;
+                            }
+                        }
                         _ = orphan_check.tick() => {
                             if let Err(failed) = self.check_orphans(current, &mut state).await {
                                 if failed.failure == Failure::Connection {
@@ -565,7 +592,9 @@ impl Dispatcher {
                 state.give_up(&format!("the database stayed unreachable: {last_error}"));
                 return None;
             }
-            match self.connect_and_set_up(state, old).await {
+            // Whether the database answered, and refused the set-up (rather than being out
+            // of reach).
+            let refused = match self.connect_and_set_up(state, old).await {
                 Ok((connection, orphans)) => {
                     self.handoff.metrics().set_connected("dispatcher", true);
                     self.handoff.log(
@@ -579,13 +608,36 @@ impl Dispatcher {
                 }
                 // Unreachable, lost again while setting up, or refused (too many
                 // connections...): all passing troubles, as far as the dispatcher can tell.
-                Err(error) => last_error = error.to_string(),
-            }
+                Err(error) => {
+                    last_error = error.to_string();
+                    self.handoff.log(
+                        LogLevel::Debug,
+                        "dispatcher_reconnect_failed",
+                        format!(
+                            "Could not set up the job connection ({last_error}); trying again \
+                             in {:.2} s",
+                            delay.as_secs_f64()
+                        ),
+                    );
+                    error.is_passing()
+                }
+            };
             if started.elapsed() > self.config.reconnect_timeout && !state.fatal_sent() {
-                state.fatal(CoreError::ConnectionLost {
-                    target: self.target.description().to_string(),
-                    budget: self.config.reconnect_timeout,
-                    reason: last_error.clone(),
+                let target = self.target.description().to_string();
+                let budget = self.config.reconnect_timeout;
+                let reason = last_error.clone();
+                state.fatal(if refused {
+                    CoreError::Unusable {
+                        target,
+                        budget,
+                        reason,
+                    }
+                } else {
+                    CoreError::ConnectionLost {
+                        target,
+                        budget,
+                        reason,
+                    }
                 });
                 self.send_outbox(state);
             }
