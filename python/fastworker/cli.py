@@ -142,8 +142,9 @@ class _MergeMapping(argparse.Action):
         setattr(namespace, self.dest, merged)
 
 
-class _StoreTrue(argparse.Action):
-    """store_true that keeps a ``type`` (used for the environment default)."""
+class _StoreSwitch(argparse.Action):
+    """A switch's flags: ``--name`` turns it on, ``--no-name`` off (a ``type`` is kept for
+    the environment default)."""
 
     def __call__(
         self,
@@ -152,7 +153,7 @@ class _StoreTrue(argparse.Action):
         values: Any,
         option_string: str | None = None,
     ) -> None:
-        setattr(namespace, self.dest, True)
+        setattr(namespace, self.dest, not (option_string or "").startswith("--no-"))
 
 
 def _abort_interval(value: str) -> float:
@@ -377,10 +378,11 @@ def _add_option(group: argparse._ArgumentGroup, option: options.Option) -> None:
         _add_env_argument(
             group,
             *flags,
+            option.off_flag,
             envvar=envvar,
             type=_switch,
             nargs=0,
-            action=_StoreTrue,
+            action=_StoreSwitch,
             dest=option.name,
             help=help,
             env_help="use 0/n/f/off or 1/y/t/on",

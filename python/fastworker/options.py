@@ -107,7 +107,8 @@ class Option:
     check: Callable[[str, Any], Any]
     help: str
     # The CLI's value syntax: "value" (one value, `parse`d from text), "switch" (a flag
-    # that turns it on), "mapping" (repeatable KEY=VALUE, each value `parse`d).
+    # that turns it on, and `--no-...` that turns it off), "mapping" (repeatable
+    # KEY=VALUE, each value `parse`d).
     form: str = "value"
     parse: Callable[[str], Any] = str
     metavar: str | None = None
@@ -121,6 +122,11 @@ class Option:
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+    @property
+    def off_flag(self) -> str:
+        """A switch's flag that turns it off."""
+        return "--no-" + self.name.replace("_", "-")
 
     @property
     def env(self) -> str:
@@ -209,10 +215,12 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "recover_stalled_jobs",
-        False,
+        True,
         boolean,
         "put the `doing` jobs of stalled workers (pruned, or left without a worker) back "
-        "to run, with procrastinate's retry semantics",
+        "to run, with procrastinate's retry semantics: a job killed mid-run (SIGKILL, OOM) "
+        "runs again, at least once; `False` / `--no-recover-stalled-jobs` leaves them "
+        "`doing`, as procrastinate does (see docs/operations.md)",
         form="switch",
         core=True,
     ),

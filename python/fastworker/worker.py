@@ -67,7 +67,7 @@ class Worker(Periodic):
         reconnect_timeout: float = 60.0,
         response_timeout: float = 30.0,
         max_batch_size: int = 500,
-        recover_stalled_jobs: bool = False,
+        recover_stalled_jobs: bool = True,
         queue_concurrency: Mapping[str, int] | None = None,
         job_timeout: float | None = None,
         task_timeouts: Mapping[str, float] | None = None,

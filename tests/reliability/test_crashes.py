@@ -1,6 +1,6 @@
 """A worker SIGKILLed mid-drain: its jobs stay `doing` under its worker_id; the next worker
-prunes it and, with `recover_stalled_jobs=True`, puts the jobs back to run with
-procrastinate's retry semantics. Without the option, the end state is procrastinate's."""
+prunes it and, with `recover_stalled_jobs` (the default), puts the jobs back to run with
+procrastinate's retry semantics. With the option off, the end state is procrastinate's."""
 
 from __future__ import annotations
 
@@ -164,11 +164,12 @@ def end_state(dsn: str, held: set[int]) -> list[tuple[object, ...]]:
 
 
 @pytest.mark.parametrize("next_worker", ["fastworker", "procrastinate"])
-async def test_without_the_option_stalled_jobs_stay_doing_like_procrastinate(
+async def test_with_the_option_off_stalled_jobs_stay_doing_like_procrastinate(
     dsn: str, tmp_path: Path, next_worker: str
 ) -> None:
-    """The next worker, fastworker without the option or procrastinate's own, prunes the
-    dead worker: its jobs stay `doing` (worker_id now NULL), never run again."""
+    """The next worker, fastworker with `recover_stalled_jobs=False` or procrastinate's
+    own, prunes the dead worker: its jobs stay `doing` (worker_id now NULL), never run
+    again."""
     create_executions_table(dsn)
     defer_jobs(dsn, 200, task="record_after", args_sql="json_build_object('n', n, 'sleep', 0.3)")
     worker_id, held = start_and_kill(dsn, tmp_path / "victim.log")
@@ -182,6 +183,7 @@ async def test_without_the_option_stalled_jobs_stay_doing_like_procrastinate(
             "--once",
             "--concurrency",
             "50",
+            "--no-recover-stalled-jobs",
             "--stalled-timeout",
             STALLED,
         )
@@ -209,8 +211,8 @@ async def test_without_the_option_stalled_jobs_stay_doing_like_procrastinate(
 
 
 def test_cli_flag_recover_stalled_jobs(dsn: str, tmp_path: Path) -> None:
-    """`fastworker worker --recover-stalled-jobs`: the CLI's next worker puts a killed
-    worker's jobs back to run."""
+    """`fastworker worker --recover-stalled-jobs` (the default, still accepted): the CLI's
+    next worker puts a killed worker's jobs back to run."""
     create_executions_table(dsn)
     defer_jobs(dsn, 200, task="record_after", args_sql="json_build_object('n', n, 'sleep', 0.3)")
     worker_id, held = start_and_kill(dsn, tmp_path / "victim.log")
@@ -254,7 +256,7 @@ def test_cli_flag_recover_stalled_jobs(dsn: str, tmp_path: Path) -> None:
 def test_jobs_whose_dead_worker_was_pruned_elsewhere_are_recovered(
     dsn: str, tmp_path: Path
 ) -> None:
-    """A killed worker pruned by a worker without the option (procrastinate's own
+    """A killed worker pruned by a worker without recovery (procrastinate's own
     function, as its worker runs at start): its jobs stay `doing` with no worker. A worker
     with `recover_stalled_jobs` used to leave them so forever; it puts them back to run
     once they have had no worker for `stalled_worker_timeout`."""
@@ -292,13 +294,14 @@ def test_jobs_whose_dead_worker_was_pruned_elsewhere_are_recovered(
     assert "stalled_jobs_retried" in recovering.log()
 
 
-def test_recovery_is_off_by_default() -> None:
+def test_recovery_is_on_by_default() -> None:
+    """A fleet heals itself unless told not to (tests/faults/test_recovery.py runs it)."""
     import inspect
 
     import fastworker
 
     parameter = inspect.signature(fastworker.Worker.__init__).parameters["recover_stalled_jobs"]
-    assert parameter.default is False
+    assert parameter.default is True
 
 
 def test_a_stalled_job_whose_queueing_lock_is_taken_is_failed_not_lost(

@@ -37,7 +37,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--once", action="store_true", help="wait=False: stop when drained")
     parser.add_argument("--queue", action="append", dest="queues")
-    parser.add_argument("--recover-stalled-jobs", action="store_true")
+    # Neither flag: the option's default.
+    parser.add_argument("--recover-stalled-jobs", action="store_const", const=True)
+    parser.add_argument(
+        "--no-recover-stalled-jobs", action="store_const", const=False, dest="recover_stalled_jobs"
+    )
     parser.add_argument("--polling", type=float, default=5.0)
     parser.add_argument("--abort-polling", type=float, default=5.0)
     parser.add_argument("--heartbeat", type=float, default=10.0)
@@ -53,15 +57,20 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 async def main(arguments: argparse.Namespace) -> None:
     app = make_app(arguments.dsn, pool_size=arguments.pool_size, periodic=arguments.periodic)
     await open_app(app)
+    recovery = (
+        {}
+        if arguments.recover_stalled_jobs is None
+        else {"recover_stalled_jobs": arguments.recover_stalled_jobs}
+    )
     try:
         await fastworker.run_async(
             app,
+            **recovery,
             dsn=arguments.core_dsn or arguments.dsn,
             response_timeout=arguments.response_timeout,
             concurrency=arguments.concurrency,
             wait=not arguments.once,
             queues=arguments.queues,
-            recover_stalled_jobs=arguments.recover_stalled_jobs,
             fetch_job_polling_interval=arguments.polling,
             abort_job_polling_interval=arguments.abort_polling,
             update_heartbeat_interval=arguments.heartbeat,

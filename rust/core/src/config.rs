@@ -51,8 +51,10 @@ pub struct WorkerConfig {
     #[serde(deserialize_with = "seconds")]
     pub response_timeout: Duration,
     /// Not in procrastinate: at start (and every `stalled_worker_timeout`), put the `doing`
-    /// jobs of the stalled workers it prunes back to `todo` (`procrastinate_retry_job_v2`).
-    /// Off by default, like procrastinate, whose pruned workers' jobs stay `doing`.
+    /// jobs of the stalled workers it prunes back to `todo` (`procrastinate_retry_job_v2`),
+    /// and those left without a worker as long. On by default (a fleet heals itself: a
+    /// killed worker's running jobs run again, at least once); procrastinate leaves them
+    /// `doing` for ever.
     pub recover_stalled_jobs: bool,
     /// Upper bound of a claimed batch, whatever the free slots (keeps statements short).
     pub max_batch_size: usize,
@@ -91,7 +93,7 @@ impl Default for WorkerConfig {
             stalled_worker_timeout: Duration::from_secs(30),
             reconnect_timeout: Duration::from_secs(60),
             response_timeout: Duration::from_secs(30),
-            recover_stalled_jobs: false,
+            recover_stalled_jobs: true,
             max_batch_size: 500,
             queue_concurrency: HashMap::new(),
             max_jobs: None,

@@ -94,9 +94,50 @@ pub struct Recovered {
     pub pruned_workers: Vec<i64>,
     /// Jobs of the pruned workers put back to `todo` (`procrastinate_retry_job_v2`).
     pub retried: Vec<i64>,
-    /// Jobs that could not go back to `todo` (another job with the same `queueing_lock`
-    /// is already waiting) and were marked `failed` instead, with the reason.
+    /// Jobs that can never go back to `todo` (another job with the same `queueing_lock`
+    /// waits there, committed) and were marked `failed` instead, with the reason.
     pub failed: Vec<(i64, String)>,
+    /// Jobs whose retry met a passing error (a lock or statement timeout, a cancel, a
+    /// deadlock): left `doing`, without a worker, for the next round, with the error.
+    pub left: Vec<(i64, String)>,
+}
+
+/// procrastinate's unique index of waiting jobs' queueing locks: a retry that meets it
+/// (`23505`, another job with the lock is `todo`, committed) can never succeed.
+const QUEUEING_LOCK_INDEX: &str = "procrastinate_jobs_queueing_lock_idx_v1";
+
+/// Whether a stalled job's retry failed because the job truly cannot go back to `todo`:
+/// the unique violation procrastinate's own `retry_job` meets. Any other error passes (a
+/// lock timeout while a session that took the lock is still open, a cancel, a statement
+/// timeout, a deadlock, a serialization failure): the job is tried again later.
+fn cannot_go_back(error: &tokio_postgres::Error) -> bool {
+    error.as_db_error().is_some_and(|db_error| {
+        *db_error.code() == tokio_postgres::error::SqlState::UNIQUE_VIOLATION
+            && db_error.constraint() == Some(QUEUEING_LOCK_INDEX)
+    })
+}
+
+fn reason_of(error: &tokio_postgres::Error) -> String {
+    error
+        .as_db_error()
+        .map(|db_error| db_error.message().to_string())
+        .unwrap_or_else(|| error.to_string())
+}
+
+/// What [`retry_or_fail`] did with each job.
+#[derive(Debug, Default)]
+struct Outcomes {
+    retried: Vec<i64>,
+    failed: Vec<(i64, String)>,
+    left: Vec<(i64, String)>,
+}
+
+impl Outcomes {
+    fn record_in(self, recovered: &mut Recovered) {
+        recovered.retried = self.retried;
+        recovered.failed = self.failed;
+        recovered.left = self.left;
+    }
 }
 
 /// `recover_stalled_jobs=True`: prune the stalled workers like procrastinate, and put the
@@ -132,51 +173,70 @@ pub async fn prune_and_recover_stalled_jobs(
         ..Recovered::default()
     };
     if !jobs.is_empty() {
-        (recovered.retried, recovered.failed) =
-            retry_or_fail(&mut transaction, jobs).await.map_err(db)?;
+        retry_or_fail(&mut transaction, jobs)
+            .await
+            .map_err(db)?
+            .record_in(&mut recovered);
     }
     transaction.commit().await.map_err(db)?;
     Ok(recovered)
 }
 
 /// Put `jobs` (locked by `transaction`) back to run, as procrastinate's
-/// `JobManager.retry_job(job)` does: all at once; if one refuses (a `queueing_lock`
-/// conflict), one by one, and a job that cannot go back to `todo` ends `failed`.
+/// `JobManager.retry_job(job)` does: all at once; if that fails, one by one. A job that
+/// can never go back to `todo` ([`cannot_go_back`]) ends `failed`; one whose retry met a
+/// passing error stays `doing` for the next round (a job is never lost to a passing
+/// error); the others go back to run all the same.
 async fn retry_or_fail(
     transaction: &mut Transaction<'_>,
     jobs: Vec<i64>,
-) -> Result<(Vec<i64>, Vec<(i64, String)>), tokio_postgres::Error> {
+) -> Result<Outcomes, tokio_postgres::Error> {
     let all = transaction.savepoint("fastworker_recover_all").await?;
     match execute_in(&all, sql::RETRY_JOBS, &[&jobs]).await {
         Ok(_) => {
             all.commit().await?;
-            return Ok((jobs, Vec::new()));
+            return Ok(Outcomes {
+                retried: jobs,
+                ..Outcomes::default()
+            });
         }
         Err(error) if is_connectivity_error(&error) => return Err(error),
         Err(_) => all.rollback().await?,
     }
-    let mut retried = Vec::new();
-    let mut failed = Vec::new();
+    let mut outcomes = Outcomes::default();
     for job_id in jobs {
         let one = transaction.savepoint("fastworker_recover_one").await?;
-        match execute_in(&one, sql::RETRY_JOB, &[&job_id]).await {
+        let error = match execute_in(&one, sql::RETRY_JOB, &[&job_id]).await {
             Ok(_) => {
                 one.commit().await?;
-                retried.push(job_id);
+                outcomes.retried.push(job_id);
+                continue;
             }
             Err(error) if is_connectivity_error(&error) => return Err(error),
             Err(error) => {
                 one.rollback().await?;
-                let reason = error
-                    .as_db_error()
-                    .map(|db_error| db_error.message().to_string())
-                    .unwrap_or_else(|| error.to_string());
-                execute_in(transaction, sql::FAIL_JOB, &[&job_id]).await?;
-                failed.push((job_id, reason));
+                error
+            }
+        };
+        if !cannot_go_back(&error) {
+            outcomes.left.push((job_id, reason_of(&error)));
+            continue;
+        }
+        // The failure write may meet a passing error too: then the job is left as well.
+        let fail = transaction.savepoint("fastworker_fail_one").await?;
+        match execute_in(&fail, sql::FAIL_JOB, &[&job_id]).await {
+            Ok(_) => {
+                fail.commit().await?;
+                outcomes.failed.push((job_id, reason_of(&error)));
+            }
+            Err(failing) if is_connectivity_error(&failing) => return Err(failing),
+            Err(failing) => {
+                fail.rollback().await?;
+                outcomes.left.push((job_id, reason_of(&failing)));
             }
         }
     }
-    Ok((retried, failed))
+    Ok(outcomes)
 }
 
 /// `doing` jobs without a worker, as the recovery has watched them: since when each has
@@ -233,8 +293,10 @@ pub async fn recover_unowned_jobs(
         .map_err(db)?;
     let mut recovered = Recovered::default();
     if !locked.is_empty() {
-        (recovered.retried, recovered.failed) =
-            retry_or_fail(&mut transaction, locked).await.map_err(db)?;
+        retry_or_fail(&mut transaction, locked)
+            .await
+            .map_err(db)?
+            .record_in(&mut recovered);
     }
     transaction.commit().await.map_err(db)?;
     Ok(recovered)
@@ -273,6 +335,17 @@ pub fn log_recovery(handoff: &HandoffSender, recovered: &Recovered) {
             "stalled_job_failed",
             *job_id,
             format!("Stalled job {job_id} could not be retried and was marked failed: {reason}"),
+        );
+    }
+    for (job_id, reason) in &recovered.left {
+        handoff.log_job(
+            LogLevel::Warning,
+            "stalled_job_left",
+            *job_id,
+            format!(
+                "Stalled job {job_id} could not be put back to run now ({reason}): left \
+                 `doing`, tried again at the next recovery round"
+            ),
         );
     }
 }
