@@ -240,9 +240,10 @@ async def test_jobs_locks_and_retries_run_through_pgbouncer(bouncer: str, dsn: s
                 "SELECT current_setting('plan_cache_mode'), current_setting('jit'),"
                 " current_setting('enable_seqscan'), current_setting('enable_sort'),"
                 " current_setting('lock_timeout'),"
+                " current_setting('idle_in_transaction_session_timeout'),"
                 " (SELECT count(*) FROM pg_prepared_statements)"
             ).fetchone()
-            assert settings == ("auto", "on", "on", "on", "0", 0)
+            assert settings == ("auto", "on", "on", "on", "0", "0", 0)
 
 
 async def test_listen_goes_straight_to_the_server_and_a_stop_waits_for_the_running_job(
