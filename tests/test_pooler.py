@@ -5,19 +5,19 @@ going through it (`pooler=True`), and LISTEN straight to the server (`listen_dsn
 PgBouncer 1.18 (Debian 12's) passes no protocol-level prepared statement between server
 connections, and hands each transaction to whichever server connection is free: with
 `server_round_robin`, consecutive transactions of one client land on different ones, so
-a statement prepared in one transaction is missing from the next (the last test shows
-the core failing so without `pooler`).
+a statement prepared in one transaction is missing from the next (the last tests show
+that without `pooler` the worker stops, and says so).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -35,8 +35,6 @@ from tests.helpers import (
     PATIENCE,
     finish,
     numbered,
-    record_actions,
-    wait_for,
     wait_for_rows,
     wait_until_listening,
 )
@@ -240,9 +238,10 @@ async def test_jobs_locks_and_retries_run_through_pgbouncer(bouncer: str, dsn: s
                 "SELECT current_setting('plan_cache_mode'), current_setting('jit'),"
                 " current_setting('enable_seqscan'), current_setting('enable_sort'),"
                 " current_setting('lock_timeout'),"
+                " current_setting('idle_in_transaction_session_timeout'),"
                 " (SELECT count(*) FROM pg_prepared_statements)"
             ).fetchone()
-            assert settings == ("auto", "on", "on", "on", "0", 0)
+            assert settings == ("auto", "on", "on", "on", "0", "0", 0)
 
 
 async def test_listen_goes_straight_to_the_server_and_a_stop_waits_for_the_running_job(
@@ -291,9 +290,14 @@ async def test_listen_through_the_pooler_is_refused_at_start(bouncer: str) -> No
             await fastworker.run_async(app, pooler=True, install_signal_handlers=False)
 
 
-async def test_without_pooler_mode_the_core_fails_behind_pgbouncer(bouncer: str) -> None:
+async def test_without_pooler_mode_the_worker_stops_and_names_the_option(
+    bouncer: str, dsn: str
+) -> None:
     """The pooler above really breaks what `pooler=True` avoids: named prepared statements
-    (the claim is prepared in one transaction, and run in another)."""
+    (the claim is prepared in one transaction, and run in another, on another server
+    connection: "prepared statement ... does not exist"). The worker recognises it and
+    stops with an error that says what to do, instead of retrying for ever; the jobs it
+    claimed meanwhile still get their outcome written."""
     app = _app(bouncer)
 
     @app.task(name="plain")
@@ -302,27 +306,74 @@ async def test_without_pooler_mode_the_core_fails_behind_pgbouncer(bouncer: str)
 
     async with app.open_async():
         await plain.batch_defer_async(*numbered(3))
-        with record_actions() as recorder:
-            worker = asyncio.create_task(
-                # A claim every 50 ms, each its own transaction, on whichever server
-                # connection is next: the claim prepared on one is missing on another.
-                fastworker.run_async(
-                    app,
-                    listen_notify=False,
-                    fetch_job_polling_interval=0.05,
-                    install_signal_handlers=False,
-                )
+        worker = asyncio.create_task(
+            # A claim every 50 ms, each its own transaction, on whichever server
+            # connection is next: the claim prepared on one is missing on another.
+            fastworker.run_async(
+                app,
+                listen_notify=False,
+                fetch_job_polling_interval=0.05,
+                install_signal_handlers=False,
             )
+        )
+        ended = await finish(worker)
+    assert isinstance(ended, fastworker.ConfigurationError), repr(ended)
+    message = str(ended)
+    assert "pooler=True" in message, message
+    assert "prepared statement" in message, message
+    # Nothing left claimed: a job ran to its end, or was never claimed.
+    statuses = fetch_all(dsn, "SELECT DISTINCT status::text FROM procrastinate_jobs")
+    assert {status for (status,) in statuses} <= {"todo", "succeeded"}, statuses
+    assert fetch_all(dsn, "SELECT count(*) FROM procrastinate_workers") == [(0,)]
 
-            def failures() -> list[str]:
-                said = [record.getMessage() for record in recorder.records]
-                if worker.done() and not worker.cancelled() and worker.exception():
-                    said.append(str(worker.exception()))
-                return [message for message in said if "prepared statement" in message]
 
-            await wait_for(lambda: bool(failures()) or worker.done(), "the worker to fail")
-            worker.cancel()
-            with contextlib.suppress(BaseException):
-                await finish(worker)
-            found = failures()
-    assert found, [record.getMessage() for record in recorder.records]
+CLI_APP = """
+import os
+
+import procrastinate
+
+app = procrastinate.App(
+    connector=procrastinate.PsycopgConnector(conninfo=os.environ["POOLER_TEST_APP_DSN"])
+)
+
+
+@app.task(name="plain")
+async def plain(i: int) -> int:
+    return i
+"""
+
+
+def test_the_command_without_pooler_behind_pgbouncer_exits_with_one_line(
+    bouncer: str, dsn: str, tmp_path: Path
+) -> None:
+    (tmp_path / "pooler_test_app.py").write_text(CLI_APP)
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("PROCRASTINATE_", "FASTWORKER_"))
+    }
+    env["POOLER_TEST_APP_DSN"] = dsn
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastworker",
+            "--app",
+            "pooler_test_app.app",
+            "worker",
+            "--dsn",
+            bouncer,
+            "--fetch-job-polling-interval",
+            "0.05",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3 * PATIENCE,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode != 0, result.stderr
+    assert "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("fastworker: error:")]
+    assert "pooler=True" in line and "--pooler" in line, line

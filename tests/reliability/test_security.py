@@ -143,10 +143,10 @@ CONSTANT = re.compile(r'&?(?:sql::)?[A-Z][A-Z0-9_]*|&self\.\w*(?:statement|_one)
 SETTINGS_AND_FORWARDING = {
     ("db.rs", "sql"),  # Db::batch_execute / query / prepare hand their statement on
     ("db.rs", "statement"),
-    ("db.rs", "&settings"),  # SET LOCAL of SESSION_SETTINGS / CLAIM_SETTINGS, lock_timeout
+    ("db.rs", "&settings"),  # SET LOCAL of SESSION_SETTINGS / CLAIM_SETTINGS, timeouts
     ("db.rs", "&begin"),  # BEGIN; and those SET LOCALs
     ("db.rs", '&format!("SET {name} TO {value}"'),  # Db::set(&'static str, &'static str)
-    ("connect.rs", "&setup"),  # SET of SESSION_SETTINGS, and lock_timeout in milliseconds
+    ("connect.rs", "&setup"),  # SET of SESSION_SETTINGS, and two timeouts in milliseconds
     ("dispatcher/mod.rs", "&begin_statement"),  # Db::begin_statement
 }
 STATIC_SQL = re.compile(r"pub (?:async )?fn (?:query|query_one|prepare|set)\([^)]*\)")

@@ -52,6 +52,20 @@ fn lock_timeout_for(response_timeout: Duration) -> Duration {
     (response_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(2))
 }
 
+/// `idle_in_transaction_session_timeout`: a transaction of the core never waits on the
+/// worker between its statements (they are pipelined, or each sent as soon as the previous
+/// one is answered). One left idle for as long as the worker waits for an answer belongs
+/// to a client that is gone, most likely a half-open connection: by then the worker has
+/// given up on that connection too. Without this bound its server process would keep the
+/// transaction, and the row locks of the jobs it claimed, until TCP keepalive notices
+/// (about 2 hours by default; behind a transaction pooler the server process is the
+/// pooler's, so the worker cannot end it itself). The server ends such a session, which
+/// rolls the transaction back. At least a second, so that a busy client is not taken for a
+/// gone one.
+fn idle_in_transaction_timeout_for(response_timeout: Duration) -> Duration {
+    response_timeout.max(Duration::from_secs(1))
+}
+
 /// TCP settings unless the connection string has its own (libpq's `keepalives_*`,
 /// `tcp_user_timeout`): a peer that vanished (a dead host, a dropped route) fails a waiting
 /// connection within about 30 s, idle (keepalives: 10 + 4 x 5 s) or sending
@@ -69,6 +83,8 @@ pub struct ConnectionTarget {
     load_balance: bool,
     /// See [`lock_timeout_for`].
     lock_timeout: Duration,
+    /// See [`idle_in_transaction_timeout_for`].
+    idle_in_transaction_timeout: Duration,
     /// libpq's TLS keywords over rustls, and its `allow` / `prefer` fallbacks (see
     /// [`crate::tls`]); Unix sockets never use TLS.
     tls: tls::Negotiator,
@@ -188,6 +204,7 @@ impl ConnectionTarget {
             attempts,
             load_balance,
             lock_timeout: lock_timeout_for(Duration::from_secs(30)),
+            idle_in_transaction_timeout: idle_in_transaction_timeout_for(Duration::from_secs(30)),
             tls,
             description,
             pooled: false,
@@ -213,9 +230,11 @@ impl ConnectionTarget {
     }
 
     /// Statements may wait `response_timeout` for an answer: row locks are waited for
-    /// well below that (see [`lock_timeout_for`]).
+    /// well below that (see [`lock_timeout_for`]), and the server ends a transaction left
+    /// idle for that long (see [`idle_in_transaction_timeout_for`]).
     pub fn with_response_timeout(mut self, response_timeout: Duration) -> Self {
         self.lock_timeout = lock_timeout_for(response_timeout);
+        self.idle_in_transaction_timeout = idle_in_transaction_timeout_for(response_timeout);
         self
     }
 
@@ -241,6 +260,10 @@ impl ConnectionTarget {
                 .map(|(name, value)| (*name, value.to_string()))
                 .collect();
             settings.push(("lock_timeout", self.lock_timeout.as_millis().to_string()));
+            settings.push((
+                "idle_in_transaction_session_timeout",
+                self.idle_in_transaction_timeout.as_millis().to_string(),
+            ));
             return Ok(Db::pooled(client, &settings));
         }
         self.set_up_session(&client).await?;
@@ -272,8 +295,9 @@ impl ConnectionTarget {
             .map(|(name, value)| format!("SET {name} TO {value}; "))
             .collect();
         setup.push_str(&format!(
-            "SET lock_timeout TO {}",
-            self.lock_timeout.as_millis()
+            "SET lock_timeout TO {}; SET idle_in_transaction_session_timeout TO {}",
+            self.lock_timeout.as_millis(),
+            self.idle_in_transaction_timeout.as_millis()
         ));
         client
             .batch_execute(&setup)

@@ -16,7 +16,12 @@
 //! Directly connected, the statements the core sends all the time (the claim and the
 //! completions) are named prepared statements, planned once per connection; the others
 //! are sent unnamed (one round trip, where tokio-postgres' own `query(&str)` takes two).
+//! A transaction pooler used without pooler mode shows as the server not knowing such a
+//! statement ([`Db::lost_a_prepared_statement`]).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Error, Row, Statement, Transaction};
 
@@ -40,6 +45,9 @@ pub struct Db {
     /// Pooler mode: `SET LOCAL ...` for each of the session's settings, sent at the start
     /// of each transaction. `None`: connected directly, the settings are the session's.
     local_settings: Option<String>,
+    /// The server answered a statement prepared on this connection with "prepared
+    /// statement ... does not exist" (26000, `invalid_sql_statement_name`).
+    lost_prepared: AtomicBool,
 }
 
 impl Db {
@@ -47,6 +55,7 @@ impl Db {
         Db {
             client,
             local_settings: None,
+            lost_prepared: AtomicBool::new(false),
         }
     }
 
@@ -55,6 +64,7 @@ impl Db {
         let mut db = Db {
             client,
             local_settings: Some(String::new()),
+            lost_prepared: AtomicBool::new(false),
         };
         for (name, value) in settings {
             db.push_local_setting(name, value);
@@ -81,6 +91,14 @@ impl Db {
 
     pub fn is_closed(&self) -> bool {
         self.client.is_closed()
+    }
+
+    /// Whether the server forgot a statement this connection prepared. Nothing on a
+    /// session of its own does that: each transaction of this connection runs on another
+    /// server connection, behind a transaction pooler (PgBouncer `pool_mode = transaction`)
+    /// used without pooler mode.
+    pub fn lost_a_prepared_statement(&self) -> bool {
+        self.lost_prepared.load(Ordering::Relaxed)
     }
 
     /// One more setting of this connection: `SET` for the session, or, in pooler mode,
@@ -129,7 +147,15 @@ impl Db {
     ) -> Result<Vec<Row>, Error> {
         let query = async {
             match statement {
-                Prepared::Named(statement) => self.client.query(statement, params).await,
+                Prepared::Named(statement) => {
+                    let answer = self.client.query(statement, params).await;
+                    if let Err(error) = &answer {
+                        if error.code() == Some(&SqlState::INVALID_SQL_STATEMENT_NAME) {
+                            self.lost_prepared.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    answer
+                }
                 Prepared::Unnamed { sql, types } => {
                     self.client.query_typed(sql, &typed(params, types)).await
                 }

@@ -160,9 +160,14 @@ pub fn is_connectivity_error(error: &tokio_postgres::Error) -> bool {
         return true;
     }
     if let Some(db_error) = error.as_db_error() {
-        // admin_shutdown, crash_shutdown, cannot_connect_now, and the connection_exception class.
+        // admin_shutdown, crash_shutdown, cannot_connect_now, the connection_exception
+        // class, and idle_in_transaction_session_timeout (the server ended the session).
         let code = db_error.code().code();
-        return code.starts_with("08") || code == "57P01" || code == "57P02" || code == "57P03";
+        return code.starts_with("08")
+            || code == "57P01"
+            || code == "57P02"
+            || code == "57P03"
+            || code == "25P03";
     }
     // No server error attached: an I/O error, a closed socket or a protocol desync.
     true

@@ -463,6 +463,11 @@ impl Dispatcher {
                     needs.reconnect = true;
                 }
             }
+            let behind_a_pooler = current.client.lost_a_prepared_statement();
+            if behind_a_pooler {
+                self.on_transaction_pooler(&mut state);
+                needs.reconnect = true;
+            }
             if needs.register_again && !needs.reconnect {
                 let gone = claimant.worker_id;
                 if let Err(error) = self
@@ -501,10 +506,31 @@ impl Dispatcher {
             }
             self.publish(&mut state);
             if needs.reconnect || current.client.is_closed() {
-                old_backend = current.backend;
+                // Behind a pooler, the server process is the pooler's, shared with other
+                // clients: never this worker's to end.
+                old_backend = current.backend.filter(|_| !behind_a_pooler);
                 connection = None;
             }
         }
+    }
+
+    /// The server did not know a statement prepared on the job connection: a transaction
+    /// pooler (PgBouncer `pool_mode = transaction`) is in between, running each transaction
+    /// on whichever server connection is free, and the worker was not told (`pooler`).
+    /// Claims would fail (or worse, meet another client's statement of the same name) for
+    /// ever: stop claiming with an error that says what to do. The outcomes still to come
+    /// are written through a new connection in pooler mode, which works there.
+    fn on_transaction_pooler(&mut self, state: &mut State) {
+        state.fatal(CoreError::Config(format!(
+            "the server at {} lost a statement prepared on the worker's connection \
+             (\"prepared statement ... does not exist\"): a transaction pooler (PgBouncer \
+             pool_mode = transaction) is between the worker and PostgreSQL; run the worker \
+             with pooler=True (--pooler), and LISTEN straight to the server (listen_dsn, \
+             --listen-dsn) or not at all (listen_notify=False)",
+            self.target.description()
+        )));
+        self.send_outbox(state);
+        self.target = self.target.clone().through_pooler(true);
     }
 
     /// A round trip, bounded by `response_timeout` (a hard stop shortens the wait):
