@@ -192,7 +192,8 @@ OPTIONS: tuple[Option, ...] = (
         30.0,
         positive_seconds,
         "seconds a statement may go unanswered before its connection is taken for dead "
-        "(half-open) and replaced",
+        "(half-open) and replaced (the heartbeat's statements get less, see "
+        "`stalled_worker_timeout`)",
         parse=_number(float),
         metavar="SECONDS",
         core=True,
