@@ -574,6 +574,33 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_server_that_accepts_and_never_answers_fails_the_connect_in_connect_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // Accepts each connection, keeps it open, never answers its start-up packet.
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let target = target(&format!(
+            "host=127.0.0.1 port={port} user=u dbname=d sslmode=disable connect_timeout=2"
+        ));
+        // Bounded only so that a connect that waits for ever fails the test.
+        let outcome = tokio::time::timeout(Duration::from_secs(60), target.connect()).await;
+        silent.abort();
+        let error = outcome
+            .expect("the connect waited past its connect_timeout")
+            .err();
+        assert!(
+            matches!(&error, Some(CoreError::Unreachable { reason, .. })
+                if reason.contains("connect_timeout")),
+            "{error:?}"
+        );
+    }
+
     #[test]
     fn identifiers_are_quoted() {
         assert_eq!(quote_identifier("a\"b"), "\"a\"\"b\"");

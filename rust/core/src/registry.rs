@@ -468,6 +468,19 @@ impl Default for HeartbeatWatch {
     }
 }
 
+/// See [`Registry::step_limit`].
+fn heartbeat_step(
+    stalled_worker_timeout: Duration,
+    heartbeat_interval: Duration,
+    response_timeout: Duration,
+) -> Duration {
+    let room = stalled_worker_timeout.saturating_sub(heartbeat_interval);
+    if room.is_zero() {
+        return response_timeout;
+    }
+    (room / HEARTBEAT_STEPS).max(MIN_STEP)
+}
+
 /// How often the registry samples the queue depth and the waits, when metrics are served.
 pub const METRICS_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -558,13 +571,11 @@ impl Registry {
     /// again, on a new connection, before other workers take this one for stalled.
     /// Settings that leave nothing (warned about at start) keep `response_timeout`.
     fn step_limit(&self) -> Duration {
-        let room = self
-            .stalled_worker_timeout
-            .saturating_sub(self.heartbeat_interval);
-        if room.is_zero() {
-            return self.response_timeout;
-        }
-        (room / HEARTBEAT_STEPS).max(MIN_STEP)
+        heartbeat_step(
+            self.stalled_worker_timeout,
+            self.heartbeat_interval,
+            self.response_timeout,
+        )
     }
 
     /// How long a statement of the registry may go unanswered.
@@ -923,6 +934,30 @@ mod tests {
         };
         assert_eq!(total("todo"), (0..150).sum::<u64>());
         assert_eq!(total("doing"), (0..150).sum::<u64>());
+    }
+
+    #[test]
+    fn a_heartbeat_sent_again_after_one_unanswered_step_lands_before_the_timeout() {
+        let seconds = Duration::from_secs_f64;
+        // The defaults: 5 s per step, 10 + 3 x 5 = 25 s at worst through one fault.
+        assert_eq!(
+            heartbeat_step(seconds(30.0), seconds(10.0), seconds(30.0)),
+            seconds(5.0)
+        );
+        for (stalled, interval) in [(30.0, 10.0), (6.0, 2.0), (2.0, 0.5), (60.0, 59.0)] {
+            let step = heartbeat_step(seconds(stalled), seconds(interval), seconds(30.0));
+            // Whatever is ahead of it, its connect, its statement.
+            assert!(
+                seconds(interval) + step * 3 < seconds(stalled),
+                "{stalled} {interval}"
+            );
+        }
+        // Settings that leave no room keep response_timeout (warned about at start).
+        let never = Duration::from_secs(100 * 365 * 24 * 3600);
+        assert_eq!(
+            heartbeat_step(seconds(30.0), never, seconds(7.0)),
+            seconds(7.0)
+        );
     }
 
     #[test]
