@@ -269,3 +269,34 @@ async def test_a_worker_cancelled_twice_during_black_holed_connects_ends(dsn: st
     assert fetch_all(dsn, "SELECT status::text FROM procrastinate_jobs WHERE id = %s", job[0]) == [
         ("doing",)
     ]
+
+
+async def test_a_worker_cancelled_twice_while_its_first_connect_is_black_holed_ends(
+    dsn: str,
+) -> None:
+    """The start-up packet of the worker's very first connection is swallowed (with a
+    connect_timeout longer than the test). A hard stop used to wait for the start to end;
+    now it drops the start."""
+    app = fault_app(dsn)
+    with FaultProxy(*server_address(), classify=classify) as proxy:
+        fault = proxy.add_fault(
+            Fault(
+                kind="startup",
+                point="before_request",
+                action="blackhole",
+                blackhole_seconds=FOREVER,
+            )
+        )
+        core_dsn = proxy.dsn(dsn) + f" connect_timeout={int(FOREVER)}"
+        async with app.open_async():
+            worker = fastworker.Worker(app, dsn=core_dsn, install_signal_handlers=False)
+            task = asyncio.create_task(worker.run())
+            assert await asyncio.to_thread(proxy.wait_fired, fault, PATIENCE)
+            task.cancel()
+            await asyncio.sleep(0.5)
+            assert not task.done()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, PATIENCE)
+    assert worker.worker_id is None
+    assert fetch_all(dsn, "SELECT count(*) FROM procrastinate_workers") == [(0,)]
