@@ -16,9 +16,11 @@ timed: the waits are bounded only to decide how long a failing test takes.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
+import procrastinate
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
@@ -300,3 +302,22 @@ async def test_a_worker_cancelled_twice_while_its_first_connect_is_black_holed_e
                 await asyncio.wait_for(task, PATIENCE)
     assert worker.worker_id is None
     assert fetch_all(dsn, "SELECT count(*) FROM procrastinate_workers") == [(0,)]
+
+
+@pytest.mark.parametrize(
+    ("interval", "stalled", "warned"),
+    [(10.0, 30.0, False), (2.0, 6.0, False), (30.0, 30.0, True), (5.0, 6.5, True)],
+)
+def test_settings_that_leave_the_heartbeat_no_room_are_warned_about(
+    app: procrastinate.App,
+    caplog: pytest.LogCaptureFixture,
+    interval: float,
+    stalled: float,
+    warned: bool,
+) -> None:
+    """Accepted, as procrastinate accepts them, but said: with less than 2 s between the
+    interval and the timeout, one unanswered heartbeat may let the row look stalled."""
+    caplog.set_level(logging.WARNING)
+    fastworker.Worker(app, update_heartbeat_interval=interval, stalled_worker_timeout=stalled)
+    actions = [getattr(record, "action", None) for record in caplog.records]
+    assert ("stalled_worker_timeout_too_short" in actions) == warned, actions
