@@ -225,6 +225,9 @@ class Metrics:
     @property
     def heartbeat_age(self) -> float | None: ...
     @property
+    def heartbeats_late(self) -> int:
+        """times the heartbeat was found older than stalled_worker_timeout"""
+    @property
     def stalled_workers_pruned(self) -> int: ...
     @property
     def stalled_jobs_recovered(self) -> int: ...

@@ -156,6 +156,12 @@ class CoreCollector(Collector):
             )
         for name, value, documentation in (
             (
+                "fastworker_heartbeats_late",
+                snapshot.heartbeats_late,
+                "Times this worker's heartbeat was found older than stalled_worker_timeout "
+                "(other workers may have taken it for stalled and run its jobs again).",
+            ),
+            (
                 "fastworker_stalled_workers_pruned",
                 snapshot.stalled_workers_pruned,
                 "Stalled workers this worker pruned from procrastinate_workers.",

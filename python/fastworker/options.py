@@ -199,7 +199,8 @@ OPTIONS: tuple[Option, ...] = (
         30.0,
         positive_seconds,
         "seconds a statement may go unanswered before its connection is taken for dead "
-        "(half-open) and replaced; the server ends a transaction of the worker left idle "
+        "(half-open) and replaced (the heartbeat's statements get less, see "
+        "`stalled_worker_timeout`); the server ends a transaction of the worker left idle "
         "that long (`idle_in_transaction_session_timeout`, at least 1 s)",
         parse=_number(float),
         metavar="SECONDS",

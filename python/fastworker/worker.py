@@ -34,6 +34,10 @@ from fastworker.runner.state import JobTimeout, logger
 
 __all__ = ["JobTimeout", "Worker", "check_platform", "run", "run_async"]
 
+#: Seconds that stalled_worker_timeout should leave after update_heartbeat_interval: the
+#: core bounds each step of a heartbeat (a connect, a statement) by a quarter of it.
+MIN_HEARTBEAT_ROOM = 2.0
+
 
 def check_platform() -> None:
     """fastworker runs on POSIX systems (Linux, macOS), where it is built and tested: its
@@ -128,16 +132,30 @@ class Worker(Periodic):
         if metrics_port is not None:
             # Fail now, not at start, when the extra is missing.
             from fastworker import metrics  # noqa: F401
-        if recover_stalled_jobs and self.update_heartbeat_interval >= self.stalled_worker_timeout:
-            # Live workers would look stalled between two heartbeats: their running jobs
-            # would be put back to run elsewhere, i.e. run twice.
-            logger.warning(
-                f"recover_stalled_jobs with update_heartbeat_interval "
-                f"({self.update_heartbeat_interval} s) >= stalled_worker_timeout "
-                f"({self.stalled_worker_timeout} s): live workers will look stalled",
-                extra={"action": "stalled_worker_timeout_too_short"},
-            )
+        self._warn_if_the_heartbeat_cannot_keep_up()
         self._init_runner_state()
+
+    def _warn_if_the_heartbeat_cannot_keep_up(self) -> None:
+        """A heartbeat that goes unanswered is sent again on a new connection, each step
+        within a quarter of what stalled_worker_timeout leaves after the interval, so that
+        other workers never take this live one for stalled (and run its jobs again). With
+        too little room left, that cannot hold: procrastinate accepts such settings, so
+        does fastworker, but it says so."""
+        room = self.stalled_worker_timeout - self.update_heartbeat_interval
+        if room >= MIN_HEARTBEAT_ROOM:
+            return
+        consequence = (
+            "live workers will look stalled between two heartbeats"
+            if room <= 0
+            else f"a heartbeat gets {room / 4:.2f} s per step to be written"
+        )
+        logger.warning(
+            f"update_heartbeat_interval ({self.update_heartbeat_interval} s) leaves less than "
+            f"{MIN_HEARTBEAT_ROOM:g} s before stalled_worker_timeout "
+            f"({self.stalled_worker_timeout} s): {consequence}; other workers may take this "
+            "one for stalled and run its jobs again",
+            extra={"action": "stalled_worker_timeout_too_short"},
+        )
 
     async def run(self) -> None:
         """Run until stopped (``wait=False``: until nothing is claimable and no job runs)."""
@@ -196,10 +214,17 @@ class Worker(Periodic):
             # Bound first: a port in use is a clear error before anything starts.
             self._start_metrics_server()
         try:
-            core = await _core.WorkerCore.start(self._core_options(connection, listen_connection))
+            core = await self._start_core(self._core_options(connection, listen_connection))
         except BaseException:
             self._close_metrics_server()
             raise
+        if core is None:
+            self._close_metrics_server()
+            logger.info(
+                "Hard stop while starting: the worker did not start",
+                extra={"action": "stop_worker"},
+            )
+            return
         self._core = core
         self.worker_id = core.worker_id
         if core.pruned_workers:
@@ -216,6 +241,21 @@ class Worker(Periodic):
             self._close_metrics_server()
         if self._fatal_error is not None:
             raise self._fatal_error
+
+    async def _start_core(self, core_options: dict[str, Any]) -> _core.WorkerCore | None:
+        """The core, started; None if a hard stop came first: the start is dropped, with
+        the connect it may be waiting on (a hard stop never waits for a connect)."""
+        starting = asyncio.ensure_future(_core.WorkerCore.start(core_options))
+        hard_stop = asyncio.ensure_future(self._hard_stop.wait())
+        try:
+            await asyncio.wait([starting, hard_stop], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hard_stop.cancel()
+            if not starting.done():
+                starting.cancel()
+        if starting.cancelled():
+            return None
+        return starting.result()
 
     def _start_metrics_server(self) -> None:
         from fastworker.metrics import CoreCollector, MetricsServer, health

@@ -66,6 +66,10 @@ fn idle_in_transaction_timeout_for(response_timeout: Duration) -> Duration {
     response_timeout.max(Duration::from_secs(1))
 }
 
+/// `connect_timeout` unless the connection parameters give one (libpq waits for ever): a
+/// connect is one step of a reconnect, which the reconnect budget bounds as a whole.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// TCP settings unless the connection string has its own (libpq's `keepalives_*`,
 /// `tcp_user_timeout`): a peer that vanished (a dead host, a dropped route) fails a waiting
 /// connection within about 30 s, idle (keepalives: 10 + 4 x 5 s) or sending
@@ -133,7 +137,7 @@ impl ConnectionTarget {
             base.options(options);
         }
         base.application_name(params.application_name().unwrap_or(APPLICATION_NAME));
-        base.connect_timeout(params.connect_timeout()?.unwrap_or(Duration::from_secs(10)));
+        base.connect_timeout(params.connect_timeout()?.unwrap_or(DEFAULT_CONNECT_TIMEOUT));
         base.keepalives(params.keepalives()?);
         base.keepalives_idle(
             ConnectionParams::seconds(params.keepalives_idle.as_deref(), "keepalives_idle")?
@@ -253,7 +257,7 @@ impl ConnectionTarget {
 
     /// One attempt. The connection task runs on the current tokio runtime.
     pub async fn connect(&self) -> CoreResult<Db> {
-        let client = self.open(None).await?;
+        let (client, deadline) = self.open(None).await?;
         if self.pooled {
             let mut settings: Vec<(&str, String)> = SESSION_SETTINGS
                 .iter()
@@ -266,7 +270,7 @@ impl ConnectionTarget {
             ));
             return Ok(Db::pooled(client, &settings));
         }
-        self.set_up_session(&client).await?;
+        self.set_up_session(&client, deadline).await?;
         Ok(Db::direct(client))
     }
 
@@ -283,12 +287,14 @@ impl ConnectionTarget {
                     .into(),
             ));
         }
-        let client = self.open(Some(notifications)).await?;
-        self.set_up_session(&client).await?;
+        let (client, deadline) = self.open(Some(notifications)).await?;
+        self.set_up_session(&client, deadline).await?;
         Ok(client)
     }
 
-    async fn set_up_session(&self, client: &Client) -> CoreResult<()> {
+    /// The session settings, bounded by what is left of the connect's `connect_timeout`
+    /// (`deadline`): libpq counts a connection as made only once it can be used.
+    async fn set_up_session(&self, client: &Client, deadline: Instant) -> CoreResult<()> {
         // Names and numbers of this module's own, never user input.
         let mut setup: String = SESSION_SETTINGS
             .iter()
@@ -299,16 +305,24 @@ impl ConnectionTarget {
             self.lock_timeout.as_millis(),
             self.idle_in_transaction_timeout.as_millis()
         ));
-        client
-            .batch_execute(&setup)
-            .await
-            .map_err(|error| CoreError::database("setting up the session", error))
+        match tokio::time::timeout_at(deadline.into(), client.batch_execute(&setup)).await {
+            Ok(done) => done.map_err(|error| CoreError::database("setting up the session", error)),
+            Err(_) => Err(CoreError::Unreachable {
+                target: self.description.clone(),
+                reason: "no answer to the session settings within connect_timeout".into(),
+            }),
+        }
     }
 
+    /// A connection to the first host of the list that accepts one, and the deadline its
+    /// set-up must keep. As libpq does, `connect_timeout` bounds each host's whole
+    /// establishment (TCP, TLS, start-up, authentication), not only the TCP connect that
+    /// tokio-postgres bounds: a server that accepts and then never answers (a half-open
+    /// path, a stuck pooler) fails that host in time, and the next is tried.
     async fn open(
         &self,
         notifications: Option<tokio::sync::mpsc::UnboundedSender<tokio_postgres::Notification>>,
-    ) -> CoreResult<Client> {
+    ) -> CoreResult<(Client, Instant)> {
         use futures_util::StreamExt;
         let mut order: Vec<usize> = (0..self.attempts.len()).collect();
         if self.load_balance {
@@ -317,9 +331,23 @@ impl ConnectionTarget {
         let mut reasons = Vec::new();
         let mut opened = None;
         for index in order {
-            match self.tls.connect(&self.attempt(index)).await {
+            let config = self.attempt(index);
+            let limit = config
+                .get_connect_timeout()
+                .copied()
+                .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+            let deadline = Instant::now() + limit;
+            let attempt = tokio::time::timeout_at(deadline.into(), self.tls.connect(&config)).await;
+            let Ok(attempt) = attempt else {
+                reasons.push(format!(
+                    "no answer within connect_timeout ({} s)",
+                    limit.as_secs()
+                ));
+                continue;
+            };
+            match attempt {
                 Ok(pair) => {
-                    opened = Some(pair);
+                    opened = Some((pair, deadline));
                     break;
                 }
                 Err(error) => {
@@ -334,7 +362,7 @@ impl ConnectionTarget {
                 }
             }
         }
-        let Some((client, mut connection)) = opened else {
+        let Some(((client, mut connection), deadline)) = opened else {
             return Err(CoreError::Unreachable {
                 target: self.description.clone(),
                 reason: reasons.join("; "),
@@ -359,7 +387,7 @@ impl ConnectionTarget {
                 }
             }
         });
-        Ok(client)
+        Ok((client, deadline))
     }
 
     /// The `index`th host's configuration, with its own passfile entry when no password
@@ -383,7 +411,7 @@ impl ConnectionTarget {
     /// Connect once, as every connection of the core does, and say where it landed.
     pub async fn probe(&self) -> CoreResult<Landed> {
         // Unnamed (no prepared statement), so that it works through a pooler too.
-        let client = self.open(None).await?;
+        let (client, _) = self.open(None).await?;
         let row = client
             .query_typed(sql::WHERE_CONNECTED, &[])
             .await
@@ -592,6 +620,33 @@ mod tests {
         assert_eq!(
             config.get_tcp_user_timeout(),
             Some(&Duration::from_millis(12000))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_server_that_accepts_and_never_answers_fails_the_connect_in_connect_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // Accepts each connection, keeps it open, never answers its start-up packet.
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let target = target(&format!(
+            "host=127.0.0.1 port={port} user=u dbname=d sslmode=disable connect_timeout=2"
+        ));
+        // Bounded only so that a connect that waits for ever fails the test.
+        let outcome = tokio::time::timeout(Duration::from_secs(60), target.connect()).await;
+        silent.abort();
+        let error = outcome
+            .expect("the connect waited past its connect_timeout")
+            .err();
+        assert!(
+            matches!(&error, Some(CoreError::Unreachable { reason, .. })
+                if reason.contains("connect_timeout")),
+            "{error:?}"
         );
     }
 

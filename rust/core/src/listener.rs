@@ -19,6 +19,7 @@ use crate::connect::{quote_identifier, ConnectionTarget};
 use crate::errors::{CoreError, CoreResult};
 use crate::handoff::HandoffSender;
 use crate::protocol::{HandoffEvent, LogLevel};
+use crate::registry::unless_stopped;
 
 pub const ANY_QUEUE_CHANNEL: &str = "procrastinate_any_queue_v1";
 pub const QUEUE_CHANNEL_PREFIX: &str = "procrastinate_queue_v1#";
@@ -94,10 +95,17 @@ impl Listener {
         let mut first = true;
         let mut malformed = MalformedLog::new(MALFORMED_LOG_PERIOD);
         let mut batch = Vec::with_capacity(NOTIFICATION_BATCH);
+        // A stop ends a connect or a ping in progress at once.
+        let mut stop = self.stop.clone();
         loop {
             let (sender, mut notifications) = mpsc::unbounded_channel();
             let subscribed = if first {
-                match self.subscribe(sender.clone()).await {
+                let Some(subscribed) =
+                    unless_stopped(&mut stop, self.subscribe(sender.clone())).await
+                else {
+                    return Ok(());
+                };
+                match subscribed {
                     Ok(client) => {
                         // The connection's task holds the only sender: its end (the
                         // connection died) closes the channel, and is seen at once.
@@ -163,7 +171,10 @@ impl Listener {
                         batch.clear();
                     }
                     _ = ping.tick() => {
-                        let answered = tokio::time::timeout(self.response_timeout, client.simple_query("")).await;
+                        let ping = tokio::time::timeout(self.response_timeout, client.simple_query(""));
+                        let Some(answered) = unless_stopped(&mut stop, ping).await else {
+                            return Ok(());
+                        };
                         if !matches!(answered, Ok(Ok(_))) {
                             break;
                         }
@@ -217,8 +228,14 @@ impl Listener {
     ) -> CoreResult<Option<tokio_postgres::Client>> {
         let started = std::time::Instant::now();
         let mut delay = std::time::Duration::from_millis(50);
+        let mut stop = self.stop.clone();
         loop {
-            let error = match self.subscribe(sender.clone()).await {
+            let Some(subscribed) = unless_stopped(&mut stop, self.subscribe(sender.clone())).await
+            else {
+                // Stopping while the database is away: nothing left to listen for.
+                return Ok(None);
+            };
+            let error = match subscribed {
                 Ok(client) => return Ok(Some(client)),
                 Err(error) => error,
             };
@@ -240,10 +257,8 @@ impl Listener {
                     }
                 });
             }
-            let mut stop = self.stop.clone();
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
-                // Stopping while the database is away: nothing left to listen for.
                 _ = stop.changed() => return Ok(None),
             }
             delay = (delay * 2).min(std::time::Duration::from_secs(2));

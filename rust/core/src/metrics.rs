@@ -186,6 +186,9 @@ pub struct MetricsSnapshot {
     pub reconnects: HashMap<&'static str, u64>,
     /// When this worker's heartbeat was last written.
     pub last_heartbeat: Option<Instant>,
+    /// Times this worker's heartbeat was found older than `stalled_worker_timeout` (other
+    /// workers may then have taken it for stalled).
+    pub heartbeats_late: u64,
     /// Stalled workers this worker pruned, and their jobs (or jobs left without a worker)
     /// it put back to run or, failing that, marked failed.
     pub stalled_workers_pruned: u64,
@@ -212,6 +215,7 @@ impl Default for MetricsSnapshot {
             connected: HashMap::new(),
             reconnects: HashMap::new(),
             last_heartbeat: None,
+            heartbeats_late: 0,
             stalled_workers_pruned: 0,
             stalled_jobs_recovered: 0,
             stalled_jobs_failed: 0,
@@ -277,6 +281,11 @@ impl Metrics {
 
     pub fn heartbeat_written(&self) {
         self.update(|state| state.last_heartbeat = Some(Instant::now()));
+    }
+
+    /// The heartbeat was found older than `stalled_worker_timeout` (once per such time).
+    pub fn heartbeat_late(&self) {
+        self.update(|state| state.heartbeats_late += 1);
     }
 
     /// How long a job waited to be claimed, in its queue's histogram.

@@ -518,18 +518,96 @@ pub struct Registry {
     pub handoff: HandoffSender,
     pub in_flight: Arc<AtomicUsize>,
     pub heartbeat_interval: Duration,
+    /// Other workers take this one for stalled once its heartbeat is this old: what is left
+    /// of it after `heartbeat_interval` bounds every step of a heartbeat (see
+    /// [`Registry::step_limit`]).
+    pub stalled_worker_timeout: Duration,
     pub abort_polling_interval: Duration,
     pub response_timeout: Duration,
     pub stop: watch::Receiver<bool>,
     /// Metrics are served: sample the queue depth and the claimed jobs' waits.
     pub sample_metrics: bool,
+    /// When the heartbeat was last known written, and whether it is known late.
+    pub heartbeat_watch: HeartbeatWatch,
+}
+
+/// How many steps of at most [`Registry::step_limit`] fit in what `stalled_worker_timeout`
+/// leaves after `update_heartbeat_interval`: the duty ahead of a heartbeat on the same
+/// connection (or its first connect) going unanswered, a new connection, the heartbeat sent
+/// again on it; and one step of margin (the scheduling of timers, the server's clock).
+const HEARTBEAT_STEPS: u32 = 4;
+
+/// The shortest step, whatever the settings: below it a healthy server would fail most
+/// heartbeats for being slow (settings this tight are warned about at start).
+const MIN_STEP: Duration = Duration::from_millis(100);
+
+/// When this worker's heartbeat was last written (the reply seen), and whether it is
+/// known to be older than `stalled_worker_timeout`.
+#[derive(Debug)]
+pub struct HeartbeatWatch {
+    written: Instant,
+    late: bool,
+}
+
+impl HeartbeatWatch {
+    /// The heartbeat was just written (registering the worker writes the first one).
+    pub fn new() -> Self {
+        HeartbeatWatch {
+            written: Instant::now(),
+            late: false,
+        }
+    }
+}
+
+impl Default for HeartbeatWatch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// See [`Registry::step_limit`].
+fn heartbeat_step(
+    stalled_worker_timeout: Duration,
+    heartbeat_interval: Duration,
+    response_timeout: Duration,
+) -> Duration {
+    let room = stalled_worker_timeout.saturating_sub(heartbeat_interval);
+    if room.is_zero() {
+        return response_timeout;
+    }
+    (room / HEARTBEAT_STEPS).max(MIN_STEP)
 }
 
 /// How often the registry samples the queue depth and the waits, when metrics are served.
 pub const METRICS_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 
+/// The registry's periodic duties.
+#[derive(Clone, Copy)]
+enum Duty {
+    /// The idle connection died (seen without a round trip): a new one now, so that
+    /// `/healthz` and the next duty see it.
+    Reconnect,
+    Heartbeat,
+    PollAborts,
+    SampleMetrics,
+}
+
+/// `work`, unless `stop` changes first (or its sender is gone): `None` then. What a role
+/// waits for (a connect, a statement) never holds back a stop.
+pub(crate) async fn unless_stopped<T>(
+    stop: &mut watch::Receiver<bool>,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        biased;
+        _ = stop.changed() => None,
+        value = work => Some(value),
+    }
+}
+
 impl Registry {
-    /// Heartbeat and abort polling until stopped; returns itself so the caller can unregister.
+    /// Heartbeat and abort polling until stopped; returns itself so the caller can
+    /// unregister. A stop ends a duty in progress (a connect, a statement) at once.
     pub async fn run(mut self) -> Self {
         let mut heartbeat =
             tokio::time::interval(self.heartbeat_interval.max(Duration::from_millis(10)));
@@ -546,92 +624,182 @@ impl Registry {
         self.handoff
             .metrics()
             .set_connected("registry", self.client.is_some());
+        let mut stop = self.stop.clone();
         loop {
-            tokio::select! {
+            let duty = tokio::select! {
                 _ = self.stop.changed() => return self,
                 _ = liveness.tick() => {
                     let closed = self.client.as_ref().is_none_or(Db::is_closed);
-                    if closed && !self.backing_off() {
-                        if let Err(reason) = self.connect().await {
-                            self.connection_failed(&reason);
-                        }
+                    if !closed || self.backing_off() {
+                        continue;
                     }
+                    Duty::Reconnect
                 }
                 _ = sample.tick(), if self.sample_metrics => {
                     if self.backing_off() {
                         continue;
                     }
-                    if let Err(error) = self.sample_metrics().await {
-                        if error.failure == Failure::Connection {
-                            self.lost("metrics_sample_failed", "sampling the queue depth", &error);
-                        } else {
-                            // Not worth a warning each time: the heartbeat says it.
-                            self.handoff.log(
-                                LogLevel::Debug,
-                                "metrics_sample_failed",
-                                format!("Error sampling the queue depth: {}", error.reason),
-                            );
-                        }
-                    }
+                    Duty::SampleMetrics
                 }
-                _ = heartbeat.tick() => {
-                    // A failed heartbeat is sent again at once on a new connection: a
-                    // heartbeat that waits for the next tick may come too late.
-                    if let Err(error) = self.heartbeat().await {
-                        let again = error.failure == Failure::Connection && self.client.is_some();
-                        self.lost("heartbeat_failed", "updating the heartbeat", &error);
-                        if again && self.connect().await.is_ok() {
-                            if let Err(error) = self.heartbeat().await {
-                                self.lost("heartbeat_failed", "updating the heartbeat", &error);
-                            }
-                        }
-                    }
-                }
+                _ = heartbeat.tick() => Duty::Heartbeat,
                 _ = abort_poll.tick() => {
                     if self.in_flight.load(Ordering::Relaxed) == 0 || self.backing_off() {
                         continue;
                     }
-                    if let Err(error) = self.poll_aborts().await {
-                        self.lost("poll_jobs_to_abort_error", "polling jobs to abort", &error);
+                    Duty::PollAborts
+                }
+            };
+            if unless_stopped(&mut stop, self.perform(duty))
+                .await
+                .is_none()
+            {
+                return self;
+            }
+        }
+    }
+
+    async fn perform(&mut self, duty: Duty) {
+        match duty {
+            Duty::Heartbeat => self.beat().await,
+            Duty::PollAborts => {
+                if let Err(error) = self.poll_aborts().await {
+                    self.lost("poll_jobs_to_abort_error", "polling jobs to abort", &error);
+                }
+            }
+            Duty::Reconnect => {
+                if let Err(reason) = self.connect().await {
+                    self.connection_failed(&reason);
+                }
+            }
+            Duty::SampleMetrics => {
+                if let Err(error) = self.sample_metrics().await {
+                    if error.failure == Failure::Connection {
+                        self.lost("metrics_sample_failed", "sampling the queue depth", &error);
+                    } else {
+                        // Not worth a warning each time: the heartbeat says it.
+                        self.handoff.log(
+                            LogLevel::Debug,
+                            "metrics_sample_failed",
+                            format!("Error sampling the queue depth: {}", error.reason),
+                        );
                     }
                 }
             }
         }
     }
 
+    /// The longest one step of a heartbeat may take (a connect, a statement, or the duty
+    /// ahead of it on this connection): a share of what `stalled_worker_timeout` leaves
+    /// after `update_heartbeat_interval`, so that a heartbeat that goes unanswered is sent
+    /// again, on a new connection, before other workers take this one for stalled.
+    /// Settings that leave nothing (warned about at start) keep `response_timeout`.
+    fn step_limit(&self) -> Duration {
+        heartbeat_step(
+            self.stalled_worker_timeout,
+            self.heartbeat_interval,
+            self.response_timeout,
+        )
+    }
+
+    /// How long a statement of the registry may go unanswered.
+    fn statement_limit(&self) -> Duration {
+        self.response_timeout.min(self.step_limit())
+    }
+
+    /// One heartbeat; if its connection failed (unanswered, lost, or no new one in time),
+    /// sent again at once on a new connection: waiting for the next tick may be too late.
+    async fn beat(&mut self) {
+        let mut written = self.heartbeat().await;
+        if let Err(error) = &written {
+            let again = error.failure == Failure::Connection;
+            self.lost("heartbeat_failed", "updating the heartbeat", error);
+            if again {
+                written = self.heartbeat().await;
+                if let Err(error) = &written {
+                    self.lost("heartbeat_failed", "updating the heartbeat", error);
+                }
+            }
+        }
+        self.watch_heartbeat(written.is_ok());
+    }
+
+    /// Once the heartbeat is known to be older than `stalled_worker_timeout`, other
+    /// workers may take this one for stalled and run its running jobs again: say so, once,
+    /// loudly. The jobs keep running here: the ones another worker did take back are
+    /// cancelled here as soon as the dispatcher sees they are no longer this worker's
+    /// ([`sql::LOST_CLAIMS`]); cancelling the others would lose their work for nothing.
+    fn watch_heartbeat(&mut self, written: bool) {
+        let watch = &mut self.heartbeat_watch;
+        if written {
+            if watch.late {
+                self.handoff.log(
+                    LogLevel::Warning,
+                    "heartbeat_written_again",
+                    format!(
+                        "The heartbeat of worker {} is written again, after {:.1} s",
+                        self.identity.current(),
+                        watch.written.elapsed().as_secs_f64()
+                    ),
+                );
+            }
+            *watch = HeartbeatWatch::new();
+            return;
+        }
+        let since = watch.written.elapsed();
+        if watch.late || since < self.stalled_worker_timeout {
+            return;
+        }
+        watch.late = true;
+        self.handoff.metrics().heartbeat_late();
+        self.handoff.log(
+            LogLevel::Error,
+            "heartbeat_late",
+            format!(
+                "The heartbeat of worker {} has not been written for {:.1} s, longer than \
+                 stalled_worker_timeout ({} s): other workers may take it for stalled and \
+                 run its {} running jobs again. They go on here; any that another worker \
+                 takes back is cancelled here once this worker sees it",
+                self.identity.current(),
+                since.as_secs_f64(),
+                self.stalled_worker_timeout.as_secs_f64(),
+                self.in_flight.load(Ordering::Relaxed),
+            ),
+        );
+    }
+
     async fn heartbeat(&mut self) -> Result<(), Failed> {
         self.ensure_connected().await?;
+        let limit = self.statement_limit();
         let client = self
             .client
             .as_ref()
             .ok_or_else(|| not_connected("not connected".into()))?;
         let worker_id = self.identity.current();
-        let rows = bounded(
-            self.response_timeout,
-            client.query(sql::UPDATE_HEARTBEAT, &[&worker_id]),
-        )
-        .await?;
-        if !rows.is_empty() {
-            self.handoff.metrics().heartbeat_written();
-        }
+        let rows = bounded(limit, client.query(sql::UPDATE_HEARTBEAT, &[&worker_id])).await?;
         if rows.is_empty() {
-            self.identity
-                .register_again(
-                    client,
-                    worker_id,
-                    &self.handoff,
-                    "its heartbeat found no row",
-                )
-                .await
-                .map_err(|error| Failed {
-                    failure: if error.is_connectivity() {
-                        Failure::Connection
-                    } else {
-                        Failure::Transient
-                    },
-                    reason: error.to_string(),
-                })?;
+            // Registering writes a heartbeat too.
+            let registering = self.identity.register_again(
+                client,
+                worker_id,
+                &self.handoff,
+                "its heartbeat found no row",
+            );
+            match tokio::time::timeout(limit, registering).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => {
+                    return Err(Failed {
+                        failure: if error.is_connectivity() {
+                            Failure::Connection
+                        } else {
+                            Failure::Transient
+                        },
+                        reason: error.to_string(),
+                    })
+                }
+                Err(_) => return Err(Failed::no_answer(limit)),
+            }
         }
+        self.handoff.metrics().heartbeat_written();
         Ok(())
     }
 
@@ -643,7 +811,8 @@ impl Registry {
             .client
             .as_ref()
             .ok_or_else(|| not_connected("not connected".into()))?;
-        let rows = bounded(self.response_timeout, client.query(sql::QUEUE_DEPTH, &[])).await?;
+        let limit = self.statement_limit();
+        let rows = bounded(limit, client.query(sql::QUEUE_DEPTH, &[])).await?;
         let mut depth = Vec::with_capacity(rows.len());
         for row in &rows {
             let jobs: i64 = row.try_get(2).map_err(|error| Failed::new(&error))?;
@@ -663,11 +832,7 @@ impl Registry {
             return Ok(());
         }
         let ids: Vec<i64> = pending.iter().map(|wait| wait.job_id).collect();
-        let rows = bounded(
-            self.response_timeout,
-            client.query(sql::JOB_EVENT_TIMES, &[&ids]),
-        )
-        .await?;
+        let rows = bounded(limit, client.query(sql::JOB_EVENT_TIMES, &[&ids])).await?;
         let mut times = std::collections::HashMap::with_capacity(rows.len());
         for row in &rows {
             let job_id: i64 = row.try_get(0).map_err(|error| Failed::new(&error))?;
@@ -699,7 +864,7 @@ impl Registry {
             .as_ref()
             .ok_or_else(|| not_connected("not connected".into()))?;
         let ids = bounded(
-            self.response_timeout,
+            self.statement_limit(),
             query_ids(client, sql::JOBS_TO_ABORT, &[&self.identity.all()]),
         )
         .await?;
@@ -716,15 +881,16 @@ impl Registry {
         Ok(())
     }
 
-    /// One attempt at a new connection; why it failed. The first success after an outage
-    /// ends it, and says how long it lasted.
+    /// One attempt at a new connection, within a step of the heartbeat (and the
+    /// connection's own `connect_timeout`); why it failed. The first success after an
+    /// outage ends it, and says how long it lasted.
     async fn connect(&mut self) -> Result<(), String> {
         self.client = None;
         self.handoff.metrics().set_connected("registry", false);
-        let client = self
-            .target
-            .connect()
+        let limit = self.step_limit();
+        let client = tokio::time::timeout(limit, self.target.connect())
             .await
+            .map_err(|_| format!("no new connection within {limit:?}"))?
             .map_err(|error| error.to_string())?;
         self.client = Some(client);
         self.handoff.metrics().set_connected("registry", true);
@@ -807,33 +973,21 @@ impl Registry {
         );
     }
 
-    /// Delete this worker's row, trying for a few seconds (a new connection each time a
+    /// Delete this worker's row, trying for `trying` at most (a new connection each time a
     /// statement fails). A row left behind is pruned as stalled later: it holds no job.
-    pub async fn unregister(&mut self) -> CoreResult<()> {
-        const TRYING: Duration = Duration::from_secs(5);
-        let started = std::time::Instant::now();
+    pub async fn unregister(&mut self, trying: Duration) -> CoreResult<()> {
+        let deadline = Instant::now() + trying;
         let mut delay = Duration::from_millis(50);
         loop {
             let worker_id = self.identity.current();
-            let attempt = match self.ensure_connected().await {
-                Ok(()) => match self.client.as_ref() {
-                    Some(client) => {
-                        bounded(
-                            self.response_timeout.min(TRYING),
-                            client.query(sql::UNREGISTER_WORKER, &[&worker_id]),
-                        )
-                        .await
-                    }
-                    None => Err(not_connected("not connected".into())),
-                },
-                Err(error) => Err(error),
-            };
-            let reason = match attempt {
-                Ok(_) => return Ok(()),
-                Err(failed) => failed.reason,
+            let left = deadline.saturating_duration_since(Instant::now());
+            let reason = match tokio::time::timeout(left, self.unregister_once(worker_id)).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(failed)) => failed.reason,
+                Err(_) => format!("no answer within {trying:?}"),
             };
             self.client = None;
-            if started.elapsed() + delay > TRYING {
+            if Instant::now() + delay >= deadline {
                 return Err(CoreError::Unreachable {
                     target: self.target.description().to_string(),
                     reason: format!("unregistering worker {worker_id}: {reason}"),
@@ -842,6 +996,20 @@ impl Registry {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(1));
         }
+    }
+
+    async fn unregister_once(&mut self, worker_id: i64) -> Result<(), Failed> {
+        self.ensure_connected().await?;
+        let client = self
+            .client
+            .as_ref()
+            .ok_or_else(|| not_connected("not connected".into()))?;
+        bounded(
+            self.response_timeout,
+            client.query(sql::UNREGISTER_WORKER, &[&worker_id]),
+        )
+        .await
+        .map(drop)
     }
 }
 
@@ -867,13 +1035,18 @@ impl Recovery {
             tokio::time::interval(self.stalled_worker_timeout.max(Duration::from_secs(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
+        // A stop ends a connect or a recovery in progress at once (rolled back).
+        let mut stop = self.stop.clone();
         loop {
             tokio::select! {
                 _ = self.stop.changed() => return,
                 _ = tick.tick() => {}
             }
             if client.as_ref().is_none_or(Db::is_closed) {
-                client = self.target.connect().await.ok();
+                let Some(connected) = unless_stopped(&mut stop, self.target.connect()).await else {
+                    return;
+                };
+                client = connected.ok();
             }
             let Some(connection) = client.as_mut() else {
                 continue;
@@ -888,8 +1061,10 @@ impl Recovery {
                 log_recovery(&self.handoff, &unowned_recovered);
                 recovered.retried.extend(unowned_recovered.retried);
                 Ok::<_, CoreError>(recovered)
-            })
-            .await;
+            });
+            let Some(attempt) = unless_stopped(&mut stop, attempt).await else {
+                return;
+            };
             match attempt {
                 Ok(Ok(recovered)) => {
                     if !recovered.retried.is_empty() {
@@ -947,6 +1122,30 @@ mod tests {
         };
         assert_eq!(total("todo"), (0..150).sum::<u64>());
         assert_eq!(total("doing"), (0..150).sum::<u64>());
+    }
+
+    #[test]
+    fn a_heartbeat_sent_again_after_one_unanswered_step_lands_before_the_timeout() {
+        let seconds = Duration::from_secs_f64;
+        // The defaults: 5 s per step, 10 + 3 x 5 = 25 s at worst through one fault.
+        assert_eq!(
+            heartbeat_step(seconds(30.0), seconds(10.0), seconds(30.0)),
+            seconds(5.0)
+        );
+        for (stalled, interval) in [(30.0, 10.0), (6.0, 2.0), (2.0, 0.5), (60.0, 59.0)] {
+            let step = heartbeat_step(seconds(stalled), seconds(interval), seconds(30.0));
+            // Whatever is ahead of it, its connect, its statement.
+            assert!(
+                seconds(interval) + step * 3 < seconds(stalled),
+                "{stalled} {interval}"
+            );
+        }
+        // Settings that leave no room keep response_timeout (warned about at start).
+        let never = Duration::from_secs(100 * 365 * 24 * 3600);
+        assert_eq!(
+            heartbeat_step(seconds(30.0), never, seconds(7.0)),
+            seconds(7.0)
+        );
     }
 
     #[test]

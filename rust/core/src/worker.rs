@@ -24,6 +24,11 @@ use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::protocol::{Completion, HandoffEvent, LogLevel, Reported};
 use crate::registry::{self, Identity, Recovery, Registry};
 
+/// How long a stop tries to delete the worker's row: a few seconds, only one after a hard
+/// stop.
+const UNREGISTER_TRYING: Duration = Duration::from_secs(5);
+const UNREGISTER_AFTER_HARD_STOP: Duration = Duration::from_secs(1);
+
 /// What the start-up steps leave: the maintenance connection (the registry's from then on),
 /// this worker's id, and what the start-up prune did.
 struct StartUp {
@@ -340,10 +345,12 @@ impl WorkerCore {
             handoff: handoff.clone(),
             in_flight,
             heartbeat_interval: config.update_heartbeat_interval,
+            stalled_worker_timeout: config.stalled_worker_timeout,
             abort_polling_interval: config.abort_job_polling_interval,
             response_timeout: config.response_timeout,
             stop: stop_background_receiver,
             sample_metrics: config.sample_metrics,
+            heartbeat_watch: registry::HeartbeatWatch::new(),
         };
         let registry = tokio::spawn(registry.run());
         drop(handoff);
@@ -465,13 +472,20 @@ impl WorkerCore {
             .registry
             .await
             .map_err(|failure| CoreError::Internal(format!("the registry stopped: {failure}")))?;
-        if *self.hard_stop.borrow() && registry.client.as_ref().is_none_or(|c| c.is_closed()) {
+        let hard_stopped = *self.hard_stop.borrow();
+        if hard_stopped && registry.client.as_ref().is_none_or(|c| c.is_closed()) {
             // A hard stop with the database out of reach: the row will be pruned as stalled.
             return Ok(());
         }
         // Best effort, as a killed worker's row is pruned anyway: a row left behind holds
-        // no job (every outcome was written, or reported lost, before this point).
-        if let Err(error) = registry.unregister().await {
+        // no job (every outcome was written, or reported lost, before this point). A hard
+        // stop tries only briefly.
+        let trying = if hard_stopped {
+            UNREGISTER_AFTER_HARD_STOP
+        } else {
+            UNREGISTER_TRYING
+        };
+        if let Err(error) = registry.unregister(trying).await {
             registry.handoff.log(
                 LogLevel::Warning,
                 "unregister_failed",

@@ -247,6 +247,8 @@ pub struct Metrics {
     pub job_wait: Vec<(String, Py<Histogram>)>,
     /// Seconds since this worker's heartbeat was last written (None: never).
     pub heartbeat_age: Option<f64>,
+    /// Times the heartbeat was found older than stalled_worker_timeout.
+    pub heartbeats_late: u64,
     /// Stalled workers this worker pruned; their jobs it put back to run, or failed.
     pub stalled_workers_pruned: u64,
     pub stalled_jobs_recovered: u64,
@@ -305,6 +307,7 @@ pub fn metrics_to_python(py: Python<'_>, snapshot: MetricsSnapshot) -> PyResult<
             .map(|(queue, waits)| Ok((queue.to_string(), histogram(waits)?)))
             .collect::<PyResult<_>>()?,
         heartbeat_age: snapshot.last_heartbeat.map(|at| at.elapsed().as_secs_f64()),
+        heartbeats_late: snapshot.heartbeats_late,
         stalled_workers_pruned: snapshot.stalled_workers_pruned,
         stalled_jobs_recovered: snapshot.stalled_jobs_recovered,
         stalled_jobs_failed: snapshot.stalled_jobs_failed,

@@ -46,6 +46,11 @@ pub use state::{InFlight, Needs, Plan, RoundTripPlan, Settings, State};
 const OLD_BACKEND_GRACE: Duration = Duration::from_millis(500);
 const OLD_BACKEND_WAIT: Duration = Duration::from_secs(2);
 
+/// After a hard stop, how long a round trip or a reconnect may still take: the last
+/// outcomes are written if the database answers promptly, else given up on (their jobs
+/// stay `doing`, as a killed worker's, for the stalled-job recovery).
+const HARD_STOP_WAIT: Duration = Duration::from_secs(1);
+
 pub struct Dispatcher {
     pub target: ConnectionTarget,
     pub config: Arc<WorkerConfig>,
@@ -549,7 +554,7 @@ impl Dispatcher {
                         continue;
                     }
                     if self.hard_stopped() {
-                        let soon = tokio::time::Instant::now() + Duration::from_secs(1);
+                        let soon = tokio::time::Instant::now() + HARD_STOP_WAIT;
                         if soon < deadline.deadline() {
                             deadline.as_mut().reset(soon);
                         }
@@ -610,6 +615,11 @@ impl Dispatcher {
             if self.completions.is_closed() && self.completions.is_empty() {
                 state.on_completions_closed(Instant::now());
             }
+            if *self.stop_fetching.borrow() || self.hard_stopped() {
+                // The runner waits for this before it stops: never behind a reconnect.
+                state.stop_claiming();
+                self.send_outbox(state);
+            }
             if self.hard_stopped() && !state.completions_open {
                 state.give_up("hard stop while the database was unreachable");
                 return None;
@@ -618,9 +628,12 @@ impl Dispatcher {
                 state.give_up(&format!("the database stayed unreachable: {last_error}"));
                 return None;
             }
+            let Some(attempt) = self.connect_unless_stopped(state, old).await else {
+                continue;
+            };
             // Whether the database answered, and refused the set-up (rather than being out
             // of reach).
-            let refused = match self.connect_and_set_up(state, old).await {
+            let refused = match attempt {
                 Ok((connection, orphans)) => {
                     self.handoff.metrics().set_connected("dispatcher", true);
                     self.handoff.log(
@@ -669,6 +682,7 @@ impl Dispatcher {
             }
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
+                _ = became_true(self.stop_fetching.clone()), if state.claiming => {}
                 changed = self.hard_stop.changed(), if self.hard_stop_open => {
                     self.hard_stop_open = changed.is_ok();
                 }
@@ -678,6 +692,26 @@ impl Dispatcher {
                 },
             }
             delay = (delay * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// [`Dispatcher::connect_and_set_up`], unless a hard stop, or while claiming a stop
+    /// request, comes first (`None`: the caller's loop deals with it, and tries again).
+    /// After a hard stop, an attempt gets [`HARD_STOP_WAIT`]: a database that answers at
+    /// once still gets the last outcomes, one that does not is given up on.
+    async fn connect_unless_stopped(
+        &self,
+        state: &State,
+        old: Option<Backend>,
+    ) -> Option<CoreResult<(Connection, Vec<JobRow>)>> {
+        let attempt = self.connect_and_set_up(state, old);
+        if self.hard_stopped() {
+            return tokio::time::timeout(HARD_STOP_WAIT, attempt).await.ok();
+        }
+        tokio::select! {
+            attempt = attempt => Some(attempt),
+            _ = became_true(self.hard_stop.clone()) => None,
+            _ = became_true(self.stop_fetching.clone()), if state.claiming => None,
         }
     }
 
@@ -850,6 +884,13 @@ impl Dispatcher {
         }
         self.publish(state);
         Ok(())
+    }
+}
+
+/// Once the flag is (or turns) true; never if its sender is gone first.
+async fn became_true(mut flag: watch::Receiver<bool>) {
+    if flag.wait_for(|set| *set).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
