@@ -14,7 +14,8 @@ their apps' pools connect directly. For `--seconds`:
 - every few seconds a random fault:
   - the proxy cuts, black-holes (half-open) or delays one round trip of a random kind
     (claim, complete-and-claim, retry transaction, one-by-one writes, heartbeat, abort
-    poll, orphan search, recovery, LISTEN) at a random message boundary;
+    poll, orphan search, recovery, LISTEN, a new connection's start-up or its session
+    settings) at a random message boundary;
   - pg_terminate_backend or pg_cancel_backend of one of the workers' connections;
   - a statement_timeout of 20 ms for the connections made in the next 2 s;
   - another session holding a running job's row lock for 1-5 s;
@@ -78,6 +79,7 @@ CORE_ROLE = "soak_core"
 PROXY_KINDS = [
     "claim", "complete_and_claim", "complete", "begin", "commit", "finish_one", "retry_one",
     "heartbeat", "abort_poll", "orphans", "listen", "recover_lock", "recover_retry",
+    "startup", "set",
 ]  # fmt: skip
 
 
