@@ -55,6 +55,25 @@ impl CoreError {
         CoreError::Database { context, source }
     }
 
+    /// The reconnect budget is spent: [`CoreError::Unusable`] if the server answered and
+    /// kept refusing (`refused`), else [`CoreError::ConnectionLost`].
+    pub fn gave_up(target: &str, budget: Duration, reason: String, refused: bool) -> Self {
+        let target = target.to_string();
+        if refused {
+            CoreError::Unusable {
+                target,
+                budget,
+                reason,
+            }
+        } else {
+            CoreError::ConnectionLost {
+                target,
+                budget,
+                reason,
+            }
+        }
+    }
+
     /// A statement that failed because the connection went away: worth a reconnect.
     pub fn is_connectivity(&self) -> bool {
         match self {

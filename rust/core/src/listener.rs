@@ -240,22 +240,12 @@ impl Listener {
                 Err(error) => error,
             };
             if started.elapsed() + delay > self.reconnect_timeout {
-                let target = self.target.description().to_string();
-                let budget = self.reconnect_timeout;
-                let reason = error.to_string();
-                return Err(if error.is_passing() {
-                    CoreError::Unusable {
-                        target,
-                        budget,
-                        reason,
-                    }
-                } else {
-                    CoreError::ConnectionLost {
-                        target,
-                        budget,
-                        reason,
-                    }
-                });
+                return Err(CoreError::gave_up(
+                    self.target.description(),
+                    self.reconnect_timeout,
+                    error.to_string(),
+                    error.is_passing(),
+                ));
             }
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}

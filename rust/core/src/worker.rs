@@ -138,22 +138,12 @@ fn start_given_up(
     lost: bool,
     error: &CoreError,
 ) -> CoreError {
-    let target = target.description().to_string();
-    let budget = config.reconnect_timeout;
-    let reason = error.to_string();
-    if lost {
-        CoreError::ConnectionLost {
-            target,
-            budget,
-            reason,
-        }
-    } else {
-        CoreError::Unusable {
-            target,
-            budget,
-            reason,
-        }
-    }
+    CoreError::gave_up(
+        target.description(),
+        config.reconnect_timeout,
+        error.to_string(),
+        !lost,
+    )
 }
 
 /// The start-up steps on one connection: the worker id, the pruned workers, the recovered

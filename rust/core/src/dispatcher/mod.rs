@@ -662,22 +662,12 @@ impl Dispatcher {
                 }
             };
             if started.elapsed() > self.config.reconnect_timeout && !state.fatal_sent() {
-                let target = self.target.description().to_string();
-                let budget = self.config.reconnect_timeout;
-                let reason = last_error.clone();
-                state.fatal(if refused {
-                    CoreError::Unusable {
-                        target,
-                        budget,
-                        reason,
-                    }
-                } else {
-                    CoreError::ConnectionLost {
-                        target,
-                        budget,
-                        reason,
-                    }
-                });
+                state.fatal(CoreError::gave_up(
+                    self.target.description(),
+                    self.config.reconnect_timeout,
+                    last_error.clone(),
+                    refused,
+                ));
                 self.send_outbox(state);
             }
             tokio::select! {
