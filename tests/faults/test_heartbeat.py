@@ -53,6 +53,12 @@ SCALED: dict[str, Any] = {
 FOREVER = 600.0
 
 
+def black_hole_of(kind: str) -> Fault:
+    """The next request of `kind` swallowed before the server sees it, the connection
+    left half-open for longer than the test."""
+    return Fault(kind=kind, point="before_request", action="blackhole", blackhole_seconds=FOREVER)
+
+
 def heartbeat_age(dsn: str, worker_id: int) -> float | None:
     """Seconds since the worker's row was last written, in the database's clock; None if
     the row is gone."""
@@ -99,12 +105,7 @@ async def test_one_unanswered_heartbeat_never_lets_the_row_look_stalled(dsn: str
             assert await asyncio.to_thread(proxy.wait_seen, "heartbeat", 1, PATIENCE)
             fault = proxy.add_fault(
                 # Swallowed before the server sees it: the row is not written.
-                Fault(
-                    kind="heartbeat",
-                    point="before_request",
-                    action="blackhole",
-                    blackhole_seconds=FOREVER,
-                )
+                black_hole_of("heartbeat")
             )
             seen = proxy.counts.get("heartbeat", 0)
 
@@ -133,14 +134,7 @@ async def test_a_black_holed_reconnect_of_the_heartbeat_never_lets_the_row_look_
         async with app.open_async(), running(app, dsn=core_dsn, **SCALED) as worker:
             assert await asyncio.to_thread(proxy.wait_seen, "heartbeat", 1, PATIENCE)
             cut = proxy.add_fault(Fault(kind="heartbeat", point="before_request", action="cut"))
-            black_hole = proxy.add_fault(
-                Fault(
-                    kind="startup",
-                    point="before_request",
-                    action="blackhole",
-                    blackhole_seconds=FOREVER,
-                )
-            )
+            black_hole = proxy.add_fault(black_hole_of("startup"))
             seen = proxy.counts.get("heartbeat", 0)
 
             def resumed() -> bool:
@@ -171,14 +165,7 @@ async def test_a_black_holed_reconnect_of_the_job_connection_fails_in_time_and_i
         core_dsn = proxy.dsn(dsn) + " connect_timeout=2"
         async with app.open_async(), running(app, dsn=core_dsn, **SCALED):
             cut = proxy.add_fault(Fault(kind="claim", point="before_request", action="cut"))
-            black_hole = proxy.add_fault(
-                Fault(
-                    kind=swallowed,
-                    point="before_request",
-                    action="blackhole",
-                    blackhole_seconds=FOREVER,
-                )
-            )
+            black_hole = proxy.add_fault(black_hole_of(swallowed))
             job = defer(dsn, "ok")
             await wait_until(
                 lambda: fetch_all(
@@ -199,14 +186,7 @@ async def test_a_black_holed_start_up_fails_the_connect_within_connect_timeout(
     swallowed start-up packet for ever; now it fails with DatabaseUnreachable once
     connect_timeout has passed, naming it."""
     with FaultProxy(*server_address()) as proxy:
-        fault = proxy.add_fault(
-            Fault(
-                kind="startup",
-                point="before_request",
-                action="blackhole",
-                blackhole_seconds=FOREVER,
-            )
-        )
+        fault = proxy.add_fault(black_hole_of("startup"))
         connection = {
             key: str(value)
             for key, value in conninfo_to_dict(proxy.dsn(dsn) + " connect_timeout=2").items()
@@ -281,14 +261,7 @@ async def test_a_worker_cancelled_twice_while_its_first_connect_is_black_holed_e
     now it drops the start."""
     app = fault_app(dsn)
     with FaultProxy(*server_address(), classify=classify) as proxy:
-        fault = proxy.add_fault(
-            Fault(
-                kind="startup",
-                point="before_request",
-                action="blackhole",
-                blackhole_seconds=FOREVER,
-            )
-        )
+        fault = proxy.add_fault(black_hole_of("startup"))
         core_dsn = proxy.dsn(dsn) + f" connect_timeout={int(FOREVER)}"
         async with app.open_async():
             worker = fastworker.Worker(app, dsn=core_dsn, install_signal_handlers=False)
