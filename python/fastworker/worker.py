@@ -51,6 +51,16 @@ def check_platform() -> None:
         )
 
 
+def require_open_app(app: App) -> None:
+    """Raise procrastinate's `AppNotOpen` for an app that was not opened, as its worker
+    does at its first statement. The core has connections of its own, but the tasks and
+    the periodic deferrer use the app's: without this the worker would run nothing and
+    return normally, and a supervisor would never notice. The connectors that have a pool
+    (psycopg, aiopg, psycopg2) raise it from their public `pool` property; Django's has
+    none and needs no opening."""
+    getattr(app.connector, "pool", None)
+
+
 class Worker(Periodic):
     """Drop-in replacement for `procrastinate.worker.Worker`.
 
@@ -206,6 +216,7 @@ class Worker(Periodic):
         return core_options
 
     async def _start_and_run(self) -> None:
+        require_open_app(self.app)
         self._json_loads = connector_json_loads(self.app.connector)
         connection = await resolve_connection(self.app, self._dsn)
         # Resolved by libpq as `dsn` is.
