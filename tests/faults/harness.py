@@ -23,6 +23,7 @@ from procrastinate import JobContext, retry
 
 import fastworker
 from tests.conftest import fetch_all, make_app
+from tests.faults.proxy import Fault, FaultProxy
 
 #: Bounds of the waits (never a measured duration: only how long a failing test takes).
 PATIENCE = 60.0
@@ -338,3 +339,25 @@ def check_runs(dsn: str, *, stuck: frozenset[int] = frozenset()) -> dict[int, li
             problems.append(f"job {job_id}: runs of attempts {ran}, attempts {attempts}")
     assert not problems, "\n".join(problems)
     return runs
+
+
+#: Longer than any test: a request swallowed this long is never answered.
+FOREVER = 600.0
+
+
+def black_hole_of(kind: str, occurrence: int = 1) -> Fault:
+    """The `occurrence`-th next request of `kind` swallowed before the server sees it, its
+    connection left half-open for longer than the test."""
+    return Fault(
+        kind=kind,
+        occurrence=occurrence,
+        point="before_request",
+        action="blackhole",
+        blackhole_seconds=FOREVER,
+    )
+
+
+def black_hole_every_start_up(proxy: FaultProxy) -> list[Fault]:
+    """Every new connection's start-up swallowed from now on (the next 199 of them): the
+    roles that reconnect wait on connects that never answer."""
+    return [proxy.add_fault(black_hole_of("startup", n)) for n in range(1, 200)]

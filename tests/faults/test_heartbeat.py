@@ -28,7 +28,10 @@ import fastworker
 from fastworker import _core
 from tests.conftest import fetch_all, server_address
 from tests.faults.harness import (
+    FOREVER,
     PATIENCE,
+    black_hole_every_start_up,
+    black_hole_of,
     check_runs,
     classify,
     create_tables,
@@ -50,13 +53,6 @@ SCALED: dict[str, Any] = {
 
 #: Far longer than any wait of the tests: a connect that waits for a black-holed start-up
 #: to end would make them fail.
-FOREVER = 600.0
-
-
-def black_hole_of(kind: str) -> Fault:
-    """The next request of `kind` swallowed before the server sees it, the connection
-    left half-open for longer than the test."""
-    return Fault(kind=kind, point="before_request", action="blackhole", blackhole_seconds=FOREVER)
 
 
 def heartbeat_age(dsn: str, worker_id: int) -> float | None:
@@ -224,18 +220,7 @@ async def test_a_worker_cancelled_twice_during_black_holed_connects_ends(dsn: st
             )
             task = asyncio.create_task(worker.run())
             await wait_until(lambda: fetch_all(dsn, "SELECT 1 FROM fw_runs"), "the job to start")
-            black_holes = [
-                proxy.add_fault(
-                    Fault(
-                        kind="startup",
-                        occurrence=occurrence,
-                        point="before_request",
-                        action="blackhole",
-                        blackhole_seconds=FOREVER,
-                    )
-                )
-                for occurrence in range(1, 200)
-            ]
+            black_holes = black_hole_every_start_up(proxy)
             proxy.cut_all()
             # The job ends; its outcome cannot be written; every role is reconnecting.
             await wait_until(

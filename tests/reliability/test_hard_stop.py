@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import fetch_all, server_address
-from tests.faults.proxy import Fault, FaultProxy
+from tests.faults.harness import black_hole_every_start_up
+from tests.faults.proxy import FaultProxy
 from tests.reliability.helpers import (
     WorkerProcess,
     create_executions_table,
@@ -107,18 +108,7 @@ def test_a_hard_stop_during_black_holed_connects_ends_the_process(dsn: str, tmp_
                 timeout=PATIENCE,
                 what="the job to start",
             )
-            black_holes = [
-                proxy.add_fault(
-                    Fault(
-                        kind="startup",
-                        occurrence=occurrence,
-                        point="before_request",
-                        action="blackhole",
-                        blackhole_seconds=FOREVER,
-                    )
-                )
-                for occurrence in range(1, 200)
-            ]
+            black_holes = black_hole_every_start_up(proxy)
             proxy.cut_all()
             wait_until(
                 lambda: sum(proxy.has_fired(fault) for fault in black_holes) >= 2,
