@@ -25,6 +25,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from tests.conftest import create_database, drop_database, fetch_all
 from tests.doc_blocks import REPO, command_lines, marked_block, write_app_module
+from tests.helpers import run_process
 
 PLACEHOLDER = "<path or URL of this repository>"
 JOBS = 40
@@ -112,29 +113,22 @@ def test_the_readme_install_from_source_runs_a_worker(
     # checkout, the schema. A path without quotes or `$` stays one word in "..." quotes.
     assert not set('"$`\\') & set(str(REPO))
     script = "\n".join(line.replace(PLACEHOLDER, str(REPO)) for line in setup)
-    installed = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script],
-        cwd=project,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=BUILD_PATIENCE,
-        stdin=subprocess.DEVNULL,
-    )
-    assert installed.returncode == 0, installed.stdout + installed.stderr
+
+    def run(*command: str, timeout: float = PATIENCE) -> str:
+        """`command` in the project, as the user runs it; its output, or the test fails."""
+        done = run_process(command, cwd=project, env=environment, timeout=timeout)
+        assert done.returncode == 0, f"{command}:\n{done.stdout}{done.stderr}"
+        return done.stdout
+
+    run("bash", "-euo", "pipefail", "-c", script, timeout=BUILD_PATIENCE)
 
     # fastworker runs from the new virtualenv, not from the checkout or the suite's own.
-    native_module = subprocess.run(
-        [".venv/bin/python", "-c", "import fastworker._core as core; print(core.__file__)"],
-        cwd=project,
-        env=environment,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+    native_module = run(
+        ".venv/bin/python", "-c", "import fastworker._core as core; print(core.__file__)"
+    ).strip()
     assert Path(native_module).is_relative_to(project / ".venv"), native_module
 
-    subprocess.run([".venv/bin/python", "-c", DEFER], cwd=project, env=environment, check=True)
+    run(".venv/bin/python", "-c", DEFER)
     assert job_statuses(project_database) == {"todo": JOBS}
 
     worker = subprocess.Popen(
