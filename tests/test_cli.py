@@ -23,6 +23,7 @@ from procrastinate import cli as procrastinate_cli
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from tests.conftest import create_database, drop_database, fetch_all, make_app
+from tests.helpers import run_process
 
 #: Upper bound of every wait in this module (never a measured duration).
 PATIENCE = 90.0
@@ -85,15 +86,7 @@ def fastworker_command(*args: str) -> list[str]:
 def run_cli(
     *args: str, cwd: Path, env: dict[str, str], timeout: float = PATIENCE
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        fastworker_command(*args),
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
+    return run_process(fastworker_command(*args), cwd=cwd, env=env, timeout=timeout)
 
 
 def wait_until(
