@@ -31,11 +31,13 @@ PATIENCE = 30.0
 
 
 def run_process(
-    command: Sequence[str], *, cwd: Path, env: dict[str, str], timeout: float
+    command: Sequence[str] | str, *, cwd: Path, env: dict[str, str], timeout: float
 ) -> subprocess.CompletedProcess[str]:
-    """`command` run to its end (within `timeout`), no stdin, its output captured as text."""
+    """`command` (its arguments, or a line for the shell) run to its end (within `timeout`),
+    no stdin, its output captured as text."""
     return subprocess.run(
         command,
+        shell=isinstance(command, str),
         cwd=cwd,
         env=env,
         capture_output=True,

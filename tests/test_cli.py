@@ -83,10 +83,17 @@ def fastworker_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "fastworker", *args]
 
 
+def run_command(
+    command: list[str] | str, *, cwd: Path, env: dict[str, str], timeout: float = PATIENCE
+) -> subprocess.CompletedProcess[str]:
+    """`command`: its arguments, or a line for the shell (as a user would type it)."""
+    return run_process(command, cwd=cwd, env=env, timeout=timeout)
+
+
 def run_cli(
     *args: str, cwd: Path, env: dict[str, str], timeout: float = PATIENCE
 ) -> subprocess.CompletedProcess[str]:
-    return run_process(fastworker_command(*args), cwd=cwd, env=env, timeout=timeout)
+    return run_command(fastworker_command(*args), cwd=cwd, env=env, timeout=timeout)
 
 
 def wait_until(
@@ -404,3 +411,87 @@ def test_version(tmp_path: Path) -> None:
     # The version of the distribution as installed (`procrastinate-fastworker`), not "unknown".
     installed = importlib.metadata.version("procrastinate-fastworker")
     assert result.stdout.startswith(f"fastworker {installed} ")
+
+
+# --- procrastinate's own commands, and the schema hint ------------------------------------
+
+
+def test_a_missing_schemas_hint_is_a_command_that_works_from_there(
+    tmp_path: Path, database_name: str
+) -> None:
+    """A project as a newcomer has it: a package in the current directory, a database
+    without procrastinate's schema, the installed `fastworker` script. The command the error
+    suggests, run from there, applies the schema, and the worker then starts."""
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    (tmp_path / "mypkg" / "tasks.py").write_text(APP_MODULE)
+    scripts = Path(sys.executable).parent
+    env = cli_env(
+        create_database(database_name, with_schema=False),
+        PATH=f"{scripts}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    try:
+
+        def run(command: str) -> subprocess.CompletedProcess[str]:
+            return run_command(command, cwd=tmp_path, env=env)
+
+        worker = "fastworker --app=mypkg.tasks.app worker --one-shot"
+        missing = run(worker)
+        assert missing.returncode == 4, missing.stderr
+        [line] = error_lines(missing.stderr)
+        suggested = line.split("`")[-2]
+        assert suggested == "fastworker --app=mypkg.tasks.app schema --apply", line
+        applied = run(suggested)
+        assert applied.returncode == 0, applied.stderr
+        started = run(worker)
+        assert started.returncode == 0, started.stderr
+        assert "Launching a fastworker worker" in started.stderr
+    finally:
+        drop_database(database_name)
+
+
+def test_procrastinates_commands_run_for_the_same_app(app_dir: Path, database_name: str) -> None:
+    """`schema --apply`, `defer`, `healthchecks` and `shell` are procrastinate's own, run
+    for the app `--app` names (before or after the command) or PROCRASTINATE_APP, loaded
+    from the current directory as the worker's."""
+    bare = create_database(database_name, with_schema=False)
+    try:
+        env = cli_env(bare)
+        unhealthy = run_cli("--app", "cli_test_app.app", "healthchecks", cwd=app_dir, env=env)
+        assert unhealthy.returncode == 1, unhealthy.stderr
+        assert "procrastinate_jobs table was not found" in unhealthy.stderr
+        assert "DB connection: OK" in unhealthy.stdout
+
+        applied = run_cli("--app=cli_test_app.app", "schema", "--apply", cwd=app_dir, env=env)
+        assert applied.returncode == 0, applied.stderr
+        assert fetch_all(bare, "SELECT to_regclass('procrastinate_jobs') IS NOT NULL") == [(True,)]
+
+        deferred = run_cli(
+            "defer", "--app", "cli_test_app.app", "quick", '{"value": 7}', cwd=app_dir, env=env
+        )
+        assert deferred.returncode == 0, deferred.stderr
+        assert fetch_all(bare, "SELECT task_name, args FROM procrastinate_jobs") == [
+            ("quick", {"value": 7})
+        ]
+
+        from_env = {**env, "PROCRASTINATE_APP": "cli_test_app.app"}
+        healthy = run_cli("healthchecks", cwd=app_dir, env=from_env)
+        assert healthy.returncode == 0, healthy.stderr
+        assert "Found procrastinate_jobs table: OK" in healthy.stdout
+
+        listed = run_cli("shell", "list_jobs", cwd=app_dir, env=from_env)
+        assert listed.returncode == 0, listed.stderr
+        assert "quick" in listed.stdout and "todo" in listed.stdout
+
+        drained = run_cli("worker", "--one-shot", cwd=app_dir, env=from_env)
+        assert drained.returncode == 0, drained.stderr
+        assert status_counts(bare) == {"succeeded": 1}
+    finally:
+        drop_database(database_name)
+
+
+def test_help_lists_procrastinates_commands_as_procrastinates(tmp_path: Path) -> None:
+    result = run_cli("--help", cwd=tmp_path, env=cli_env("", COLUMNS="200"))
+    assert result.returncode == 0, result.stderr
+    for command in ("defer", "schema", "healthchecks", "shell"):
+        assert f"procrastinate's `{command}`" in result.stdout, result.stdout

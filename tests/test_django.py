@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from tests.conftest import fetch_all
+from tests.conftest import create_database, drop_database, fetch_all
 
 pytest.importorskip("django")
 
@@ -280,3 +280,22 @@ def test_manage_py_fastworker_help_lists_the_worker_flags(project: Path) -> None
         "--skip-checks",
     ):
         assert flag in completed.stdout
+
+
+def test_a_missing_schema_says_to_migrate(database_name: str, tmp_path: Path) -> None:
+    """procrastinate's Django app applies its schema as migrations: the error says
+    `./manage.py migrate` (not procrastinate's command, with no app to give it), and after
+    that the worker starts."""
+    bare = create_database(database_name, with_schema=False)
+    try:
+        write_project(tmp_path, bare, tmp_path / "ran.txt")
+        missing = manage_py(tmp_path, "--one-shot", timeout=120)
+        assert missing.returncode == 4, missing.stderr
+        assert "apply it with `./manage.py migrate`" in missing.stderr, missing.stderr
+        assert "--app" not in missing.stderr, missing.stderr
+        migrated = run_in(tmp_path, "manage.py", "migrate", timeout=120)
+        assert migrated.returncode == 0, migrated.stderr
+        started = manage_py(tmp_path, "--one-shot", timeout=120)
+        assert started.returncode == 0, started.stderr
+    finally:
+        drop_database(database_name)

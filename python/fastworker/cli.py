@@ -4,6 +4,8 @@
 ``fastworker --app=mypkg.app worker --concurrency=50``: the worker flags are procrastinate's
 own (its parser builds them, so spelling, meaning and ``PROCRASTINATE_*`` environment
 variables are the same), plus a few fastworker flags (``--dsn``, ``--reconnect-timeout``, ...).
+procrastinate's other subcommands (``defer``, ``schema``, ``healthchecks``, ``shell``) are
+run by procrastinate's own CLI code, for the app loaded as the worker's is.
 
 Exit codes: 0 clean stop, 1 the worker failed, 2 bad arguments or app, 3 database
 unreachable or lost, 4 procrastinate schema missing.
@@ -17,6 +19,7 @@ import importlib.metadata
 import logging
 import os
 import re
+import shlex
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -56,7 +59,7 @@ exit codes:
   {EXIT_FAILURE}  the worker failed
   {EXIT_USAGE}  bad arguments, environment variables or app
   {EXIT_UNREACHABLE}  the database is unreachable, or was lost for longer than --reconnect-timeout
-  {EXIT_SCHEMA_MISSING}  the procrastinate schema is missing (run `procrastinate schema --apply`)
+  {EXIT_SCHEMA_MISSING}  the procrastinate schema is missing (`fastworker --app=APP schema --apply`)
 
 A first SIGINT/SIGTERM stops claiming jobs and lets running jobs finish (their results are
 written); a second one, or --shutdown-graceful-timeout, aborts them.
@@ -64,11 +67,21 @@ written); a second one, or --shutdown-graceful-timeout, aborts them.
 
 
 class CliError(Exception):
-    """An error reported as one line on stderr, with its exit code."""
+    """An error reported as one line on stderr, with its exit code (an empty message: already
+    reported, only the exit code is left)."""
 
     def __init__(self, message: str, exit_code: int = EXIT_FAILURE):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+# procrastinate's subcommands other than `worker`, run by procrastinate's own CLI code.
+PROCRASTINATE_COMMANDS = {
+    "defer": procrastinate_cli.configure_defer_parser,
+    "schema": procrastinate_cli.configure_schema_parser,
+    "healthchecks": procrastinate_cli.configure_healthchecks_parser,
+    "shell": procrastinate_cli.configure_shell_parser,
+}
 
 
 # --- argument parsing -----------------------------------------------------------------
@@ -448,7 +461,8 @@ def create_parser() -> argparse.ArgumentParser:
         prog=PROGRAM_NAME,
         description="Run procrastinate jobs with fastworker, a Rust-accelerated drop-in worker:\n"
         "`procrastinate --app=APP worker ...` becomes `fastworker --app=APP worker ...`.\n"
-        "See `fastworker worker --help` for the flags.",
+        "See `fastworker worker --help` for the flags. procrastinate's other commands\n"
+        "(defer, schema, healthchecks, shell) are procrastinate's own, run for the same app.",
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
@@ -471,7 +485,25 @@ def create_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _configure_worker_parser(subparsers)
+    _configure_procrastinate_parsers(subparsers)
     return parser
+
+
+def _configure_procrastinate_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
+    """procrastinate's other subcommands, built by procrastinate's own code (same flags,
+    same PROCRASTINATE_* variables), marked as procrastinate's in ``--help``."""
+    for name, configure in PROCRASTINATE_COMMANDS.items():
+        configure(subparsers)
+        _add_procrastinate_argument(
+            subparsers.choices[name],
+            "--app",
+            help="Dotted path to the procrastinate app (also accepted before the command)",
+            envvar="APP",
+            in_subcommand=True,
+        )
+    for choice in subparsers._choices_actions:
+        if choice.dest in PROCRASTINATE_COMMANDS:
+            choice.help = f"procrastinate's `{choice.dest}`: {choice.help}"
 
 
 def parse_args(argv: Sequence[str]) -> dict[str, Any]:
@@ -582,9 +614,29 @@ def _connection_arguments(
     return targets
 
 
-async def check_database(app: procrastinate.App, dsn: str | None, app_path: str = "...") -> None:
+def _own_command() -> str:
+    """This command as the user can run it again from the same place (the same Python
+    environment): ``python -m fastworker`` if it was started so, else ``fastworker``."""
+    if os.path.basename(sys.argv[0]) == "__main__.py":
+        return f"python -m {PROGRAM_NAME}"
+    return PROGRAM_NAME
+
+
+def apply_schema_command(app_path: str) -> str:
+    """The command that applies procrastinate's schema for the app at ``app_path``, run from
+    where this one was: fastworker's own ``schema --apply`` loads the app as the worker
+    does (the current directory importable), which procrastinate's ``procrastinate``
+    script does not."""
+    app = shlex.quote(app_path) if app_path else "APP"
+    return f"{_own_command()} --app={app} schema --apply"
+
+
+async def check_database(
+    app: procrastinate.App, dsn: str | None, apply_schema: str = "procrastinate schema --apply"
+) -> None:
     """Fail fast and clearly when the database is unreachable or has no procrastinate
-    schema (the app's pool would otherwise retry for 30 s and then time out vaguely)."""
+    schema (the app's pool would otherwise retry for 30 s and then time out vaguely).
+    ``apply_schema``: the command that applies the schema, said when it is missing."""
     for conninfo, kwargs in _connection_arguments(app, dsn):
         try:
             params = conninfo_to_dict(conninfo, **kwargs)
@@ -617,8 +669,7 @@ async def check_database(app: procrastinate.App, dsn: str | None, app_path: str 
         if not (row and row[0]):
             raise CliError(
                 f"the procrastinate schema is missing in database {database!r} at "
-                f"{where}: apply it with "
-                f"`procrastinate --app={app_path} schema --apply`",
+                f"{where}: apply it with `{apply_schema}`",
                 EXIT_SCHEMA_MISSING,
             )
 
@@ -657,14 +708,19 @@ class _StartupSignals:
 
 
 async def run_worker(
-    app_path: str, options: dict[str, Any], app: procrastinate.App | None = None
+    app_path: str,
+    options: dict[str, Any],
+    app: procrastinate.App | None = None,
+    apply_schema: str | None = None,
 ) -> int:
     signals = _StartupSignals()
     signals.install()
     try:
         if app is None:
             app = load_app(app_path)
-        await check_database(app, options.get("dsn"), app_path)
+        await check_database(
+            app, options.get("dsn"), apply_schema or apply_schema_command(app_path)
+        )
         async with app.open_async():
             queues = options.get("queues")
             print(
@@ -737,14 +793,33 @@ def dsn_password_warning(argv: Sequence[str]) -> str | None:
     )
 
 
-def execute(parsed: dict[str, Any], app: procrastinate.App | None = None) -> None:
-    """Run the worker the parsed flags describe, until it stops; raises `CliError` (with
-    its exit code) when it fails. ``app``: run for this app instead of the one ``--app``
-    names (the Django command)."""
+def run_procrastinate_command(parsed: dict[str, Any]) -> None:
+    """One of procrastinate's own subcommands (``schema``, ``defer``, ...), run by
+    procrastinate's CLI code for the app loaded as the worker's is (``--app`` before or
+    after the subcommand, ``PROCRASTINATE_APP``, the current directory importable). It
+    prints its own error and exits 1 when the command fails."""
+    app_path: str = parsed.pop("app", "")
+    # As procrastinate: without an app, a command that needs no database still runs.
+    parsed["app"] = load_app(app_path) if app_path else procrastinate_cli.load_app("")
     try:
-        check_platform()
-    except fastworker.ConfigurationError as error:
-        raise CliError(str(error), EXIT_FAILURE) from None
+        asyncio.run(procrastinate_cli.execute_command(parsed))
+    except SystemExit as exit:
+        if exit.code:
+            code = exit.code if isinstance(exit.code, int) else EXIT_FAILURE
+            raise CliError("", code) from None
+
+
+def execute(
+    parsed: dict[str, Any],
+    app: procrastinate.App | None = None,
+    *,
+    apply_schema: str | None = None,
+) -> None:
+    """Run the worker the parsed flags describe, until it stops (or procrastinate's
+    subcommand they name); raises `CliError` (with its exit code) when it fails. ``app``:
+    run for this app instead of the one ``--app`` names (the Django command).
+    ``apply_schema``: the command to suggest when the schema is missing (by default,
+    this command's own ``schema --apply``)."""
     parsed = dict(parsed)
     procrastinate_cli.configure_logging(
         verbosity=parsed.pop("verbose", None),
@@ -752,13 +827,20 @@ def execute(parsed: dict[str, Any], app: procrastinate.App | None = None) -> Non
         format=parsed.pop("log_format", logging.BASIC_FORMAT),
         style=parsed.pop("log_format_style", "%"),
     )
+    if parsed.get("command") in PROCRASTINATE_COMMANDS:
+        run_procrastinate_command(parsed)
+        return
+    try:
+        check_platform()
+    except fastworker.ConfigurationError as error:
+        raise CliError(str(error), EXIT_FAILURE) from None
     app_path: str = parsed.pop("app", "")
     for key in ("command", "func"):
         parsed.pop(key, None)
     options = parsed  # only the flags given (or set in the environment)
 
     try:
-        asyncio.run(run_worker(app_path, options, app))
+        asyncio.run(run_worker(app_path, options, app, apply_schema))
     except KeyboardInterrupt:  # a SIGINT outside the worker's own handling
         raise CliError("interrupted", 130) from None
     except Exception as error:
@@ -779,7 +861,7 @@ def main(argv: Sequence[str] | None = None, *, app: procrastinate.App | None = N
             print(f"{PROGRAM_NAME}: warning: {warning}", file=sys.stderr)
         execute(parsed, app)
     except CliError as error:
-        if error.exit_code == 130:
+        if error.exit_code == 130 or not str(error):  # interrupted, or already reported
             return error.exit_code
         print(f"{PROGRAM_NAME}: error: {redact_password(str(error))}", file=sys.stderr)
         return error.exit_code

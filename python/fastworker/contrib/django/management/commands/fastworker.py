@@ -56,14 +56,16 @@ class Command(BaseCommand):
             if name not in self._django_options and name != "subcommand"
         }
         app = procrastinate_app.current_app
+        # procrastinate's Django app applies its schema as migrations.
+        apply_schema = "./manage.py migrate"
         try:
             connector = app.connector
             if isinstance(connector, django_connector.DjangoConnector):
                 # As `manage.py procrastinate worker`: Django's own connections are not
                 # made for workers; a psycopg (or aiopg) connector on the same database.
                 with app.replace_connector(connector.get_worker_connector()):
-                    cli.execute(worker_options, app)
+                    cli.execute(worker_options, app, apply_schema=apply_schema)
             else:
-                cli.execute(worker_options, app)
+                cli.execute(worker_options, app, apply_schema=apply_schema)
         except cli.CliError as error:
             raise CommandError(str(error), returncode=error.exit_code) from error
