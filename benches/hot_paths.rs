@@ -10,6 +10,12 @@
 //! The hand-off's last step, turning a batch into Python objects, is measured by the
 //! end-to-end benchmark (`benches/e2e.py`), since it needs an interpreter.
 
+#![allow(
+    clippy::expect_used,
+    clippy::print_stderr,
+    reason = "a benchmark: set-up failures abort it, and it reports on stderr"
+)]
+
 use std::hint::black_box;
 use std::sync::Arc;
 

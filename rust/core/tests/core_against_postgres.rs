@@ -3,6 +3,12 @@
 //! `FASTWORKER_TEST_DSN` points at a server where we may create databases
 //! (default: `host=127.0.0.1 user=postgres dbname=postgres`).
 
+#![allow(
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test: a failed expectation fails the test"
+)]
+
 use std::time::Duration;
 
 use fastworker_core::{Completion, HandoffEvent, JobRow, Outcome, WorkerConfig, WorkerCore};
