@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import socket
@@ -219,6 +220,28 @@ async def test_a_metrics_port_in_use_is_a_clear_error_before_the_worker_starts(
     # Nothing started: no worker registered, no connection left.
     assert fetch_all(dsn, "SELECT count(*) FROM procrastinate_workers") == [(0,)]
     assert worker.metrics_server is None
+
+
+async def test_serving_metrics_is_logged_on_fastworkers_own_logger(
+    app: procrastinate.App, caplog: pytest.LogCaptureFixture
+) -> None:
+    """procrastinate's worker serves no metrics: the line saying where they are served is
+    fastworker's (`fastworker.metrics`), not on the `procrastinate.worker` logger."""
+    caplog.set_level(logging.INFO)
+    worker = running_worker(app)
+    run = asyncio.create_task(worker.run())
+    try:
+        port = await served_port(worker)
+    finally:
+        worker.stop()
+        await run
+    served = [
+        record
+        for record in caplog.records
+        if getattr(record, "action", None) == "metrics_server_started"
+    ]
+    assert [record.name for record in served] == ["fastworker.metrics"], served
+    assert f"127.0.0.1:{port}/metrics" in served[0].getMessage()
 
 
 def test_a_privileged_or_busy_metrics_port_is_one_line_from_the_cli(
