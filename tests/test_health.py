@@ -54,6 +54,38 @@ async def wait_for_health(
         await asyncio.sleep(0.05)
 
 
+def idle_worker(
+    app: procrastinate.App,
+    *,
+    polling: float,
+    response_timeout: float,
+    stalled_worker_timeout: float,
+) -> fastworker.Worker:
+    """A worker serving /healthz on a free port, whose connections see no statement for
+    long: a claim poll every `polling` seconds, a heartbeat every 30 s."""
+    return fastworker.Worker(
+        app,
+        metrics_port=0,
+        metrics_address="127.0.0.1",
+        install_signal_handlers=False,
+        fetch_job_polling_interval=polling,
+        update_heartbeat_interval=30,
+        stalled_worker_timeout=stalled_worker_timeout,
+        response_timeout=response_timeout,
+        reconnect_timeout=120,
+    )
+
+
+async def started(worker: fastworker.Worker, run: asyncio.Task[None]) -> int:
+    """The metrics port of `worker` (run by `run`), once it has registered."""
+    deadline = time.monotonic() + PATIENCE
+    while worker.metrics_server is None or worker.worker_id is None:
+        assert not run.done(), run
+        assert time.monotonic() < deadline, "the worker never started"
+        await asyncio.sleep(0.05)
+    return int(worker.metrics_server.port)
+
+
 def allow_connections(database: str, allowed: bool) -> None:
     with psycopg.connect(ADMIN_DSN, autocommit=True) as connection:
         connection.execute(
@@ -83,25 +115,12 @@ async def test_healthz_names_idle_connections_that_died_within_the_response_time
     async def ok() -> None:
         return None
 
-    worker = fastworker.Worker(
-        app,
-        metrics_port=0,
-        metrics_address="127.0.0.1",
-        install_signal_handlers=False,
-        fetch_job_polling_interval=60,
-        update_heartbeat_interval=30,
-        stalled_worker_timeout=120,
-        response_timeout=RESPONSE_TIMEOUT,
-        reconnect_timeout=120,
+    worker = idle_worker(
+        app, polling=60, response_timeout=RESPONSE_TIMEOUT, stalled_worker_timeout=120
     )
     run = asyncio.create_task(worker.run())
     try:
-        deadline = time.monotonic() + PATIENCE
-        while worker.metrics_server is None or worker.worker_id is None:
-            assert not run.done(), run
-            assert time.monotonic() < deadline, "the worker never started"
-            await asyncio.sleep(0.05)
-        port = int(worker.metrics_server.port)
+        port = await started(worker, run)
         healthy = await wait_for_health(port, 200, "/healthz 200 at start")
         assert healthy["problems"] == []
         # The three connections of the core are open.
@@ -193,25 +212,12 @@ async def test_a_terminated_listen_connection_shows_at_once_and_listening_resume
     async def ok() -> None:
         return None
 
-    worker = fastworker.Worker(
-        app,
-        metrics_port=0,
-        metrics_address="127.0.0.1",
-        install_signal_handlers=False,
-        fetch_job_polling_interval=3600,
-        update_heartbeat_interval=30,
-        stalled_worker_timeout=SLOW_PING * 3,
-        response_timeout=SLOW_PING,
-        reconnect_timeout=SLOW_PING,
+    worker = idle_worker(
+        app, polling=3600, response_timeout=SLOW_PING, stalled_worker_timeout=SLOW_PING * 3
     )
     run = asyncio.create_task(worker.run())
     try:
-        deadline = time.monotonic() + PATIENCE
-        while worker.metrics_server is None or worker.worker_id is None:
-            assert not run.done(), run
-            assert time.monotonic() < deadline, "the worker never started"
-            await asyncio.sleep(0.05)
-        port = int(worker.metrics_server.port)
+        port = await started(worker, run)
         await wait_for_health(port, 200, "/healthz 200 at start")
         await wait_until_listening(dsn)
         assert await asyncio.to_thread(listener_gauge, port) == 1
