@@ -238,6 +238,10 @@ class Metrics:
         """(queue, status, jobs) as last sampled"""
     @property
     def queue_depth_age(self) -> float | None: ...
+    @property
+    def queue_due(self) -> list[tuple[str, int, int, float | None]]:
+        """(queue, todo jobs due now, scheduled for later, seconds the oldest due job has
+        been due) as last sampled"""
 
 class FastworkerError(Exception): ...
 class ConfigurationError(FastworkerError): ...

@@ -270,6 +270,7 @@ class Worker(Periodic):
 
     def _start_metrics_server(self) -> None:
         from fastworker.metrics import CoreCollector, MetricsServer, health
+        from fastworker.metrics import logger as metrics_logger
 
         assert self.metrics_port is not None
         collector = CoreCollector(lambda: self._core, lambda: len(self._running_jobs))
@@ -280,7 +281,8 @@ class Worker(Periodic):
             collector,
             lambda: health(self._core, roles, self.stalled_worker_timeout),
         )
-        logger.info(
+        # fastworker's own logger: procrastinate's worker serves no metrics.
+        metrics_logger.info(
             f"Serving metrics on {self.metrics_address}:{self.metrics_server.port}/metrics "
             "(and /healthz)",
             extra={"action": "metrics_server_started", "port": self.metrics_server.port},

@@ -351,7 +351,8 @@ pub fn log_recovery(handoff: &HandoffSender, recovered: &Recovered) {
 }
 
 /// The queues with the most jobs keep their label, at most [`MAX_LABEL_VALUES`] of them;
-/// the others are summed under [`OTHER_LABEL`], by status.
+/// the others are summed under [`OTHER_LABEL`], by status (their due jobs summed too, and
+/// the oldest due job the oldest of theirs).
 pub fn cap_queue_depth(mut depth: Vec<QueueDepth>) -> Vec<QueueDepth> {
     let mut totals: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
     for entry in &depth {
@@ -367,19 +368,30 @@ pub fn cap_queue_depth(mut depth: Vec<QueueDepth>) -> Vec<QueueDepth> {
         .take(MAX_LABEL_VALUES - 1)
         .map(|(queue, _)| queue)
         .collect();
-    let mut other: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    let mut other: std::collections::BTreeMap<String, QueueDepth> =
+        std::collections::BTreeMap::new();
     depth.retain(|entry| {
         if kept.contains(&entry.queue) {
             return true;
         }
-        *other.entry(entry.status.clone()).or_default() += entry.jobs;
+        let summed = other
+            .entry(entry.status.clone())
+            .or_insert_with(|| QueueDepth {
+                queue: OTHER_LABEL.to_string(),
+                status: entry.status.clone(),
+                jobs: 0,
+                due: 0,
+                oldest_due_age: None,
+            });
+        summed.jobs += entry.jobs;
+        summed.due += entry.due;
+        summed.oldest_due_age = match (summed.oldest_due_age, entry.oldest_due_age) {
+            (Some(age), Some(other_age)) => Some(age.max(other_age)),
+            (age, other_age) => age.or(other_age),
+        };
         false
     });
-    depth.extend(other.into_iter().map(|(status, jobs)| QueueDepth {
-        queue: OTHER_LABEL.to_string(),
-        status,
-        jobs,
-    }));
+    depth.extend(other.into_values());
     depth
 }
 
@@ -816,10 +828,16 @@ impl Registry {
         let mut depth = Vec::with_capacity(rows.len());
         for row in &rows {
             let jobs: i64 = row.try_get(2).map_err(|error| Failed::new(&error))?;
+            let due: i64 = row.try_get(3).map_err(|error| Failed::new(&error))?;
+            let oldest_due_age: Option<f64> =
+                row.try_get(4).map_err(|error| Failed::new(&error))?;
             depth.push(QueueDepth {
                 queue: row.try_get(0).map_err(|error| Failed::new(&error))?,
                 status: row.try_get(1).map_err(|error| Failed::new(&error))?,
                 jobs: u64::try_from(jobs).unwrap_or(0),
+                due: u64::try_from(due).unwrap_or(0),
+                // A clock step on the server could make it negative: a job just due.
+                oldest_due_age: oldest_due_age.map(|age| age.max(0.0)),
             });
         }
         let depth = cap_queue_depth(depth);
@@ -1100,10 +1118,15 @@ mod tests {
     fn the_queue_depth_keeps_the_deepest_queues_and_sums_the_others() {
         let depth: Vec<QueueDepth> = (0..150u64)
             .flat_map(|index| {
-                ["todo", "doing"].map(|status| QueueDepth {
-                    queue: format!("q{index}"),
-                    status: status.to_string(),
-                    jobs: index,
+                ["todo", "doing"].map(|status| {
+                    let todo = status == "todo";
+                    QueueDepth {
+                        queue: format!("q{index}"),
+                        status: status.to_string(),
+                        jobs: index,
+                        due: if todo { index / 2 } else { 0 },
+                        oldest_due_age: todo.then_some(index as f64),
+                    }
                 })
             })
             .collect();
@@ -1122,6 +1145,17 @@ mod tests {
         };
         assert_eq!(total("todo"), (0..150).sum::<u64>());
         assert_eq!(total("doing"), (0..150).sum::<u64>());
+        let due: u64 = capped.iter().map(|entry| entry.due).sum();
+        assert_eq!(due, (0..150u64).map(|index| index / 2).sum::<u64>());
+        // The queues summed under `other` (q0 to q50): their oldest due job is the oldest.
+        let other = |status: &str| {
+            capped
+                .iter()
+                .find(|entry| entry.queue == OTHER_LABEL && entry.status == status)
+                .map(|entry| entry.oldest_due_age)
+        };
+        assert_eq!(other("todo"), Some(Some(50.0)));
+        assert_eq!(other("doing"), Some(None));
     }
 
     #[test]

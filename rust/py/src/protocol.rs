@@ -257,10 +257,18 @@ pub struct Metrics {
     pub queue_depth: Vec<(String, String, u64)>,
     /// Seconds since the queue depth was sampled (None: never).
     pub queue_depth_age: Option<f64>,
+    /// (queue, todo jobs due now, todo jobs scheduled for later, seconds the oldest due
+    /// job has been due, None: none is due) for each sampled queue.
+    pub queue_due: Vec<(String, u64, u64, Option<f64>)>,
 }
 
 pub fn metrics_to_python(py: Python<'_>, snapshot: MetricsSnapshot) -> PyResult<Metrics> {
     let histogram = |histogram: &CoreHistogram| Py::new(py, Histogram::from(histogram));
+    let queue_due = snapshot
+        .due_by_queue()
+        .into_iter()
+        .map(|queue| (queue.queue, queue.due, queue.not_due, queue.oldest_due_age))
+        .collect();
     Ok(Metrics {
         claimed: snapshot
             .claimed
@@ -319,6 +327,7 @@ pub fn metrics_to_python(py: Python<'_>, snapshot: MetricsSnapshot) -> PyResult<
         queue_depth_age: snapshot
             .queue_depth_sampled
             .map(|at| at.elapsed().as_secs_f64()),
+        queue_due,
     })
 }
 
