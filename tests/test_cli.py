@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -93,6 +94,15 @@ def run_cli(
         text=True,
         timeout=timeout,
         stdin=subprocess.DEVNULL,
+    )
+
+
+def run_worker(
+    app_dir: Path, dsn: str, *flags: str, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """`fastworker --app cli_test_app.app worker FLAGS` until it exits."""
+    return run_cli(
+        "--app", "cli_test_app.app", "worker", *flags, cwd=app_dir, env=cli_env(dsn, **env)
     )
 
 
@@ -328,6 +338,56 @@ def test_signal_stops_the_worker_cleanly(
     assert status_counts(dsn) == {"succeeded": 201}
     assert fetch_all(dsn, "SELECT count(*) FROM procrastinate_workers") == [(0,)]
     assert "Stopped worker" in stderr
+
+
+def test_a_second_signal_says_it_aborts_the_running_job(
+    worker_process: Callable[..., subprocess.Popen[str]], dsn: str
+) -> None:
+    """Without --shutdown-graceful-timeout, the abort is the second signal's doing, and the
+    log says so (not "after graceful timeout")."""
+    process = worker_process("--log-level", "info")
+    defer(dsn, "sleepy", [{}])
+    wait_until(
+        lambda: status_counts(dsn) == {"doing": 1} or process.poll() is not None,
+        "the sleepy job to run",
+        lambda: status_counts(dsn),
+    )
+    # Two signals sent at once may arrive as one: the second goes once the first is seen.
+    assert process.stderr is not None
+    lines: list[str] = []
+    stream = process.stderr
+
+    def read_lines() -> None:
+        for line in stream:
+            lines.append(line)
+
+    reader = threading.Thread(target=read_lines, daemon=True)
+    reader.start()
+    process.send_signal(signal.SIGTERM)
+    wait_until(
+        lambda: (
+            any("Waiting for job to finish" in line for line in lines) or process.poll() is not None
+        ),
+        "the first signal to be handled",
+        lambda: lines,
+    )
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=PATIENCE)
+    reader.join(timeout=PATIENCE)
+    stderr = "".join(lines)
+
+    assert process.returncode == 0, stderr
+    assert "1 jobs still running after a second stop signal or cancel. Aborting them" in stderr
+    assert "graceful timeout" not in stderr
+
+
+def test_max_jobs_says_why_the_worker_stops(app_dir: Path, dsn: str) -> None:
+    defer(dsn, "quick", [{"value": i} for i in range(5)])
+    result = run_worker(app_dir, dsn, "--max-jobs", "2", "--log-level", "info")
+    assert result.returncode == 0, result.stderr
+    assert "Claimed max_jobs=2 jobs. Stopping worker once they have run" in result.stderr
+    assert "No job found" not in result.stderr
+    assert status_counts(dsn) == {"succeeded": 2, "todo": 3}
 
 
 # --- database errors ----------------------------------------------------------------------

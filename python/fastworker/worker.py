@@ -173,6 +173,7 @@ class Worker(Periodic):
         self._hard_stop.clear()
         self._fatal_error = None
         self._drained = False
+        self._jobs_claimed = 0
         self._signals_received = 0
         self._loop = asyncio.get_running_loop()
         self.run_task = asyncio.current_task()
@@ -308,8 +309,11 @@ class Worker(Periodic):
         try:
             await utils.wait_any(self._stop_event.wait(), asyncio.shield(events_task))
             if self._drained:
+                max_jobs_reached = self.max_jobs is not None and self._jobs_claimed >= self.max_jobs
                 self.logger.info(
-                    "No job found. Stopping worker because wait=False",
+                    f"Claimed max_jobs={self.max_jobs} jobs. Stopping worker once they have run"
+                    if max_jobs_reached
+                    else "No job found. Stopping worker because wait=False",
                     extra=self._log_extra(
                         context=None, action="stop_worker", queues=self.queues, job_result=None
                     ),
