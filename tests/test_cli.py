@@ -202,6 +202,32 @@ def test_bad_environment_variable_exit_2(app_dir: Path, dsn: str) -> None:
     assert len(error_lines(result.stderr)) == 1
 
 
+@pytest.mark.parametrize(
+    "variable", ["PROCRASTINATE_WORKER_LISTEN_NOTIFY", "PROCRASTINATE_WORKER_WAIT"]
+)
+def test_a_bad_boolean_variable_is_named_with_the_accepted_values(
+    app_dir: Path, dsn: str, variable: str
+) -> None:
+    result = run_worker(app_dir, dsn, **{variable: "off"})
+    assert result.returncode == 2, result.stderr
+    assert error_lines(result.stderr) == [
+        f"fastworker: error: invalid value in ${variable}: 'off' is not a boolean; as "
+        "procrastinate reads it, a value starting with 1, y or t is true (1, yes, true) and "
+        "one starting with 0, n or f is false (0, no, false)"
+    ]
+
+
+def test_a_boolean_variable_is_read_as_procrastinate_reads_it(app_dir: Path, dsn: str) -> None:
+    """Any word starting with 0/n/f is false: `no` turns LISTEN/NOTIFY off, `never` turns
+    waiting off (the worker stops once the queue is empty)."""
+    defer(dsn, "quick", [{"value": 1}])
+    result = run_worker(
+        app_dir, dsn, PROCRASTINATE_WORKER_LISTEN_NOTIFY="no", PROCRASTINATE_WORKER_WAIT="never"
+    )
+    assert result.returncode == 0, result.stderr
+    assert status_counts(dsn) == {"succeeded": 1}
+
+
 # --- running ------------------------------------------------------------------------------
 
 

@@ -269,9 +269,34 @@ def _with_env_suffix(text: str, old_help: str | None) -> str:
     return text
 
 
+# procrastinate's worker variables that it reads as booleans (its `env_bool`).
+PROCRASTINATE_BOOLEAN_VARIABLES = ("WORKER_WAIT", "WORKER_LISTEN_NOTIFY")
+
+
+def _check_procrastinate_booleans() -> None:
+    """procrastinate reads these by their first letter (0/n/f or 1/y/t) and, on any other,
+    fails while building its parser with a message that names neither the variable nor the
+    value: the same rule, checked first, with both named."""
+    for name in PROCRASTINATE_BOOLEAN_VARIABLES:
+        variable = f"{procrastinate_cli.ENV_PREFIX}_{name}"
+        value = os.environ.get(variable, "")
+        if not value:  # empty is unset, as for procrastinate
+            continue
+        try:
+            procrastinate_cli.env_bool(value)
+        except argparse.ArgumentTypeError:
+            raise CliError(
+                f"invalid value in ${variable}: {value!r} is not a boolean; as procrastinate "
+                "reads it, a value starting with 1, y or t is true (1, yes, true) and one "
+                "starting with 0, n or f is false (0, no, false)",
+                EXIT_USAGE,
+            ) from None
+
+
 def _configure_worker_parser(
     subparsers: argparse._SubParsersAction[Any],
 ) -> argparse.ArgumentParser:
+    _check_procrastinate_booleans()
     # procrastinate's own `worker` subcommand: same flags, same PROCRASTINATE_WORKER_* vars.
     procrastinate_cli.configure_worker_parser(subparsers)
     worker = subparsers.choices["worker"]
