@@ -302,6 +302,28 @@ def test_fastworker_flags_reach_the_worker(app_dir: Path, dsn: str) -> None:
     assert sorted(rows) == [("quick", "succeeded", 30), ("sleepy", "failed", 1)]
 
 
+def test_an_unknown_task_in_task_timeouts_is_a_usage_error(app_dir: Path, dsn: str) -> None:
+    defer(dsn, "quick", [{"value": 1}])
+    result = run_worker(app_dir, dsn, "--one-shot", "--task-timeouts", "sleepx=1")
+    assert result.returncode == 2, result.stderr
+    assert error_lines(result.stderr) == [
+        "fastworker: error: invalid worker settings: task_timeouts: no task named 'sleepx' "
+        "in the app; did you mean 'sleepy'?"
+    ]
+    assert status_counts(dsn) == {"todo": 1}
+
+
+def test_a_queue_limit_no_task_uses_is_warned_about(app_dir: Path, dsn: str) -> None:
+    defer(dsn, "quick", [{"value": 1}])
+    result = run_worker(app_dir, dsn, "--one-shot", "--queue-concurrency", "emials=1")
+    assert result.returncode == 0, result.stderr
+    assert (
+        "queue_concurrency names the queue 'emials', which no task of the app is declared on "
+        "(tasks use 'builtin', 'default')" in result.stderr
+    )
+    assert status_counts(dsn) == {"succeeded": 1}
+
+
 @pytest.fixture
 def worker_process(app_dir: Path, dsn: str) -> Iterator[Callable[..., subprocess.Popen[str]]]:
     processes: list[subprocess.Popen[str]] = []
