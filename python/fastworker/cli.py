@@ -436,10 +436,16 @@ def _add_option(group: argparse._ArgumentGroup, option: options.Option) -> None:
         )
 
 
-def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+# The logging flags' destinations: the Django command leaves them out (settings.LOGGING
+# configures logging there).
+LOGGING_DESTS = ("verbose", "log_level", "log_format", "log_format_style")
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser, *, logging_flags: bool = True) -> None:
     """The flags of ``fastworker worker``, on another parser (the Django command's): the
     same actions, so the same spelling, types, checks and environment variables. Not
-    ``--app``, and no flag string the parser has already (Django's ``-v``, ``-h``)."""
+    ``--app``, nor the logging flags unless ``logging_flags``, and no flag string the
+    parser has already (Django's ``-v``, ``-h``)."""
     holder = argparse.ArgumentParser(add_help=False)
     worker = _configure_worker_parser(holder.add_subparsers())
     taken = set(parser._option_string_actions)
@@ -450,10 +456,16 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     worker._actions = [
         action
         for action in worker._actions
-        if action.option_strings and action.dest not in ("help", "app")
+        if action.option_strings
+        and action.dest not in ("help", "app")
+        and (logging_flags or action.dest not in LOGGING_DESTS)
     ]
     for group in worker._action_groups + worker._mutually_exclusive_groups:
         group._group_actions = [a for a in group._group_actions if a in worker._actions]
+    # An emptied exclusive group (the logging flags left out) breaks argparse's usage.
+    worker._mutually_exclusive_groups = [
+        g for g in worker._mutually_exclusive_groups if g._group_actions
+    ]
     parser._add_container_actions(worker)
     parser.set_defaults(**{key: value for key, value in worker._defaults.items() if key != "func"})
 
