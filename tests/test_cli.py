@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -94,6 +95,15 @@ def run_cli(
     *args: str, cwd: Path, env: dict[str, str], timeout: float = PATIENCE
 ) -> subprocess.CompletedProcess[str]:
     return run_command(fastworker_command(*args), cwd=cwd, env=env, timeout=timeout)
+
+
+def run_worker(
+    app_dir: Path, dsn: str, *flags: str, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """`fastworker --app cli_test_app.app worker FLAGS` until it exits."""
+    return run_cli(
+        "--app", "cli_test_app.app", "worker", *flags, cwd=app_dir, env=cli_env(dsn, **env)
+    )
 
 
 def wait_until(
@@ -192,6 +202,32 @@ def test_bad_environment_variable_exit_2(app_dir: Path, dsn: str) -> None:
     assert len(error_lines(result.stderr)) == 1
 
 
+@pytest.mark.parametrize(
+    "variable", ["PROCRASTINATE_WORKER_LISTEN_NOTIFY", "PROCRASTINATE_WORKER_WAIT"]
+)
+def test_a_bad_boolean_variable_is_named_with_the_accepted_values(
+    app_dir: Path, dsn: str, variable: str
+) -> None:
+    result = run_worker(app_dir, dsn, **{variable: "off"})
+    assert result.returncode == 2, result.stderr
+    assert error_lines(result.stderr) == [
+        f"fastworker: error: invalid value in ${variable}: 'off' is not a boolean; as "
+        "procrastinate reads it, a value starting with 1, y or t is true (1, yes, true) and "
+        "one starting with 0, n or f is false (0, no, false)"
+    ]
+
+
+def test_a_boolean_variable_is_read_as_procrastinate_reads_it(app_dir: Path, dsn: str) -> None:
+    """Any word starting with 0/n/f is false: `no` turns LISTEN/NOTIFY off, `never` turns
+    waiting off (the worker stops once the queue is empty)."""
+    defer(dsn, "quick", [{"value": 1}])
+    result = run_worker(
+        app_dir, dsn, PROCRASTINATE_WORKER_LISTEN_NOTIFY="no", PROCRASTINATE_WORKER_WAIT="never"
+    )
+    assert result.returncode == 0, result.stderr
+    assert status_counts(dsn) == {"succeeded": 1}
+
+
 # --- running ------------------------------------------------------------------------------
 
 
@@ -266,6 +302,28 @@ def test_fastworker_flags_reach_the_worker(app_dir: Path, dsn: str) -> None:
     assert sorted(rows) == [("quick", "succeeded", 30), ("sleepy", "failed", 1)]
 
 
+def test_an_unknown_task_in_task_timeouts_is_a_usage_error(app_dir: Path, dsn: str) -> None:
+    defer(dsn, "quick", [{"value": 1}])
+    result = run_worker(app_dir, dsn, "--one-shot", "--task-timeouts", "sleepx=1")
+    assert result.returncode == 2, result.stderr
+    assert error_lines(result.stderr) == [
+        "fastworker: error: invalid worker settings: task_timeouts: no task named 'sleepx' "
+        "in the app; did you mean 'sleepy'?"
+    ]
+    assert status_counts(dsn) == {"todo": 1}
+
+
+def test_a_queue_limit_no_task_uses_is_warned_about(app_dir: Path, dsn: str) -> None:
+    defer(dsn, "quick", [{"value": 1}])
+    result = run_worker(app_dir, dsn, "--one-shot", "--queue-concurrency", "emials=1")
+    assert result.returncode == 0, result.stderr
+    assert (
+        "queue_concurrency names the queue 'emials', which no task of the app is declared on "
+        "(tasks use 'builtin', 'default')" in result.stderr
+    )
+    assert status_counts(dsn) == {"succeeded": 1}
+
+
 @pytest.fixture
 def worker_process(app_dir: Path, dsn: str) -> Iterator[Callable[..., subprocess.Popen[str]]]:
     processes: list[subprocess.Popen[str]] = []
@@ -328,6 +386,56 @@ def test_signal_stops_the_worker_cleanly(
     assert status_counts(dsn) == {"succeeded": 201}
     assert fetch_all(dsn, "SELECT count(*) FROM procrastinate_workers") == [(0,)]
     assert "Stopped worker" in stderr
+
+
+def test_a_second_signal_says_it_aborts_the_running_job(
+    worker_process: Callable[..., subprocess.Popen[str]], dsn: str
+) -> None:
+    """Without --shutdown-graceful-timeout, the abort is the second signal's doing, and the
+    log says so (not "after graceful timeout")."""
+    process = worker_process("--log-level", "info")
+    defer(dsn, "sleepy", [{}])
+    wait_until(
+        lambda: status_counts(dsn) == {"doing": 1} or process.poll() is not None,
+        "the sleepy job to run",
+        lambda: status_counts(dsn),
+    )
+    # Two signals sent at once may arrive as one: the second goes once the first is seen.
+    assert process.stderr is not None
+    lines: list[str] = []
+    stream = process.stderr
+
+    def read_lines() -> None:
+        for line in stream:
+            lines.append(line)
+
+    reader = threading.Thread(target=read_lines, daemon=True)
+    reader.start()
+    process.send_signal(signal.SIGTERM)
+    wait_until(
+        lambda: (
+            any("Waiting for job to finish" in line for line in lines) or process.poll() is not None
+        ),
+        "the first signal to be handled",
+        lambda: lines,
+    )
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=PATIENCE)
+    reader.join(timeout=PATIENCE)
+    stderr = "".join(lines)
+
+    assert process.returncode == 0, stderr
+    assert "1 jobs still running after a second stop signal or cancel. Aborting them" in stderr
+    assert "graceful timeout" not in stderr
+
+
+def test_max_jobs_says_why_the_worker_stops(app_dir: Path, dsn: str) -> None:
+    defer(dsn, "quick", [{"value": i} for i in range(5)])
+    result = run_worker(app_dir, dsn, "--max-jobs", "2", "--log-level", "info")
+    assert result.returncode == 0, result.stderr
+    assert "Claimed max_jobs=2 jobs. Stopping worker once they have run" in result.stderr
+    assert "No job found" not in result.stderr
+    assert status_counts(dsn) == {"succeeded": 2, "todo": 3}
 
 
 # --- database errors ----------------------------------------------------------------------

@@ -12,7 +12,7 @@ import procrastinate
 import pytest
 
 import fastworker
-from fastworker import _core, options
+from fastworker import _core, options, synopsis
 from fastworker.cli import create_parser
 from fastworker.connection import params_from_dsn
 from tests.reliability.helpers import REPO
@@ -133,3 +133,14 @@ async def test_the_core_takes_every_option_the_worker_hands_it(
 def test_the_core_refuses_an_option_it_does_not_know_by_name() -> None:
     with pytest.raises(_core.ConfigurationError, match="concurency"):
         _core.WorkerCore.start({"connection": {"dbname": "x"}, "concurency": 2})
+
+
+def test_the_readme_synopsis_is_the_parsers_usage() -> None:
+    """The README's synopsis of the command (``python -m fastworker.synopsis`` prints it)
+    lists every flag `fastworker --help` and `fastworker worker --help` show, spelled as
+    they show them."""
+    expected = f"```text\n{synopsis.synopsis()}\n```"
+    readme = (REPO / "README.md").read_text()
+    assert expected in readme, f"the README's synopsis should be:\n{expected}"
+    for flag in ("--pooler", "--listen-dsn", "--metrics-duration-buckets", "[-w]", "[-l]"):
+        assert flag in expected

@@ -282,9 +282,34 @@ def _with_env_suffix(text: str, old_help: str | None) -> str:
     return text
 
 
+# procrastinate's worker variables that it reads as booleans (its `env_bool`).
+PROCRASTINATE_BOOLEAN_VARIABLES = ("WORKER_WAIT", "WORKER_LISTEN_NOTIFY")
+
+
+def _check_procrastinate_booleans() -> None:
+    """procrastinate reads these by their first letter (0/n/f or 1/y/t) and, on any other,
+    fails while building its parser with a message that names neither the variable nor the
+    value: the same rule, checked first, with both named."""
+    for name in PROCRASTINATE_BOOLEAN_VARIABLES:
+        variable = f"{procrastinate_cli.ENV_PREFIX}_{name}"
+        value = os.environ.get(variable, "")
+        if not value:  # empty is unset, as for procrastinate
+            continue
+        try:
+            procrastinate_cli.env_bool(value)
+        except argparse.ArgumentTypeError:
+            raise CliError(
+                f"invalid value in ${variable}: {value!r} is not a boolean; as procrastinate "
+                "reads it, a value starting with 1, y or t is true (1, yes, true) and one "
+                "starting with 0, n or f is false (0, no, false)",
+                EXIT_USAGE,
+            ) from None
+
+
 def _configure_worker_parser(
     subparsers: argparse._SubParsersAction[Any],
 ) -> argparse.ArgumentParser:
+    _check_procrastinate_booleans()
     # procrastinate's own `worker` subcommand: same flags, same PROCRASTINATE_WORKER_* vars.
     procrastinate_cli.configure_worker_parser(subparsers)
     worker = subparsers.choices["worker"]
@@ -424,10 +449,16 @@ def _add_option(group: argparse._ArgumentGroup, option: options.Option) -> None:
         )
 
 
-def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+# The logging flags' destinations: the Django command leaves them out (settings.LOGGING
+# configures logging there).
+LOGGING_DESTS = ("verbose", "log_level", "log_format", "log_format_style")
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser, *, logging_flags: bool = True) -> None:
     """The flags of ``fastworker worker``, on another parser (the Django command's): the
     same actions, so the same spelling, types, checks and environment variables. Not
-    ``--app``, and no flag string the parser has already (Django's ``-v``, ``-h``)."""
+    ``--app``, nor the logging flags unless ``logging_flags``, and no flag string the
+    parser has already (Django's ``-v``, ``-h``)."""
     holder = argparse.ArgumentParser(add_help=False)
     worker = _configure_worker_parser(holder.add_subparsers())
     taken = set(parser._option_string_actions)
@@ -438,10 +469,16 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     worker._actions = [
         action
         for action in worker._actions
-        if action.option_strings and action.dest not in ("help", "app")
+        if action.option_strings
+        and action.dest not in ("help", "app")
+        and (logging_flags or action.dest not in LOGGING_DESTS)
     ]
     for group in worker._action_groups + worker._mutually_exclusive_groups:
         group._group_actions = [a for a in group._group_actions if a in worker._actions]
+    # An emptied exclusive group (the logging flags left out) breaks argparse's usage.
+    worker._mutually_exclusive_groups = [
+        g for g in worker._mutually_exclusive_groups if g._group_actions
+    ]
     parser._add_container_actions(worker)
     parser.set_defaults(**{key: value for key, value in worker._defaults.items() if key != "func"})
 

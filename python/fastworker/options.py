@@ -231,7 +231,8 @@ OPTIONS: tuple[Option, ...] = (
         None,
         mapping_of(positive_int),
         'per-queue limit within concurrency, enforced when claiming: `{"emails": 5}`, '
-        "`--queue-concurrency emails=5`",
+        "`--queue-concurrency emails=5`; a queue that no task of the app is declared on is "
+        "warned about at start",
         form="mapping",
         parse=_number(int),
         metavar="QUEUE=N",
@@ -262,7 +263,9 @@ OPTIONS: tuple[Option, ...] = (
         None,
         mapping_of(positive_seconds),
         'per-task timeouts over job_timeout: `{"task name": seconds}`, '
-        "`--task-timeouts name=SECONDS`",
+        "`--task-timeouts name=SECONDS`; a name is the task's registered name (or alias), or "
+        "the last dotted part of exactly one task's name (`sleepy` for `mypkg.tasks.sleepy`); "
+        "an unknown or ambiguous name is refused at start",
         form="mapping",
         parse=_number(float),
         metavar="TASK=SECONDS",

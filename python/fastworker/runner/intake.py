@@ -149,6 +149,7 @@ class Intake(Timeouts):
         for event in events:
             match event:
                 case _core.Event.Jobs(jobs=claimed):
+                    self._jobs_claimed += len(claimed)
                     for row in claimed:
                         self._start_job(row)
                 case _core.Event.Abort(job_ids=job_ids):
