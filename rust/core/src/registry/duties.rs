@@ -72,13 +72,47 @@ pub struct HeartbeatWatch {
     late: bool,
 }
 
+/// What a heartbeat round changed that is worth saying.
+#[derive(Debug, PartialEq)]
+enum HeartbeatNews {
+    /// Written again after it was known late, this long after the last write.
+    WrittenAgain { after: Duration },
+    /// Not written for `since`, past `stalled_worker_timeout`: said once per lateness.
+    Late { since: Duration },
+}
+
 impl HeartbeatWatch {
     /// The heartbeat was just written (registering the worker writes the first one).
     pub fn new() -> Self {
+        Self::written_at(Instant::now())
+    }
+
+    fn written_at(now: Instant) -> Self {
         HeartbeatWatch {
-            written: Instant::now(),
+            written: now,
             late: false,
         }
+    }
+
+    /// Note one heartbeat round at `now` (`written`: whether it was); what to say, if
+    /// anything.
+    fn round(
+        &mut self,
+        now: Instant,
+        written: bool,
+        stalled_worker_timeout: Duration,
+    ) -> Option<HeartbeatNews> {
+        let since = now.saturating_duration_since(self.written);
+        if written {
+            let was_late = self.late;
+            *self = Self::written_at(now);
+            return was_late.then_some(HeartbeatNews::WrittenAgain { after: since });
+        }
+        if self.late || since < stalled_worker_timeout {
+            return None;
+        }
+        self.late = true;
+        Some(HeartbeatNews::Late { since })
     }
 }
 
@@ -236,42 +270,38 @@ impl Registry {
     /// cancelled here as soon as the dispatcher sees they are no longer this worker's
     /// ([`sql::LOST_CLAIMS`]); cancelling the others would lose their work for nothing.
     fn watch_heartbeat(&mut self, written: bool) {
-        let watch = &mut self.heartbeat_watch;
-        if written {
-            if watch.late {
+        let news = self
+            .heartbeat_watch
+            .round(Instant::now(), written, self.stalled_worker_timeout);
+        match news {
+            None => {}
+            Some(HeartbeatNews::WrittenAgain { after }) => self.handoff.log(
+                LogLevel::Warning,
+                "heartbeat_written_again",
+                format!(
+                    "The heartbeat of worker {} is written again, after {:.1} s",
+                    self.identity.current(),
+                    after.as_secs_f64()
+                ),
+            ),
+            Some(HeartbeatNews::Late { since }) => {
+                self.handoff.metrics().heartbeat_late();
                 self.handoff.log(
-                    LogLevel::Warning,
-                    "heartbeat_written_again",
+                    LogLevel::Error,
+                    "heartbeat_late",
                     format!(
-                        "The heartbeat of worker {} is written again, after {:.1} s",
+                        "The heartbeat of worker {} has not been written for {:.1} s, longer than \
+                         stalled_worker_timeout ({} s): other workers may take it for stalled and \
+                         run its {} running jobs again. They go on here; any that another worker \
+                         takes back is cancelled here once this worker sees it",
                         self.identity.current(),
-                        watch.written.elapsed().as_secs_f64()
+                        since.as_secs_f64(),
+                        self.stalled_worker_timeout.as_secs_f64(),
+                        self.in_flight.load(Ordering::Relaxed),
                     ),
                 );
             }
-            *watch = HeartbeatWatch::new();
-            return;
         }
-        let since = watch.written.elapsed();
-        if watch.late || since < self.stalled_worker_timeout {
-            return;
-        }
-        watch.late = true;
-        self.handoff.metrics().heartbeat_late();
-        self.handoff.log(
-            LogLevel::Error,
-            "heartbeat_late",
-            format!(
-                "The heartbeat of worker {} has not been written for {:.1} s, longer than \
-                 stalled_worker_timeout ({} s): other workers may take it for stalled and \
-                 run its {} running jobs again. They go on here; any that another worker \
-                 takes back is cancelled here once this worker sees it",
-                self.identity.current(),
-                since.as_secs_f64(),
-                self.stalled_worker_timeout.as_secs_f64(),
-                self.in_flight.load(Ordering::Relaxed),
-            ),
-        );
     }
 
     async fn heartbeat(&mut self) -> Result<(), Failed> {
@@ -491,6 +521,34 @@ mod tests {
         assert_eq!(
             heartbeat_step(seconds(30.0), never, seconds(7.0)),
             seconds(7.0)
+        );
+    }
+
+    #[test]
+    fn a_late_heartbeat_is_said_once_and_its_return_once() {
+        let timeout = Duration::from_secs(30);
+        let start = Instant::now();
+        let mut watch = HeartbeatWatch::written_at(start);
+        // Failures within the timeout: nothing to say.
+        assert_eq!(watch.round(start + timeout / 2, false, timeout), None);
+        assert_eq!(
+            watch.round(start + timeout, false, timeout),
+            Some(HeartbeatNews::Late { since: timeout })
+        );
+        // Still late: said once only.
+        assert_eq!(watch.round(start + timeout * 2, false, timeout), None);
+        assert_eq!(
+            watch.round(start + timeout * 3, true, timeout),
+            Some(HeartbeatNews::WrittenAgain { after: timeout * 3 })
+        );
+        // Written on time again: nothing, and a new lateness counts from the last write.
+        let written = start + timeout * 3;
+        assert_eq!(watch.round(written + timeout / 2, true, timeout), None);
+        assert_eq!(
+            watch.round(written + timeout * 2, false, timeout),
+            Some(HeartbeatNews::Late {
+                since: timeout * 3 / 2
+            })
         );
     }
 }
