@@ -42,5 +42,7 @@ pub use config::WorkerConfig;
 pub use errors::{CoreError, CoreResult};
 pub use metrics::{Metrics, MetricsSnapshot};
 pub use params::ConnectionParams;
-pub use protocol::{Completion, HandoffEvent, JobRow, LogLevel, LogRecord, Outcome, Reported};
+pub use protocol::{
+    Completion, FinishStatus, HandoffEvent, JobRow, LogLevel, LogRecord, Outcome, Reported,
+};
 pub use worker::WorkerCore;
