@@ -5,6 +5,7 @@ core cannot (an end status procrastinate does not have)."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 
@@ -16,6 +17,8 @@ from fastworker import _core
 from fastworker.connection import params_from_dsn
 from tests.helpers import wait_for_rows
 from tests.reliability.helpers import REPO
+
+STUB = REPO / "python" / "fastworker" / "_core.pyi"
 
 
 def run(*command: str) -> subprocess.CompletedProcess[str]:
@@ -37,6 +40,40 @@ def test_the_stub_of_the_native_module_matches_it() -> None:
 def test_the_package_type_checks() -> None:
     result = run("mypy")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def stub_event_kinds() -> tuple[list[str], list[str]]:
+    """The classes the stub declares in `Event`, one per kind, and the kinds its `_AnyEvent`
+    union names."""
+    module = ast.parse(STUB.read_text(encoding="utf-8"))
+    (event,) = (
+        node for node in module.body if isinstance(node, ast.ClassDef) and node.name == "Event"
+    )
+    (any_event,) = (
+        node.value
+        for node in module.body
+        if isinstance(node, ast.AnnAssign)
+        and isinstance(node.target, ast.Name)
+        and node.target.id == "_AnyEvent"
+    )
+    assert any_event is not None
+    members = [node.attr for node in ast.walk(any_event) if isinstance(node, ast.Attribute)]
+    return [node.name for node in event.body if isinstance(node, ast.ClassDef)], members
+
+
+def test_the_event_kinds_agree_across_the_core_the_binding_and_the_stub() -> None:
+    core = list(_core.EVENT_KINDS)
+    binding = [
+        name
+        for name, value in vars(_core.Event).items()
+        if isinstance(value, type) and issubclass(value, _core.Event)
+    ]
+    assert core and len(core) == len(set(core)), core
+    assert sorted(binding) == sorted(core)
+    classes, union = stub_event_kinds()
+    assert sorted(classes) == sorted(core)
+    # The union `match` statements narrow over, so that they end in assert_never.
+    assert sorted(union) == sorted(core)
 
 
 async def claimed_job(core: _core.WorkerCore) -> _core.Job:

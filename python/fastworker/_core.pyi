@@ -1,12 +1,13 @@
 """Type stub of the native module `fastworker._core` (Rust, PyO3)."""
 
 from collections.abc import Awaitable, Mapping, Sequence
-from typing import Any, ClassVar, final
+from typing import Any, ClassVar, TypeAlias, final
 
 from typing_extensions import Self, disjoint_base
 
 __all__ = [
     "CONNECTION_KEYWORDS",
+    "EVENT_KINDS",
     "ConfigurationError",
     "ConnectionLost",
     "DatabaseError",
@@ -53,6 +54,9 @@ class Job:
     def attempts(self) -> int: ...
     @property
     def worker_id(self) -> int | None: ...
+
+EVENT_KINDS: list[str]
+"""The kinds of `Event`, by their class names, as the core declares them."""
 
 @disjoint_base
 class Event:
@@ -115,6 +119,19 @@ class Event:
         def __new__(cls, error: BaseException) -> Self: ...
         @property
         def error(self) -> BaseException: ...
+
+_AnyEvent: TypeAlias = (
+    Event.Jobs
+    | Event.Abort
+    | Event.Drained
+    | Event.FetchingStopped
+    | Event.WorkerId
+    | Event.ClaimsLost
+    | Event.Log
+    | Event.Fatal
+)
+"""Any one event: the kinds of `Event` as a closed union, so that a `match` over them can
+end in `assert_never` (typing only: not in the module at runtime)."""
 
 @disjoint_base
 class Outcome:
@@ -265,9 +282,9 @@ class WorkerCore:
     def metrics(self) -> Metrics: ...
     def stop_fetching(self) -> None: ...
     def hard_stop(self) -> None: ...
-    def next_events(self, max_events: int = 4096) -> Awaitable[list[Event] | None]: ...
+    def next_events(self, max_events: int = 4096) -> Awaitable[list[_AnyEvent] | None]: ...
     def events_fd(self) -> int | None: ...
-    def take_events(self) -> list[Event] | None: ...
+    def take_events(self) -> list[_AnyEvent] | None: ...
     def shutdown(self) -> Awaitable[None]: ...
 
 def _quiesce_before_exit() -> None: ...

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from procrastinate import job_context, jobs
+from typing_extensions import assert_never
 
 from fastworker import _core, compat
 from fastworker.runner.state import claim_of, core_logger
@@ -145,7 +146,7 @@ class Intake(Timeouts):
             loop.remove_reader(fd)
         self._mark_fetching_stopped()
 
-    def _handle_events(self, events: list[_core.Event]) -> None:
+    def _handle_events(self, events: list[_core._AnyEvent]) -> None:
         for event in events:
             match event:
                 case _core.Event.Jobs(jobs=claimed):
@@ -166,6 +167,8 @@ class Intake(Timeouts):
                     self._stop_lost_claims(claims)
                 case _core.Event.Fatal(error=error):
                     self._on_core_failed(error)
+                case _:
+                    assert_never(event)
 
     def _on_core_failed(self, error: BaseException) -> None:
         if self._fatal_error is None:

@@ -189,9 +189,59 @@ pub enum HandoffEvent {
     ClaimsLost(Vec<(i64, i32)>),
 }
 
+impl HandoffEvent {
+    /// The kinds of event, by the names of the runner's `Event` classes: the binding makes
+    /// one class per kind and exports this list (`EVENT_KINDS`), and the test suite holds
+    /// the binding's classes and the stub (`_core.pyi`) to it.
+    pub const KINDS: [&'static str; 8] = [
+        "Jobs",
+        "Abort",
+        "Drained",
+        "FetchingStopped",
+        "Log",
+        "Fatal",
+        "WorkerId",
+        "ClaimsLost",
+    ];
+
+    /// This event's kind, one of [`HandoffEvent::KINDS`].
+    pub fn kind(&self) -> &'static str {
+        match self {
+            HandoffEvent::Jobs(_) => "Jobs",
+            HandoffEvent::Abort(_) => "Abort",
+            HandoffEvent::Drained => "Drained",
+            HandoffEvent::FetchingStopped => "FetchingStopped",
+            HandoffEvent::Log(_) => "Log",
+            HandoffEvent::Fatal(_) => "Fatal",
+            HandoffEvent::WorkerId(_) => "WorkerId",
+            HandoffEvent::ClaimsLost(_) => "ClaimsLost",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_event_has_its_own_kind_and_every_kind_is_listed() {
+        let one_of_each = [
+            HandoffEvent::Jobs(Vec::new()),
+            HandoffEvent::Abort(Vec::new()),
+            HandoffEvent::Drained,
+            HandoffEvent::FetchingStopped,
+            HandoffEvent::Log(LogRecord {
+                level: LogLevel::Info,
+                action: "test",
+                message: String::new(),
+                job_id: None,
+            }),
+            HandoffEvent::Fatal(CoreError::Internal(String::new())),
+            HandoffEvent::WorkerId(1),
+            HandoffEvent::ClaimsLost(Vec::new()),
+        ];
+        assert_eq!(one_of_each.map(|event| event.kind()), HandoffEvent::KINDS);
+    }
 
     #[test]
     fn a_finish_status_is_known_by_its_procrastinate_name_only() {

@@ -330,5 +330,6 @@ pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<Metrics>()?;
     module.add_class::<Event>()?;
     module.add_class::<Outcome>()?;
+    module.add("EVENT_KINDS", HandoffEvent::KINDS.to_vec())?;
     Ok(())
 }
