@@ -8,6 +8,7 @@ from typing_extensions import Self, disjoint_base
 __all__ = [
     "CONNECTION_KEYWORDS",
     "EVENT_KINDS",
+    "UNREPRESENTABLE_SCHEDULED_AT",
     "ConfigurationError",
     "ConnectionLost",
     "DatabaseError",
@@ -47,13 +48,18 @@ class Job:
         """JSON text."""
     @property
     def scheduled_at_us(self) -> int | None:
-        """Microseconds since the epoch; -2**63 for a date Python cannot represent."""
+        """Microseconds since the epoch; `UNREPRESENTABLE_SCHEDULED_AT` for a date Python
+        cannot represent."""
     @property
     def queue_name(self) -> str: ...
     @property
     def attempts(self) -> int: ...
     @property
     def worker_id(self) -> int | None: ...
+
+UNREPRESENTABLE_SCHEDULED_AT: int
+"""`Job.scheduled_at_us` of a job whose date Python cannot represent (infinity, a year
+outside 1-9999): the runner fails that job alone."""
 
 EVENT_KINDS: list[str]
 """The kinds of `Event`, by their class names, as the core declares them."""

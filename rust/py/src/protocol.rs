@@ -331,5 +331,9 @@ pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<Event>()?;
     module.add_class::<Outcome>()?;
     module.add("EVENT_KINDS", HandoffEvent::KINDS.to_vec())?;
+    module.add(
+        "UNREPRESENTABLE_SCHEDULED_AT",
+        fastworker_core::sql::UNREPRESENTABLE_SCHEDULED_AT,
+    )?;
     Ok(())
 }
