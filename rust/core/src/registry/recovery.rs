@@ -92,7 +92,7 @@ pub async fn prune_and_recover_stalled_jobs(
 ) -> CoreResult<Recovered> {
     const WHAT: &str = "pruning stalled workers and recovering their jobs";
     let db = |error| CoreError::database(WHAT, error);
-    let mut transaction = client.transaction().await.map_err(db)?;
+    let transaction = client.transaction().await.map_err(db)?;
     let seconds = timeout.as_secs_f64();
     let stalled = query_ids_in(&transaction, sql::LOCK_STALLED_WORKERS, &[&seconds, &own])
         .await
@@ -107,17 +107,27 @@ pub async fn prune_and_recover_stalled_jobs(
     let pruned_workers = query_ids_in(&transaction, sql::DELETE_WORKERS, &[&stalled])
         .await
         .map_err(db)?;
-    let mut recovered = Recovered {
+    let recovered = Recovered {
         pruned_workers,
         ..Recovered::default()
     };
+    retry_and_commit(transaction, jobs, recovered)
+        .await
+        .map_err(db)
+}
+
+/// [`retry_or_fail`] the `jobs` locked by `transaction` (if any), into `recovered`; commit.
+async fn retry_and_commit(
+    mut transaction: Transaction<'_>,
+    jobs: Vec<i64>,
+    mut recovered: Recovered,
+) -> Result<Recovered, tokio_postgres::Error> {
     if !jobs.is_empty() {
         retry_or_fail(&mut transaction, jobs)
-            .await
-            .map_err(db)?
+            .await?
             .record_in(&mut recovered);
     }
-    transaction.commit().await.map_err(db)?;
+    transaction.commit().await?;
     Ok(recovered)
 }
 
@@ -226,19 +236,13 @@ pub async fn recover_unowned_jobs(
         return Ok(Recovered::default());
     }
     let (ids, attempts): (Vec<i64>, Vec<i32>) = due.into_iter().unzip();
-    let mut transaction = client.transaction().await.map_err(db)?;
+    let transaction = client.transaction().await.map_err(db)?;
     let locked = query_ids_in(&transaction, sql::LOCK_UNOWNED_JOBS, &[&ids, &attempts])
         .await
         .map_err(db)?;
-    let mut recovered = Recovered::default();
-    if !locked.is_empty() {
-        retry_or_fail(&mut transaction, locked)
-            .await
-            .map_err(db)?
-            .record_in(&mut recovered);
-    }
-    transaction.commit().await.map_err(db)?;
-    Ok(recovered)
+    retry_and_commit(transaction, locked, Recovered::default())
+        .await
+        .map_err(db)
 }
 
 /// Log what a recovery did, with procrastinate-style `action` extras.
