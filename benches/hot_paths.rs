@@ -23,7 +23,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use fastworker_core::completer::CompletionBatch;
 use fastworker_core::handoff;
 use fastworker_core::listener::parse_notification;
-use fastworker_core::{Completion, HandoffEvent, JobRow, Metrics, Outcome};
+use fastworker_core::{Completion, FinishStatus, HandoffEvent, JobRow, Metrics, Outcome};
 
 const BATCH: usize = 500;
 
@@ -67,7 +67,7 @@ fn completion_statement(c: &mut Criterion) {
                 }
             } else {
                 Outcome::Finish {
-                    status: "succeeded".into(),
+                    status: FinishStatus::Succeeded,
                     delete: false,
                 }
             },

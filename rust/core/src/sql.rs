@@ -623,4 +623,11 @@ mod tests {
         assert!(COMPLETE_AND_CLAIM.contains(&ended), "{COMPLETE_AND_CLAIM}");
         assert_eq!(CLAIMED_COLUMN, 11);
     }
+
+    #[test]
+    fn the_claim_writes_the_unrepresentable_date_sentinel_the_core_exports() {
+        // The column table can only hold a literal: it must be this constant's value.
+        let sentinel = format!("ELSE {UNREPRESENTABLE_SCHEDULED_AT} END");
+        assert!(CLAIM.contains(&sentinel), "{CLAIM}");
+    }
 }

@@ -6,7 +6,9 @@
 //! - [`Metrics`] and [`Histogram`]: the core's counters, read at scrape time.
 
 use fastworker_core::metrics::Histogram as CoreHistogram;
-use fastworker_core::protocol::{Completion, HandoffEvent, JobRow, LogLevel, Reported};
+use fastworker_core::protocol::{
+    Completion, FinishStatus, HandoffEvent, JobRow, LogLevel, Reported,
+};
 use fastworker_core::MetricsSnapshot;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -163,11 +165,11 @@ pub fn reported(outcomes: Vec<Bound<'_, Outcome>>) -> PyResult<Reported> {
                 delete,
                 duration,
             } => {
-                if !matches!(status.as_str(), "succeeded" | "failed" | "aborted") {
+                let Some(status) = FinishStatus::from_name(&status) else {
                     return Err(PyValueError::new_err(format!(
                         "end status must be succeeded, failed or aborted, got {status:?}"
                     )));
-                }
+                };
                 let finish = fastworker_core::Outcome::Finish { status, delete };
                 (job_id, attempts, finish, duration)
             }
@@ -337,5 +339,10 @@ pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<Metrics>()?;
     module.add_class::<Event>()?;
     module.add_class::<Outcome>()?;
+    module.add("EVENT_KINDS", HandoffEvent::KINDS.to_vec())?;
+    module.add(
+        "UNREPRESENTABLE_SCHEDULED_AT",
+        fastworker_core::sql::UNREPRESENTABLE_SCHEDULED_AT,
+    )?;
     Ok(())
 }
