@@ -34,7 +34,7 @@ from procrastinate import jobs
 from psycopg.conninfo import conninfo_to_dict
 
 import fastworker
-from fastworker import compat, options
+from fastworker import options, preflight
 from fastworker.connection import redact_password
 from fastworker.worker import check_platform
 
@@ -49,9 +49,6 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_SCHEMA_MISSING = 4
-
-# How long the start-up check waits for the database before giving up (seconds).
-CONNECT_TIMEOUT = 10
 
 EXIT_CODES_HELP = f"""\
 exit codes:
@@ -589,68 +586,6 @@ def load_app(path: str) -> procrastinate.App:
     return app
 
 
-def _targets(params: dict[str, Any]) -> str:
-    """``host:port`` of each host a conninfo names (never the password)."""
-    hosts = str(params.get("host") or os.environ.get("PGHOST") or "").split(",")
-    ports = str(params.get("port") or os.environ.get("PGPORT") or "5432").split(",")
-    described = []
-    for index, host in enumerate(hosts):
-        port = ports[index] if index < len(ports) else ports[0]
-        if not host:
-            described.append(f"the local Unix socket (port {port})")
-        elif host.startswith("/") or host.startswith("@"):
-            described.append(f"{host}:{port} (Unix socket)")
-        else:
-            described.append(f"{host}:{port}")
-    return ", ".join(described)
-
-
-def _where(params: dict[str, Any]) -> str:
-    database = params.get("dbname") or os.environ.get("PGDATABASE")
-    user = params.get("user") or os.environ.get("PGUSER")
-    details = ", ".join(
-        f"{label} {value!r}" for label, value in (("database", database), ("user", user)) if value
-    )
-    return _targets(params) + (f" ({details})" if details else "")
-
-
-def _connect_reason(error: BaseException, password: str | None) -> str:
-    """libpq's reason, on one line, without the parts the caller already says."""
-    text = str(error).strip() or type(error).__name__
-    text = re.sub(r"^connection failed:\s*", "", text)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    reasons = []
-    for line in lines:
-        line = re.sub(
-            r'^connection to server (at|on socket) ".*?"(, port \d+)? failed:\s*', "", line
-        )
-        line = re.sub(r"^multiple connection attempts failed\..*", "", line)
-        if line and line not in reasons:
-            reasons.append(line)
-    reason = "; ".join(reasons) or text.replace("\n", " ")
-    if password:
-        reason = reason.replace(password, "***")
-    return reason
-
-
-def _connection_arguments(
-    app: procrastinate.App, dsn: str | None
-) -> list[tuple[str, dict[str, Any]]]:
-    """(conninfo, kwargs) of the servers the app and the worker will connect to."""
-    targets: list[tuple[str, dict[str, Any]]] = []
-    connector = app.connector
-    if isinstance(connector, procrastinate.PsycopgConnector):
-        arguments = compat.connector_pool_args(connector) or {}
-        conninfo = arguments.get("conninfo", "")
-        kwargs = arguments.get("kwargs") or {}
-        if isinstance(conninfo, str) and isinstance(kwargs, dict):
-            targets.append((conninfo, dict(kwargs)))
-    if dsn:
-        # libpq resolves it (service file, PG* variables, passfile), as for the core.
-        targets.append((dsn, {}))
-    return targets
-
-
 def _own_command() -> str:
     """This command as the user can run it again from the same place (the same Python
     environment): ``python -m fastworker`` if it was started so, else ``fastworker``."""
@@ -668,47 +603,22 @@ def apply_schema_command(app_path: str) -> str:
     return f"{_own_command()} --app={app} schema --apply"
 
 
-async def check_database(
-    app: procrastinate.App, dsn: str | None, apply_schema: str = "procrastinate schema --apply"
-) -> None:
-    """Fail fast and clearly when the database is unreachable or has no procrastinate
-    schema (the app's pool would otherwise retry for 30 s and then time out vaguely).
+async def check_database(app: procrastinate.App, dsn: str | None, apply_schema: str) -> None:
+    """The start-up check (`fastworker.preflight`), its finding as a `CliError`.
     ``apply_schema``: the command that applies the schema, said when it is missing."""
-    for conninfo, kwargs in _connection_arguments(app, dsn):
-        try:
-            params = conninfo_to_dict(conninfo, **kwargs)
-        except psycopg.ProgrammingError as error:  # libpq's parser's words, which may quote
-            raise CliError(  # a piece of a mistyped password
-                f"invalid connection settings: {redact_password(str(error), conninfo)}",
-                EXIT_USAGE,
-            ) from None
-        timeout = min(int(params.get("connect_timeout") or CONNECT_TIMEOUT), CONNECT_TIMEOUT)
-        if timeout <= 0:
-            timeout = CONNECT_TIMEOUT
-        kwargs = {**kwargs, "connect_timeout": timeout, "autocommit": True}
-        try:
-            connection = await psycopg.AsyncConnection.connect(conninfo, **kwargs)
-        except psycopg.OperationalError as error:
-            password = str(params.get("password") or os.environ.get("PGPASSWORD") or "")
-            message = (
-                f"cannot connect to PostgreSQL at {_where(params)}: "
-                f"{_connect_reason(error, password)}"
-            )
-            # A mistyped URL puts pieces of its password where the host or database goes.
-            raise CliError(redact_password(message, conninfo), EXIT_UNREACHABLE) from None
-        async with connection:
-            cursor = await connection.execute(
-                "SELECT to_regclass('procrastinate_jobs') IS NOT NULL"
-            )
-            row = await cursor.fetchone()
-            database = connection.info.dbname
-            where = _targets({"host": connection.info.host, "port": connection.info.port})
-        if not (row and row[0]):
-            raise CliError(
-                f"the procrastinate schema is missing in database {database!r} at "
-                f"{where}: apply it with `{apply_schema}`",
-                EXIT_SCHEMA_MISSING,
-            )
+    found = await preflight.check_database(app, dsn)
+    if isinstance(found, preflight.InvalidSettings):
+        raise CliError(f"invalid connection settings: {found.reason}", EXIT_USAGE)
+    if isinstance(found, preflight.Unreachable):
+        raise CliError(
+            f"cannot connect to PostgreSQL at {found.where}: {found.reason}", EXIT_UNREACHABLE
+        )
+    if isinstance(found, preflight.SchemaMissing):
+        raise CliError(
+            f"the procrastinate schema is missing in database {found.database!r} at "
+            f"{found.where}: apply it with `{apply_schema}`",
+            EXIT_SCHEMA_MISSING,
+        )
 
 
 # --- running ----------------------------------------------------------------------------
@@ -787,7 +697,9 @@ def _error_for(error: BaseException) -> CliError:
     if isinstance(error, fastworker.ConfigurationError | ValueError | TypeError):
         return CliError(f"invalid worker settings: {error}", EXIT_USAGE)
     if isinstance(error, psycopg.OperationalError):
-        return CliError(f"database error: {_connect_reason(error, None)}", EXIT_UNREACHABLE)
+        return CliError(
+            f"database error: {preflight.connect_reason(error, None)}", EXIT_UNREACHABLE
+        )
     return CliError(f"the worker failed: {type(error).__name__}: {error}", EXIT_FAILURE)
 
 
