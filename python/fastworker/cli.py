@@ -91,52 +91,6 @@ def _version() -> str:
         return "unknown"
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
-
-
-def _non_negative_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid float value: {value!r}") from None
-    if not number >= 0:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {value}")
-    return number
-
-
-def _mapping(
-    value_type: Callable[[str], Any], form: str, option: options.Option
-) -> Callable[[str], dict[str, Any]]:
-    """``KEY=VALUE[,KEY=VALUE...]`` into a dict, checked as the option table says."""
-
-    def parse(text: str) -> dict[str, Any]:
-        result: dict[str, Any] = {}
-        for item in text.split(","):
-            item = item.strip()
-            if not item:
-                continue
-            key, separator, raw = item.rpartition("=")
-            if not separator or not key.strip():
-                raise argparse.ArgumentTypeError(f"expected {form}, got {item!r}")
-            try:
-                result[key.strip()] = value_type(raw.strip())
-            except argparse.ArgumentTypeError as error:
-                raise argparse.ArgumentTypeError(f"{item!r}: {error}") from None
-        try:
-            return option.check(option.name, result)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-
-    return parse
-
-
 class _MergeMapping(argparse.Action):
     """Repeatable ``KEY=VALUE`` flag: later keys override earlier ones."""
 
@@ -169,7 +123,7 @@ class _StoreSwitch(argparse.Action):
 def _abort_interval(value: str) -> float:
     """procrastinate's ``worker -a`` is the abort polling interval, not the app."""
     try:
-        return _non_negative_float(value)
+        return options.seconds_from_text(value)
     except argparse.ArgumentTypeError as error:
         if re.fullmatch(r"[A-Za-z_][\w.:]*", value):
             raise argparse.ArgumentTypeError(
@@ -191,12 +145,12 @@ def _add_env_argument(
 ) -> argparse.Action:
     """A fastworker-only flag, defaulting to the ``FASTWORKER_<envvar>`` variable."""
     variable = f"{ENV_PREFIX}_{envvar}"
-    value = os.environ.get(variable, "")
-    if value:
-        try:
-            kwargs["default"] = type(value)
-        except (argparse.ArgumentTypeError, ValueError) as error:
-            raise CliError(f"invalid value in ${variable}: {error}", EXIT_USAGE) from None
+    try:
+        default = options.from_environment(variable, type)
+    except ValueError as error:
+        raise CliError(str(error), EXIT_USAGE) from None
+    if default is not None:
+        kwargs["default"] = default
     suffix = f": {env_help}" if env_help else ""
     return parser.add_argument(
         *flags, type=type, help=f"{help} (env: {variable}{suffix})", **kwargs
@@ -324,9 +278,9 @@ def _configure_worker_parser(
     worker.set_defaults(func=None)
     for action in worker._actions:
         if action.dest == "concurrency":
-            action.type = _positive_int
+            action.type = options.at_least_one
         elif action.dest in ("fetch_job_polling_interval", "shutdown_graceful_timeout"):
-            action.type = _non_negative_float
+            action.type = options.seconds_from_text
         elif action.dest == "abort_job_polling_interval":
             action.type = _abort_interval
         elif action.dest == "delete_jobs":
@@ -366,7 +320,7 @@ def _configure_worker_parser(
             worker,
             "--" + name.replace("_", "-"),
             envvar=name.upper(),
-            type=_checked(name, parse, options.seconds),
+            type=options.checked_from_text(name, parse, options.seconds),
             metavar="SECONDS",
             help=help,
         )
@@ -374,30 +328,6 @@ def _configure_worker_parser(
     for option in options.OPTIONS:
         _add_option(group, option)
     return worker
-
-
-def _switch(value: str) -> bool:
-    """A switch's environment variable: procrastinate's spellings, and on/off."""
-    word = value.strip().lower()
-    if word in ("1", "y", "yes", "t", "true", "on"):
-        return True
-    if word in ("0", "n", "no", "f", "false", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected 1/y/t/on or 0/n/f/off, got {value!r}")
-
-
-def _checked(
-    name: str, parse: Callable[[str], Any], check: Callable[[str, Any], Any]
-) -> Callable[[str], Any]:
-    """Text to a value: parsed, then checked as the option table says."""
-
-    def convert(value: str) -> Any:
-        try:
-            return check(name, parse(value))
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-
-    return convert
 
 
 def _add_option(group: argparse._ArgumentGroup, option: options.Option) -> None:
@@ -409,41 +339,22 @@ def _add_option(group: argparse._ArgumentGroup, option: options.Option) -> None:
         if not os.environ.get(option.env) and os.environ.get(old):
             envvar = old.removeprefix(f"{ENV_PREFIX}_")
     help = f"{option.help} (default: {option.default_text().strip('`')})"
+    form: dict[str, Any] = {"metavar": option.metavar}
     if option.form == "switch":
-        _add_env_argument(
-            group,
-            *flags,
-            option.off_flag,
-            envvar=envvar,
-            type=_switch,
-            nargs=0,
-            action=_StoreSwitch,
-            dest=option.name,
-            help=help,
-            env_help="use 0/n/f/off or 1/y/t/on",
-        )
+        flags = (*flags, option.off_flag)
+        form = {"nargs": 0, "action": _StoreSwitch, "env_help": "use 0/n/f/off or 1/y/t/on"}
     elif option.form == "mapping":
-        _add_env_argument(
-            group,
-            *flags,
-            envvar=envvar,
-            type=_mapping(option.parse, option.metavar or "KEY=VALUE", option),
-            action=_MergeMapping,
-            dest=option.name,
-            metavar=option.metavar,
-            help=help + " (repeatable, or comma-separated)",
-        )
-    else:
-        check = options.BY_NAME[option.name].check
-        _add_env_argument(
-            group,
-            *flags,
-            envvar=envvar,
-            type=_checked(option.name, option.parse, check),
-            dest=option.name,
-            metavar=option.metavar,
-            help=help,
-        )
+        form["action"] = _MergeMapping
+        help += " (repeatable, or comma-separated)"
+    _add_env_argument(
+        group,
+        *flags,
+        envvar=envvar,
+        type=options.from_text(option),
+        dest=option.name,
+        help=help,
+        **form,
+    )
 
 
 # The logging flags' destinations: the Django command leaves them out (settings.LOGGING
