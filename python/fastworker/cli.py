@@ -233,21 +233,26 @@ def _with_env_suffix(text: str, old_help: str | None) -> str:
     return text
 
 
-# procrastinate's worker variables that it reads as booleans (its `env_bool`).
-PROCRASTINATE_BOOLEAN_VARIABLES = ("WORKER_WAIT", "WORKER_LISTEN_NOTIFY")
+# procrastinate's worker variables that it reads as booleans (its `env_bool`), by the
+# worker option they set.
+PROCRASTINATE_BOOLEAN_VARIABLES = {"wait": "WORKER_WAIT", "listen_notify": "WORKER_LISTEN_NOTIFY"}
 
 
-def _check_procrastinate_booleans() -> None:
-    """procrastinate reads these by their first letter (0/n/f or 1/y/t) and, on any other,
-    fails while building its parser with a message that names neither the variable nor the
-    value: the same rule, checked first, with both named."""
-    for name in PROCRASTINATE_BOOLEAN_VARIABLES:
+def _procrastinate_booleans() -> dict[str, bool]:
+    """The worker options procrastinate's boolean variables set, read as procrastinate reads
+    them: by their first letter (0/n/f or 1/y/t). On any other, procrastinate fails while
+    building its parser with a message that names neither the variable nor the value: the
+    same rule, checked first, with both named. procrastinate also drops a false value
+    (`if env_var_default:`), so PROCRASTINATE_WORKER_WAIT=false would be ignored: these
+    values are set as the worker parser's defaults."""
+    values = {}
+    for dest, name in PROCRASTINATE_BOOLEAN_VARIABLES.items():
         variable = f"{procrastinate_cli.ENV_PREFIX}_{name}"
         value = os.environ.get(variable, "")
         if not value:  # empty is unset, as for procrastinate
             continue
         try:
-            procrastinate_cli.env_bool(value)
+            values[dest] = procrastinate_cli.env_bool(value)
         except argparse.ArgumentTypeError:
             raise CliError(
                 f"invalid value in ${variable}: {value!r} is not a boolean; as procrastinate "
@@ -255,27 +260,12 @@ def _check_procrastinate_booleans() -> None:
                 "starting with 0, n or f is false (0, no, false)",
                 EXIT_USAGE,
             ) from None
+    return values
 
 
-def _configure_worker_parser(
-    subparsers: argparse._SubParsersAction[Any],
-) -> argparse.ArgumentParser:
-    _check_procrastinate_booleans()
-    # procrastinate's own `worker` subcommand: same flags, same PROCRASTINATE_WORKER_* vars.
-    procrastinate_cli.configure_worker_parser(subparsers)
-    worker = subparsers.choices["worker"]
-    worker.description = (
-        "Run a fastworker worker for the app, listening on the given queues (or all\n"
-        "queues). Takes the flags of `procrastinate worker`, with the same meaning and\n"
-        "environment variables. Values default to App.worker_defaults, then to\n"
-        "procrastinate's worker defaults."
-    )
-    for choice in subparsers._choices_actions:
-        if choice.dest == "worker":
-            choice.help = "Run a fastworker worker (takes the flags of `procrastinate worker`)"
-    worker.epilog = EXIT_CODES_HELP
-    worker.formatter_class = argparse.RawDescriptionHelpFormatter
-    worker.set_defaults(func=None)
+def _adapt_procrastinate_worker_flags(worker: argparse.ArgumentParser) -> None:
+    """procrastinate's worker flags, checked as fastworker's (its parser takes any number)
+    and explained where its help says little."""
     for action in worker._actions:
         if action.dest == "concurrency":
             action.type = options.at_least_one
@@ -298,13 +288,27 @@ def _configure_worker_parser(
                 action.help,
             )
 
-    # procrastinate drops a false boolean from the environment (`if env_var_default:`), so
-    # PROCRASTINATE_WORKER_WAIT=false would be ignored; honour it.
-    for dest, variable in (("wait", "WORKER_WAIT"), ("listen_notify", "WORKER_LISTEN_NOTIFY")):
-        value = os.environ.get(f"{procrastinate_cli.ENV_PREFIX}_{variable}", "")
-        if value:
-            boolean = procrastinate_cli.env_bool(value)
-            worker.set_defaults(**{dest: boolean})
+
+def _configure_worker_parser(
+    subparsers: argparse._SubParsersAction[Any],
+) -> argparse.ArgumentParser:
+    booleans = _procrastinate_booleans()
+    # procrastinate's own `worker` subcommand: same flags, same PROCRASTINATE_WORKER_* vars.
+    procrastinate_cli.configure_worker_parser(subparsers)
+    worker = subparsers.choices["worker"]
+    worker.description = (
+        "Run a fastworker worker for the app, listening on the given queues (or all\n"
+        "queues). Takes the flags of `procrastinate worker`, with the same meaning and\n"
+        "environment variables. Values default to App.worker_defaults, then to\n"
+        "procrastinate's worker defaults."
+    )
+    for choice in subparsers._choices_actions:
+        if choice.dest == "worker":
+            choice.help = "Run a fastworker worker (takes the flags of `procrastinate worker`)"
+    worker.epilog = EXIT_CODES_HELP
+    worker.formatter_class = argparse.RawDescriptionHelpFormatter
+    worker.set_defaults(func=None, **booleans)
+    _adapt_procrastinate_worker_flags(worker)
 
     _add_procrastinate_argument(
         worker,
