@@ -34,7 +34,7 @@ from procrastinate import jobs
 from psycopg.conninfo import conninfo_to_dict
 
 import fastworker
-from fastworker import compat, options
+from fastworker import options, preflight
 from fastworker.connection import redact_password
 from fastworker.worker import check_platform
 
@@ -49,9 +49,6 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_SCHEMA_MISSING = 4
-
-# How long the start-up check waits for the database before giving up (seconds).
-CONNECT_TIMEOUT = 10
 
 EXIT_CODES_HELP = f"""\
 exit codes:
@@ -94,52 +91,6 @@ def _version() -> str:
         return "unknown"
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
-
-
-def _non_negative_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid float value: {value!r}") from None
-    if not number >= 0:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {value}")
-    return number
-
-
-def _mapping(
-    value_type: Callable[[str], Any], form: str, option: options.Option
-) -> Callable[[str], dict[str, Any]]:
-    """``KEY=VALUE[,KEY=VALUE...]`` into a dict, checked as the option table says."""
-
-    def parse(text: str) -> dict[str, Any]:
-        result: dict[str, Any] = {}
-        for item in text.split(","):
-            item = item.strip()
-            if not item:
-                continue
-            key, separator, raw = item.rpartition("=")
-            if not separator or not key.strip():
-                raise argparse.ArgumentTypeError(f"expected {form}, got {item!r}")
-            try:
-                result[key.strip()] = value_type(raw.strip())
-            except argparse.ArgumentTypeError as error:
-                raise argparse.ArgumentTypeError(f"{item!r}: {error}") from None
-        try:
-            return option.check(option.name, result)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-
-    return parse
-
-
 class _MergeMapping(argparse.Action):
     """Repeatable ``KEY=VALUE`` flag: later keys override earlier ones."""
 
@@ -172,7 +123,7 @@ class _StoreSwitch(argparse.Action):
 def _abort_interval(value: str) -> float:
     """procrastinate's ``worker -a`` is the abort polling interval, not the app."""
     try:
-        return _non_negative_float(value)
+        return options.seconds_from_text(value)
     except argparse.ArgumentTypeError as error:
         if re.fullmatch(r"[A-Za-z_][\w.:]*", value):
             raise argparse.ArgumentTypeError(
@@ -194,12 +145,12 @@ def _add_env_argument(
 ) -> argparse.Action:
     """A fastworker-only flag, defaulting to the ``FASTWORKER_<envvar>`` variable."""
     variable = f"{ENV_PREFIX}_{envvar}"
-    value = os.environ.get(variable, "")
-    if value:
-        try:
-            kwargs["default"] = type(value)
-        except (argparse.ArgumentTypeError, ValueError) as error:
-            raise CliError(f"invalid value in ${variable}: {error}", EXIT_USAGE) from None
+    try:
+        default = options.from_environment(variable, type)
+    except ValueError as error:
+        raise CliError(str(error), EXIT_USAGE) from None
+    if default is not None:
+        kwargs["default"] = default
     suffix = f": {env_help}" if env_help else ""
     return parser.add_argument(
         *flags, type=type, help=f"{help} (env: {variable}{suffix})", **kwargs
@@ -282,21 +233,26 @@ def _with_env_suffix(text: str, old_help: str | None) -> str:
     return text
 
 
-# procrastinate's worker variables that it reads as booleans (its `env_bool`).
-PROCRASTINATE_BOOLEAN_VARIABLES = ("WORKER_WAIT", "WORKER_LISTEN_NOTIFY")
+# procrastinate's worker variables that it reads as booleans (its `env_bool`), by the
+# worker option they set.
+PROCRASTINATE_BOOLEAN_VARIABLES = {"wait": "WORKER_WAIT", "listen_notify": "WORKER_LISTEN_NOTIFY"}
 
 
-def _check_procrastinate_booleans() -> None:
-    """procrastinate reads these by their first letter (0/n/f or 1/y/t) and, on any other,
-    fails while building its parser with a message that names neither the variable nor the
-    value: the same rule, checked first, with both named."""
-    for name in PROCRASTINATE_BOOLEAN_VARIABLES:
+def _procrastinate_booleans() -> dict[str, bool]:
+    """The worker options procrastinate's boolean variables set, read as procrastinate reads
+    them: by their first letter (0/n/f or 1/y/t). On any other, procrastinate fails while
+    building its parser with a message that names neither the variable nor the value: the
+    same rule, checked first, with both named. procrastinate also drops a false value
+    (`if env_var_default:`), so PROCRASTINATE_WORKER_WAIT=false would be ignored: these
+    values are set as the worker parser's defaults."""
+    values = {}
+    for dest, name in PROCRASTINATE_BOOLEAN_VARIABLES.items():
         variable = f"{procrastinate_cli.ENV_PREFIX}_{name}"
         value = os.environ.get(variable, "")
         if not value:  # empty is unset, as for procrastinate
             continue
         try:
-            procrastinate_cli.env_bool(value)
+            values[dest] = procrastinate_cli.env_bool(value)
         except argparse.ArgumentTypeError:
             raise CliError(
                 f"invalid value in ${variable}: {value!r} is not a boolean; as procrastinate "
@@ -304,32 +260,17 @@ def _check_procrastinate_booleans() -> None:
                 "starting with 0, n or f is false (0, no, false)",
                 EXIT_USAGE,
             ) from None
+    return values
 
 
-def _configure_worker_parser(
-    subparsers: argparse._SubParsersAction[Any],
-) -> argparse.ArgumentParser:
-    _check_procrastinate_booleans()
-    # procrastinate's own `worker` subcommand: same flags, same PROCRASTINATE_WORKER_* vars.
-    procrastinate_cli.configure_worker_parser(subparsers)
-    worker = subparsers.choices["worker"]
-    worker.description = (
-        "Run a fastworker worker for the app, listening on the given queues (or all\n"
-        "queues). Takes the flags of `procrastinate worker`, with the same meaning and\n"
-        "environment variables. Values default to App.worker_defaults, then to\n"
-        "procrastinate's worker defaults."
-    )
-    for choice in subparsers._choices_actions:
-        if choice.dest == "worker":
-            choice.help = "Run a fastworker worker (takes the flags of `procrastinate worker`)"
-    worker.epilog = EXIT_CODES_HELP
-    worker.formatter_class = argparse.RawDescriptionHelpFormatter
-    worker.set_defaults(func=None)
+def _adapt_procrastinate_worker_flags(worker: argparse.ArgumentParser) -> None:
+    """procrastinate's worker flags, checked as fastworker's (its parser takes any number)
+    and explained where its help says little."""
     for action in worker._actions:
         if action.dest == "concurrency":
-            action.type = _positive_int
+            action.type = options.at_least_one
         elif action.dest in ("fetch_job_polling_interval", "shutdown_graceful_timeout"):
-            action.type = _non_negative_float
+            action.type = options.seconds_from_text
         elif action.dest == "abort_job_polling_interval":
             action.type = _abort_interval
         elif action.dest == "delete_jobs":
@@ -347,13 +288,27 @@ def _configure_worker_parser(
                 action.help,
             )
 
-    # procrastinate drops a false boolean from the environment (`if env_var_default:`), so
-    # PROCRASTINATE_WORKER_WAIT=false would be ignored; honour it.
-    for dest, variable in (("wait", "WORKER_WAIT"), ("listen_notify", "WORKER_LISTEN_NOTIFY")):
-        value = os.environ.get(f"{procrastinate_cli.ENV_PREFIX}_{variable}", "")
-        if value:
-            boolean = procrastinate_cli.env_bool(value)
-            worker.set_defaults(**{dest: boolean})
+
+def _configure_worker_parser(
+    subparsers: argparse._SubParsersAction[Any],
+) -> argparse.ArgumentParser:
+    booleans = _procrastinate_booleans()
+    # procrastinate's own `worker` subcommand: same flags, same PROCRASTINATE_WORKER_* vars.
+    procrastinate_cli.configure_worker_parser(subparsers)
+    worker = subparsers.choices["worker"]
+    worker.description = (
+        "Run a fastworker worker for the app, listening on the given queues (or all\n"
+        "queues). Takes the flags of `procrastinate worker`, with the same meaning and\n"
+        "environment variables. Values default to App.worker_defaults, then to\n"
+        "procrastinate's worker defaults."
+    )
+    for choice in subparsers._choices_actions:
+        if choice.dest == "worker":
+            choice.help = "Run a fastworker worker (takes the flags of `procrastinate worker`)"
+    worker.epilog = EXIT_CODES_HELP
+    worker.formatter_class = argparse.RawDescriptionHelpFormatter
+    worker.set_defaults(func=None, **booleans)
+    _adapt_procrastinate_worker_flags(worker)
 
     _add_procrastinate_argument(
         worker,
@@ -369,7 +324,7 @@ def _configure_worker_parser(
             worker,
             "--" + name.replace("_", "-"),
             envvar=name.upper(),
-            type=_checked(name, parse, options.seconds),
+            type=options.checked_from_text(name, parse, options.seconds),
             metavar="SECONDS",
             help=help,
         )
@@ -377,30 +332,6 @@ def _configure_worker_parser(
     for option in options.OPTIONS:
         _add_option(group, option)
     return worker
-
-
-def _switch(value: str) -> bool:
-    """A switch's environment variable: procrastinate's spellings, and on/off."""
-    word = value.strip().lower()
-    if word in ("1", "y", "yes", "t", "true", "on"):
-        return True
-    if word in ("0", "n", "no", "f", "false", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected 1/y/t/on or 0/n/f/off, got {value!r}")
-
-
-def _checked(
-    name: str, parse: Callable[[str], Any], check: Callable[[str, Any], Any]
-) -> Callable[[str], Any]:
-    """Text to a value: parsed, then checked as the option table says."""
-
-    def convert(value: str) -> Any:
-        try:
-            return check(name, parse(value))
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-
-    return convert
 
 
 def _add_option(group: argparse._ArgumentGroup, option: options.Option) -> None:
@@ -412,41 +343,22 @@ def _add_option(group: argparse._ArgumentGroup, option: options.Option) -> None:
         if not os.environ.get(option.env) and os.environ.get(old):
             envvar = old.removeprefix(f"{ENV_PREFIX}_")
     help = f"{option.help} (default: {option.default_text().strip('`')})"
+    form: dict[str, Any] = {"metavar": option.metavar}
     if option.form == "switch":
-        _add_env_argument(
-            group,
-            *flags,
-            option.off_flag,
-            envvar=envvar,
-            type=_switch,
-            nargs=0,
-            action=_StoreSwitch,
-            dest=option.name,
-            help=help,
-            env_help="use 0/n/f/off or 1/y/t/on",
-        )
+        flags = (*flags, option.off_flag)
+        form = {"nargs": 0, "action": _StoreSwitch, "env_help": "use 0/n/f/off or 1/y/t/on"}
     elif option.form == "mapping":
-        _add_env_argument(
-            group,
-            *flags,
-            envvar=envvar,
-            type=_mapping(option.parse, option.metavar or "KEY=VALUE", option),
-            action=_MergeMapping,
-            dest=option.name,
-            metavar=option.metavar,
-            help=help + " (repeatable, or comma-separated)",
-        )
-    else:
-        check = options.BY_NAME[option.name].check
-        _add_env_argument(
-            group,
-            *flags,
-            envvar=envvar,
-            type=_checked(option.name, option.parse, check),
-            dest=option.name,
-            metavar=option.metavar,
-            help=help,
-        )
+        form["action"] = _MergeMapping
+        help += " (repeatable, or comma-separated)"
+    _add_env_argument(
+        group,
+        *flags,
+        envvar=envvar,
+        type=options.from_text(option),
+        dest=option.name,
+        help=help,
+        **form,
+    )
 
 
 # The logging flags' destinations: the Django command leaves them out (settings.LOGGING
@@ -589,68 +501,6 @@ def load_app(path: str) -> procrastinate.App:
     return app
 
 
-def _targets(params: dict[str, Any]) -> str:
-    """``host:port`` of each host a conninfo names (never the password)."""
-    hosts = str(params.get("host") or os.environ.get("PGHOST") or "").split(",")
-    ports = str(params.get("port") or os.environ.get("PGPORT") or "5432").split(",")
-    described = []
-    for index, host in enumerate(hosts):
-        port = ports[index] if index < len(ports) else ports[0]
-        if not host:
-            described.append(f"the local Unix socket (port {port})")
-        elif host.startswith("/") or host.startswith("@"):
-            described.append(f"{host}:{port} (Unix socket)")
-        else:
-            described.append(f"{host}:{port}")
-    return ", ".join(described)
-
-
-def _where(params: dict[str, Any]) -> str:
-    database = params.get("dbname") or os.environ.get("PGDATABASE")
-    user = params.get("user") or os.environ.get("PGUSER")
-    details = ", ".join(
-        f"{label} {value!r}" for label, value in (("database", database), ("user", user)) if value
-    )
-    return _targets(params) + (f" ({details})" if details else "")
-
-
-def _connect_reason(error: BaseException, password: str | None) -> str:
-    """libpq's reason, on one line, without the parts the caller already says."""
-    text = str(error).strip() or type(error).__name__
-    text = re.sub(r"^connection failed:\s*", "", text)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    reasons = []
-    for line in lines:
-        line = re.sub(
-            r'^connection to server (at|on socket) ".*?"(, port \d+)? failed:\s*', "", line
-        )
-        line = re.sub(r"^multiple connection attempts failed\..*", "", line)
-        if line and line not in reasons:
-            reasons.append(line)
-    reason = "; ".join(reasons) or text.replace("\n", " ")
-    if password:
-        reason = reason.replace(password, "***")
-    return reason
-
-
-def _connection_arguments(
-    app: procrastinate.App, dsn: str | None
-) -> list[tuple[str, dict[str, Any]]]:
-    """(conninfo, kwargs) of the servers the app and the worker will connect to."""
-    targets: list[tuple[str, dict[str, Any]]] = []
-    connector = app.connector
-    if isinstance(connector, procrastinate.PsycopgConnector):
-        arguments = compat.connector_pool_args(connector) or {}
-        conninfo = arguments.get("conninfo", "")
-        kwargs = arguments.get("kwargs") or {}
-        if isinstance(conninfo, str) and isinstance(kwargs, dict):
-            targets.append((conninfo, dict(kwargs)))
-    if dsn:
-        # libpq resolves it (service file, PG* variables, passfile), as for the core.
-        targets.append((dsn, {}))
-    return targets
-
-
 def _own_command() -> str:
     """This command as the user can run it again from the same place (the same Python
     environment): ``python -m fastworker`` if it was started so, else ``fastworker``."""
@@ -668,47 +518,22 @@ def apply_schema_command(app_path: str) -> str:
     return f"{_own_command()} --app={app} schema --apply"
 
 
-async def check_database(
-    app: procrastinate.App, dsn: str | None, apply_schema: str = "procrastinate schema --apply"
-) -> None:
-    """Fail fast and clearly when the database is unreachable or has no procrastinate
-    schema (the app's pool would otherwise retry for 30 s and then time out vaguely).
+async def check_database(app: procrastinate.App, dsn: str | None, apply_schema: str) -> None:
+    """The start-up check (`fastworker.preflight`), its finding as a `CliError`.
     ``apply_schema``: the command that applies the schema, said when it is missing."""
-    for conninfo, kwargs in _connection_arguments(app, dsn):
-        try:
-            params = conninfo_to_dict(conninfo, **kwargs)
-        except psycopg.ProgrammingError as error:  # libpq's parser's words, which may quote
-            raise CliError(  # a piece of a mistyped password
-                f"invalid connection settings: {redact_password(str(error), conninfo)}",
-                EXIT_USAGE,
-            ) from None
-        timeout = min(int(params.get("connect_timeout") or CONNECT_TIMEOUT), CONNECT_TIMEOUT)
-        if timeout <= 0:
-            timeout = CONNECT_TIMEOUT
-        kwargs = {**kwargs, "connect_timeout": timeout, "autocommit": True}
-        try:
-            connection = await psycopg.AsyncConnection.connect(conninfo, **kwargs)
-        except psycopg.OperationalError as error:
-            password = str(params.get("password") or os.environ.get("PGPASSWORD") or "")
-            message = (
-                f"cannot connect to PostgreSQL at {_where(params)}: "
-                f"{_connect_reason(error, password)}"
-            )
-            # A mistyped URL puts pieces of its password where the host or database goes.
-            raise CliError(redact_password(message, conninfo), EXIT_UNREACHABLE) from None
-        async with connection:
-            cursor = await connection.execute(
-                "SELECT to_regclass('procrastinate_jobs') IS NOT NULL"
-            )
-            row = await cursor.fetchone()
-            database = connection.info.dbname
-            where = _targets({"host": connection.info.host, "port": connection.info.port})
-        if not (row and row[0]):
-            raise CliError(
-                f"the procrastinate schema is missing in database {database!r} at "
-                f"{where}: apply it with `{apply_schema}`",
-                EXIT_SCHEMA_MISSING,
-            )
+    found = await preflight.check_database(app, dsn)
+    if isinstance(found, preflight.InvalidSettings):
+        raise CliError(f"invalid connection settings: {found.reason}", EXIT_USAGE)
+    if isinstance(found, preflight.Unreachable):
+        raise CliError(
+            f"cannot connect to PostgreSQL at {found.where}: {found.reason}", EXIT_UNREACHABLE
+        )
+    if isinstance(found, preflight.SchemaMissing):
+        raise CliError(
+            f"the procrastinate schema is missing in database {found.database!r} at "
+            f"{found.where}: apply it with `{apply_schema}`",
+            EXIT_SCHEMA_MISSING,
+        )
 
 
 # --- running ----------------------------------------------------------------------------
@@ -787,7 +612,9 @@ def _error_for(error: BaseException) -> CliError:
     if isinstance(error, fastworker.ConfigurationError | ValueError | TypeError):
         return CliError(f"invalid worker settings: {error}", EXIT_USAGE)
     if isinstance(error, psycopg.OperationalError):
-        return CliError(f"database error: {_connect_reason(error, None)}", EXIT_UNREACHABLE)
+        return CliError(
+            f"database error: {preflight.connect_reason(error, None)}", EXIT_UNREACHABLE
+        )
     return CliError(f"the worker failed: {type(error).__name__}: {error}", EXIT_FAILURE)
 
 
