@@ -20,6 +20,7 @@ use crate::handoff::HandoffSender;
 use crate::metrics::{QueueDepth, MAX_LABEL_VALUES, OTHER_LABEL};
 use crate::protocol::{HandoffEvent, LogLevel};
 use crate::sql;
+use crate::timing::bounded;
 
 pub async fn check_schema(target: &ConnectionTarget, client: &Db) -> CoreResult<()> {
     let row = client
@@ -463,19 +464,6 @@ impl Identity {
         );
         handoff.send(HandoffEvent::WorkerId(worker_id));
         Ok(worker_id)
-    }
-}
-
-/// A statement of the registry roles, bounded: a server that stops answering (a half-open
-/// connection) counts as a lost connection after `limit`.
-async fn bounded<T>(
-    limit: Duration,
-    work: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
-) -> Result<T, Failed> {
-    match tokio::time::timeout(limit, work).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(error)) => Err(Failed::new(&error)),
-        Err(_) => Err(Failed::no_answer(limit)),
     }
 }
 

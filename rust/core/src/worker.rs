@@ -23,11 +23,15 @@ use crate::listener::{self, Listener};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::protocol::{Completion, HandoffEvent, LogLevel, Reported};
 use crate::registry::{self, Identity, Recovery, Registry};
+use crate::timing::{Backoff, FIRST_BACKOFF};
 
 /// How long a stop tries to delete the worker's row: a few seconds, only one after a hard
 /// stop.
 const UNREGISTER_TRYING: Duration = Duration::from_secs(5);
 const UNREGISTER_AFTER_HARD_STOP: Duration = Duration::from_secs(1);
+
+/// The longest wait between two tries of the start-up steps.
+const MAX_START_BACKOFF: Duration = Duration::from_secs(1);
 
 /// What the start-up steps leave: the maintenance connection (the registry's from then on),
 /// this worker's id, and what the start-up prune did.
@@ -53,7 +57,7 @@ async fn start_up(
     let mut maintenance: Option<crate::db::Db> = None;
     let mut connected_once = false;
     let mut trouble_since: Option<Instant> = None;
-    let mut delay = Duration::from_millis(50);
+    let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_START_BACKOFF);
     let mut warned = false;
     loop {
         let attempt = match maintenance.take() {
@@ -122,8 +126,7 @@ async fn start_up(
             ),
         );
         warned = true;
-        tokio::time::sleep(delay.min(left)).await;
-        delay = (delay * 2).min(Duration::from_secs(1));
+        tokio::time::sleep(backoff.next_delay().min(left)).await;
         if lost {
             maintenance = None;
         }

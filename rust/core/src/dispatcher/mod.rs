@@ -37,6 +37,7 @@ use crate::metrics::Labels;
 use crate::protocol::{Completion, JobRow, LogLevel, Reported};
 use crate::registry::{query_claims, query_ids, Identity};
 use crate::sql;
+use crate::timing::{ticker, Backoff, FIRST_BACKOFF};
 
 pub use state::{InFlight, Needs, Plan, RoundTripPlan, Settings, State};
 
@@ -45,6 +46,9 @@ pub use state::{InFlight, Needs, Plan, RoundTripPlan, Settings, State};
 /// transaction that holds row locks).
 const OLD_BACKEND_GRACE: Duration = Duration::from_millis(500);
 const OLD_BACKEND_WAIT: Duration = Duration::from_secs(2);
+
+/// The longest wait between two reconnects: a database back from a restart is found soon.
+const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(2);
 
 /// After a hard stop, how long a round trip or a reconnect may still take: the last
 /// outcomes are written if the database answers promptly, else given up on (their jobs
@@ -352,23 +356,19 @@ impl Dispatcher {
             .metrics()
             .set_connected("dispatcher", connection.is_some());
         let mut old_backend = None;
-        // procrastinate takes 0 (poll back to back); tokio's interval needs a period.
-        let mut poll = interval(self.config.fetch_job_polling_interval);
-        poll.tick().await;
+        let mut poll = ticker(self.config.fetch_job_polling_interval);
         // Claims of this worker that it never heard of (a statement of a lost connection
         // that committed late) are looked for at the heartbeat's pace.
-        let mut orphan_check = interval(
+        let mut orphan_check = ticker(
             self.config
                 .update_heartbeat_interval
                 .max(Duration::from_secs(1)),
         );
-        orphan_check.tick().await;
         // An idle connection whose server process ended is seen (and replaced) at once,
         // not at the next claim, which may be a polling interval away.
-        let mut liveness = interval(crate::registry::liveness_interval(
+        let mut liveness = ticker(crate::registry::liveness_interval(
             self.config.response_timeout,
         ));
-        liveness.tick().await;
 
         loop {
             if connection.is_none() {
@@ -606,7 +606,7 @@ impl Dispatcher {
     async fn reconnect(&mut self, state: &mut State, old: Option<Backend>) -> Option<Connection> {
         self.handoff.metrics().set_connected("dispatcher", false);
         let started = Instant::now();
-        let mut delay = state::FIRST_BACKOFF;
+        let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_RECONNECT_BACKOFF);
         let mut last_error = String::new();
         loop {
             while let Ok(reported) = self.completions.try_recv() {
@@ -631,6 +631,7 @@ impl Dispatcher {
             let Some(attempt) = self.connect_unless_stopped(state, old).await else {
                 continue;
             };
+            let delay = backoff.next_delay();
             // Whether the database answered, and refused the set-up (rather than being out
             // of reach).
             let refused = match attempt {
@@ -681,7 +682,6 @@ impl Dispatcher {
                     None => state.on_completions_closed(Instant::now()),
                 },
             }
-            delay = (delay * 2).min(Duration::from_secs(2));
         }
     }
 
@@ -882,10 +882,4 @@ async fn became_true(mut flag: watch::Receiver<bool>) {
     if flag.wait_for(|set| *set).await.is_err() {
         std::future::pending::<()>().await;
     }
-}
-
-fn interval(period: Duration) -> tokio::time::Interval {
-    let mut interval = tokio::time::interval(period.max(Duration::from_millis(1)));
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    interval
 }

@@ -14,10 +14,11 @@ use crate::protocol::{
     ClaimKey, Completion, HandoffEvent, JobRow, LogLevel, LogRecord, Outcome, Reported,
 };
 use crate::sql::UNREPRESENTABLE_SCHEDULED_AT;
+use crate::timing::{Backoff, FIRST_BACKOFF, MAX_BACKOFF};
 
-/// Backoff of statements that failed for a passing reason, and of reconnects.
-pub const FIRST_BACKOFF: Duration = Duration::from_millis(50);
-pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The first wait before a delayed completion (its row locked, its statement cancelled) is
+/// sent again; it doubles with each failure, up to [`MAX_BACKOFF`].
+const FIRST_DELAY_OF_A_COMPLETION: Duration = Duration::from_millis(100);
 
 /// The settings the decisions depend on.
 #[derive(Clone, Debug)]
@@ -161,7 +162,7 @@ struct Later {
 #[derive(Clone, Copy, Debug)]
 struct Trouble {
     since: Instant,
-    backoff: Duration,
+    backoff: Backoff,
     retry_at: Instant,
 }
 
@@ -498,28 +499,20 @@ impl State {
     /// A statement failed for a passing reason (or the connection could not be set up):
     /// back off, and give up claiming once the budget is spent.
     pub fn on_trouble(&mut self, now: Instant, what: &str, reason: &str) {
-        let trouble = match self.trouble {
-            None => Trouble {
-                since: now,
-                backoff: FIRST_BACKOFF,
-                retry_at: now + FIRST_BACKOFF,
-            },
-            Some(trouble) => {
-                let backoff = (trouble.backoff * 2).min(MAX_BACKOFF);
-                Trouble {
-                    since: trouble.since,
-                    backoff,
-                    retry_at: now + backoff,
-                }
-            }
-        };
+        let mut trouble = self.trouble.unwrap_or(Trouble {
+            since: now,
+            backoff: Backoff::new(FIRST_BACKOFF, MAX_BACKOFF),
+            retry_at: now,
+        });
+        let delay = trouble.backoff.next_delay();
+        trouble.retry_at = now + delay;
         self.trouble = Some(trouble);
         self.log(
             LogLevel::Warning,
             "dispatcher_statement_failed",
             format!(
                 "Error {what} ({reason}); trying again in {:.2} s",
-                trouble.backoff.as_secs_f64()
+                delay.as_secs_f64()
             ),
             None,
         );
@@ -643,7 +636,7 @@ impl State {
                 );
             }
             self.later.push(Later {
-                due: now + backoff_after(failures),
+                due: now + Backoff::step_after(FIRST_DELAY_OF_A_COMPLETION, MAX_BACKOFF, failures),
                 completion,
             });
         }
@@ -816,11 +809,6 @@ impl State {
     pub fn keep_abandoned(&mut self, still: &[i64]) {
         self.abandoned.retain(|job_id| still.contains(job_id));
     }
-}
-
-fn backoff_after(failures: u32) -> Duration {
-    let factor = 2u32.saturating_pow(failures.min(10));
-    (Duration::from_millis(100) * factor).min(MAX_BACKOFF)
 }
 
 pub fn outcome_label(outcome: &Outcome) -> &'static str {
