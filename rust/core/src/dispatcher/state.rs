@@ -1476,11 +1476,7 @@ mod tests {
         let now = Instant::now();
         let mut state = State::new(settings(1));
         let plan = round_trip(&mut state, now);
-        let pruned = Failed {
-            failure: Failure::Pruned,
-            reason: "violates foreign key constraint".into(),
-        };
-        state.on_claimed(now, plan.claim_limit, &plan.room, Err(pruned));
+        state.on_claimed(now, plan.claim_limit, &plan.room, Err(pruned()));
         assert_eq!(state.next_follow_up(), Some(FollowUp::RegisterAgain));
         assert!(state.want_claim);
         assert!(state.claiming);
@@ -1545,6 +1541,13 @@ mod tests {
         assert!(logs(&mut state).contains(&(LogLevel::Error, "finish_task_failed")));
     }
 
+    fn pruned() -> Failed {
+        Failed {
+            failure: Failure::Pruned,
+            reason: "violates foreign key constraint".into(),
+        }
+    }
+
     fn refused() -> Failed {
         Failed {
             failure: Failure::Refused,
@@ -1598,21 +1601,22 @@ mod tests {
         );
     }
 
+    /// A round trip whose claim finds this worker's row gone: it asks to register again.
+    fn claim_refused_as_pruned(state: &mut State, now: Instant) {
+        let plan = round_trip(state, now);
+        let answer = Answer {
+            flushed: None,
+            claimed: Some(Err(pruned())),
+        };
+        state.on_round_trip(now, plan, Ok(answer));
+        assert_eq!(state.next_follow_up(), Some(FollowUp::RegisterAgain));
+    }
+
     #[test]
     fn a_lost_connection_drops_the_other_follow_ups_of_its_round_trip() {
         let now = Instant::now();
         let mut state = State::new(settings(2));
-        let plan = round_trip(&mut state, now);
-        let pruned = Failed {
-            failure: Failure::Pruned,
-            reason: "violates foreign key constraint".into(),
-        };
-        let answer = Answer {
-            flushed: None,
-            claimed: Some(Err(pruned)),
-        };
-        state.on_round_trip(now, plan, Ok(answer));
-        assert_eq!(state.next_follow_up(), Some(FollowUp::RegisterAgain));
+        claim_refused_as_pruned(&mut state, now);
         // Registering again lost the connection: no look at the schedule on it.
         state.on_register_again_failed(now, "connection closed", true);
         assert_eq!(state.next_follow_up(), Some(FollowUp::Reconnect));
@@ -1620,20 +1624,10 @@ mod tests {
     }
 
     #[test]
-    fn a_register_again_refused_backs_off_and_the_schedule_is_still_looked_at() {
+    fn a_register_again_refused_backs_off() {
         let now = Instant::now();
         let mut state = State::new(settings(2));
-        let plan = round_trip(&mut state, now);
-        let pruned = Failed {
-            failure: Failure::Pruned,
-            reason: "violates foreign key constraint".into(),
-        };
-        let answer = Answer {
-            flushed: None,
-            claimed: Some(Err(pruned)),
-        };
-        state.on_round_trip(now, plan, Ok(answer));
-        assert_eq!(state.next_follow_up(), Some(FollowUp::RegisterAgain));
+        claim_refused_as_pruned(&mut state, now);
         state.on_register_again_failed(now, "lock timeout", false);
         assert!(logs(&mut state).contains(&(LogLevel::Warning, "dispatcher_statement_failed")));
         // The claim is wanted again: not a short claim, so no look at the schedule.
