@@ -685,17 +685,7 @@ impl Dispatcher {
         let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_RECONNECT_BACKOFF);
         let mut last_error = String::new();
         loop {
-            while let Ok(reported) = self.completions.try_recv() {
-                state.receive(reported);
-            }
-            if self.completions.is_closed() && self.completions.is_empty() {
-                state.on_completions_closed(Instant::now());
-            }
-            if *self.stop_fetching.borrow() || self.hard_stopped() {
-                // The runner waits for this before it stops: never behind a reconnect.
-                state.stop_claiming();
-                self.send_events(state);
-            }
+            self.take_inputs_while_disconnected(state);
             if self.hard_stopped() && !state.completions_open() {
                 state.give_up("hard stop while the database was unreachable");
                 return None;
@@ -712,14 +702,7 @@ impl Dispatcher {
             // of reach).
             let refused = match attempt {
                 Ok((connection, orphans)) => {
-                    self.handoff.metrics().set_connected("dispatcher", true);
-                    self.handoff.log(
-                        LogLevel::Info,
-                        "dispatcher_reconnected",
-                        format!("Reconnected to {}", self.target.description()),
-                    );
-                    state.on_reconnected(orphans);
-                    self.publish(state);
+                    self.on_reconnected(state, orphans);
                     return Some(connection);
                 }
                 // Unreachable, lost again while setting up, or refused (too many
@@ -747,17 +730,50 @@ impl Dispatcher {
                 ));
                 self.send_events(state);
             }
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = became_true(self.stop_fetching.clone()), if state.claiming() => {}
-                changed = self.hard_stop.changed(), if self.hard_stop_open => {
-                    self.hard_stop_open = changed.is_ok();
-                }
-                completion = self.completions.recv(), if state.completions_open() => match completion {
-                    Some(reported) => state.receive(reported),
-                    None => state.on_completions_closed(Instant::now()),
-                },
+            self.wait_to_reconnect(state, delay).await;
+        }
+    }
+
+    /// What came in since the last look, while there is no connection: outcomes, the
+    /// runner closing, a stop.
+    fn take_inputs_while_disconnected(&mut self, state: &mut State) {
+        while let Ok(reported) = self.completions.try_recv() {
+            state.receive(reported);
+        }
+        if self.completions.is_closed() && self.completions.is_empty() {
+            state.on_completions_closed(Instant::now());
+        }
+        if *self.stop_fetching.borrow() || self.hard_stopped() {
+            // The runner waits for this before it stops: never behind a reconnect.
+            state.stop_claiming();
+            self.send_events(state);
+        }
+    }
+
+    fn on_reconnected(&self, state: &mut State, orphans: Vec<JobRow>) {
+        self.handoff.metrics().set_connected("dispatcher", true);
+        self.handoff.log(
+            LogLevel::Info,
+            "dispatcher_reconnected",
+            format!("Reconnected to {}", self.target.description()),
+        );
+        state.on_reconnected(orphans);
+        self.publish(state);
+    }
+
+    /// The backoff's `delay`, cut short by a stop request (while claiming), a hard stop or
+    /// outcomes from the runner.
+    async fn wait_to_reconnect(&mut self, state: &mut State, delay: Duration) {
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = became_true(self.stop_fetching.clone()), if state.claiming() => {}
+            changed = self.hard_stop.changed(), if self.hard_stop_open => {
+                self.hard_stop_open = changed.is_ok();
             }
+            completion = self.completions.recv(), if state.completions_open() => match completion {
+                Some(reported) => state.receive(reported),
+                None => state.on_completions_closed(Instant::now()),
+            },
         }
     }
 
