@@ -1156,6 +1156,19 @@ mod tests {
         }
     }
 
+    fn retried(id: i64, attempts: i32) -> Completion {
+        Completion {
+            job_id: id,
+            attempts,
+            outcome: Outcome::Retry {
+                retry_at: None,
+                priority: None,
+                queue: None,
+                lock: None,
+            },
+        }
+    }
+
     fn report(completions: Vec<Completion>) -> Reported {
         Reported {
             completions,
@@ -1170,18 +1183,22 @@ mod tests {
         }
     }
 
-    fn lost() -> Failed {
+    fn failed(failure: Failure, reason: &str) -> Failed {
         Failed {
-            failure: Failure::Connection,
-            reason: "connection closed".into(),
+            failure,
+            reason: reason.into(),
         }
     }
 
+    fn lost() -> Failed {
+        failed(Failure::Connection, "connection closed")
+    }
+
     fn transient() -> Failed {
-        Failed {
-            failure: Failure::Transient,
-            reason: "ERROR 57014: canceling statement due to user request".into(),
-        }
+        failed(
+            Failure::Transient,
+            "ERROR 57014: canceling statement due to user request",
+        )
     }
 
     fn round_trip(state: &mut State, now: Instant) -> RoundTripPlan {
@@ -1417,16 +1434,7 @@ mod tests {
     fn a_claim_that_ends_and_reclaims_the_same_job_is_two_claims() {
         let now = Instant::now();
         let mut state = holding(1, &[job(5, 0)]);
-        state.receive(report(vec![Completion {
-            job_id: 5,
-            attempts: 0,
-            outcome: Outcome::Retry {
-                retry_at: None,
-                priority: None,
-                queue: None,
-                lock: None,
-            },
-        }]));
+        state.receive(report(vec![retried(5, 0)]));
         state.want_claim = true;
         let plan = round_trip(&mut state, now);
         assert_eq!(plan.claim_limit, 1);
@@ -1542,17 +1550,11 @@ mod tests {
     }
 
     fn pruned() -> Failed {
-        Failed {
-            failure: Failure::Pruned,
-            reason: "violates foreign key constraint".into(),
-        }
+        failed(Failure::Pruned, "violates foreign key constraint")
     }
 
     fn refused() -> Failed {
-        Failed {
-            failure: Failure::Refused,
-            reason: "ERROR 23505: duplicate key value".into(),
-        }
+        failed(Failure::Refused, "ERROR 23505: duplicate key value")
     }
 
     #[test]
@@ -1564,17 +1566,7 @@ mod tests {
             abandoned: Vec::new(),
         };
         let one = || vec![succeeded(1, 0)];
-        let retried = Completion {
-            job_id: 2,
-            attempts: 0,
-            outcome: Outcome::Retry {
-                retry_at: None,
-                priority: None,
-                queue: None,
-                lock: None,
-            },
-        };
-        let with_a_retry = || vec![succeeded(1, 0), retried.clone()];
+        let with_a_retry = || vec![succeeded(1, 0), retried(2, 0)];
         assert_eq!(plan(Vec::new(), 0).write_mode(), WriteMode::Nothing);
         assert_eq!(plan(one(), 0).write_mode(), WriteMode::Completions);
         assert_eq!(plan(with_a_retry(), 0).write_mode(), WriteMode::Completions);
@@ -1601,24 +1593,30 @@ mod tests {
         );
     }
 
-    /// A round trip whose claim finds this worker's row gone: it asks to register again.
-    fn claim_refused_as_pruned(state: &mut State, now: Instant) {
-        let plan = round_trip(state, now);
+    /// A round trip whose claim finds this worker's row gone, then registering again
+    /// fails, losing the connection or not.
+    fn register_again_fails(now: Instant, connection_lost: bool) -> State {
+        let mut state = State::new(settings(2));
+        let plan = round_trip(&mut state, now);
         let answer = Answer {
             flushed: None,
             claimed: Some(Err(pruned())),
         };
         state.on_round_trip(now, plan, Ok(answer));
         assert_eq!(state.next_follow_up(), Some(FollowUp::RegisterAgain));
+        let reason = if connection_lost {
+            "connection closed"
+        } else {
+            "lock timeout"
+        };
+        state.on_register_again_failed(now, reason, connection_lost);
+        state
     }
 
     #[test]
     fn a_lost_connection_drops_the_other_follow_ups_of_its_round_trip() {
-        let now = Instant::now();
-        let mut state = State::new(settings(2));
-        claim_refused_as_pruned(&mut state, now);
         // Registering again lost the connection: no look at the schedule on it.
-        state.on_register_again_failed(now, "connection closed", true);
+        let mut state = register_again_fails(Instant::now(), true);
         assert_eq!(state.next_follow_up(), Some(FollowUp::Reconnect));
         assert_eq!(state.next_follow_up(), None);
     }
@@ -1626,9 +1624,7 @@ mod tests {
     #[test]
     fn a_register_again_refused_backs_off() {
         let now = Instant::now();
-        let mut state = State::new(settings(2));
-        claim_refused_as_pruned(&mut state, now);
-        state.on_register_again_failed(now, "lock timeout", false);
+        let mut state = register_again_fails(now, false);
         assert!(logs(&mut state).contains(&(LogLevel::Warning, "dispatcher_statement_failed")));
         // The claim is wanted again: not a short claim, so no look at the schedule.
         assert_eq!(state.next_follow_up(), None);
