@@ -1593,16 +1593,21 @@ mod tests {
         );
     }
 
-    /// A round trip whose claim finds this worker's row gone, then registering again
-    /// fails, losing the connection or not.
-    fn register_again_fails(now: Instant, connection_lost: bool) -> State {
-        let mut state = State::new(settings(2));
-        let plan = round_trip(&mut state, now);
+    /// A round trip whose claim finds this worker's row gone.
+    fn pruned_round_trip(state: &mut State, now: Instant) {
+        let plan = round_trip(state, now);
         let answer = Answer {
             flushed: None,
             claimed: Some(Err(pruned())),
         };
         state.on_round_trip(now, plan, Ok(answer));
+    }
+
+    /// A round trip whose claim finds this worker's row gone, then registering again
+    /// fails, losing the connection or not.
+    fn register_again_fails(now: Instant, connection_lost: bool) -> State {
+        let mut state = State::new(settings(2));
+        pruned_round_trip(&mut state, now);
         assert_eq!(state.next_follow_up(), Some(FollowUp::RegisterAgain));
         let reason = if connection_lost {
             "connection closed"
@@ -1665,8 +1670,11 @@ mod tests {
     }
 
     #[test]
-    fn a_transaction_pooler_stops_claiming_and_reconnects() {
+    fn a_transaction_pooler_stops_claiming_and_reconnects_before_registering_again() {
+        let now = Instant::now();
         let mut state = State::new(settings(2));
+        // The claim found the worker's row gone, on a connection that must be replaced.
+        pruned_round_trip(&mut state, now);
         state.on_transaction_pooler();
         assert!(!state.claiming());
         let events = state.take_events();
@@ -1675,6 +1683,11 @@ mod tests {
             HandoffEvent::Fatal(CoreError::Config(message)) if message.contains("--pooler")
         )));
         assert_eq!(state.next_follow_up(), Some(FollowUp::Reconnect));
+        assert_eq!(
+            state.next_follow_up(),
+            None,
+            "registering again waits for a claim"
+        );
     }
 
     #[test]
