@@ -13,15 +13,13 @@ from collections.abc import Callable
 from typing import Any
 
 from procrastinate import job_context, jobs
+from typing_extensions import assert_never
 
 from fastworker import _core, compat
 from fastworker.runner.state import claim_of, core_logger
 from fastworker.runner.timeouts import Timeouts
 
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
-# The core's `scheduled_at` for a date no datetime can hold (±infinity, a year outside
-# 1-9999): such a job fails alone, with this said.
-_UNREPRESENTABLE_SCHEDULED_AT = -(2**63)
 # Arguments nested deeper than this fail their job alone. Python's recursive operations
 # (repr in procrastinate's job logs, copies, JSON log formatters) stop at the recursion
 # limit (1000 frames, with the caller's frames counted): args that decode but nest close to
@@ -73,7 +71,8 @@ def job_from_row(
     scheduled_at = None
     if decode:
         scheduled_at_us = row.scheduled_at_us
-        if scheduled_at_us == _UNREPRESENTABLE_SCHEDULED_AT:
+        # A date no datetime can hold (±infinity, a year outside 1-9999): this job fails alone.
+        if scheduled_at_us == _core.UNREPRESENTABLE_SCHEDULED_AT:
             raise ValueError(
                 "its scheduled_at is a date Python cannot represent (infinity, or a year "
                 "outside 1-9999)"
@@ -145,10 +144,11 @@ class Intake(Timeouts):
             loop.remove_reader(fd)
         self._mark_fetching_stopped()
 
-    def _handle_events(self, events: list[_core.Event]) -> None:
+    def _handle_events(self, events: list[_core._AnyEvent]) -> None:
         for event in events:
             match event:
                 case _core.Event.Jobs(jobs=claimed):
+                    self._jobs_claimed += len(claimed)
                     for row in claimed:
                         self._start_job(row)
                 case _core.Event.Abort(job_ids=job_ids):
@@ -166,6 +166,8 @@ class Intake(Timeouts):
                     self._stop_lost_claims(claims)
                 case _core.Event.Fatal(error=error):
                     self._on_core_failed(error)
+                case _:
+                    assert_never(event)
 
     def _on_core_failed(self, error: BaseException) -> None:
         if self._fatal_error is None:

@@ -66,6 +66,8 @@ class RunnerState(procrastinate_worker.Worker):
         self._fetching_stopped: asyncio.Future[None] | None = None
         self._fatal_error: BaseException | None = None
         self._drained = False
+        # Jobs the core handed over in this run (a drain at max_jobs is not "no job found").
+        self._jobs_claimed = 0
         self._signals_received = 0
 
     def _task_is_async(self, task: tasks.Task[Any, Any, Any]) -> bool:

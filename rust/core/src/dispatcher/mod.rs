@@ -357,8 +357,11 @@ impl Dispatcher {
             self.config.concurrency,
             !self.config.queue_concurrency.is_empty(),
         )
-        .await?;
-        let completer = Completer::prepare(&client).await?;
+        .await
+        .map_err(|error| self.pooler_error_or(&client, error))?;
+        let completer = Completer::prepare(&client)
+            .await
+            .map_err(|error| self.pooler_error_or(&client, error))?;
         let backend = if client.is_pooled() {
             // Behind a transaction pooler, the server process is the pooler's, shared
             // with other clients: never one of this worker's to end. (A client lost in a
@@ -550,11 +553,11 @@ impl Dispatcher {
             .ok_or_else(|| Failed::no_answer(self.config.response_timeout));
         let now = Instant::now();
         state.on_round_trip(now, plan, answer);
-        let behind_a_pooler = current.client.lost_a_prepared_statement();
-        if behind_a_pooler {
-            state.on_transaction_pooler();
-            self.send_events(state);
-            self.target = self.target.clone().through_pooler(true);
+        let pooler_sign = current.client.transaction_pooler_sign();
+        let behind_a_pooler = pooler_sign.is_some();
+        if let Some(sign) = pooler_sign {
+            state.on_transaction_pooler(self.pooler_not_declared(sign));
+            self.carry_on_in_pooler_mode(state);
         }
         let mut lost = false;
         while let Some(follow_up) = state.next_follow_up() {
@@ -612,6 +615,33 @@ impl Dispatcher {
             }
             Err(_) => state.on_schedule_look_failed(true),
         }
+    }
+
+    /// The error that names `pooler`, given what showed the pooler (see
+    /// [`Db::transaction_pooler_sign`]).
+    fn pooler_not_declared(&self, sign: &'static str) -> CoreError {
+        CoreError::PoolerNotDeclared {
+            target: self.target.description().to_string(),
+            sign,
+        }
+    }
+
+    /// A set-up's `error`, or, if the connection showed a transaction pooler on the way
+    /// (a statement name already taken on the server), the error that names `pooler`.
+    fn pooler_error_or(&self, client: &Db, error: CoreError) -> CoreError {
+        match client.transaction_pooler_sign() {
+            Some(sign) => self.pooler_not_declared(sign),
+            None => error,
+        }
+    }
+
+    /// The job connection goes through a transaction pooler (PgBouncer `pool_mode =
+    /// transaction`) the worker was not told of (`pooler`): the state has stopped claiming
+    /// with the error that says so. The outcomes still to come are written through a new
+    /// connection in pooler mode, which works there.
+    fn carry_on_in_pooler_mode(&mut self, state: &mut State) {
+        self.send_events(state);
+        self.target = self.target.clone().through_pooler(true);
     }
 
     /// A round trip, bounded by `response_timeout` (a hard stop shortens the wait):
@@ -704,6 +734,16 @@ impl Dispatcher {
                 Ok((connection, orphans)) => {
                     self.on_reconnected(state, orphans);
                     return Some(connection);
+                }
+                // A set-up that met another client's statement: the job connection goes
+                // through a transaction pooler. Stop claiming, and go on in pooler mode
+                // for the outcomes still to come (rather than failing the same way until
+                // the reconnect budget is spent).
+                Err(error @ CoreError::PoolerNotDeclared { .. }) => {
+                    last_error = error.to_string();
+                    state.fatal(error);
+                    self.carry_on_in_pooler_mode(state);
+                    false
                 }
                 // Unreachable, lost again while setting up, or refused (too many
                 // connections...): all passing troubles, as far as the dispatcher can tell.

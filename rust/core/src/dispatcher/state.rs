@@ -932,20 +932,13 @@ impl State {
         self.needs.reconnect |= connection_lost;
     }
 
-    /// A statement prepared on the job connection was lost on the server: a transaction
-    /// pooler is in between, and the worker was not told. Claims would fail (or worse,
-    /// meet another client's statement of the same name) for ever: stop claiming with an
-    /// error that says what to do. The outcomes still to come are written through a new
-    /// connection in pooler mode, which works there.
-    pub fn on_transaction_pooler(&mut self) {
-        self.fatal(CoreError::Config(format!(
-            "the server at {} lost a statement prepared on the worker's connection \
-             (\"prepared statement ... does not exist\"): a transaction pooler (PgBouncer \
-             pool_mode = transaction) is between the worker and PostgreSQL; run the worker \
-             with pooler=True (--pooler), and LISTEN straight to the server (listen_dsn, \
-             --listen-dsn) or not at all (listen_notify=False)",
-            self.settings.target
-        )));
+    /// A statement prepared on the job connection was lost on the server, or another
+    /// client's of the same name was found there: a transaction pooler is in between, and
+    /// the worker was not told. Claims would fail (or worse, meet another client's
+    /// statement) for ever: stop claiming with `error`, which says what to do, and replace
+    /// the connection (the shell goes on in pooler mode for the outcomes still to come).
+    pub fn on_transaction_pooler(&mut self, error: CoreError) {
+        self.fatal(error);
         self.needs.reconnect = true;
     }
 
@@ -1077,11 +1070,7 @@ impl State {
 pub fn outcome_label(outcome: &Outcome) -> &'static str {
     match outcome {
         Outcome::Retry { .. } => "retried",
-        Outcome::Finish { status, .. } => match status.as_str() {
-            "succeeded" => "succeeded",
-            "aborted" => "aborted",
-            _ => "failed",
-        },
+        Outcome::Finish { status, .. } => status.as_str(),
     }
 }
 
@@ -1113,6 +1102,7 @@ pub fn record_outcomes(metrics: &mut MetricsSnapshot, ended: Vec<Ended>, batch_s
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::FinishStatus;
 
     fn settings(concurrency: usize) -> Settings {
         Settings {
@@ -1150,7 +1140,7 @@ mod tests {
             job_id: id,
             attempts,
             outcome: Outcome::Finish {
-                status: "succeeded".into(),
+                status: FinishStatus::Succeeded,
                 delete: false,
             },
         }
@@ -1675,12 +1665,16 @@ mod tests {
         let mut state = State::new(settings(2));
         // The claim found the worker's row gone, on a connection that must be replaced.
         pruned_round_trip(&mut state, now);
-        state.on_transaction_pooler();
+        state.on_transaction_pooler(CoreError::PoolerNotDeclared {
+            target: "db".into(),
+            sign: "prepared statement does not exist",
+        });
         assert!(!state.claiming());
         let events = state.take_events();
         assert!(events.iter().any(|event| matches!(
             event,
-            HandoffEvent::Fatal(CoreError::Config(message)) if message.contains("--pooler")
+            HandoffEvent::Fatal(error @ CoreError::PoolerNotDeclared { .. })
+                if error.to_string().contains("--pooler")
         )));
         assert_eq!(state.next_follow_up(), Some(FollowUp::Reconnect));
         assert_eq!(
