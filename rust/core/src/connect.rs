@@ -12,6 +12,7 @@ use crate::errors::{is_connectivity_error, is_passing_error, CoreError, CoreResu
 use crate::params::{invalid, unsupported, ConnectionParams, Endpoint};
 use crate::passfile::Passfile;
 use crate::sql;
+use crate::timing::{Backoff, FIRST_BACKOFF};
 use crate::tls::{self, TlsSettings};
 
 /// Session settings for the core's own connections.
@@ -78,6 +79,9 @@ const KEEPALIVES_IDLE: Duration = Duration::from_secs(10);
 const KEEPALIVES_INTERVAL: Duration = Duration::from_secs(5);
 const KEEPALIVES_RETRIES: u32 = 4;
 const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The longest wait between two connects of [`ConnectionTarget::connect_with_backoff`].
+const MAX_CONNECT_BACKOFF: Duration = Duration::from_secs(2);
 
 #[derive(Clone)]
 pub struct ConnectionTarget {
@@ -430,8 +434,9 @@ impl ConnectionTarget {
     /// Connect, retrying connectivity failures with exponential backoff until `budget` runs out.
     pub async fn connect_with_backoff(&self, budget: Duration) -> CoreResult<Db> {
         let started = Instant::now();
-        let mut delay = Duration::from_millis(50);
+        let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_CONNECT_BACKOFF);
         loop {
+            let delay = backoff.next_delay();
             match self.connect().await {
                 Ok(client) => return Ok(client),
                 Err(error) => {
@@ -449,7 +454,6 @@ impl ConnectionTarget {
                 }
             }
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(2));
         }
     }
 }

@@ -134,7 +134,7 @@ pub enum Failure {
 }
 
 /// A statement that failed, sorted ([`Failure`]), with the server's words for it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Failed {
     pub failure: Failure,
     pub reason: String,

@@ -35,6 +35,7 @@ pub mod passfile;
 pub mod protocol;
 pub mod registry;
 pub mod sql;
+pub mod timing;
 pub mod tls;
 pub mod worker;
 

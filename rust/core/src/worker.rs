@@ -23,11 +23,15 @@ use crate::listener::{self, Listener};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::protocol::{Completion, HandoffEvent, LogLevel, Reported};
 use crate::registry::{self, Identity, Recovery, Registry};
+use crate::timing::{Backoff, FIRST_BACKOFF};
 
 /// How long a stop tries to delete the worker's row: a few seconds, only one after a hard
 /// stop.
 const UNREGISTER_TRYING: Duration = Duration::from_secs(5);
 const UNREGISTER_AFTER_HARD_STOP: Duration = Duration::from_secs(1);
+
+/// The longest wait between two tries of the start-up steps.
+const MAX_START_BACKOFF: Duration = Duration::from_secs(1);
 
 /// What the start-up steps leave: the maintenance connection (the registry's from then on),
 /// this worker's id, and what the start-up prune did.
@@ -53,7 +57,7 @@ async fn start_up(
     let mut maintenance: Option<crate::db::Db> = None;
     let mut connected_once = false;
     let mut trouble_since: Option<Instant> = None;
-    let mut delay = Duration::from_millis(50);
+    let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_START_BACKOFF);
     let mut warned = false;
     loop {
         let attempt = match maintenance.take() {
@@ -122,8 +126,7 @@ async fn start_up(
             ),
         );
         warned = true;
-        tokio::time::sleep(delay.min(left)).await;
-        delay = (delay * 2).min(Duration::from_secs(1));
+        tokio::time::sleep(backoff.next_delay().min(left)).await;
         if lost {
             maintenance = None;
         }
@@ -233,6 +236,128 @@ pub struct WorkerCore {
     running: tokio::sync::Mutex<Option<Running>>,
 }
 
+/// What the roles are spawned with (see [`WorkerCore::start`]).
+struct Roles<'a> {
+    config: &'a Arc<WorkerConfig>,
+    target: &'a ConnectionTarget,
+    identity: &'a Arc<Identity>,
+    handoff: &'a handoff::HandoffSender,
+    /// Stops the background roles (listener, recovery, registry) once the dispatcher is done.
+    stop_background: &'a watch::Receiver<bool>,
+    /// The listener's notifications (and the recovery's requeued jobs) wake the dispatcher.
+    wake: &'a Arc<Notify>,
+}
+
+impl Roles<'_> {
+    fn dispatcher(
+        &self,
+        job_connection: crate::db::Db,
+        completions: mpsc::UnboundedReceiver<Reported>,
+        stop_fetching: watch::Receiver<bool>,
+        hard_stop: watch::Receiver<bool>,
+        in_flight: Arc<AtomicUsize>,
+    ) -> JoinHandle<()> {
+        let dispatcher = Dispatcher {
+            target: self.target.clone(),
+            config: self.config.clone(),
+            identity: self.identity.clone(),
+            completions,
+            wake: self.wake.clone(),
+            stop_fetching,
+            hard_stop,
+            hard_stop_open: true,
+            handoff: self.handoff.clone(),
+            in_flight_count: in_flight,
+        };
+        // Nothing more will be claimed after it fails: let the runner's shutdown go on.
+        supervise(
+            "dispatcher",
+            dispatcher.run(job_connection),
+            self.handoff.clone(),
+            Some(HandoffEvent::FetchingStopped),
+        )
+    }
+
+    fn listener(&self, listen_target: ConnectionTarget) -> Option<JoinHandle<()>> {
+        let config = self.config;
+        if !config.listen_notify {
+            return None;
+        }
+        let listener = Listener {
+            target: listen_target,
+            channels: listener::channels(config.queues.as_deref()),
+            wake: self.wake.clone(),
+            handoff: self.handoff.clone(),
+            stop: self.stop_background.clone(),
+            reconnect_timeout: config.reconnect_timeout,
+            response_timeout: config.response_timeout,
+            ping_interval: config.response_timeout,
+        };
+        Some(supervise(
+            "listener",
+            listener.run(),
+            self.handoff.clone(),
+            None,
+        ))
+    }
+
+    fn recovery(&self) -> Option<JoinHandle<()>> {
+        self.config.recover_stalled_jobs.then(|| {
+            tokio::spawn(
+                Recovery {
+                    target: self.target.clone(),
+                    identity: self.identity.clone(),
+                    handoff: self.handoff.clone(),
+                    stalled_worker_timeout: self.config.stalled_worker_timeout,
+                    response_timeout: self.config.response_timeout,
+                    stop: self.stop_background.clone(),
+                    wake: self.wake.clone(),
+                }
+                .run(),
+            )
+        })
+    }
+
+    fn registry(
+        &self,
+        maintenance: crate::db::Db,
+        in_flight: Arc<AtomicUsize>,
+    ) -> JoinHandle<Registry> {
+        let config = self.config;
+        let registry = Registry {
+            target: self.target.clone(),
+            client: Some(maintenance),
+            outage: None,
+            identity: self.identity.clone(),
+            handoff: self.handoff.clone(),
+            in_flight,
+            heartbeat_interval: config.update_heartbeat_interval,
+            stalled_worker_timeout: config.stalled_worker_timeout,
+            abort_polling_interval: config.abort_job_polling_interval,
+            response_timeout: config.response_timeout,
+            stop: self.stop_background.clone(),
+            sample_metrics: config.sample_metrics,
+            heartbeat_watch: registry::HeartbeatWatch::new(),
+        };
+        tokio::spawn(registry.run())
+    }
+}
+
+/// The job and maintenance connections' target, and the listener's: LISTEN needs a
+/// session, so straight to the server (validate() refused a pooler without it).
+fn targets(config: &WorkerConfig) -> CoreResult<(ConnectionTarget, ConnectionTarget)> {
+    let target = ConnectionTarget::new(&config.connection)?
+        .with_response_timeout(config.response_timeout)
+        .through_pooler(config.pooler);
+    let listen_target = match &config.listen_connection {
+        Some(connection) => {
+            ConnectionTarget::new(connection)?.with_response_timeout(config.response_timeout)
+        }
+        None => target.clone(),
+    };
+    Ok((target, listen_target))
+}
+
 impl WorkerCore {
     /// Connect, prune, register and start. Must run inside a tokio runtime.
     pub async fn start(config: WorkerConfig) -> CoreResult<WorkerCore> {
@@ -241,31 +366,15 @@ impl WorkerCore {
         }
         let config = Arc::new(config);
         config.validate()?;
-        let target = ConnectionTarget::new(&config.connection)?
-            .with_response_timeout(config.response_timeout)
-            .through_pooler(config.pooler);
-        // LISTEN needs a session: straight to the server (validate() refused a pooler
-        // without it).
-        let listen_target = match &config.listen_connection {
-            Some(connection) => {
-                ConnectionTarget::new(connection)?.with_response_timeout(config.response_timeout)
-            }
-            None => target.clone(),
-        };
-
+        let (target, listen_target) = targets(&config)?;
         let metrics = Arc::new(Metrics::with_duration_bounds(
             config.metrics_duration_buckets.as_deref(),
         ));
         let (handoff, events) = handoff::channel(metrics.clone());
-        let StartUp {
-            maintenance,
-            worker_id,
-            pruned_workers,
-            recovered_jobs,
-        } = start_up(&target, &config, &handoff).await?;
+        let started = start_up(&target, &config, &handoff).await?;
         // Registering wrote the first heartbeat.
         metrics.heartbeat_written();
-        let identity = Arc::new(Identity::new(worker_id));
+        let identity = Arc::new(Identity::new(started.worker_id));
         let job_connection = target
             .connect_with_backoff(config.reconnect_timeout)
             .await?;
@@ -274,93 +383,40 @@ impl WorkerCore {
         let (stop_fetching, stop_fetching_receiver) = watch::channel(false);
         let (stop_background, stop_background_receiver) = watch::channel(false);
         let (hard_stop, hard_stop_receiver) = watch::channel(false);
-        let wake = Arc::new(Notify::new());
         let in_flight = Arc::new(AtomicUsize::new(0));
-
-        let dispatcher = Dispatcher {
-            target: target.clone(),
-            config: config.clone(),
-            identity: identity.clone(),
-            completions,
-            wake: wake.clone(),
-            stop_fetching: stop_fetching_receiver,
-            hard_stop: hard_stop_receiver,
-            hard_stop_open: true,
-            handoff: handoff.clone(),
-            in_flight_count: in_flight.clone(),
+        let roles = Roles {
+            config: &config,
+            target: &target,
+            identity: &identity,
+            handoff: &handoff,
+            stop_background: &stop_background_receiver,
+            wake: &Arc::new(Notify::new()),
         };
-        // Nothing more will be claimed after it fails: let the runner's shutdown go on.
-        let dispatcher = supervise(
-            "dispatcher",
-            dispatcher.run(job_connection),
-            handoff.clone(),
-            Some(HandoffEvent::FetchingStopped),
-        );
-
-        let listener = if config.listen_notify {
-            let listener = Listener {
-                target: listen_target,
-                channels: listener::channels(config.queues.as_deref()),
-                wake: wake.clone(),
-                handoff: handoff.clone(),
-                stop: stop_background_receiver.clone(),
-                reconnect_timeout: config.reconnect_timeout,
-                response_timeout: config.response_timeout,
-                ping_interval: config.response_timeout,
-            };
-            Some(supervise("listener", listener.run(), handoff.clone(), None))
-        } else {
-            None
+        let running = Running {
+            dispatcher: roles.dispatcher(
+                job_connection,
+                completions,
+                stop_fetching_receiver,
+                hard_stop_receiver,
+                in_flight.clone(),
+            ),
+            listener: roles.listener(listen_target),
+            recovery: roles.recovery(),
+            registry: roles.registry(started.maintenance, in_flight),
+            stop_background,
         };
-
-        let recovery = config.recover_stalled_jobs.then(|| {
-            tokio::spawn(
-                Recovery {
-                    target: target.clone(),
-                    identity: identity.clone(),
-                    handoff: handoff.clone(),
-                    stalled_worker_timeout: config.stalled_worker_timeout,
-                    response_timeout: config.response_timeout,
-                    stop: stop_background_receiver.clone(),
-                    wake,
-                }
-                .run(),
-            )
-        });
-        let registry = Registry {
-            target,
-            client: Some(maintenance),
-            outage: None,
-            identity: identity.clone(),
-            handoff: handoff.clone(),
-            in_flight,
-            heartbeat_interval: config.update_heartbeat_interval,
-            stalled_worker_timeout: config.stalled_worker_timeout,
-            abort_polling_interval: config.abort_job_polling_interval,
-            response_timeout: config.response_timeout,
-            stop: stop_background_receiver,
-            sample_metrics: config.sample_metrics,
-            heartbeat_watch: registry::HeartbeatWatch::new(),
-        };
-        let registry = tokio::spawn(registry.run());
         drop(handoff);
 
         Ok(WorkerCore {
             identity,
             hard_stop,
-            pruned_workers,
-            recovered_jobs,
+            pruned_workers: started.pruned_workers,
+            recovered_jobs: started.recovered_jobs,
             completions: Mutex::new(Some(completions_sender)),
             metrics,
             stop_fetching,
             events,
-            running: tokio::sync::Mutex::new(Some(Running {
-                dispatcher,
-                listener,
-                registry,
-                recovery,
-                stop_background,
-            })),
+            running: tokio::sync::Mutex::new(Some(running)),
         })
     }
 

@@ -20,6 +20,7 @@
 
 mod state;
 
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -34,17 +35,24 @@ use crate::errors::{CoreError, CoreResult, Failed, Failure};
 use crate::fetcher::{Claimant, Fetcher, QueueRoom};
 use crate::handoff::HandoffSender;
 use crate::metrics::Labels;
-use crate::protocol::{Completion, JobRow, LogLevel, Reported};
+use crate::protocol::{ClaimKey, Completion, JobRow, LogLevel, Reported};
 use crate::registry::{query_claims, query_ids, Identity};
 use crate::sql;
+use crate::timing::{ticker, Backoff, FIRST_BACKOFF};
 
-pub use state::{InFlight, Needs, Plan, RoundTripPlan, Settings, State};
+use state::{
+    after_shared_write, AfterSharedWrite, Answer, FollowUp, OrphanFindings, OrphanQuery, WriteMode,
+};
+pub use state::{InFlight, Plan, RoundTripPlan, Settings, State};
 
 /// How long a reconnected dispatcher lets the server process of its lost connection end
 /// on its own before it ends it (a half-open connection's process lives on, maybe in a
 /// transaction that holds row locks).
 const OLD_BACKEND_GRACE: Duration = Duration::from_millis(500);
 const OLD_BACKEND_WAIT: Duration = Duration::from_secs(2);
+
+/// The longest wait between two reconnects: a database back from a restart is found soon.
+const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(2);
 
 /// After a hard stop, how long a round trip or a reconnect may still take: the last
 /// outcomes are written if the database answers promptly, else given up on (their jobs
@@ -68,10 +76,50 @@ pub struct Dispatcher {
     pub in_flight_count: Arc<AtomicUsize>,
 }
 
-/// What one round trip did: `None` where that step was not needed.
-struct RoundTrip {
-    flushed: Option<Result<CompletionReport, Failed>>,
-    claimed: Option<Result<Vec<JobRow>, Failed>>,
+/// The job connection, if there is one now, and the server process of the last one lost
+/// (to be made sure gone by the next set-up).
+struct Link {
+    connection: Option<Connection>,
+    old_backend: Option<Backend>,
+}
+
+impl Link {
+    fn current(&self) -> Option<&Connection> {
+        self.connection.as_ref()
+    }
+
+    /// The connection is lost or dead: it is replaced before the next plan. Behind a
+    /// pooler the server process is the pooler's, shared with other clients: never this
+    /// worker's to end.
+    fn drop_connection(&mut self, behind_a_pooler: bool) {
+        if let Some(lost) = self.connection.take() {
+            self.old_backend = lost.backend.filter(|_| !behind_a_pooler);
+        }
+    }
+}
+
+/// The periodic inputs of an idle dispatcher.
+struct Tickers {
+    poll: tokio::time::Interval,
+    orphan_check: tokio::time::Interval,
+    liveness: tokio::time::Interval,
+}
+
+/// What can end a wait with nothing to send.
+enum Input {
+    /// Outcomes from the runner (`None`: it closed the channel, shutting down).
+    Reported(Option<Reported>),
+    /// A `job_inserted` notification.
+    Wake,
+    Poll,
+    StopRequested,
+    LivenessCheck,
+    OrphanCheck,
+    /// The plan's deadline: a delayed completion, a job scheduled for later, a backoff.
+    Deadline,
+    HardStop {
+        sender_gone: bool,
+    },
 }
 
 /// The claim part of a round trip.
@@ -97,129 +145,155 @@ struct Connection {
     backend: Option<Backend>,
 }
 
-/// Send the pending completions and the claim in one round trip. When both are needed they
-/// share one transaction: one commit (one WAL flush) instead of two, and the claim counts
-/// the locks and slots the completions free. Without retries it is a single statement
-/// (one message each way); with retries, two statements pipelined in a transaction.
-async fn round_trip(
+/// Send the pending completions and the claim of `plan` in the way the plan's
+/// [`WriteMode`] says: when both are needed they share one transaction, one commit (one WAL
+/// flush) instead of two, and the claim counts the locks and slots the completions free.
+async fn round_trip(connection: &Connection, plan: &RoundTripPlan, claimant: &Claimant) -> Answer {
+    let claim = ClaimRequest {
+        claimant,
+        limit: plan.claim_limit,
+        room: &plan.room,
+        abandoned: &plan.abandoned,
+    };
+    let batch = plan.batch.as_slice();
+    match plan.write_mode() {
+        WriteMode::Nothing => Answer::default(),
+        WriteMode::Completions => Answer {
+            flushed: Some(
+                connection
+                    .completer
+                    .write(&connection.client, batch, &claimant.worker_ids)
+                    .await,
+            ),
+            claimed: None,
+        },
+        WriteMode::Claim => Answer {
+            flushed: None,
+            claimed: Some(claim_alone(connection, &claim, claim.abandoned).await),
+        },
+        WriteMode::Combined => match combined(connection, batch, &claim).await {
+            Ok(answer) => answer,
+            Err(errors) => fall_back(connection, batch, &claim, errors, false).await,
+        },
+        WriteMode::Transaction => match in_one_transaction(connection, batch, &claim).await {
+            Ok(answer) => answer,
+            Err(errors) => fall_back(connection, batch, &claim, errors, true).await,
+        },
+    }
+}
+
+/// The claim on its own, in its own transaction.
+async fn claim_alone(
+    connection: &Connection,
+    claim: &ClaimRequest<'_>,
+    abandoned: &[i64],
+) -> Result<Vec<JobRow>, Failed> {
+    connection
+        .fetcher
+        .claim(
+            &connection.client,
+            Within::OwnTransaction,
+            claim.claimant,
+            claim.limit,
+            claim.room,
+            abandoned,
+        )
+        .await
+        .map_err(|error| Failed::new(&error))
+}
+
+/// Completions without retries and the claim in one statement: one message each way, one
+/// commit. `Err`: the statement failed (it is its own transaction).
+async fn combined(
     connection: &Connection,
     batch: &[Completion],
     claim: &ClaimRequest<'_>,
-) -> RoundTrip {
+) -> Result<Answer, Vec<Failed>> {
+    let written = CompletionBatch::build(batch);
+    let (jobs, done) = connection
+        .fetcher
+        .complete_and_claim(
+            &connection.client,
+            claim.claimant,
+            &written,
+            claim.limit,
+            claim.room,
+            claim.abandoned,
+        )
+        .await
+        .map_err(|error| vec![Failed::new(&error)])?;
+    Ok(Answer {
+        flushed: Some(Ok(CompletionReport::of_batch(batch, &done))),
+        claimed: Some(Ok(jobs)),
+    })
+}
+
+/// Completions with retries, then the claim, in one transaction, so the claim sees a
+/// retried job that is due at once. Polled in order by join!, so sent in this order, in
+/// one round trip. `Err`: the statements' failures (PostgreSQL rolled the transaction
+/// back: COMMIT answers ROLLBACK).
+async fn in_one_transaction(
+    connection: &Connection,
+    batch: &[Completion],
+    claim: &ClaimRequest<'_>,
+) -> Result<Answer, Vec<Failed>> {
     let client = &connection.client;
-    let completer = &connection.completer;
-    let fetcher = &connection.fetcher;
-    let workers = &claim.claimant.worker_ids;
-    let claim_now = || async {
-        fetcher
-            .claim(
-                client,
-                Within::OwnTransaction,
-                claim.claimant,
-                claim.limit,
-                claim.room,
-                claim.abandoned,
-            )
-            .await
-            .map_err(|error| Failed::new(&error))
-    };
-    match (batch.is_empty(), claim.limit == 0) {
-        (true, true) => RoundTrip {
-            flushed: None,
+    let begin_statement = client.begin_statement();
+    let (begin, flushed, claimed, commit) = tokio::join!(
+        client.batch_execute(&begin_statement),
+        connection.completer.write_batch(
+            client,
+            batch,
+            &claim.claimant.worker_ids,
+            Within::OpenTransaction
+        ),
+        connection.fetcher.claim(
+            client,
+            Within::OpenTransaction,
+            claim.claimant,
+            claim.limit,
+            claim.room,
+            claim.abandoned
+        ),
+        client.batch_execute("COMMIT"),
+    );
+    let errors: Vec<Failed> = [
+        begin.as_ref().err(),
+        flushed.as_ref().err(),
+        claimed.as_ref().err(),
+        commit.as_ref().err(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(Failed::new)
+    .collect();
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(Answer {
+        flushed: Some(flushed.map_err(|error| Failed::new(&error))),
+        claimed: Some(claimed.map_err(|error| Failed::new(&error))),
+    })
+}
+
+/// After the shared statement or transaction (`in_transaction`) failed: what
+/// [`after_shared_write`] decides.
+async fn fall_back(
+    connection: &Connection,
+    batch: &[Completion],
+    claim: &ClaimRequest<'_>,
+    errors: Vec<Failed>,
+    in_transaction: bool,
+) -> Answer {
+    match after_shared_write(errors) {
+        AfterSharedWrite::Lost(lost) => Answer {
+            flushed: Some(Err(lost)),
             claimed: None,
         },
-        (false, true) => RoundTrip {
-            flushed: Some(completer.write(client, batch, workers).await),
-            claimed: None,
-        },
-        (true, false) => RoundTrip {
-            flushed: None,
-            claimed: Some(claim_now().await),
-        },
-        (false, false) => {
-            let written = CompletionBatch::build(batch);
-            if !written.has_retries() {
-                // One statement: one message, one commit.
-                return match fetcher
-                    .complete_and_claim(
-                        client,
-                        claim.claimant,
-                        &written,
-                        claim.limit,
-                        claim.room,
-                        claim.abandoned,
-                    )
-                    .await
-                {
-                    Ok((jobs, done)) => RoundTrip {
-                        flushed: Some(Ok(CompletionReport::of_batch(batch, &done))),
-                        claimed: Some(Ok(jobs)),
-                    },
-                    Err(error) => {
-                        let failed = Failed::new(&error);
-                        if failed.failure == Failure::Connection {
-                            // Committed or not, nobody can tell: as with the transaction below.
-                            RoundTrip {
-                                flushed: Some(Err(failed)),
-                                claimed: None,
-                            }
-                        } else {
-                            // Nothing was written (the statement is its own transaction):
-                            // redo the steps on their own, where a bad completion cannot
-                            // hold back the others.
-                            separately(connection, batch, claim).await
-                        }
-                    }
-                };
+        AfterSharedWrite::Separately => {
+            if in_transaction {
+                let _ = connection.client.batch_execute("ROLLBACK").await;
             }
-            // Retries: completions, then the claim, in one transaction, so the claim sees
-            // a retried job that is due at once. Polled in order by join!, so sent in this
-            // order, in one round trip.
-            let begin_statement = client.begin_statement();
-            let (begin, flushed, claimed, commit) = tokio::join!(
-                client.batch_execute(&begin_statement),
-                completer.write_batch(client, batch, workers, Within::OpenTransaction),
-                fetcher.claim(
-                    client,
-                    Within::OpenTransaction,
-                    claim.claimant,
-                    claim.limit,
-                    claim.room,
-                    claim.abandoned
-                ),
-                client.batch_execute("COMMIT"),
-            );
-            let errors: Vec<Failed> = [
-                begin.as_ref().err(),
-                flushed.as_ref().err(),
-                claimed.as_ref().err(),
-                commit.as_ref().err(),
-            ]
-            .into_iter()
-            .flatten()
-            .map(Failed::new)
-            .collect();
-            if errors.is_empty() {
-                return RoundTrip {
-                    flushed: Some(flushed.map_err(|error| Failed::new(&error))),
-                    claimed: Some(claimed.map_err(|error| Failed::new(&error))),
-                };
-            }
-            if let Some(lost) = errors
-                .into_iter()
-                .find(|failed| failed.failure == Failure::Connection)
-            {
-                // Committed or not, nobody can tell: report the connection as lost; the
-                // dispatcher sends the batch again and looks for orphaned claims.
-                return RoundTrip {
-                    flushed: Some(Err(lost)),
-                    claimed: None,
-                };
-            }
-            // A statement failed, so PostgreSQL rolled the transaction back (COMMIT answers
-            // ROLLBACK). Redo the steps on their own, where a bad completion cannot hold
-            // back the others.
-            let _ = client.batch_execute("ROLLBACK").await;
             separately(connection, batch, claim).await
         }
     }
@@ -230,14 +304,13 @@ async fn separately(
     connection: &Connection,
     batch: &[Completion],
     claim: &ClaimRequest<'_>,
-) -> RoundTrip {
-    let client = &connection.client;
+) -> Answer {
     let flushed = connection
         .completer
-        .write(client, batch, &claim.claimant.worker_ids)
+        .write(&connection.client, batch, &claim.claimant.worker_ids)
         .await;
     if matches!(&flushed, Err(failed) if failed.failure == Failure::Connection) {
-        return RoundTrip {
+        return Answer {
             flushed: Some(flushed),
             claimed: None,
         };
@@ -248,21 +321,9 @@ async fn separately(
     if let Ok(report) = &flushed {
         abandoned.extend(report.refused.iter().map(|(key, _)| key.0));
     }
-    let claimed = connection
-        .fetcher
-        .claim(
-            client,
-            Within::OwnTransaction,
-            claim.claimant,
-            claim.limit,
-            claim.room,
-            &abandoned,
-        )
-        .await
-        .map_err(|error| Failed::new(&error));
-    RoundTrip {
+    Answer {
         flushed: Some(flushed),
-        claimed: Some(claimed),
+        claimed: Some(claim_alone(connection, claim, &abandoned).await),
     }
 }
 
@@ -285,6 +346,7 @@ impl Dispatcher {
                     .chain(self.config.queue_concurrency.keys()),
             ),
             sample_waits: self.config.sample_metrics,
+            listen_notify: self.config.listen_notify,
         }
     }
 
@@ -331,12 +393,47 @@ impl Dispatcher {
     /// given up on, after the reconnect budget or a hard stop).
     pub async fn run(mut self, client: Db) -> CoreResult<()> {
         let mut state = State::new(self.settings());
-        // The first set-up is tried again as any later one (see `reconnect`): lost on the
-        // way, or refused for a passing reason (a migration holding a lock on the jobs
-        // table makes the claim's prepare wait for `lock_timeout`, then fail).
-        let mut connection = match self.prepare(client).await {
-            Ok(connection) => Some(connection),
-            Err(error) if error.is_connectivity() => None,
+        let mut link = Link {
+            connection: self.first_set_up(client).await?,
+            old_backend: None,
+        };
+        self.handoff
+            .metrics()
+            .set_connected("dispatcher", link.connection.is_some());
+        let mut tickers = self.tickers();
+        loop {
+            if link.connection.is_none() {
+                link.connection = self.reconnect(&mut state, link.old_backend.take()).await;
+                self.send_events(&mut state);
+                if link.connection.is_none() {
+                    return Ok(());
+                }
+            }
+            while let Ok(reported) = self.completions.try_recv() {
+                state.receive(reported);
+            }
+            let plan = state.plan(Instant::now(), *self.stop_fetching.borrow());
+            self.send_events(&mut state);
+            match plan {
+                Plan::Done => return Ok(()),
+                Plan::Wait { until } => {
+                    let input = self.next_input(&state, &mut tickers, until).await;
+                    if self.on_input(input, &mut state, &mut link).await.is_break() {
+                        return Ok(());
+                    }
+                }
+                Plan::RoundTrip(plan) => self.exchange(plan, &mut state, &mut link).await,
+            }
+        }
+    }
+
+    /// The first set-up is tried again as any later one (see `reconnect`): lost on the
+    /// way, or refused for a passing reason (a migration holding a lock on the jobs table
+    /// makes the claim's prepare wait for `lock_timeout`, then fail).
+    async fn first_set_up(&self, client: Db) -> CoreResult<Option<Connection>> {
+        match self.prepare(client).await {
+            Ok(connection) => Ok(Some(connection)),
+            Err(error) if error.is_connectivity() => Ok(None),
             Err(error) if error.is_passing() => {
                 self.handoff.log(
                     LogLevel::Warning,
@@ -347,180 +444,176 @@ impl Dispatcher {
                         self.config.reconnect_timeout.as_secs_f64()
                     ),
                 );
-                None
+                Ok(None)
             }
-            Err(error) => return Err(error),
+            Err(error) => Err(error),
+        }
+    }
+
+    fn tickers(&self) -> Tickers {
+        Tickers {
+            poll: ticker(self.config.fetch_job_polling_interval),
+            // Claims of this worker that it never heard of (a statement of a lost
+            // connection that committed late) are looked for at the heartbeat's pace.
+            orphan_check: ticker(
+                self.config
+                    .update_heartbeat_interval
+                    .max(Duration::from_secs(1)),
+            ),
+            // An idle connection whose server process ended is seen (and replaced) at
+            // once, not at the next claim, which may be a polling interval away.
+            liveness: ticker(crate::registry::liveness_interval(
+                self.config.response_timeout,
+            )),
+        }
+    }
+
+    /// While there is nothing to send: the first of the inputs that can change that.
+    async fn next_input(
+        &mut self,
+        state: &State,
+        tickers: &mut Tickers,
+        until: Option<Instant>,
+    ) -> Input {
+        let deadline = async {
+            match until {
+                Some(until) => tokio::time::sleep_until(until.into()).await,
+                None => std::future::pending().await,
+            }
         };
-        self.handoff
-            .metrics()
-            .set_connected("dispatcher", connection.is_some());
-        let mut old_backend = None;
-        // procrastinate takes 0 (poll back to back); tokio's interval needs a period.
-        let mut poll = interval(self.config.fetch_job_polling_interval);
-        poll.tick().await;
-        // Claims of this worker that it never heard of (a statement of a lost connection
-        // that committed late) are looked for at the heartbeat's pace.
-        let mut orphan_check = interval(
-            self.config
-                .update_heartbeat_interval
-                .max(Duration::from_secs(1)),
-        );
-        orphan_check.tick().await;
-        // An idle connection whose server process ended is seen (and replaced) at once,
-        // not at the next claim, which may be a polling interval away.
-        let mut liveness = interval(crate::registry::liveness_interval(
-            self.config.response_timeout,
-        ));
-        liveness.tick().await;
+        tokio::select! {
+            completion = self.completions.recv(), if state.completions_open() => {
+                Input::Reported(completion)
+            }
+            _ = self.wake.notified(), if state.claiming() => Input::Wake,
+            _ = tickers.poll.tick(), if state.claiming() => Input::Poll,
+            _ = self.stop_fetching.changed(), if state.claiming() => Input::StopRequested,
+            _ = tickers.liveness.tick() => Input::LivenessCheck,
+            _ = tickers.orphan_check.tick() => Input::OrphanCheck,
+            _ = deadline => Input::Deadline,
+            changed = self.hard_stop.changed(), if self.hard_stop_open => {
+                Input::HardStop { sender_gone: changed.is_err() }
+            }
+        }
+    }
 
-        loop {
-            if connection.is_none() {
-                connection = self.reconnect(&mut state, old_backend.take()).await;
-                self.send_outbox(&mut state);
-                if connection.is_none() {
-                    return Ok(());
+    /// Feed `input` to the state (`Break`: a hard stop with nothing more to come ends
+    /// the dispatcher).
+    async fn on_input(
+        &mut self,
+        input: Input,
+        state: &mut State,
+        link: &mut Link,
+    ) -> ControlFlow<()> {
+        match input {
+            Input::Reported(Some(reported)) => state.receive(reported),
+            Input::Reported(None) => state.on_completions_closed(Instant::now()),
+            Input::Wake => state.on_wake(),
+            Input::Poll => state.on_poll(),
+            // The next plan sees it.
+            Input::StopRequested | Input::Deadline => {}
+            Input::LivenessCheck => {
+                if link
+                    .current()
+                    .is_some_and(|current| current.client.is_closed())
+                {
+                    link.drop_connection(false);
                 }
             }
-            let Some(current) = connection.as_ref() else {
-                continue;
-            };
-            while let Ok(reported) = self.completions.try_recv() {
-                state.receive(reported);
-            }
-            let plan = state.plan(Instant::now(), *self.stop_fetching.borrow());
-            self.send_outbox(&mut state);
-            let plan = match plan {
-                Plan::Done => return Ok(()),
-                Plan::Wait { until } => {
-                    let sleep = until.map(|until| tokio::time::sleep_until(until.into()));
-                    tokio::select! {
-                        completion = self.completions.recv(), if state.completions_open => match completion {
-                            Some(reported) => state.receive(reported),
-                            None => state.on_completions_closed(Instant::now()),
-                        },
-                        _ = self.wake.notified(), if state.claiming => state.on_wake(),
-                        _ = poll.tick(), if state.claiming => {
-                            if self.config.listen_notify {
-                                state.want_claim = true;
-                            } else {
-                                // No notification tells of new jobs: every poll may find
-                                // some scheduled for later.
-                                state.on_wake();
-                            }
-                        }
-                        _ = self.stop_fetching.changed(), if state.claiming => {},
-                        _ = liveness.tick() => {
-                            if current.client.is_closed() {
-                                old_backend = current.backend;
-                                connection = None;
-                            }
-                        }
-                        _ = orphan_check.tick() => {
-                            if let Err(failed) = self.check_orphans(current, &mut state).await {
-                                if failed.failure == Failure::Connection {
-                                    old_backend = current.backend;
-                                    connection = None;
-                                }
-                            }
-                            self.send_outbox(&mut state);
-                        }
-                        _ = async { if let Some(sleep) = sleep { sleep.await } }, if until.is_some() => {},
-                        changed = self.hard_stop.changed(), if self.hard_stop_open => {
-                            self.hard_stop_open = changed.is_ok();
-                            if self.hard_stopped() && !state.completions_open {
-                                state.give_up("hard stop");
-                                self.send_outbox(&mut state);
-                                return Ok(());
-                            }
-                        }
+            Input::OrphanCheck => {
+                if let Some(current) = link.current() {
+                    let checked = self.check_orphans(current, state).await;
+                    if matches!(checked, Err(failed) if failed.failure == Failure::Connection) {
+                        link.drop_connection(false);
                     }
-                    continue;
                 }
-                Plan::RoundTrip(plan) => plan,
-            };
+                self.send_events(state);
+            }
+            Input::HardStop { sender_gone } => {
+                self.hard_stop_open = !sender_gone;
+                if self.hard_stopped() && !state.completions_open() {
+                    state.give_up("hard stop");
+                    self.send_events(state);
+                    return ControlFlow::Break(());
+                }
+            }
+        }
+        ControlFlow::Continue(())
+    }
 
-            let claimant = self.identity.claimant();
-            let request = ClaimRequest {
-                claimant: &claimant,
-                limit: plan.claim_limit,
-                room: &plan.room,
-                abandoned: &plan.abandoned,
-            };
-            let answer = self
-                .bounded(round_trip(current, &plan.batch, &request))
-                .await;
-            let now = Instant::now();
-            let mut needs = Needs::default();
-            match answer {
-                Some(RoundTrip { flushed, claimed }) => {
-                    if let Some(flushed) = flushed {
-                        state.on_flushed(now, plan.batch, flushed, &mut needs);
-                    }
-                    if let Some(claimed) = claimed {
-                        state.on_claimed(now, plan.claim_limit, &plan.room, claimed, &mut needs);
-                    }
+    /// One round trip of `plan`, its answer fed to the state, then its follow-ups.
+    async fn exchange(&mut self, plan: RoundTripPlan, state: &mut State, link: &mut Link) {
+        let Some(current) = link.current() else {
+            return;
+        };
+        let claimant = self.identity.claimant();
+        let answer = self
+            .within_response_timeout(round_trip(current, &plan, &claimant))
+            .await
+            .ok_or_else(|| Failed::no_answer(self.config.response_timeout));
+        let now = Instant::now();
+        state.on_round_trip(now, plan, answer);
+        let pooler_sign = current.client.transaction_pooler_sign();
+        let behind_a_pooler = pooler_sign.is_some();
+        if let Some(sign) = pooler_sign {
+            state.on_transaction_pooler(self.pooler_not_declared(sign));
+            self.carry_on_in_pooler_mode(state);
+        }
+        let mut lost = false;
+        while let Some(follow_up) = state.next_follow_up() {
+            match follow_up {
+                FollowUp::Reconnect => lost = true,
+                FollowUp::RegisterAgain => {
+                    self.register_again(current, claimant.worker_id, now, state)
+                        .await
                 }
-                None => {
-                    // No answer in time: the connection is taken for dead (half-open).
-                    state.on_flushed(
-                        now,
-                        plan.batch,
-                        Err(Failed::no_answer(self.config.response_timeout)),
-                        &mut needs,
-                    );
-                    needs.reconnect = true;
-                }
+                FollowUp::LookAtSchedule => self.look_at_schedule(current, state).await,
             }
-            let pooler_sign = current.client.transaction_pooler_sign();
-            let behind_a_pooler = pooler_sign.is_some();
-            if let Some(sign) = pooler_sign {
-                let error = self.pooler_not_declared(sign);
-                self.on_transaction_pooler(&mut state, error);
-                needs.reconnect = true;
+        }
+        self.publish(state);
+        if lost || current.client.is_closed() {
+            link.drop_connection(behind_a_pooler);
+        }
+    }
+
+    /// This worker's row is gone (pruned as stalled, or deleted): register again.
+    async fn register_again(
+        &self,
+        current: &Connection,
+        gone: i64,
+        now: Instant,
+        state: &mut State,
+    ) {
+        let registered = self
+            .identity
+            .register_again(
+                &current.client,
+                gone,
+                &self.handoff,
+                "a claim found its row gone",
+            )
+            .await;
+        if let Err(error) = registered {
+            state.on_register_again_failed(now, &error.to_string(), error.is_connectivity());
+        }
+    }
+
+    /// Look when the earliest job scheduled for later is due.
+    async fn look_at_schedule(&self, current: &Connection, state: &mut State) {
+        let look = self.next_scheduled(current);
+        match tokio::time::timeout(self.config.response_timeout, look).await {
+            Ok(Ok(due_in)) => state.on_next_scheduled(Instant::now(), due_in),
+            Ok(Err(error)) => {
+                let failed = Failed::new(&error);
+                // The poll still finds such jobs; this look is tried again then.
+                self.handoff.log(
+                    LogLevel::Debug,
+                    "next_scheduled_failed",
+                    format!("Could not look for jobs scheduled later: {}", failed.reason),
+                );
+                state.on_schedule_look_failed(failed.failure == Failure::Connection);
             }
-            if needs.register_again && !needs.reconnect {
-                let gone = claimant.worker_id;
-                if let Err(error) = self
-                    .identity
-                    .register_again(
-                        &current.client,
-                        gone,
-                        &self.handoff,
-                        "a claim found its row gone",
-                    )
-                    .await
-                {
-                    state.on_trouble(now, "registering the worker again", &error.to_string());
-                    needs.reconnect = error.is_connectivity();
-                }
-            }
-            if !needs.reconnect && state.wants_schedule_check() {
-                let look = self.next_scheduled(current);
-                match tokio::time::timeout(self.config.response_timeout, look)
-                    .await
-                    .ok()
-                {
-                    Some(Ok(due_in)) => state.on_next_scheduled(Instant::now(), due_in),
-                    Some(Err(error)) => {
-                        let failed = Failed::new(&error);
-                        needs.reconnect = failed.failure == Failure::Connection;
-                        // The poll still finds such jobs; this look is tried again then.
-                        self.handoff.log(
-                            LogLevel::Debug,
-                            "next_scheduled_failed",
-                            format!("Could not look for jobs scheduled later: {}", failed.reason),
-                        );
-                    }
-                    None => needs.reconnect = true,
-                }
-            }
-            self.publish(&mut state);
-            if needs.reconnect || current.client.is_closed() {
-                // Behind a pooler, the server process is the pooler's, shared with other
-                // clients: never this worker's to end.
-                old_backend = current.backend.filter(|_| !behind_a_pooler);
-                connection = None;
-            }
+            Err(_) => state.on_schedule_look_failed(true),
         }
     }
 
@@ -542,22 +635,21 @@ impl Dispatcher {
         }
     }
 
-    /// The server did not know a statement prepared on the job connection, or knew
-    /// another client's of the same name: a transaction pooler (PgBouncer `pool_mode =
-    /// transaction`) is in between, running each transaction on whichever server
-    /// connection is free, and the worker was not told (`pooler`). Claims would fail (or
-    /// worse, meet another client's statement of the same name) for ever: stop claiming
-    /// with `error`, which says what to do. The outcomes still to come are written through
-    /// a new connection in pooler mode, which works there.
-    fn on_transaction_pooler(&mut self, state: &mut State, error: CoreError) {
-        state.fatal(error);
-        self.send_outbox(state);
+    /// The job connection goes through a transaction pooler (PgBouncer `pool_mode =
+    /// transaction`) the worker was not told of (`pooler`): the state has stopped claiming
+    /// with the error that says so. The outcomes still to come are written through a new
+    /// connection in pooler mode, which works there.
+    fn carry_on_in_pooler_mode(&mut self, state: &mut State) {
+        self.send_events(state);
         self.target = self.target.clone().through_pooler(true);
     }
 
     /// A round trip, bounded by `response_timeout` (a hard stop shortens the wait):
     /// `None` if no answer came in time.
-    async fn bounded<T>(&mut self, work: impl std::future::Future<Output = T>) -> Option<T> {
+    async fn within_response_timeout<T>(
+        &mut self,
+        work: impl std::future::Future<Output = T>,
+    ) -> Option<T> {
         tokio::pin!(work);
         let deadline = tokio::time::sleep(self.config.response_timeout);
         tokio::pin!(deadline);
@@ -586,32 +678,29 @@ impl Dispatcher {
         }
     }
 
-    fn send_outbox(&self, state: &mut State) {
-        for event in state.outbox.drain(..) {
+    fn send_events(&self, state: &mut State) {
+        for event in state.take_events() {
             self.handoff.send(event);
         }
     }
 
     /// Events and metrics after a round trip.
     fn publish(&self, state: &mut State) {
-        self.send_outbox(state);
-        let claimed = std::mem::take(&mut state.claimed_metrics);
-        let waits = std::mem::take(&mut state.claimed_waits);
-        if !waits.is_empty() {
-            self.handoff.metrics().waits_claimed(waits);
+        let effects = state.take_effects();
+        for event in effects.events {
+            self.handoff.send(event);
         }
-        let ended = std::mem::take(&mut state.ended_metrics);
-        let batch_sizes = std::mem::take(&mut state.batch_sizes);
-        let held = state.in_flight.len();
-        let backlog = state.backlog() as u64;
-        self.in_flight_count.store(held, Ordering::Relaxed);
+        if !effects.claimed_waits.is_empty() {
+            self.handoff.metrics().waits_claimed(effects.claimed_waits);
+        }
+        self.in_flight_count.store(effects.held, Ordering::Relaxed);
         self.handoff.metrics().update(|metrics| {
-            if !claimed.is_empty() {
-                state::record_claims(metrics, claimed);
+            if !effects.claimed.is_empty() {
+                state::record_claims(metrics, effects.claimed);
             }
-            state::record_outcomes(metrics, ended, &batch_sizes);
-            metrics.in_flight = held as u64;
-            metrics.completer_backlog = backlog;
+            state::record_outcomes(metrics, effects.ended, &effects.batch_sizes);
+            metrics.in_flight = effects.held as u64;
+            metrics.completer_backlog = effects.backlog as u64;
         });
     }
 
@@ -623,21 +712,11 @@ impl Dispatcher {
     async fn reconnect(&mut self, state: &mut State, old: Option<Backend>) -> Option<Connection> {
         self.handoff.metrics().set_connected("dispatcher", false);
         let started = Instant::now();
-        let mut delay = state::FIRST_BACKOFF;
+        let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_RECONNECT_BACKOFF);
         let mut last_error = String::new();
         loop {
-            while let Ok(reported) = self.completions.try_recv() {
-                state.receive(reported);
-            }
-            if self.completions.is_closed() && self.completions.is_empty() {
-                state.on_completions_closed(Instant::now());
-            }
-            if *self.stop_fetching.borrow() || self.hard_stopped() {
-                // The runner waits for this before it stops: never behind a reconnect.
-                state.stop_claiming();
-                self.send_outbox(state);
-            }
-            if self.hard_stopped() && !state.completions_open {
+            self.take_inputs_while_disconnected(state);
+            if self.hard_stopped() && !state.completions_open() {
                 state.give_up("hard stop while the database was unreachable");
                 return None;
             }
@@ -648,18 +727,12 @@ impl Dispatcher {
             let Some(attempt) = self.connect_unless_stopped(state, old).await else {
                 continue;
             };
+            let delay = backoff.next_delay();
             // Whether the database answered, and refused the set-up (rather than being out
             // of reach).
             let refused = match attempt {
                 Ok((connection, orphans)) => {
-                    self.handoff.metrics().set_connected("dispatcher", true);
-                    self.handoff.log(
-                        LogLevel::Info,
-                        "dispatcher_reconnected",
-                        format!("Reconnected to {}", self.target.description()),
-                    );
-                    state.on_reconnected(orphans);
-                    self.publish(state);
+                    self.on_reconnected(state, orphans);
                     return Some(connection);
                 }
                 // A set-up that met another client's statement: the job connection goes
@@ -668,7 +741,8 @@ impl Dispatcher {
                 // the reconnect budget is spent).
                 Err(error @ CoreError::PoolerNotDeclared { .. }) => {
                     last_error = error.to_string();
-                    self.on_transaction_pooler(state, error);
+                    state.fatal(error);
+                    self.carry_on_in_pooler_mode(state);
                     false
                 }
                 // Unreachable, lost again while setting up, or refused (too many
@@ -694,20 +768,52 @@ impl Dispatcher {
                     last_error.clone(),
                     refused,
                 ));
-                self.send_outbox(state);
+                self.send_events(state);
             }
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = became_true(self.stop_fetching.clone()), if state.claiming => {}
-                changed = self.hard_stop.changed(), if self.hard_stop_open => {
-                    self.hard_stop_open = changed.is_ok();
-                }
-                completion = self.completions.recv(), if state.completions_open => match completion {
-                    Some(reported) => state.receive(reported),
-                    None => state.on_completions_closed(Instant::now()),
-                },
+            self.wait_to_reconnect(state, delay).await;
+        }
+    }
+
+    /// What came in since the last look, while there is no connection: outcomes, the
+    /// runner closing, a stop.
+    fn take_inputs_while_disconnected(&mut self, state: &mut State) {
+        while let Ok(reported) = self.completions.try_recv() {
+            state.receive(reported);
+        }
+        if self.completions.is_closed() && self.completions.is_empty() {
+            state.on_completions_closed(Instant::now());
+        }
+        if *self.stop_fetching.borrow() || self.hard_stopped() {
+            // The runner waits for this before it stops: never behind a reconnect.
+            state.stop_claiming();
+            self.send_events(state);
+        }
+    }
+
+    fn on_reconnected(&self, state: &mut State, orphans: Vec<JobRow>) {
+        self.handoff.metrics().set_connected("dispatcher", true);
+        self.handoff.log(
+            LogLevel::Info,
+            "dispatcher_reconnected",
+            format!("Reconnected to {}", self.target.description()),
+        );
+        state.on_reconnected(orphans);
+        self.publish(state);
+    }
+
+    /// The backoff's `delay`, cut short by a stop request (while claiming), a hard stop or
+    /// outcomes from the runner.
+    async fn wait_to_reconnect(&mut self, state: &mut State, delay: Duration) {
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = became_true(self.stop_fetching.clone()), if state.claiming() => {}
+            changed = self.hard_stop.changed(), if self.hard_stop_open => {
+                self.hard_stop_open = changed.is_ok();
             }
-            delay = (delay * 2).min(Duration::from_secs(2));
+            completion = self.completions.recv(), if state.completions_open() => match completion {
+                Some(reported) => state.receive(reported),
+                None => state.on_completions_closed(Instant::now()),
+            },
         }
     }
 
@@ -727,7 +833,7 @@ impl Dispatcher {
         tokio::select! {
             attempt = attempt => Some(attempt),
             _ = became_true(self.hard_stop.clone()) => None,
-            _ = became_true(self.stop_fetching.clone()), if state.claiming => None,
+            _ = became_true(self.stop_fetching.clone()), if state.claiming() => None,
         }
     }
 
@@ -743,7 +849,7 @@ impl Dispatcher {
                 self.retire_old_backend(&connection.client, old).await;
             }
             let orphans = self
-                .orphaned_claims(&connection.client, state)
+                .orphaned_claims(&connection.client, &state.orphan_query())
                 .await
                 .map_err(|error| {
                     CoreError::database("looking for claims lost in transit", error)
@@ -805,14 +911,13 @@ impl Dispatcher {
     async fn orphaned_claims(
         &self,
         client: &Db,
-        state: &State,
+        known: &OrphanQuery,
     ) -> Result<Vec<JobRow>, tokio_postgres::Error> {
-        let (ids, attempts) = state.in_flight.keys();
         let workers = self.identity.all();
         let rows = client
             .query(
                 sql::ORPHANED_CLAIMS,
-                &[&workers, &ids, &attempts, &state.abandoned],
+                &[&workers, &known.ids, &known.attempts, &known.abandoned],
             )
             .await?;
         let orphans = rows
@@ -823,62 +928,42 @@ impl Dispatcher {
     }
 
     /// Between round trips (nothing in flight on this connection, so every claim it made
-    /// is known): hand over claims of this worker nobody knew of, give back to this worker
-    /// the running claims that lost their worker row, cancel the runs of claims that are
-    /// no longer this worker's, and forget abandoned jobs that are no longer `doing` for it.
+    /// is known), the queries [`State::orphan_check`] asks for: hand over claims of this
+    /// worker nobody knew of, give back to this worker the running claims that lost their
+    /// worker row, cancel the runs of claims that are no longer this worker's, and forget
+    /// abandoned jobs that are no longer `doing` for it.
     async fn check_orphans(
         &self,
         connection: &Connection,
         state: &mut State,
     ) -> Result<(), Failed> {
         let client = &connection.client;
-        let running: Vec<(i64, i32)> = state.running_claims();
-        let check = async {
-            let orphans = self.orphaned_claims(client, state).await?;
-            let lost = if running.is_empty() {
-                Vec::new()
-            } else {
-                let (ids, attempts): (Vec<i64>, Vec<i32>) = running.iter().copied().unzip();
-                let jobs = query_ids(
-                    client,
-                    sql::REATTACH_CLAIMS,
-                    &[&ids, &attempts, &self.identity.current()],
-                )
-                .await?;
-                if !jobs.is_empty() {
-                    self.handoff.log(
-                        LogLevel::Warning,
-                        "claims_reattached",
-                        format!(
-                            "Jobs {jobs:?} run here had lost their worker (this worker's row \
-                             was deleted); they are worker {}'s again",
-                            self.identity.current()
-                        ),
-                    );
-                }
-                query_claims(
-                    client,
-                    sql::LOST_CLAIMS,
-                    &[&ids, &attempts, &self.identity.all()],
-                )
-                .await?
+        let check = state.orphan_check();
+        let queries = async {
+            let orphans = self.orphaned_claims(client, &check.orphans).await?;
+            let lost = match &check.running {
+                Some((ids, attempts)) => self.lost_claims(client, ids, attempts).await?,
+                None => Vec::new(),
             };
-            let still = if state.abandoned.is_empty() {
-                None
-            } else {
-                Some(
+            let still_abandoned = match &check.abandoned {
+                Some(abandoned) => Some(
                     query_ids(
                         client,
                         sql::STILL_ABANDONED,
-                        &[&self.identity.all(), &state.abandoned],
+                        &[&self.identity.all(), abandoned],
                     )
                     .await?,
-                )
+                ),
+                None => None,
             };
-            Ok::<_, tokio_postgres::Error>((orphans, lost, still))
+            Ok::<_, tokio_postgres::Error>(OrphanFindings {
+                orphans,
+                lost,
+                still_abandoned,
+            })
         };
-        let answer = tokio::time::timeout(self.config.response_timeout, check).await;
-        let (orphans, lost, still) = match answer {
+        let answer = tokio::time::timeout(self.config.response_timeout, queries).await;
+        let found = match answer {
             Ok(Ok(found)) => found,
             Ok(Err(error)) => {
                 let failed = Failed::new(&error);
@@ -891,15 +976,42 @@ impl Dispatcher {
             }
             Err(_) => return Err(Failed::no_answer(self.config.response_timeout)),
         };
-        if let Some(still) = still {
-            state.keep_abandoned(&still);
-        }
-        state.on_claims_lost(lost);
-        if !orphans.is_empty() {
-            state.on_reconnected(orphans);
-        }
+        state.on_orphan_check(found);
         self.publish(state);
         Ok(())
+    }
+
+    /// Of the running claims (`ids`, `attempts`), give back to this worker those whose
+    /// worker row is gone; the claims that are no longer this worker's.
+    async fn lost_claims(
+        &self,
+        client: &Db,
+        ids: &Vec<i64>,
+        attempts: &Vec<i32>,
+    ) -> Result<Vec<ClaimKey>, tokio_postgres::Error> {
+        let reattached = query_ids(
+            client,
+            sql::REATTACH_CLAIMS,
+            &[ids, attempts, &self.identity.current()],
+        )
+        .await?;
+        if !reattached.is_empty() {
+            self.handoff.log(
+                LogLevel::Warning,
+                "claims_reattached",
+                format!(
+                    "Jobs {reattached:?} run here had lost their worker (this worker's row \
+                     was deleted); they are worker {}'s again",
+                    self.identity.current()
+                ),
+            );
+        }
+        query_claims(
+            client,
+            sql::LOST_CLAIMS,
+            &[ids, attempts, &self.identity.all()],
+        )
+        .await
     }
 }
 
@@ -908,10 +1020,4 @@ async fn became_true(mut flag: watch::Receiver<bool>) {
     if flag.wait_for(|set| *set).await.is_err() {
         std::future::pending::<()>().await;
     }
-}
-
-fn interval(period: Duration) -> tokio::time::Interval {
-    let mut interval = tokio::time::interval(period.max(Duration::from_millis(1)));
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    interval
 }

@@ -1,7 +1,9 @@
 //! The dispatcher's decisions, without PostgreSQL: what it holds, what to send next, and
-//! what each answer (or failure) changes. The async shell in [`super`] runs the round trips
-//! and feeds their results to the named transitions here (`on_flushed`, `on_claimed`,
-//! `on_connection_lost`, ...); every event for the runner goes through `outbox`.
+//! what each answer (or failure) changes. The async shell in [`super`] feeds inputs to the
+//! named transitions here (`receive`, `on_wake`, `on_round_trip`, `on_orphan_check`, ...),
+//! asks what to do next ([`State::plan`], whose wait carries the next deadline, and
+//! [`State::next_follow_up`]), and takes the effects ([`State::take_events`],
+//! [`State::take_effects`]). Its fields are its own: the shell never pokes them.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -14,10 +16,11 @@ use crate::protocol::{
     ClaimKey, Completion, HandoffEvent, JobRow, LogLevel, LogRecord, Outcome, Reported,
 };
 use crate::sql::UNREPRESENTABLE_SCHEDULED_AT;
+use crate::timing::{Backoff, FIRST_BACKOFF, MAX_BACKOFF};
 
-/// Backoff of statements that failed for a passing reason, and of reconnects.
-pub const FIRST_BACKOFF: Duration = Duration::from_millis(50);
-pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The first wait before a delayed completion (its row locked, its statement cancelled) is
+/// sent again; it doubles with each failure, up to [`MAX_BACKOFF`].
+const FIRST_DELAY_OF_A_COMPLETION: Duration = Duration::from_millis(100);
 
 /// The settings the decisions depend on.
 #[derive(Clone, Debug)]
@@ -37,6 +40,9 @@ pub struct Settings {
     pub labels: Labels,
     /// Note each claimed job for the measure of its wait (metrics are served).
     pub sample_waits: bool,
+    /// Notifications tell of new jobs (`listen_notify`); without them every poll may also
+    /// find jobs scheduled for later.
+    pub listen_notify: bool,
 }
 
 /// Claims handed to the runner and not yet ended in the database, with per-queue counts
@@ -161,7 +167,7 @@ struct Later {
 #[derive(Clone, Copy, Debug)]
 struct Trouble {
     since: Instant,
-    backoff: Duration,
+    backoff: Backoff,
     retry_at: Instant,
 }
 
@@ -184,18 +190,133 @@ pub struct RoundTripPlan {
     pub abandoned: Vec<i64>,
 }
 
-/// What the shell must do besides sending the events of the outbox.
-#[derive(Debug, Default, PartialEq)]
-pub struct Needs {
-    /// The connection is lost or dead: reconnect, then look for orphaned claims.
-    pub reconnect: bool,
+/// How a round trip sends its completions and its claim.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteMode {
+    /// Nothing to send.
+    Nothing,
+    /// Only completions.
+    Completions,
+    /// Only a claim.
+    Claim,
+    /// Both in one statement: one message each way, one commit (one WAL flush), and the
+    /// claim counts the locks and slots the completions free.
+    Combined,
+    /// Both, with retries among the completions: two statements pipelined in one
+    /// transaction, so the claim sees a retried job that is due at once.
+    Transaction,
+}
+
+impl RoundTripPlan {
+    /// How to send this plan.
+    pub fn write_mode(&self) -> WriteMode {
+        let retries = || {
+            self.batch
+                .iter()
+                .any(|completion| matches!(completion.outcome, Outcome::Retry { .. }))
+        };
+        match (self.batch.is_empty(), self.claim_limit == 0) {
+            (true, true) => WriteMode::Nothing,
+            (false, true) => WriteMode::Completions,
+            (true, false) => WriteMode::Claim,
+            (false, false) if retries() => WriteMode::Transaction,
+            (false, false) => WriteMode::Combined,
+        }
+    }
+}
+
+/// What is left to do after the shared statement (or transaction) of completions and claim
+/// failed.
+#[derive(Debug, PartialEq)]
+pub enum AfterSharedWrite {
+    /// The connection was lost: committed or not, nobody can tell. The completions go
+    /// again on a new connection (conditioned on their claims, so harmless if written),
+    /// and the claims it may have made are looked for as orphans.
+    Lost(Failed),
+    /// A statement was refused, so nothing was written (rolled back): redo the steps on
+    /// their own, where a bad completion cannot hold back the others.
+    Separately,
+}
+
+/// The fallback of a round trip whose shared statement or transaction failed with `errors`.
+pub fn after_shared_write(errors: impl IntoIterator<Item = Failed>) -> AfterSharedWrite {
+    errors
+        .into_iter()
+        .find(|failed| failed.failure == Failure::Connection)
+        .map_or(AfterSharedWrite::Separately, AfterSharedWrite::Lost)
+}
+
+/// What a round trip answered: `None` where that step was not sent.
+#[derive(Debug, Default)]
+pub struct Answer {
+    pub flushed: Option<Result<CompletionReport, Failed>>,
+    pub claimed: Option<Result<Vec<JobRow>, Failed>>,
+}
+
+/// What the shell does after a round trip, before the next plan.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FollowUp {
+    /// The connection is lost or dead: replace it (then look for orphaned claims).
+    Reconnect,
     /// This worker's row is gone: register again before claiming.
-    pub register_again: bool,
+    RegisterAgain,
+    /// Look when the earliest job scheduled for later is due ([`State::on_next_scheduled`]).
+    LookAtSchedule,
+}
+
+/// Follow-ups found by the transitions of one round trip.
+#[derive(Debug, Default)]
+struct Needs {
+    reconnect: bool,
+    register_again: bool,
+    look_at_schedule: bool,
+}
+
+/// The arguments of the query for orphaned claims: this worker's claims the dispatcher
+/// knows (job ids and attempts), and the abandoned jobs (not orphans either).
+#[derive(Debug, PartialEq)]
+pub struct OrphanQuery {
+    pub ids: Vec<i64>,
+    pub attempts: Vec<i32>,
+    pub abandoned: Vec<i64>,
+}
+
+/// The queries of a check between round trips; `None` where there is nothing to ask.
+#[derive(Debug, PartialEq)]
+pub struct OrphanCheck {
+    pub orphans: OrphanQuery,
+    /// The running claims (ids, attempts): which lost their worker row, which are no
+    /// longer this worker's.
+    pub running: Option<(Vec<i64>, Vec<i32>)>,
+    /// The abandoned jobs: which are still `doing` for this worker.
+    pub abandoned: Option<Vec<i64>>,
+}
+
+/// What the check between round trips found.
+#[derive(Debug, Default)]
+pub struct OrphanFindings {
+    pub orphans: Vec<JobRow>,
+    pub lost: Vec<ClaimKey>,
+    pub still_abandoned: Option<Vec<i64>>,
+}
+
+/// What the shell applies: events for the runner, then metrics changes.
+#[derive(Debug, Default)]
+pub struct Effects {
+    pub events: Vec<HandoffEvent>,
+    pub claimed: Vec<TaskQueue>,
+    /// Claimed jobs whose wait is to be measured (`sample_waits`).
+    pub claimed_waits: Vec<PendingWait>,
+    pub ended: Vec<Ended>,
+    pub batch_sizes: Vec<usize>,
+    /// Claims held now, and outcomes not written yet.
+    pub held: usize,
+    pub backlog: usize,
 }
 
 pub struct State {
     settings: Settings,
-    pub in_flight: InFlight,
+    in_flight: InFlight,
     /// Reported, not yet written, ready to send.
     pending: Vec<Completion>,
     /// Failed for a passing reason: sent again when due.
@@ -211,8 +332,8 @@ pub struct State {
     /// Jobs whose terminal write the database refused (procrastinate's worker gets the
     /// error and moves on): still `doing` for this worker, but their slot is free again,
     /// and they are not orphans to hand over after a reconnect.
-    pub abandoned: Vec<i64>,
-    pub claiming: bool,
+    abandoned: Vec<i64>,
+    claiming: bool,
     /// Jobs handed over so far (for `max_jobs`).
     handed_over: u64,
     /// When the earliest job scheduled for later becomes claimable (see
@@ -221,8 +342,8 @@ pub struct State {
     /// Something may have changed what is scheduled since the last look (a notification,
     /// a write of this worker's, the start): look again after the next short claim.
     schedule_changed: bool,
-    pub want_claim: bool,
-    pub completions_open: bool,
+    want_claim: bool,
+    completions_open: bool,
     /// A claim came back short because a limited queue was full: claim again as soon as
     /// a job of a limited queue completes.
     claim_when_queue_frees: bool,
@@ -231,13 +352,14 @@ pub struct State {
     /// When the runner closed the completions (shutdown): the last outcomes get one more
     /// budget of attempts from then.
     closed_at: Option<Instant>,
-    pub outbox: Vec<HandoffEvent>,
+    /// Follow-ups of the current round trip (see [`State::next_follow_up`]).
+    needs: Needs,
+    outbox: Vec<HandoffEvent>,
     /// Metrics changes, applied by the shell.
-    pub claimed_metrics: Vec<TaskQueue>,
-    /// Claimed jobs whose wait is to be measured (`sample_waits`).
-    pub claimed_waits: Vec<PendingWait>,
-    pub ended_metrics: Vec<(TaskQueue, &'static str, Option<f64>)>,
-    pub batch_sizes: Vec<usize>,
+    claimed_metrics: Vec<TaskQueue>,
+    claimed_waits: Vec<PendingWait>,
+    ended_metrics: Vec<Ended>,
+    batch_sizes: Vec<usize>,
 }
 
 impl State {
@@ -267,6 +389,7 @@ impl State {
             trouble: None,
             fatal_sent: false,
             closed_at: None,
+            needs: Needs::default(),
             outbox: Vec::new(),
             claimed_metrics: Vec::new(),
             claimed_waits: Vec::new(),
@@ -282,6 +405,34 @@ impl State {
             message,
             job_id,
         }));
+    }
+
+    /// Whether it still claims (else it only writes outcomes).
+    pub fn claiming(&self) -> bool {
+        self.claiming
+    }
+
+    /// Whether the runner may still report outcomes.
+    pub fn completions_open(&self) -> bool {
+        self.completions_open
+    }
+
+    /// The events for the runner so far.
+    pub fn take_events(&mut self) -> Vec<HandoffEvent> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    /// The events for the runner and the metrics changes so far.
+    pub fn take_effects(&mut self) -> Effects {
+        Effects {
+            events: self.take_events(),
+            claimed: std::mem::take(&mut self.claimed_metrics),
+            claimed_waits: std::mem::take(&mut self.claimed_waits),
+            ended: std::mem::take(&mut self.ended_metrics),
+            batch_sizes: std::mem::take(&mut self.batch_sizes),
+            held: self.in_flight.len(),
+            backlog: self.backlog(),
+        }
     }
 
     /// Outcomes from the runner.
@@ -453,7 +604,7 @@ impl State {
     }
 
     /// The claims whose runs have not reported their end yet.
-    pub fn running_claims(&self) -> Vec<ClaimKey> {
+    fn running_claims(&self) -> Vec<ClaimKey> {
         let reported: HashSet<ClaimKey> = self
             .pending
             .iter()
@@ -498,28 +649,20 @@ impl State {
     /// A statement failed for a passing reason (or the connection could not be set up):
     /// back off, and give up claiming once the budget is spent.
     pub fn on_trouble(&mut self, now: Instant, what: &str, reason: &str) {
-        let trouble = match self.trouble {
-            None => Trouble {
-                since: now,
-                backoff: FIRST_BACKOFF,
-                retry_at: now + FIRST_BACKOFF,
-            },
-            Some(trouble) => {
-                let backoff = (trouble.backoff * 2).min(MAX_BACKOFF);
-                Trouble {
-                    since: trouble.since,
-                    backoff,
-                    retry_at: now + backoff,
-                }
-            }
-        };
+        let mut trouble = self.trouble.unwrap_or(Trouble {
+            since: now,
+            backoff: Backoff::new(FIRST_BACKOFF, MAX_BACKOFF),
+            retry_at: now,
+        });
+        let delay = trouble.backoff.next_delay();
+        trouble.retry_at = now + delay;
         self.trouble = Some(trouble);
         self.log(
             LogLevel::Warning,
             "dispatcher_statement_failed",
             format!(
                 "Error {what} ({reason}); trying again in {:.2} s",
-                trouble.backoff.as_secs_f64()
+                delay.as_secs_f64()
             ),
             None,
         );
@@ -547,12 +690,11 @@ impl State {
     }
 
     /// The completions of `batch` were sent and the answer is `flushed`.
-    pub fn on_flushed(
+    fn on_flushed(
         &mut self,
         now: Instant,
         batch: Vec<Completion>,
         flushed: Result<CompletionReport, Failed>,
-        needs: &mut Needs,
     ) {
         let report = match flushed {
             Ok(report) => report,
@@ -563,7 +705,7 @@ impl State {
                 if failed.failure == Failure::Connection {
                     self.maybe_written.extend(batch.iter().map(Completion::key));
                     self.connection_lost("completing jobs", &failed.reason);
-                    needs.reconnect = true;
+                    self.needs.reconnect = true;
                 } else {
                     self.on_trouble(now, "completing jobs", &failed.reason);
                 }
@@ -643,7 +785,7 @@ impl State {
                 );
             }
             self.later.push(Later {
-                due: now + backoff_after(failures),
+                due: now + Backoff::step_after(FIRST_DELAY_OF_A_COMPLETION, MAX_BACKOFF, failures),
                 completion,
             });
         }
@@ -671,13 +813,12 @@ impl State {
     }
 
     /// The claim of a round trip answered `claimed` (asked: `limit` jobs within `room`).
-    pub fn on_claimed(
+    fn on_claimed(
         &mut self,
         now: Instant,
         limit: usize,
         room: &QueueRoom,
         claimed: Result<Vec<JobRow>, Failed>,
-        needs: &mut Needs,
     ) {
         let jobs = match claimed {
             Ok(jobs) => jobs,
@@ -686,9 +827,9 @@ impl State {
                 match failed.failure {
                     Failure::Connection => {
                         self.connection_lost("claiming jobs", &failed.reason);
-                        needs.reconnect = true;
+                        self.needs.reconnect = true;
                     }
-                    Failure::Pruned => needs.register_again = true,
+                    Failure::Pruned => self.needs.register_again = true,
                     Failure::Refused | Failure::Transient => {
                         self.on_trouble(now, "claiming jobs", &failed.reason)
                     }
@@ -737,10 +878,118 @@ impl State {
         }
     }
 
+    /// The round trip of `plan` answered (`Err`: no answer in time, the connection is
+    /// taken for dead, half-open).
+    pub fn on_round_trip(
+        &mut self,
+        now: Instant,
+        plan: RoundTripPlan,
+        answer: Result<Answer, Failed>,
+    ) {
+        match answer {
+            Ok(Answer { flushed, claimed }) => {
+                if let Some(flushed) = flushed {
+                    self.on_flushed(now, plan.batch, flushed);
+                }
+                if let Some(claimed) = claimed {
+                    self.on_claimed(now, plan.claim_limit, &plan.room, claimed);
+                }
+            }
+            Err(no_answer) => {
+                self.on_flushed(now, plan.batch, Err(no_answer));
+                self.needs.reconnect = true;
+            }
+        }
+        self.needs.look_at_schedule = true;
+    }
+
+    /// The next thing to do after a round trip, until `None`. A lost connection comes
+    /// first, and drops the rest: they are for a live connection.
+    pub fn next_follow_up(&mut self) -> Option<FollowUp> {
+        if self.needs.reconnect {
+            self.needs = Needs::default();
+            return Some(FollowUp::Reconnect);
+        }
+        if std::mem::take(&mut self.needs.register_again) {
+            return Some(FollowUp::RegisterAgain);
+        }
+        if std::mem::take(&mut self.needs.look_at_schedule) && self.wants_schedule_check() {
+            return Some(FollowUp::LookAtSchedule);
+        }
+        None
+    }
+
+    /// Registering again failed: back off as for any refused statement; a lost connection
+    /// is replaced.
+    pub fn on_register_again_failed(&mut self, now: Instant, reason: &str, connection_lost: bool) {
+        self.on_trouble(now, "registering the worker again", reason);
+        self.needs.reconnect |= connection_lost;
+    }
+
+    /// The look at the schedule failed (the poll still finds such jobs; the look is tried
+    /// again after a later claim); a lost connection is replaced.
+    pub fn on_schedule_look_failed(&mut self, connection_lost: bool) {
+        self.needs.reconnect |= connection_lost;
+    }
+
+    /// A statement prepared on the job connection was lost on the server, or another
+    /// client's of the same name was found there: a transaction pooler is in between, and
+    /// the worker was not told. Claims would fail (or worse, meet another client's
+    /// statement) for ever: stop claiming with `error`, which says what to do, and replace
+    /// the connection (the shell goes on in pooler mode for the outcomes still to come).
+    pub fn on_transaction_pooler(&mut self, error: CoreError) {
+        self.fatal(error);
+        self.needs.reconnect = true;
+    }
+
+    /// The arguments of the query for orphaned claims.
+    pub fn orphan_query(&self) -> OrphanQuery {
+        let (ids, attempts) = self.in_flight.keys();
+        OrphanQuery {
+            ids,
+            attempts,
+            abandoned: self.abandoned.clone(),
+        }
+    }
+
+    /// The queries of a check between round trips (nothing in flight on the connection,
+    /// so every claim it made is known): orphaned claims always; the running claims'
+    /// worker and currency if any run; the abandoned jobs' status if any.
+    pub fn orphan_check(&self) -> OrphanCheck {
+        let running = self.running_claims();
+        OrphanCheck {
+            orphans: self.orphan_query(),
+            running: (!running.is_empty()).then(|| running.into_iter().unzip()),
+            abandoned: (!self.abandoned.is_empty()).then(|| self.abandoned.clone()),
+        }
+    }
+
+    /// What the check between round trips found: orphans are handed over, lost claims'
+    /// runs cancelled, abandoned jobs no longer `doing` here forgotten.
+    pub fn on_orphan_check(&mut self, found: OrphanFindings) {
+        if let Some(still) = found.still_abandoned {
+            self.keep_abandoned(&still);
+        }
+        self.on_claims_lost(found.lost);
+        if !found.orphans.is_empty() {
+            self.on_reconnected(found.orphans);
+        }
+    }
+
+    /// A poll of `fetch_job_polling_interval`: claim. Without notifications, every poll
+    /// may also find jobs scheduled for later.
+    pub fn on_poll(&mut self) {
+        if self.settings.listen_notify {
+            self.want_claim = true;
+        } else {
+            self.on_wake();
+        }
+    }
+
     /// Whether to look when the next job scheduled for later becomes claimable: after a
     /// short claim (nothing more is claimable now), if something may have changed since the
     /// last look. An idle worker whose polls find nothing does not look again.
-    pub fn wants_schedule_check(&self) -> bool {
+    fn wants_schedule_check(&self) -> bool {
         self.claiming && !self.want_claim && self.schedule_changed
     }
 
@@ -813,14 +1062,9 @@ impl State {
     }
 
     /// Of the abandoned jobs, only `still` are `doing` for this worker any more.
-    pub fn keep_abandoned(&mut self, still: &[i64]) {
+    fn keep_abandoned(&mut self, still: &[i64]) {
         self.abandoned.retain(|job_id| still.contains(job_id));
     }
-}
-
-fn backoff_after(failures: u32) -> Duration {
-    let factor = 2u32.saturating_pow(failures.min(10));
-    (Duration::from_millis(100) * factor).min(MAX_BACKOFF)
 }
 
 pub fn outcome_label(outcome: &Outcome) -> &'static str {
@@ -871,6 +1115,7 @@ mod tests {
             target: "db:5432/x".into(),
             labels: Labels::default(),
             sample_waits: false,
+            listen_notify: true,
         }
     }
 
@@ -901,6 +1146,19 @@ mod tests {
         }
     }
 
+    fn retried(id: i64, attempts: i32) -> Completion {
+        Completion {
+            job_id: id,
+            attempts,
+            outcome: Outcome::Retry {
+                retry_at: None,
+                priority: None,
+                queue: None,
+                lock: None,
+            },
+        }
+    }
+
     fn report(completions: Vec<Completion>) -> Reported {
         Reported {
             completions,
@@ -915,18 +1173,22 @@ mod tests {
         }
     }
 
-    fn lost() -> Failed {
+    fn failed(failure: Failure, reason: &str) -> Failed {
         Failed {
-            failure: Failure::Connection,
-            reason: "connection closed".into(),
+            failure,
+            reason: reason.into(),
         }
     }
 
+    fn lost() -> Failed {
+        failed(Failure::Connection, "connection closed")
+    }
+
     fn transient() -> Failed {
-        Failed {
-            failure: Failure::Transient,
-            reason: "ERROR 57014: canceling statement due to user request".into(),
-        }
+        failed(
+            Failure::Transient,
+            "ERROR 57014: canceling statement due to user request",
+        )
     }
 
     fn round_trip(state: &mut State, now: Instant) -> RoundTripPlan {
@@ -937,11 +1199,15 @@ mod tests {
     }
 
     /// Plan a round trip whose claim (all the plan allows) answers `claimed`.
-    fn claim_round(state: &mut State, now: Instant, claimed: Result<Vec<JobRow>, Failed>) -> Needs {
+    /// Returns the first follow-up it asks for.
+    fn claim_round(
+        state: &mut State,
+        now: Instant,
+        claimed: Result<Vec<JobRow>, Failed>,
+    ) -> Option<FollowUp> {
         let plan = round_trip(state, now);
-        let mut needs = Needs::default();
-        state.on_claimed(now, plan.claim_limit, &plan.room, claimed, &mut needs);
-        needs
+        state.on_claimed(now, plan.claim_limit, &plan.room, claimed);
+        state.next_follow_up()
     }
 
     fn logs(state: &mut State) -> Vec<(LogLevel, &'static str)> {
@@ -986,13 +1252,7 @@ mod tests {
         });
         let plan = round_trip(&mut state, now);
         assert_eq!(plan.claim_limit, 2);
-        state.on_claimed(
-            now,
-            2,
-            &plan.room,
-            Ok(vec![job(1, 0), job(2, 0)]),
-            &mut Needs::default(),
-        );
+        state.on_claimed(now, 2, &plan.room, Ok(vec![job(1, 0), job(2, 0)]));
         state.outbox.clear();
         state.receive(report(vec![succeeded(1, 0)]));
         let plan = round_trip(&mut state, now);
@@ -1000,19 +1260,8 @@ mod tests {
             plan.claim_limit, 1,
             "one job left of max_jobs, though 1 slot is free"
         );
-        state.on_flushed(
-            now,
-            plan.batch,
-            Ok(CompletionReport::default()),
-            &mut Needs::default(),
-        );
-        state.on_claimed(
-            now,
-            1,
-            &plan.room,
-            Ok(vec![job(3, 0)]),
-            &mut Needs::default(),
-        );
+        state.on_flushed(now, plan.batch, Ok(CompletionReport::default()));
+        state.on_claimed(now, 1, &plan.room, Ok(vec![job(3, 0)]));
         assert!(!state.claiming);
         let events: Vec<_> = state.outbox.drain(..).collect();
         assert!(events
@@ -1041,13 +1290,7 @@ mod tests {
         let due = start + Duration::from_secs(2);
         let plan = round_trip(&mut state, due);
         assert_eq!(plan.claim_limit, 2);
-        state.on_claimed(
-            due,
-            2,
-            &plan.room,
-            Ok(vec![job(1, 0)]),
-            &mut Needs::default(),
-        );
+        state.on_claimed(due, 2, &plan.room, Ok(vec![job(1, 0)]));
         assert!(
             state.wants_schedule_check(),
             "after it, the next one is looked for"
@@ -1118,15 +1361,8 @@ mod tests {
     fn end_then_claim_nothing(state: &mut State, now: Instant, key: ClaimKey) {
         state.receive(report(vec![succeeded(key.0, key.1)]));
         let plan = round_trip(state, now);
-        let mut needs = Needs::default();
-        state.on_flushed(now, plan.batch, Ok(written(&[key])), &mut needs);
-        state.on_claimed(
-            now,
-            plan.claim_limit,
-            &plan.room,
-            Ok(Vec::new()),
-            &mut needs,
-        );
+        state.on_flushed(now, plan.batch, Ok(written(&[key])));
+        state.on_claimed(now, plan.claim_limit, &plan.room, Ok(Vec::new()));
     }
 
     #[test]
@@ -1146,9 +1382,8 @@ mod tests {
         let mut state = holding(2, &[job(7, 0)]);
         state.receive(report(vec![succeeded(7, 0)]));
         let plan = round_trip(&mut state, now);
-        let mut needs = Needs::default();
-        state.on_flushed(now, plan.batch, Err(lost()), &mut needs);
-        assert!(needs.reconnect);
+        state.on_flushed(now, plan.batch, Err(lost()));
+        assert_eq!(state.next_follow_up(), Some(FollowUp::Reconnect));
         assert!(
             state.in_flight.contains(&(7, 0)),
             "still held until written"
@@ -1161,7 +1396,7 @@ mod tests {
             not_current: vec![(7, 0)],
             ..CompletionReport::default()
         };
-        state.on_flushed(now, plan.batch, Ok(report), &mut Needs::default());
+        state.on_flushed(now, plan.batch, Ok(report));
         assert!(state.abandoned.is_empty());
         assert!(!state.in_flight.contains(&(7, 0)));
         let logs = logs(&mut state);
@@ -1179,7 +1414,7 @@ mod tests {
             refused: vec![((3, 2), "duplicate key value".into())],
             ..CompletionReport::default()
         };
-        state.on_flushed(now, plan.batch, Ok(report), &mut Needs::default());
+        state.on_flushed(now, plan.batch, Ok(report));
         assert_eq!(state.abandoned, vec![3]);
         assert!(state.in_flight.is_empty());
         assert!(logs(&mut state).contains(&(LogLevel::Error, "finish_task_failed")));
@@ -1189,16 +1424,7 @@ mod tests {
     fn a_claim_that_ends_and_reclaims_the_same_job_is_two_claims() {
         let now = Instant::now();
         let mut state = holding(1, &[job(5, 0)]);
-        state.receive(report(vec![Completion {
-            job_id: 5,
-            attempts: 0,
-            outcome: Outcome::Retry {
-                retry_at: None,
-                priority: None,
-                queue: None,
-                lock: None,
-            },
-        }]));
+        state.receive(report(vec![retried(5, 0)]));
         state.want_claim = true;
         let plan = round_trip(&mut state, now);
         assert_eq!(plan.claim_limit, 1);
@@ -1206,9 +1432,8 @@ mod tests {
             written: vec![(5, 0)],
             ..CompletionReport::default()
         };
-        let mut needs = Needs::default();
-        state.on_flushed(now, plan.batch, Ok(report), &mut needs);
-        state.on_claimed(now, 1, &plan.room, Ok(vec![job(5, 1)]), &mut needs);
+        state.on_flushed(now, plan.batch, Ok(report));
+        state.on_claimed(now, 1, &plan.room, Ok(vec![job(5, 1)]));
         assert!(state.in_flight.contains(&(5, 1)));
         assert!(!state.in_flight.contains(&(5, 0)));
         assert_eq!(state.in_flight.len(), 1);
@@ -1221,12 +1446,8 @@ mod tests {
             budget: Duration::from_secs(1),
             ..settings(2)
         });
-        let needs = claim_round(&mut state, start, Err(transient()));
-        assert_eq!(
-            needs,
-            Needs::default(),
-            "no reconnect for a cancelled statement"
-        );
+        let follow_up = claim_round(&mut state, start, Err(transient()));
+        assert_eq!(follow_up, None, "no reconnect for a cancelled statement");
         // Backing off: no round trip before the retry time.
         assert!(matches!(
             state.plan(start, false),
@@ -1253,13 +1474,8 @@ mod tests {
         let now = Instant::now();
         let mut state = State::new(settings(1));
         let plan = round_trip(&mut state, now);
-        let mut needs = Needs::default();
-        let pruned = Failed {
-            failure: Failure::Pruned,
-            reason: "violates foreign key constraint".into(),
-        };
-        state.on_claimed(now, plan.claim_limit, &plan.room, Err(pruned), &mut needs);
-        assert!(needs.register_again);
+        state.on_claimed(now, plan.claim_limit, &plan.room, Err(pruned()));
+        assert_eq!(state.next_follow_up(), Some(FollowUp::RegisterAgain));
         assert!(state.want_claim);
         assert!(state.claiming);
     }
@@ -1274,15 +1490,9 @@ mod tests {
             retry_later: vec![succeeded(4, 0)],
             ..CompletionReport::default()
         };
-        state.on_flushed(now, plan.batch, Ok(report), &mut Needs::default());
+        state.on_flushed(now, plan.batch, Ok(report));
         // Its claim came back short.
-        state.on_claimed(
-            now,
-            plan.claim_limit,
-            &plan.room,
-            Ok(vec![]),
-            &mut Needs::default(),
-        );
+        state.on_claimed(now, plan.claim_limit, &plan.room, Ok(vec![]));
         assert!(state.in_flight.contains(&(4, 0)), "not written yet");
         let until = match state.plan(now, false) {
             Plan::Wait { until: Some(until) } => until,
@@ -1327,5 +1537,216 @@ mod tests {
         assert!(!state.worth_reconnecting(spent));
         assert_eq!(state.plan(spent, false), Plan::Done);
         assert!(logs(&mut state).contains(&(LogLevel::Error, "finish_task_failed")));
+    }
+
+    fn pruned() -> Failed {
+        failed(Failure::Pruned, "violates foreign key constraint")
+    }
+
+    fn refused() -> Failed {
+        failed(Failure::Refused, "ERROR 23505: duplicate key value")
+    }
+
+    #[test]
+    fn the_write_mode_follows_what_the_plan_sends() {
+        let plan = |batch: Vec<Completion>, claim_limit| RoundTripPlan {
+            batch,
+            claim_limit,
+            room: QueueRoom::default(),
+            abandoned: Vec::new(),
+        };
+        let one = || vec![succeeded(1, 0)];
+        let with_a_retry = || vec![succeeded(1, 0), retried(2, 0)];
+        assert_eq!(plan(Vec::new(), 0).write_mode(), WriteMode::Nothing);
+        assert_eq!(plan(one(), 0).write_mode(), WriteMode::Completions);
+        assert_eq!(plan(with_a_retry(), 0).write_mode(), WriteMode::Completions);
+        assert_eq!(plan(Vec::new(), 3).write_mode(), WriteMode::Claim);
+        assert_eq!(plan(one(), 3).write_mode(), WriteMode::Combined);
+        assert_eq!(plan(with_a_retry(), 3).write_mode(), WriteMode::Transaction);
+    }
+
+    #[test]
+    fn a_shared_write_falls_back_to_separate_steps_unless_the_connection_is_lost() {
+        assert_eq!(
+            after_shared_write([refused()]),
+            AfterSharedWrite::Separately
+        );
+        assert_eq!(
+            after_shared_write([refused(), transient()]),
+            AfterSharedWrite::Separately,
+            "a statement refused in the transaction aborts the rest: all rolled back"
+        );
+        assert_eq!(
+            after_shared_write([refused(), lost()]),
+            AfterSharedWrite::Lost(lost()),
+            "committed or not, nobody can tell: nothing is redone on this connection"
+        );
+    }
+
+    /// A round trip whose claim finds this worker's row gone.
+    fn pruned_round_trip(state: &mut State, now: Instant) {
+        let plan = round_trip(state, now);
+        let answer = Answer {
+            flushed: None,
+            claimed: Some(Err(pruned())),
+        };
+        state.on_round_trip(now, plan, Ok(answer));
+    }
+
+    /// A round trip whose claim finds this worker's row gone, then registering again
+    /// fails, losing the connection or not.
+    fn register_again_fails(now: Instant, connection_lost: bool) -> State {
+        let mut state = State::new(settings(2));
+        pruned_round_trip(&mut state, now);
+        assert_eq!(state.next_follow_up(), Some(FollowUp::RegisterAgain));
+        let reason = if connection_lost {
+            "connection closed"
+        } else {
+            "lock timeout"
+        };
+        state.on_register_again_failed(now, reason, connection_lost);
+        state
+    }
+
+    #[test]
+    fn a_lost_connection_drops_the_other_follow_ups_of_its_round_trip() {
+        // Registering again lost the connection: no look at the schedule on it.
+        let mut state = register_again_fails(Instant::now(), true);
+        assert_eq!(state.next_follow_up(), Some(FollowUp::Reconnect));
+        assert_eq!(state.next_follow_up(), None);
+    }
+
+    #[test]
+    fn a_register_again_refused_backs_off() {
+        let now = Instant::now();
+        let mut state = register_again_fails(now, false);
+        assert!(logs(&mut state).contains(&(LogLevel::Warning, "dispatcher_statement_failed")));
+        // The claim is wanted again: not a short claim, so no look at the schedule.
+        assert_eq!(state.next_follow_up(), None);
+        assert!(matches!(
+            state.plan(now, false),
+            Plan::Wait { until: Some(_) }
+        ));
+    }
+
+    #[test]
+    fn a_short_claim_looks_at_the_schedule_once_per_round_trip() {
+        let now = Instant::now();
+        let mut state = State::new(settings(2));
+        let plan = round_trip(&mut state, now);
+        let answer = Answer {
+            flushed: None,
+            claimed: Some(Ok(Vec::new())),
+        };
+        state.on_round_trip(now, plan, Ok(answer));
+        assert_eq!(state.next_follow_up(), Some(FollowUp::LookAtSchedule));
+        // The look failed for a passing reason: not again before the next round trip.
+        state.on_schedule_look_failed(false);
+        assert_eq!(state.next_follow_up(), None);
+    }
+
+    #[test]
+    fn no_answer_in_time_takes_the_connection_for_dead() {
+        let now = Instant::now();
+        let mut state = holding(2, &[job(1, 0)]);
+        state.receive(report(vec![succeeded(1, 0)]));
+        let plan = round_trip(&mut state, now);
+        let no_answer = Failed::no_answer(Duration::from_secs(10));
+        state.on_round_trip(now, plan, Err(no_answer));
+        assert_eq!(state.next_follow_up(), Some(FollowUp::Reconnect));
+        assert_eq!(state.next_follow_up(), None);
+        let plan = round_trip(&mut state, now);
+        assert_eq!(plan.batch, vec![succeeded(1, 0)], "sent again");
+    }
+
+    #[test]
+    fn a_transaction_pooler_stops_claiming_and_reconnects_before_registering_again() {
+        let now = Instant::now();
+        let mut state = State::new(settings(2));
+        // The claim found the worker's row gone, on a connection that must be replaced.
+        pruned_round_trip(&mut state, now);
+        state.on_transaction_pooler(CoreError::PoolerNotDeclared {
+            target: "db".into(),
+            sign: "prepared statement does not exist",
+        });
+        assert!(!state.claiming());
+        let events = state.take_events();
+        assert!(events.iter().any(|event| matches!(
+            event,
+            HandoffEvent::Fatal(error @ CoreError::PoolerNotDeclared { .. })
+                if error.to_string().contains("--pooler")
+        )));
+        assert_eq!(state.next_follow_up(), Some(FollowUp::Reconnect));
+        assert_eq!(
+            state.next_follow_up(),
+            None,
+            "registering again waits for a claim"
+        );
+    }
+
+    #[test]
+    fn the_orphan_check_asks_only_what_there_is_to_ask() {
+        let mut state = holding(3, &[job(1, 0), job(2, 4)]);
+        let idle = State::new(settings(3)).orphan_check();
+        assert_eq!(idle.running, None);
+        assert_eq!(idle.abandoned, None);
+        assert!(idle.orphans.ids.is_empty());
+        // Job 1 reported its end (not running any more); job 3's write was refused.
+        state.receive(report(vec![succeeded(1, 0)]));
+        state.abandoned.push(3);
+        let check = state.orphan_check();
+        assert_eq!(check.running, Some((vec![2], vec![4])));
+        assert_eq!(check.abandoned, Some(vec![3]));
+        let mut known: Vec<_> = check
+            .orphans
+            .ids
+            .iter()
+            .zip(&check.orphans.attempts)
+            .collect();
+        known.sort();
+        assert_eq!(known, [(&1, &0), (&2, &4)]);
+        assert_eq!(check.orphans.abandoned, vec![3]);
+        // Found: an orphan, job 2's claim lost, job 3 no longer `doing` here.
+        state.on_orphan_check(OrphanFindings {
+            orphans: vec![job(9, 0)],
+            lost: vec![(2, 4)],
+            still_abandoned: Some(Vec::new()),
+        });
+        assert!(state.in_flight.contains(&(9, 0)));
+        assert_eq!(state.orphan_check().abandoned, None);
+        let events = state.take_events();
+        assert!(events
+            .iter()
+            .any(|event| matches!(event, HandoffEvent::ClaimsLost(keys) if keys == &[(2, 4)])));
+    }
+
+    #[test]
+    fn a_poll_without_notifications_also_looks_at_the_schedule() {
+        let now = Instant::now();
+        for listen_notify in [true, false] {
+            let mut state = State::new(Settings {
+                listen_notify,
+                ..settings(2)
+            });
+            claim_round(&mut state, now, Ok(Vec::new()));
+            state.on_next_scheduled(now, None);
+            state.on_poll();
+            claim_round(&mut state, now, Ok(Vec::new()));
+            assert_eq!(state.wants_schedule_check(), !listen_notify);
+        }
+    }
+
+    #[test]
+    fn effects_carry_the_events_then_the_metrics_changes_once() {
+        let now = Instant::now();
+        let mut state = State::new(settings(2));
+        claim_round(&mut state, now, Ok(vec![job(1, 0)]));
+        let effects = state.take_effects();
+        assert!(matches!(effects.events.as_slice(), [HandoffEvent::Jobs(jobs)] if jobs.len() == 1));
+        assert_eq!(effects.claimed.len(), 1);
+        assert_eq!((effects.held, effects.backlog), (1, 0));
+        let again = state.take_effects();
+        assert!(again.events.is_empty() && again.claimed.is_empty());
+        assert_eq!(again.held, 1);
     }
 }

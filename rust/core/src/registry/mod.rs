@@ -89,18 +89,8 @@ pub(crate) async fn query_claims(
         .collect()
 }
 
-/// A statement of the registry roles, bounded: a server that stops answering (a half-open
-/// connection) counts as a lost connection after `limit`.
-pub(super) async fn bounded<T>(
-    limit: Duration,
-    work: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
-) -> Result<T, Failed> {
-    match tokio::time::timeout(limit, work).await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(error)) => Err(Failed::new(&error)),
-        Err(_) => Err(Failed::no_answer(limit)),
-    }
-}
+/// A statement of the registry roles, bounded (see [`crate::timing::bounded`]).
+pub(super) use crate::timing::bounded;
 
 pub(super) fn not_connected(reason: String) -> Failed {
     Failed {
