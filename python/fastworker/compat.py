@@ -55,7 +55,7 @@ WORKER_MEMBERS: tuple[Member, ...] = (
     Member("_log_extra", "builds every log record's extra", ("action", "context", "job_result")),
     Member("_running_jobs", "the running jobs' tasks and contexts (intake, shutdown)"),
     Member("_stop_event", "set to stop the worker (intake, the facade)"),
-    Member("_job_ids_to_abort", "abort reasons by job id (intake, timeouts, outcomes)"),
+    Member("_job_ids_to_abort", "abort reasons by job id (held by the claim ledger)"),
     Member("_loop", "the worker's loop, for stop() from another thread (shutdown)"),
     Member(
         "_abort_job",

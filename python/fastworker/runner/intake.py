@@ -205,7 +205,7 @@ class Intake(Timeouts):
             self._refuse_job(context)
             return
         assert job_id is not None
-        self._awaiting_outcome[(job_id, job.attempts)] = context
+        self._ledger.hand_over((job_id, job.attempts), context)
         job_task = asyncio.create_task(
             self._process_job(context), name=f"process job {job.task_name}[{job.id}]"
         )
@@ -219,10 +219,7 @@ class Intake(Timeouts):
     def _abort_reason(self, job: jobs.Job) -> job_context.AbortReason | None:
         if job.id is None:
             return None
-        reason = self._job_ids_to_abort.get(job.id)
-        if reason is None and (job.id, job.attempts) in self._lost_claims:
-            return job_context.AbortReason.USER_REQUEST
-        return reason
+        return self._ledger.abort_reason(claim_of(job))
 
     def _stop_lost_claims(self, claims: list[tuple[int, int]]) -> None:
         """These runs' claims are no longer this worker's (the job was recovered by another
@@ -231,8 +228,7 @@ class Intake(Timeouts):
         waiting for a thread) never calls its task function: `_process_job` ends it
         aborted. Their ends are still reported, and found no longer current. By claim, not
         by job: the job may run here under a new claim too."""
-        lost = set(claims)
-        self._lost_claims |= lost
+        lost = self._ledger.lose(claims)
         for job_task, context in list(self._running_jobs.items()):
             job = context.job
             if (job.id, job.attempts) not in lost:
@@ -242,7 +238,11 @@ class Intake(Timeouts):
                 extra=self._log_extra(action="claim_lost", context=context, job_result=None),
             )
             task = self.app.tasks.get(job.task_name)
-            if task is not None and self._task_is_async(task) and claim_of(job) in self._started:
+            if (
+                task is not None
+                and self._task_is_async(task)
+                and self._ledger.is_started(claim_of(job))
+            ):
                 job_task.cancel()
 
     def _fail_undecodable(self, job: jobs.Job, error: BaseException) -> None:
@@ -288,8 +288,7 @@ class Intake(Timeouts):
         context = self._running_jobs.pop(task, None)
         if context is None:
             return
-        self._started.discard(claim_of(context.job))
-        if claim_of(context.job) not in self._awaiting_outcome:
+        if not self._ledger.run_ended(claim_of(context.job)):
             return
         # The task ended without reporting an outcome. Its job still gets one, so that it
         # leaves `doing` and frees its slot. Named without its arguments: they may be what
@@ -330,11 +329,11 @@ class Intake(Timeouts):
         set when a claim lands): cancelling it then would end it before `_process_job`'s
         first line, with no outcome. Its abort reason is set, and `_process_job` raises the
         cancellation itself as it starts."""
-        if claim_of(context.job) in self._started or process_job_task.done():
+        if self._ledger.is_started(claim_of(context.job)) or process_job_task.done():
             super()._abort_job(process_job_task, context, reason)
             return
         assert context.job.id
-        self._job_ids_to_abort[context.job.id] = reason
+        self._ledger.request_abort(context.job.id, reason)
         self.logger.debug(
             "Received a request to abort a job that has not started yet: it ends at its first step",
             extra=self._log_extra(action="abort_job", context=context, job_result=None),

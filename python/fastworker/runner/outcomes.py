@@ -62,9 +62,7 @@ class Outcomes(RunnerState):
         # Collected and handed to the core once per event-loop iteration (see
         # `_flush_outcomes`), so outcomes of jobs ending together go out in one batch.
         assert job.id is not None
-        claim = claim_of(job)
-        self._lost_claims.discard(claim)
-        if self._awaiting_outcome.pop(claim, None) is None and claim in self._started:
+        if not self._ledger.record_outcome(claim_of(job)):
             # Reported already (a middleware or an override calling this twice): the
             # first outcome stands, as the database would refuse a second one anyway.
             return
@@ -110,7 +108,7 @@ class Outcomes(RunnerState):
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_outcomes)
-        self._job_ids_to_abort.pop(job.id, None)
+        self._ledger.forget_abort(job.id)
         if self.logger.isEnabledFor(logging.DEBUG):
             self.logger.debug(
                 f"Acknowledged job completion {job.call_string}",

@@ -20,6 +20,7 @@ from procrastinate import job_context, jobs, tasks
 from procrastinate import worker as procrastinate_worker
 
 from fastworker import _core
+from fastworker.runner.ledger import ClaimLedger
 
 logger = logging.getLogger("procrastinate.worker")
 core_logger = logging.getLogger("fastworker.core")
@@ -52,16 +53,8 @@ class RunnerState(procrastinate_worker.Worker):
         # Outcomes waiting for `_flush_outcomes` (see `_report_outcome`).
         self._outcomes: list[Outcome] = []
         self._flush_scheduled = False
-        # Jobs handed over whose outcome is not reported yet (see `_on_job_done`).
-        # By claim (job id, attempts): a job recovered elsewhere and claimed here again may
-        # run here twice at once, under its old claim and its new one.
-        self._awaiting_outcome: dict[tuple[int, int], job_context.JobContext] = {}
-        # Jobs whose `_process_job` has begun: only those may be cancelled (see `_abort_job`).
-        self._started: set[tuple[int, int]] = set()
-        # Claims (job id, attempts) that are no longer this worker's (see _stop_lost_claims).
-        self._lost_claims: set[tuple[int, int]] = set()
-        # Jobs cancelled for running over their timeout (see `_time_out_job`).
-        self._timed_out: set[int] = set()
+        # Every claim handed over, from its hand-over to its outcome (`runner/ledger.py`).
+        self._ledger: ClaimLedger[job_context.JobContext] = ClaimLedger(self._job_ids_to_abort)
         self._hard_stop = asyncio.Event()
         self._fetching_stopped: asyncio.Future[None] | None = None
         self._fatal_error: BaseException | None = None

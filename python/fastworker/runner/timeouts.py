@@ -31,7 +31,7 @@ class Timeouts(Upstream):
         job = context.job
         if job_task.done() or job.id is None:
             return
-        self._timed_out.add(job.id)
+        self._ledger.time_out(job.id)
         task = self.app.tasks.get(job.task_name)
         is_async = task is not None and self._task_is_async(task)
         self.logger.warning(
@@ -45,4 +45,6 @@ class Timeouts(Upstream):
             job_task.cancel()
         else:
             # A thread cannot be interrupted: the job sees context.should_abort().
-            self._job_ids_to_abort.setdefault(job.id, job_context.AbortReason.USER_REQUEST)
+            self._ledger.request_abort(
+                job.id, job_context.AbortReason.USER_REQUEST, keep_earlier=True
+            )
