@@ -236,7 +236,7 @@ class Worker(Periodic):
                 extra={"action": "stop_worker"},
             )
             return
-        self._core = core
+        self._core = self._outcome_sink.core = core
         self.worker_id = core.worker_id
         if core.pruned_workers:
             logger.debug(f"Pruned stalled workers: {', '.join(map(str, core.pruned_workers))}")
@@ -248,7 +248,7 @@ class Worker(Periodic):
         try:
             await self._run_loop()
         finally:
-            self._core = None
+            self._core = self._outcome_sink.core = None
             self._close_metrics_server()
         if self._fatal_error is not None:
             raise self._fatal_error

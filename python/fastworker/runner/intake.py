@@ -15,7 +15,8 @@ from typing import Any
 from procrastinate import job_context, jobs
 
 from fastworker import _core, compat
-from fastworker.runner.state import claim_of, core_logger
+from fastworker.runner.ledger import claim_of
+from fastworker.runner.state import core_logger
 from fastworker.runner.timeouts import Timeouts
 
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)

@@ -20,11 +20,17 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Generic, TypeVar
 
-from procrastinate import job_context
+from procrastinate import job_context, jobs
 
 Claim = tuple[int, int]
 # What a handed-over claim carries until its outcome (the runner: its JobContext).
 Context = TypeVar("Context")
+
+
+def claim_of(job: jobs.Job) -> Claim:
+    """One claim of a job: its id and the attempts it had when claimed."""
+    assert job.id is not None
+    return (job.id, job.attempts)
 
 
 class ClaimLedger(Generic[Context]):

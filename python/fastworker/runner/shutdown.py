@@ -120,7 +120,7 @@ class Shutdown(Intake):
             )
             await self._abort_running_jobs()
 
-        self._flush_outcomes()
+        self._outcome_sink.flush()
         try:
             await core.shutdown()
         finally:

@@ -16,23 +16,15 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from procrastinate import job_context, jobs, tasks
+from procrastinate import job_context, tasks
 from procrastinate import worker as procrastinate_worker
 
 from fastworker import _core
 from fastworker.runner.ledger import ClaimLedger
+from fastworker.runner.outcome_sink import OutcomeSink
 
 logger = logging.getLogger("procrastinate.worker")
 core_logger = logging.getLogger("fastworker.core")
-
-# An outcome as the runner makes them (the core's Outcome has these two kinds).
-Outcome = _core.Outcome.Finish | _core.Outcome.Retry
-
-
-def claim_of(job: jobs.Job) -> tuple[int, int]:
-    """One claim of a job: its id and the attempts it had when claimed."""
-    assert job.id is not None
-    return (job.id, job.attempts)
 
 
 class JobTimeout(Exception):
@@ -50,11 +42,15 @@ class RunnerState(procrastinate_worker.Worker):
         self._core: _core.WorkerCore | None = None
         self._async_tasks: dict[str, bool] = {}
         self._json_loads: Callable[[str], Any] = json.loads
-        # Outcomes waiting for `_flush_outcomes` (see `_report_outcome`).
-        self._outcomes: list[Outcome] = []
-        self._flush_scheduled = False
         # Every claim handed over, from its hand-over to its outcome (`runner/ledger.py`).
         self._ledger: ClaimLedger[job_context.JobContext] = ClaimLedger(self._job_ids_to_abort)
+        # Outcomes on their way to the core (`runner/outcomes.py`).
+        self._outcome_sink = OutcomeSink(
+            self._ledger,
+            delete_jobs=self.delete_jobs,
+            logger=self.logger,
+            log_extra=self._log_extra,
+        )
         self._hard_stop = asyncio.Event()
         self._fetching_stopped: asyncio.Future[None] | None = None
         self._fatal_error: BaseException | None = None

@@ -13,8 +13,9 @@ from typing import Any
 from procrastinate import exceptions, job_context, jobs, middleware, utils
 from procrastinate import worker as procrastinate_worker
 
+from fastworker.runner.ledger import claim_of
 from fastworker.runner.outcomes import Outcomes
-from fastworker.runner.state import JobTimeout, claim_of
+from fastworker.runner.state import JobTimeout
 
 
 class Upstream(Outcomes):
