@@ -170,10 +170,7 @@ class Worker(Periodic):
     async def run(self) -> None:
         """Run until stopped (``wait=False``: until nothing is claimable and no job runs)."""
         self._stop_event.clear()
-        self._hard_stop.clear()
-        self._fatal_error = None
-        self._drained = False
-        self._signals_received = 0
+        self._lifecycle.begin()
         self._loop = asyncio.get_running_loop()
         self.run_task = asyncio.current_task()
         # Signal handlers first, so a signal during start-up already stops cleanly.
@@ -250,14 +247,14 @@ class Worker(Periodic):
         finally:
             self._core = self._outcome_sink.core = None
             self._close_metrics_server()
-        if self._fatal_error is not None:
-            raise self._fatal_error
+        if self._lifecycle.fatal_error is not None:
+            raise self._lifecycle.fatal_error
 
     async def _start_core(self, core_options: dict[str, Any]) -> _core.WorkerCore | None:
         """The core, started; None if a hard stop came first: the start is dropped, with
         the connect it may be waiting on (a hard stop never waits for a connect)."""
         starting = asyncio.ensure_future(_core.WorkerCore.start(core_options))
-        hard_stop = asyncio.ensure_future(self._hard_stop.wait())
+        hard_stop = asyncio.ensure_future(self._lifecycle.hard_stop_event.wait())
         try:
             await asyncio.wait([starting, hard_stop], return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -299,7 +296,7 @@ class Worker(Periodic):
             ),
         )
         self._running_jobs = {}
-        self._fetching_stopped = asyncio.get_running_loop().create_future()
+        self._lifecycle.begin_fetching(asyncio.get_running_loop())
         side_tasks = [asyncio.create_task(self._periodic_deferrer(), name="deferrer")]
         side_tasks_monitor = asyncio.create_task(
             self._monitor_side_tasks(side_tasks), name="side_tasks_monitor"
@@ -307,7 +304,7 @@ class Worker(Periodic):
         events_task = asyncio.create_task(self._consume_events(), name="core events")
         try:
             await utils.wait_any(self._stop_event.wait(), asyncio.shield(events_task))
-            if self._drained:
+            if self._lifecycle.drained:
                 self.logger.info(
                     "No job found. Stopping worker because wait=False",
                     extra=self._log_extra(

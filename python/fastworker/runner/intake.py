@@ -115,7 +115,7 @@ class Intake(Timeouts):
         while True:
             events = await core.next_events()
             if events is None:
-                self._mark_fetching_stopped()
+                self._lifecycle.fetching_stopped()
                 return
             self._handle_events(events)
 
@@ -144,7 +144,7 @@ class Intake(Timeouts):
             await ended
         finally:
             loop.remove_reader(fd)
-        self._mark_fetching_stopped()
+        self._lifecycle.fetching_stopped()
 
     def _handle_events(self, events: list[_core.Event]) -> None:
         for event in events:
@@ -157,10 +157,9 @@ class Intake(Timeouts):
                 case _core.Event.Log(level=level, action=action, message=message, job_id=job_id):
                     core_logger.log(level, message, extra={"action": action, "job_id": job_id})
                 case _core.Event.Drained():
-                    self._drained = True
-                    self._stop_event.set()
+                    self._lifecycle.drain_finished()
                 case _core.Event.FetchingStopped():
-                    self._mark_fetching_stopped()
+                    self._lifecycle.fetching_stopped()
                 case _core.Event.WorkerId(worker_id=worker_id):
                     self.worker_id = worker_id
                 case _core.Event.ClaimsLost(claims=claims):
@@ -169,19 +168,13 @@ class Intake(Timeouts):
                     self._on_core_failed(error)
 
     def _on_core_failed(self, error: BaseException) -> None:
-        if self._fatal_error is None:
-            self._fatal_error = error
         self.logger.error(
             f"Worker core failed: {error}",
             extra=self._log_extra(
                 action="core_failed", context=None, job_result=None, exception=str(error)
             ),
         )
-        self._stop_event.set()
-
-    def _mark_fetching_stopped(self) -> None:
-        if self._fetching_stopped is not None and not self._fetching_stopped.done():
-            self._fetching_stopped.set_result(None)
+        self._lifecycle.core_failed(error)
 
     def _start_job(self, row: _core.Job) -> None:
         """Start one claimed job. Whatever happens, it gets exactly one outcome: a row that
@@ -213,7 +206,7 @@ class Intake(Timeouts):
         self._running_jobs[job_task] = context
         job_task.add_done_callback(self._on_job_done)
         self._start_timeout(job_task, context)
-        if self._hard_stop.is_set():
+        if self._lifecycle.hard_stop_requested:
             # Claimed by a request that was in flight when the hard stop came.
             self._abort_job(job_task, context, job_context.AbortReason.SHUTDOWN)
 

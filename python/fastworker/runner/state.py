@@ -9,7 +9,6 @@ own file that builds on the ones before it:
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import json
 import logging
@@ -21,6 +20,7 @@ from procrastinate import worker as procrastinate_worker
 
 from fastworker import _core
 from fastworker.runner.ledger import ClaimLedger
+from fastworker.runner.lifecycle import Lifecycle
 from fastworker.runner.outcome_sink import OutcomeSink
 
 logger = logging.getLogger("procrastinate.worker")
@@ -51,11 +51,8 @@ class RunnerState(procrastinate_worker.Worker):
             logger=self.logger,
             log_extra=self._log_extra,
         )
-        self._hard_stop = asyncio.Event()
-        self._fetching_stopped: asyncio.Future[None] | None = None
-        self._fatal_error: BaseException | None = None
-        self._drained = False
-        self._signals_received = 0
+        # Stops, drains and the core's fatal error (`runner/lifecycle.py`).
+        self._lifecycle = Lifecycle(self._stop_event)
 
     def _task_is_async(self, task: tasks.Task[Any, Any, Any]) -> bool:
         is_async = self._async_tasks.get(task.name)
