@@ -5,6 +5,7 @@ integration suites run the real core on a real PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable, Sequence
 
 from fastworker import _core
@@ -17,7 +18,7 @@ class FakeCore:
     cannot convert; ``shut_down``: it raises WorkerShutDown, as the binding does once shut
     down)."""
 
-    def __init__(self, worker_id: int = 1) -> None:
+    def __init__(self, worker_id: int = 1, *, wakeup_fd: bool = False) -> None:
         self.worker_id = worker_id
         self.batches: list[list[Outcome]] = []
         self.refuse: Callable[[Outcome], bool] = lambda outcome: False
@@ -25,6 +26,20 @@ class FakeCore:
         self.fetching_stopped = False
         self.hard_stopped = False
         self.events: asyncio.Queue[list[_core.Event] | None] = asyncio.Queue()
+        # As the binding's: a descriptor that turns readable when events wait.
+        self._wakeups = os.pipe() if wakeup_fd else None
+
+    def push(self, events: list[_core.Event] | None) -> None:
+        """Events for the runner (None: the stream ends, as after a shutdown)."""
+        self.events.put_nowait(events)
+        if self._wakeups is not None:
+            os.write(self._wakeups[1], b"x")
+
+    def close(self) -> None:
+        if self._wakeups is not None:
+            for fd in self._wakeups:
+                os.close(fd)
+            self._wakeups = None
 
     def report(self, outcomes: Sequence[Outcome]) -> None:  # type: ignore[override]
         if self.shut_down:
@@ -44,11 +59,13 @@ class FakeCore:
         return await self.events.get()
 
     def events_fd(self) -> int | None:
-        return None
+        return None if self._wakeups is None else self._wakeups[0]
 
     def take_events(self) -> list[_core.Event] | None:
+        if self._wakeups is not None:
+            os.read(self._wakeups[0], 1)
         return self.events.get_nowait()
 
     async def shutdown(self) -> None:
         self.shut_down = True
-        self.events.put_nowait(None)
+        self.push(None)

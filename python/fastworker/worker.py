@@ -301,7 +301,8 @@ class Worker(Periodic):
         side_tasks_monitor = asyncio.create_task(
             self._monitor_side_tasks(side_tasks), name="side_tasks_monitor"
         )
-        events_task = asyncio.create_task(self._consume_events(), name="core events")
+        assert self._core is not None
+        events_task = asyncio.create_task(self._event_pump(self._core).run(), name="core events")
         try:
             await utils.wait_any(self._stop_event.wait(), asyncio.shield(events_task))
             if self._lifecycle.drained:

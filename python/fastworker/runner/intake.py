@@ -15,8 +15,9 @@ from typing import Any
 from procrastinate import job_context, jobs
 
 from fastworker import _core, compat
+from fastworker.runner.core_port import CorePort
+from fastworker.runner.events import EventHandlers, EventPump
 from fastworker.runner.ledger import claim_of
-from fastworker.runner.state import core_logger
 from fastworker.runner.timeouts import Timeouts
 
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
@@ -101,80 +102,30 @@ def job_from_row(
 class Intake(Timeouts):
     """Taking the core's events and starting the jobs they hand over."""
 
-    async def _consume_events(self) -> None:
-        core = self._core
-        assert core is not None
-        loop = asyncio.get_running_loop()
-        fd = core.events_fd()
-        if fd is not None:
-            try:
-                await self._consume_events_on_wakeups(core, loop, fd)
-                return
-            except NotImplementedError:
-                pass  # an event loop without add_reader (Windows' proactor)
-        while True:
-            events = await core.next_events()
-            if events is None:
-                self._lifecycle.fetching_stopped()
-                return
-            self._handle_events(events)
+    def _event_pump(self, core: CorePort) -> EventPump:
+        """The pump of the core's events, handing jobs, aborts and lost claims here."""
+        return EventPump(
+            core,
+            self._lifecycle,
+            EventHandlers(
+                start_job=self._start_job,
+                abort_jobs=self._handle_abort_jobs_requested,
+                stop_lost_claims=self._stop_lost_claims,
+                set_worker_id=self._set_worker_id,
+                log_core_failure=self._log_core_failure,
+            ),
+        )
 
-    async def _consume_events_on_wakeups(
-        self, core: _core.WorkerCore, loop: asyncio.AbstractEventLoop, fd: int
-    ) -> None:
-        """Take the core's events when its descriptor turns readable: the core writes a byte
-        from its own thread, and the jobs start in this very loop iteration (no future to
-        resolve from another thread, no GIL hand-over in between)."""
-        ended: asyncio.Future[None] = loop.create_future()
+    def _set_worker_id(self, worker_id: int) -> None:
+        self.worker_id = worker_id
 
-        def on_readable() -> None:
-            if ended.done():
-                return
-            try:
-                events = core.take_events()
-                if events is None:
-                    ended.set_result(None)
-                else:
-                    self._handle_events(events)
-            except BaseException as error:  # surfaces in the awaiting task
-                ended.set_exception(error)
-
-        loop.add_reader(fd, on_readable)
-        try:
-            await ended
-        finally:
-            loop.remove_reader(fd)
-        self._lifecycle.fetching_stopped()
-
-    def _handle_events(self, events: list[_core.Event]) -> None:
-        for event in events:
-            match event:
-                case _core.Event.Jobs(jobs=claimed):
-                    for row in claimed:
-                        self._start_job(row)
-                case _core.Event.Abort(job_ids=job_ids):
-                    self._handle_abort_jobs_requested(job_ids)
-                case _core.Event.Log(level=level, action=action, message=message, job_id=job_id):
-                    core_logger.log(level, message, extra={"action": action, "job_id": job_id})
-                case _core.Event.Drained():
-                    self._lifecycle.drain_finished()
-                case _core.Event.FetchingStopped():
-                    self._lifecycle.fetching_stopped()
-                case _core.Event.WorkerId(worker_id=worker_id):
-                    self.worker_id = worker_id
-                case _core.Event.ClaimsLost(claims=claims):
-                    self._stop_lost_claims(claims)
-                case _core.Event.Fatal(error=error):
-                    self._on_core_failed(error)
-
-    def _on_core_failed(self, error: BaseException) -> None:
+    def _log_core_failure(self, error: BaseException) -> None:
         self.logger.error(
             f"Worker core failed: {error}",
             extra=self._log_extra(
                 action="core_failed", context=None, job_result=None, exception=str(error)
             ),
         )
-        self._lifecycle.core_failed(error)
 
     def _start_job(self, row: _core.Job) -> None:
         """Start one claimed job. Whatever happens, it gets exactly one outcome: a row that
