@@ -21,6 +21,7 @@ class FakeCore:
     def __init__(self, worker_id: int = 1, *, wakeup_fd: bool = False) -> None:
         self.worker_id = worker_id
         self.batches: list[list[Outcome]] = []
+        self.reported = asyncio.Event()  # set at each batch taken
         self.refuse: Callable[[Outcome], bool] = lambda outcome: False
         self.shut_down = False
         self.fetching_stopped = False
@@ -48,6 +49,7 @@ class FakeCore:
             if self.refuse(outcome):
                 raise ValueError(f"cannot take the outcome of job {outcome.job_id}")
         self.batches.append(list(outcomes))
+        self.reported.set()
 
     def stop_fetching(self) -> None:
         self.fetching_stopped = True

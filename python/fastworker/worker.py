@@ -5,15 +5,22 @@ Running a job is procrastinate's own code path (`_process_job`: context, middlew
 retry decision, logs), so a job ends exactly as it would under procrastinate's worker;
 only where its outcome is written changes: it is handed to the core, which writes it in a
 batch. This file is the facade: options, start and the main loop. The roles it is built
-from are in `fastworker/runner/`, one file each:
+from are plain objects in `fastworker/runner/`, each owning its state:
 
-- `state.py`: the state the roles share;
-- `outcomes.py`: outcome batching to the core;
-- `upstream.py`: `_process_job`, copied from procrastinate 3.10;
-- `timeouts.py`: job timeouts;
-- `intake.py`: the core's events, and starting the jobs they hand over;
-- `shutdown.py`: signals and shutdown;
-- `periodic.py`: procrastinate's periodic deferrer, kept running through an outage.
+- `ledger.py`: `ClaimLedger`, each claim from its hand-over to its one outcome;
+- `outcome_sink.py`: `OutcomeSink`, outcome batching to the core;
+- `lifecycle.py`: `Lifecycle`, graceful and hard stops, drains, the core's fatal error;
+- `executor.py`: `JobExecutor`, starting each job handed over (`intake.py` decodes rows);
+- `timeouts.py`: `JobTimeouts`;
+- `events.py`: `EventPump`, the core's events to the roles they are for;
+- `core_port.py`: `CorePort`, what the roles ask of the core.
+
+procrastinate's `Worker` subclass keeps procrastinate's methods and the hooks its code,
+tests and middleware call, delegating to the roles (each file a class of the chain):
+`state.py` (the roles built), `outcomes.py` (`_persist_job_status`), `upstream.py`
+(`_process_job`, copied from procrastinate 3.10), `hooks.py` (`_abort_job`, the event
+pump's wiring), `shutdown.py` (signals and shutdown), `periodic.py` (procrastinate's
+periodic deferrer, kept running through an outage).
 """
 
 from __future__ import annotations
@@ -214,7 +221,7 @@ class Worker(Periodic):
 
     async def _start_and_run(self) -> None:
         require_open_app(self.app)
-        self._json_loads = connector_json_loads(self.app.connector)
+        self._executor.json_loads = connector_json_loads(self.app.connector)
         connection = await resolve_connection(self.app, self._dsn)
         # Resolved by libpq as `dsn` is.
         listen_connection = params_from_dsn(self._listen_dsn) if self._listen_dsn else None
@@ -295,7 +302,7 @@ class Worker(Periodic):
                 action="start_worker", context=None, queues=self.queues, job_result=None
             ),
         )
-        self._running_jobs = {}
+        self._running_jobs = self._executor.begin_run()
         self._lifecycle.begin_fetching(asyncio.get_running_loop())
         side_tasks = [asyncio.create_task(self._periodic_deferrer(), name="deferrer")]
         side_tasks_monitor = asyncio.create_task(

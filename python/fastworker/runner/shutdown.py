@@ -13,11 +13,11 @@ from typing import Any
 
 from procrastinate import utils
 
-from fastworker.runner.intake import Intake
+from fastworker.runner.hooks import Hooks
 from fastworker.runner.state import logger
 
 
-class Shutdown(Intake):
+class Shutdown(Hooks):
     """Stopping: signals, graceful and hard stops, and the final write."""
 
     def stop(self) -> None:

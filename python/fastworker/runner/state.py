@@ -1,27 +1,30 @@
-"""The state the runner's roles share, declared and initialised in one place.
+"""The runner's roles, built in one place (`RunnerState._init_runner_state`).
 
-The runner is procrastinate's `Worker`, extended role by role, each role a class in its
-own file that builds on the ones before it:
+The roles are plain objects, each owning its state and calling only what it is handed:
+`ClaimLedger`, `OutcomeSink`, `Lifecycle`, `JobTimeouts`, `JobExecutor` (and, per run,
+`EventPump`), the core seen through `CorePort`. procrastinate's `Worker` subclass keeps
+procrastinate's methods and hooks (its tests and middleware call them), each file a class
+of the chain, delegating to the roles:
 
-    RunnerState (this file) <- Outcomes <- Upstream <- Timeouts <- Intake <- Shutdown
-        <- Periodic <- fastworker.Worker (the facade, `fastworker/worker.py`)
+    RunnerState (this file) <- Outcomes <- Upstream <- Hooks <- Shutdown <- Periodic
+        <- fastworker.Worker (the facade, `fastworker/worker.py`)
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 import logging
-from collections.abc import Callable
 from typing import Any
 
 from procrastinate import job_context, tasks
 from procrastinate import worker as procrastinate_worker
 
 from fastworker import _core
+from fastworker.runner.executor import JobExecutor
 from fastworker.runner.ledger import ClaimLedger
 from fastworker.runner.lifecycle import Lifecycle
 from fastworker.runner.outcome_sink import OutcomeSink
+from fastworker.runner.timeouts import JobTimeouts
 
 logger = logging.getLogger("procrastinate.worker")
 core_logger = logging.getLogger("fastworker.core")
@@ -41,7 +44,6 @@ class RunnerState(procrastinate_worker.Worker):
     def _init_runner_state(self) -> None:
         self._core: _core.WorkerCore | None = None
         self._async_tasks: dict[str, bool] = {}
-        self._json_loads: Callable[[str], Any] = json.loads
         # Every claim handed over, from its hand-over to its outcome (`runner/ledger.py`).
         self._ledger: ClaimLedger[job_context.JobContext] = ClaimLedger(self._job_ids_to_abort)
         # Outcomes on their way to the core (`runner/outcomes.py`).
@@ -53,6 +55,31 @@ class RunnerState(procrastinate_worker.Worker):
         )
         # Stops, drains and the core's fatal error (`runner/lifecycle.py`).
         self._lifecycle = Lifecycle(self._stop_event)
+        # Starting each job handed over and ending it with one outcome (`runner/executor.py`).
+        self._executor = JobExecutor(
+            # Looked up at each call: procrastinate's tests and subclasses replace these.
+            process_job=lambda context: self._process_job(context),
+            abort_job=lambda job_task, context, reason: self._abort_job(job_task, context, reason),
+            ledger=self._ledger,
+            sink=self._outcome_sink,
+            timeouts=JobTimeouts(
+                ledger=self._ledger,
+                job_timeout=self.job_timeout,
+                task_timeouts=self.task_timeouts,
+                app=self.app,
+                task_is_async=self._task_is_async,
+                logger=self.logger,
+                log_extra=self._log_extra,
+            ),
+            lifecycle=self._lifecycle,
+            task_is_async=self._task_is_async,
+            app=self.app,
+            worker_name=self.worker_name,
+            queues=self.queues,
+            additional_context=self.additional_context,
+            logger=self.logger,
+            log_extra=self._log_extra,
+        )
 
     def _task_is_async(self, task: tasks.Task[Any, Any, Any]) -> bool:
         is_async = self._async_tasks.get(task.name)
