@@ -160,4 +160,4 @@ class Upstream(Outcomes):
                 )
             if job.id is not None:
                 self._ledger.forget_time_out(job.id)
-            self._report_outcome(job, status, retry_decision, context, job_result)
+            self._outcome_sink.report(job, status, retry_decision, context, job_result)
