@@ -10,6 +10,12 @@
 //! The hand-off's last step, turning a batch into Python objects, is measured by the
 //! end-to-end benchmark (`benches/e2e.py`), since it needs an interpreter.
 
+#![allow(
+    clippy::expect_used,
+    clippy::print_stderr,
+    reason = "a benchmark: set-up failures abort it, and it reports on stderr"
+)]
+
 use std::hint::black_box;
 use std::sync::Arc;
 
@@ -17,7 +23,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use fastworker_core::completer::CompletionBatch;
 use fastworker_core::handoff;
 use fastworker_core::listener::parse_notification;
-use fastworker_core::{Completion, HandoffEvent, JobRow, Metrics, Outcome};
+use fastworker_core::{Completion, FinishStatus, HandoffEvent, JobRow, Metrics, Outcome};
 
 const BATCH: usize = 500;
 
@@ -61,7 +67,7 @@ fn completion_statement(c: &mut Criterion) {
                 }
             } else {
                 Outcome::Finish {
-                    status: "succeeded".into(),
+                    status: FinishStatus::Succeeded,
                     delete: false,
                 }
             },

@@ -3,7 +3,8 @@
 # and starting it if needed. ensure_pgbouncer installs PgBouncer (tests/test_pooler.py
 # starts its own, in transaction mode, in front of that server). ensure_nss_wrapper
 # installs nss_wrapper (tests/reliability/test_tls_parity.py gives a worker a user
-# database of its own, to check libpq's home directory with HOME unset).
+# database of its own, to check libpq's home directory with HOME unset). ensure_promtool
+# puts Prometheus' promtool into .venv/bin (tests/test_alerts.py runs the alert rules).
 
 ADMIN_DSN="host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 
@@ -74,4 +75,29 @@ ensure_nss_wrapper() {
     say "installing nss_wrapper (apt-get)"
     apt-get update -q
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q libnss-wrapper
+}
+
+ensure_promtool() {
+    command -v promtool >/dev/null 2>&1 && return 0
+    [ -x .venv/bin/promtool ] && return 0
+    if ! command -v apt-get >/dev/null 2>&1; then
+        say "promtool is not installed: the alert rules are checked on their YAML alone"
+        return 0
+    fi
+    # Only the binary is wanted: unpacked from Debian's prometheus package, not installed
+    # (which would start a Prometheus server).
+    say "fetching promtool (Debian's prometheus package, unpacked into .venv/bin)"
+    local scratch
+    scratch=$(mktemp -d)
+    if ! (cd "$scratch" && apt-get download -q prometheus >/dev/null 2>&1); then
+        if [ "$(id -u)" = 0 ]; then apt-get update -q; fi
+        if ! (cd "$scratch" && apt-get download -q prometheus); then
+            say "could not fetch promtool: the alert rules are checked on their YAML alone"
+            rm -rf "$scratch"
+            return 0
+        fi
+    fi
+    dpkg-deb --fsys-tarfile "$scratch"/prometheus_*.deb | tar -x -O ./usr/bin/promtool >.venv/bin/promtool
+    chmod 0755 .venv/bin/promtool
+    rm -rf "$scratch"
 }

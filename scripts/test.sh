@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine: installs fastworker and the test tools
 # (requirements/test.txt) into .venv (maturin build), makes sure a local PostgreSQL runs
-# (installing it with apt-get if absent) and PgBouncer (for the pooler tests) and
-# nss_wrapper (for a TLS test with HOME unset) are installed, then runs `cargo test` (the
-# Rust core) and pytest. Exits non-zero if anything fails. Set FASTWORKER_TEST_DSN to use
-# another server (tests create and drop databases).
+# (installing it with apt-get if absent) and PgBouncer (for the pooler tests), nss_wrapper
+# (for a TLS test with HOME unset) and promtool (for the alert rules) are installed, then
+# runs the lint checks (scripts/lint.sh: ruff check, ruff format --check, cargo fmt --check,
+# cargo clippy with -D warnings), `cargo test` (the Rust core) and pytest. Every step runs;
+# exits non-zero if any fails, naming those. Set FASTWORKER_TEST_DSN to use another server
+# (tests create and drop databases).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh
@@ -17,15 +19,18 @@ if [ -z "${FASTWORKER_TEST_DSN:-}" ]; then
 fi
 ensure_pgbouncer
 ensure_nss_wrapper
+ensure_promtool
 
-failed=0
+failed=()
+say "lint (scripts/lint.sh)"
+bash scripts/lint.sh || failed+=("lint")
 say "cargo test (Rust core)"
-cargo test || failed=1
+cargo test || failed+=("cargo test")
 say "pytest"
-.venv/bin/python -m pytest || failed=1
+.venv/bin/python -m pytest || failed+=("pytest")
 
-if [ "$failed" != 0 ]; then
-    echo "FAILED: see the summaries above" >&2
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "FAILED: ${failed[*]} (see the summaries above)" >&2
     exit 1
 fi
-say "all tests passed"
+say "all checks and tests passed"

@@ -12,9 +12,11 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from tests.conftest import fetch_all
@@ -23,6 +25,26 @@ T = TypeVar("T")
 
 #: How long a bounded wait may last before the test fails (never a measured duration).
 PATIENCE = 30.0
+
+
+# --- processes ----------------------------------------------------------------------------
+
+
+def run_process(
+    command: Sequence[str] | str, *, cwd: Path, env: dict[str, str], timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """`command` (its arguments, or a line for the shell) run to its end (within `timeout`),
+    no stdin, its output captured as text."""
+    return subprocess.run(
+        command,
+        shell=isinstance(command, str),
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 # --- waiting ------------------------------------------------------------------------------

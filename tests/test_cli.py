@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from procrastinate import cli as procrastinate_cli
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from tests.conftest import create_database, drop_database, fetch_all, make_app
+from tests.helpers import run_process
 
 #: Upper bound of every wait in this module (never a measured duration).
 PATIENCE = 90.0
@@ -82,17 +84,25 @@ def fastworker_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "fastworker", *args]
 
 
+def run_command(
+    command: list[str] | str, *, cwd: Path, env: dict[str, str], timeout: float = PATIENCE
+) -> subprocess.CompletedProcess[str]:
+    """`command`: its arguments, or a line for the shell (as a user would type it)."""
+    return run_process(command, cwd=cwd, env=env, timeout=timeout)
+
+
 def run_cli(
     *args: str, cwd: Path, env: dict[str, str], timeout: float = PATIENCE
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        fastworker_command(*args),
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
+    return run_command(fastworker_command(*args), cwd=cwd, env=env, timeout=timeout)
+
+
+def run_worker(
+    app_dir: Path, dsn: str, *flags: str, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """`fastworker --app cli_test_app.app worker FLAGS` until it exits."""
+    return run_cli(
+        "--app", "cli_test_app.app", "worker", *flags, cwd=app_dir, env=cli_env(dsn, **env)
     )
 
 
@@ -192,6 +202,32 @@ def test_bad_environment_variable_exit_2(app_dir: Path, dsn: str) -> None:
     assert len(error_lines(result.stderr)) == 1
 
 
+@pytest.mark.parametrize(
+    "variable", ["PROCRASTINATE_WORKER_LISTEN_NOTIFY", "PROCRASTINATE_WORKER_WAIT"]
+)
+def test_a_bad_boolean_variable_is_named_with_the_accepted_values(
+    app_dir: Path, dsn: str, variable: str
+) -> None:
+    result = run_worker(app_dir, dsn, **{variable: "off"})
+    assert result.returncode == 2, result.stderr
+    assert error_lines(result.stderr) == [
+        f"fastworker: error: invalid value in ${variable}: 'off' is not a boolean; as "
+        "procrastinate reads it, a value starting with 1, y or t is true (1, yes, true) and "
+        "one starting with 0, n or f is false (0, no, false)"
+    ]
+
+
+def test_a_boolean_variable_is_read_as_procrastinate_reads_it(app_dir: Path, dsn: str) -> None:
+    """Any word starting with 0/n/f is false: `no` turns LISTEN/NOTIFY off, `never` turns
+    waiting off (the worker stops once the queue is empty)."""
+    defer(dsn, "quick", [{"value": 1}])
+    result = run_worker(
+        app_dir, dsn, PROCRASTINATE_WORKER_LISTEN_NOTIFY="no", PROCRASTINATE_WORKER_WAIT="never"
+    )
+    assert result.returncode == 0, result.stderr
+    assert status_counts(dsn) == {"succeeded": 1}
+
+
 # --- running ------------------------------------------------------------------------------
 
 
@@ -266,6 +302,28 @@ def test_fastworker_flags_reach_the_worker(app_dir: Path, dsn: str) -> None:
     assert sorted(rows) == [("quick", "succeeded", 30), ("sleepy", "failed", 1)]
 
 
+def test_an_unknown_task_in_task_timeouts_is_a_usage_error(app_dir: Path, dsn: str) -> None:
+    defer(dsn, "quick", [{"value": 1}])
+    result = run_worker(app_dir, dsn, "--one-shot", "--task-timeouts", "sleepx=1")
+    assert result.returncode == 2, result.stderr
+    assert error_lines(result.stderr) == [
+        "fastworker: error: invalid worker settings: task_timeouts: no task named 'sleepx' "
+        "in the app; did you mean 'sleepy'?"
+    ]
+    assert status_counts(dsn) == {"todo": 1}
+
+
+def test_a_queue_limit_no_task_uses_is_warned_about(app_dir: Path, dsn: str) -> None:
+    defer(dsn, "quick", [{"value": 1}])
+    result = run_worker(app_dir, dsn, "--one-shot", "--queue-concurrency", "emials=1")
+    assert result.returncode == 0, result.stderr
+    assert (
+        "queue_concurrency names the queue 'emials', which no task of the app is declared on "
+        "(tasks use 'builtin', 'default')" in result.stderr
+    )
+    assert status_counts(dsn) == {"succeeded": 1}
+
+
 @pytest.fixture
 def worker_process(app_dir: Path, dsn: str) -> Iterator[Callable[..., subprocess.Popen[str]]]:
     processes: list[subprocess.Popen[str]] = []
@@ -328,6 +386,56 @@ def test_signal_stops_the_worker_cleanly(
     assert status_counts(dsn) == {"succeeded": 201}
     assert fetch_all(dsn, "SELECT count(*) FROM procrastinate_workers") == [(0,)]
     assert "Stopped worker" in stderr
+
+
+def test_a_second_signal_says_it_aborts_the_running_job(
+    worker_process: Callable[..., subprocess.Popen[str]], dsn: str
+) -> None:
+    """Without --shutdown-graceful-timeout, the abort is the second signal's doing, and the
+    log says so (not "after graceful timeout")."""
+    process = worker_process("--log-level", "info")
+    defer(dsn, "sleepy", [{}])
+    wait_until(
+        lambda: status_counts(dsn) == {"doing": 1} or process.poll() is not None,
+        "the sleepy job to run",
+        lambda: status_counts(dsn),
+    )
+    # Two signals sent at once may arrive as one: the second goes once the first is seen.
+    assert process.stderr is not None
+    lines: list[str] = []
+    stream = process.stderr
+
+    def read_lines() -> None:
+        for line in stream:
+            lines.append(line)
+
+    reader = threading.Thread(target=read_lines, daemon=True)
+    reader.start()
+    process.send_signal(signal.SIGTERM)
+    wait_until(
+        lambda: (
+            any("Waiting for job to finish" in line for line in lines) or process.poll() is not None
+        ),
+        "the first signal to be handled",
+        lambda: lines,
+    )
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=PATIENCE)
+    reader.join(timeout=PATIENCE)
+    stderr = "".join(lines)
+
+    assert process.returncode == 0, stderr
+    assert "1 jobs still running after a second stop signal or cancel. Aborting them" in stderr
+    assert "graceful timeout" not in stderr
+
+
+def test_max_jobs_says_why_the_worker_stops(app_dir: Path, dsn: str) -> None:
+    defer(dsn, "quick", [{"value": i} for i in range(5)])
+    result = run_worker(app_dir, dsn, "--max-jobs", "2", "--log-level", "info")
+    assert result.returncode == 0, result.stderr
+    assert "Claimed max_jobs=2 jobs. Stopping worker once they have run" in result.stderr
+    assert "No job found" not in result.stderr
+    assert status_counts(dsn) == {"succeeded": 2, "todo": 3}
 
 
 # --- database errors ----------------------------------------------------------------------
@@ -411,3 +519,87 @@ def test_version(tmp_path: Path) -> None:
     # The version of the distribution as installed (`procrastinate-fastworker`), not "unknown".
     installed = importlib.metadata.version("procrastinate-fastworker")
     assert result.stdout.startswith(f"fastworker {installed} ")
+
+
+# --- procrastinate's own commands, and the schema hint ------------------------------------
+
+
+def test_a_missing_schemas_hint_is_a_command_that_works_from_there(
+    tmp_path: Path, database_name: str
+) -> None:
+    """A project as a newcomer has it: a package in the current directory, a database
+    without procrastinate's schema, the installed `fastworker` script. The command the error
+    suggests, run from there, applies the schema, and the worker then starts."""
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    (tmp_path / "mypkg" / "tasks.py").write_text(APP_MODULE)
+    scripts = Path(sys.executable).parent
+    env = cli_env(
+        create_database(database_name, with_schema=False),
+        PATH=f"{scripts}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    try:
+
+        def run(command: str) -> subprocess.CompletedProcess[str]:
+            return run_command(command, cwd=tmp_path, env=env)
+
+        worker = "fastworker --app=mypkg.tasks.app worker --one-shot"
+        missing = run(worker)
+        assert missing.returncode == 4, missing.stderr
+        [line] = error_lines(missing.stderr)
+        suggested = line.split("`")[-2]
+        assert suggested == "fastworker --app=mypkg.tasks.app schema --apply", line
+        applied = run(suggested)
+        assert applied.returncode == 0, applied.stderr
+        started = run(worker)
+        assert started.returncode == 0, started.stderr
+        assert "Launching a fastworker worker" in started.stderr
+    finally:
+        drop_database(database_name)
+
+
+def test_procrastinates_commands_run_for_the_same_app(app_dir: Path, database_name: str) -> None:
+    """`schema --apply`, `defer`, `healthchecks` and `shell` are procrastinate's own, run
+    for the app `--app` names (before or after the command) or PROCRASTINATE_APP, loaded
+    from the current directory as the worker's."""
+    bare = create_database(database_name, with_schema=False)
+    try:
+        env = cli_env(bare)
+        unhealthy = run_cli("--app", "cli_test_app.app", "healthchecks", cwd=app_dir, env=env)
+        assert unhealthy.returncode == 1, unhealthy.stderr
+        assert "procrastinate_jobs table was not found" in unhealthy.stderr
+        assert "DB connection: OK" in unhealthy.stdout
+
+        applied = run_cli("--app=cli_test_app.app", "schema", "--apply", cwd=app_dir, env=env)
+        assert applied.returncode == 0, applied.stderr
+        assert fetch_all(bare, "SELECT to_regclass('procrastinate_jobs') IS NOT NULL") == [(True,)]
+
+        deferred = run_cli(
+            "defer", "--app", "cli_test_app.app", "quick", '{"value": 7}', cwd=app_dir, env=env
+        )
+        assert deferred.returncode == 0, deferred.stderr
+        assert fetch_all(bare, "SELECT task_name, args FROM procrastinate_jobs") == [
+            ("quick", {"value": 7})
+        ]
+
+        from_env = {**env, "PROCRASTINATE_APP": "cli_test_app.app"}
+        healthy = run_cli("healthchecks", cwd=app_dir, env=from_env)
+        assert healthy.returncode == 0, healthy.stderr
+        assert "Found procrastinate_jobs table: OK" in healthy.stdout
+
+        listed = run_cli("shell", "list_jobs", cwd=app_dir, env=from_env)
+        assert listed.returncode == 0, listed.stderr
+        assert "quick" in listed.stdout and "todo" in listed.stdout
+
+        drained = run_cli("worker", "--one-shot", cwd=app_dir, env=from_env)
+        assert drained.returncode == 0, drained.stderr
+        assert status_counts(bare) == {"succeeded": 1}
+    finally:
+        drop_database(database_name)
+
+
+def test_help_lists_procrastinates_commands_as_procrastinates(tmp_path: Path) -> None:
+    result = run_cli("--help", cwd=tmp_path, env=cli_env("", COLUMNS="200"))
+    assert result.returncode == 0, result.stderr
+    for command in ("defer", "schema", "healthchecks", "shell"):
+        assert f"procrastinate's `{command}`" in result.stdout, result.stdout

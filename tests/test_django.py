@@ -18,12 +18,13 @@ from typing import Any
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from tests.conftest import fetch_all
+from tests.conftest import create_database, drop_database, fetch_all
 
 pytest.importorskip("django")
 
 
-def write_project(root: Path, dsn: str, marker: Path) -> None:
+def write_project(root: Path, dsn: str, marker: Path, settings: str = "") -> None:
+    """The project; ``settings``: more lines for its settings.py."""
     params = conninfo_to_dict(dsn)
     (root / "djangoproject").mkdir()
     (root / "djangoproject" / "__init__.py").write_text("")
@@ -48,6 +49,7 @@ def write_project(root: Path, dsn: str, marker: Path) -> None:
             }}
             """
         )
+        + textwrap.dedent(settings)
     )
     (root / "manage.py").write_text(
         textwrap.dedent(
@@ -280,3 +282,86 @@ def test_manage_py_fastworker_help_lists_the_worker_flags(project: Path) -> None
         "--skip-checks",
     ):
         assert flag in completed.stdout
+
+
+def test_a_missing_schema_says_to_migrate(database_name: str, tmp_path: Path) -> None:
+    """procrastinate's Django app applies its schema as migrations: the error says
+    `./manage.py migrate` (not procrastinate's command, with no app to give it), and after
+    that the worker starts."""
+    bare = create_database(database_name, with_schema=False)
+    try:
+        write_project(tmp_path, bare, tmp_path / "ran.txt")
+        missing = manage_py(tmp_path, "--one-shot", timeout=120)
+        assert missing.returncode == 4, missing.stderr
+        assert "apply it with `./manage.py migrate`" in missing.stderr, missing.stderr
+        assert "--app" not in missing.stderr, missing.stderr
+        migrated = run_in(tmp_path, "manage.py", "migrate", timeout=120)
+        assert migrated.returncode == 0, migrated.stderr
+        started = manage_py(tmp_path, "--one-shot", timeout=120)
+        assert started.returncode == 0, started.stderr
+    finally:
+        drop_database(database_name)
+
+
+# settings.LOGGING with a root handler of its own format, as a Django project has it.
+LOGGING_SETTINGS = """
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"mine": {"format": "DJANGOLOG %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "mine"}},
+    "root": {"handlers": ["stderr"], "level": "INFO"},
+}
+"""
+
+
+@pytest.fixture
+def project_with_logging(dsn: str, tmp_path: Path) -> Path:
+    write_project(tmp_path, dsn, tmp_path / "ran.txt", LOGGING_SETTINGS)
+    return tmp_path
+
+
+def log_lines(stderr: str, level: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith(f"DJANGOLOG {level} ")]
+
+
+def test_djangos_verbosity_sets_the_worker_loggers_level_under_settings_logging(
+    dsn: str, project_with_logging: Path
+) -> None:
+    """settings.LOGGING has a root handler: -v 2 brings the worker's debug lines through
+    it, in its format; -v 0 keeps only warnings and errors from the start of the command;
+    nothing is logged in another format (the user's configuration is not replaced)."""
+    defer_records(dsn, 1)
+    verbose = manage_py(project_with_logging, "--one-shot", "-v", "2", timeout=120)
+    assert verbose.returncode == 0, verbose.stderr
+    assert any(" procrastinate.worker: " in line for line in log_lines(verbose.stderr, "DEBUG"))
+    assert not [
+        line for line in verbose.stderr.splitlines() if line.startswith(("DEBUG:", "INFO:"))
+    ]
+
+    defer_records(dsn, 1)
+    quiet = manage_py(project_with_logging, "--one-shot", "-v", "0", timeout=120)
+    assert quiet.returncode == 0, quiet.stderr
+    # (procrastinate logs its blueprints at INFO while Django sets up, before the command.)
+    worker_lines = [
+        line
+        for line in log_lines(quiet.stderr, "INFO") + log_lines(quiet.stderr, "DEBUG")
+        if " procrastinate.blueprints: " not in line
+    ]
+    assert worker_lines == []
+    assert statuses(dsn) == [("succeeded", 2)]
+
+    defer_records(dsn, 1)
+    default = manage_py(project_with_logging, "--one-shot", timeout=120)
+    assert default.returncode == 0, default.stderr
+    assert any("Starting worker" in line for line in log_lines(default.stderr, "INFO"))
+    assert log_lines(default.stderr, "DEBUG") == []
+
+
+@pytest.mark.parametrize("flag", ["--log-level=debug", "--verbose", "--log-format=%(message)s"])
+def test_the_cli_logging_flags_are_not_offered_under_django(project: Path, flag: str) -> None:
+    """settings.LOGGING configures logging under Django (as `manage.py procrastinate` has
+    it): a flag that would do nothing is refused, not ignored."""
+    completed = manage_py(project, "--one-shot", flag, timeout=60)
+    assert completed.returncode == 2
+    assert f"unrecognized arguments: {flag}" in completed.stderr

@@ -190,3 +190,84 @@ async def test_max_jobs_runs_that_many_jobs_then_the_worker_stops_by_itself(
         dsn, "SELECT status::text, count(*) FROM procrastinate_jobs GROUP BY 1 ORDER BY 1"
     ) == [("succeeded", 3), ("todo", 7)]
     assert fetch_all(dsn, "SELECT count(*) FROM procrastinate_workers") == [(0,)]
+
+
+def blueprint_with_a_slow_task() -> procrastinate.Blueprint:
+    """A task registered as ``jobs.slow`` with the alias ``old.slow``, for an app to take
+    under the namespace ``bp`` (registry names ``bp:jobs.slow`` and ``bp:old.slow``)."""
+    blueprint = procrastinate.Blueprint()
+
+    @blueprint.task(name="jobs.slow", aliases=["old.slow"])
+    async def slow() -> None:
+        await asyncio.sleep(30)
+
+    return blueprint
+
+
+async def test_a_bare_task_name_times_out_the_task_under_all_its_names(
+    app: procrastinate.App, dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`task_timeouts={"slow": ...}` names the one task whose name ends in ``slow``: a
+    blueprint's namespaced task, deferred under its name and under its alias."""
+    app.add_tasks_from(blueprint_with_a_slow_task(), namespace="bp")
+    caplog.set_level("INFO")
+    by_name = await app.configure_task("bp:jobs.slow").defer_async()
+    by_alias = await app.configure_task("bp:old.slow").defer_async()
+    await fastworker.run_async(
+        app, concurrency=2, task_timeouts={"slow": 0.2}, wait=False, install_signal_handlers=False
+    )
+    statuses = dict(fetch_all(dsn, "SELECT id, status::text FROM procrastinate_jobs"))
+    assert statuses == {by_name: "failed", by_alias: "failed"}
+    timed_out = [
+        record.job["id"]  # type: ignore[attr-defined]
+        for record in caplog.records
+        if getattr(record, "action", None) == "job_timeout"
+    ]
+    assert sorted(timed_out) == sorted([by_name, by_alias])
+
+
+@pytest.mark.parametrize(
+    ("timeouts", "message"),
+    [
+        ({"slwo": 1}, "no task named 'slwo' in the app; did you mean 'bp:jobs.slow'"),
+        ({"run": 1}, "'run' is ambiguous, it is the last part of the names of 'a.run', 'b.run'"),
+        (
+            {"slow": 1, "bp:old.slow": 2},
+            "'slow' and 'bp:old.slow' both name the task 'bp:jobs.slow'",
+        ),
+        ({"nothing_like_it": 1}, "the app's tasks: 'a.run', 'b.run', 'bp:jobs.slow'"),
+    ],
+)
+async def test_an_unknown_or_ambiguous_task_name_is_refused_before_the_worker_starts(
+    app: procrastinate.App, dsn: str, timeouts: dict[str, float], message: str
+) -> None:
+    app.add_tasks_from(blueprint_with_a_slow_task(), namespace="bp")
+    for name in ("a.run", "b.run"):
+        app.task(name=name)(lambda: None)
+    job_id = await app.configure_task("a.run").defer_async()
+    with pytest.raises(fastworker.ConfigurationError, match=message.replace(".", r"\.")):
+        await fastworker.run_async(
+            app, task_timeouts=timeouts, wait=False, install_signal_handlers=False
+        )
+    assert fetch_all(dsn, "SELECT count(*) FROM procrastinate_workers") == [(0,)]
+    assert fetch_all(dsn, "SELECT status::text FROM procrastinate_jobs WHERE id = %s", job_id) == [
+        ("todo",)
+    ]
+
+
+def test_a_queue_limit_on_a_queue_no_task_uses_is_warned_about(
+    app: procrastinate.App, caplog: pytest.LogCaptureFixture
+) -> None:
+    @app.task(name="send", queue="emails")
+    def send() -> None:
+        pass
+
+    caplog.set_level("WARNING")
+    fastworker.Worker(app, queue_concurrency={"emials": 1, "emails": 2})
+    warnings = [
+        record
+        for record in caplog.records
+        if getattr(record, "action", None) == "queue_concurrency_unused_queue"
+    ]
+    assert [getattr(record, "queue", None) for record in warnings] == ["emials"]
+    assert "'emails'" in warnings[0].getMessage()

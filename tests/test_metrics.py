@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import socket
@@ -143,6 +144,17 @@ async def served_port(worker: fastworker.Worker) -> int:
     return int(await poll(port, "the metrics server"))
 
 
+async def scrape_until(port: int, ready: Callable[[Samples], bool], what: str) -> Samples:
+    """Scrape until `ready` holds for the samples; those samples."""
+
+    async def scraped() -> Samples | None:
+        samples = await asyncio.to_thread(scrape, port)
+        return samples if ready(samples) else None
+
+    found: Samples = await poll(scraped, what)
+    return found
+
+
 async def test_healthz_is_200_while_connected_and_503_while_the_database_is_cut(
     app: procrastinate.App, dsn: str
 ) -> None:
@@ -219,6 +231,28 @@ async def test_a_metrics_port_in_use_is_a_clear_error_before_the_worker_starts(
     # Nothing started: no worker registered, no connection left.
     assert fetch_all(dsn, "SELECT count(*) FROM procrastinate_workers") == [(0,)]
     assert worker.metrics_server is None
+
+
+async def test_serving_metrics_is_logged_on_fastworkers_own_logger(
+    app: procrastinate.App, caplog: pytest.LogCaptureFixture
+) -> None:
+    """procrastinate's worker serves no metrics: the line saying where they are served is
+    fastworker's (`fastworker.metrics`), not on the `procrastinate.worker` logger."""
+    caplog.set_level(logging.INFO)
+    worker = running_worker(app)
+    run = asyncio.create_task(worker.run())
+    try:
+        port = await served_port(worker)
+    finally:
+        worker.stop()
+        await run
+    served = [
+        record
+        for record in caplog.records
+        if getattr(record, "action", None) == "metrics_server_started"
+    ]
+    assert [record.name for record in served] == ["fastworker.metrics"], served
+    assert f"127.0.0.1:{port}/metrics" in served[0].getMessage()
 
 
 def test_a_privileged_or_busy_metrics_port_is_one_line_from_the_cli(
@@ -298,12 +332,10 @@ async def test_production_metrics_waits_queue_depth_heartbeat_and_collectors(
     try:
         port = await served_port(worker)
 
-        async def waits_measured() -> Samples | None:
-            samples = await asyncio.to_thread(scrape, port)
-            count = samples.get(("fastworker_job_wait_seconds_count", (("queue", "waits"),)))
-            return samples if count == 2 else None
-
-        samples = await poll(waits_measured, "both waits measured")
+        waits = ("fastworker_job_wait_seconds_count", (("queue", "waits"),))
+        samples = await scrape_until(
+            port, lambda samples: samples.get(waits) == 2, "both waits measured"
+        )
     finally:
         worker.stop()
         await run
@@ -321,6 +353,89 @@ async def test_production_metrics_waits_queue_depth_heartbeat_and_collectors(
     assert samples[("fastworker_stalled_jobs_recovered_total", ())] == 0
     assert samples[("process_resident_memory_bytes", ())] > 0
     assert ("python_gc_collections_total", (("generation", "0"),)) in samples
+
+
+async def test_jobs_scheduled_for_later_are_not_due_and_the_oldest_due_job_shows_its_wait(
+    app: procrastinate.App, dsn: str
+) -> None:
+    """Issue 25, item 3: a queue holding only a job scheduled for later and a retry that
+    waits has no job due (and an oldest due age of 0), though it has todo jobs; a due job
+    shows, with how long it has been due: since its insertion (unscheduled), or since its
+    scheduled_at."""
+
+    @app.task(
+        name="flaky",
+        queue="later",
+        retry=procrastinate.RetryStrategy(max_attempts=2, wait=3600),
+    )
+    async def flaky() -> None:
+        raise ValueError("fails once, retried in an hour")
+
+    @app.task(name="ok", queue="later")
+    async def ok() -> None:
+        await asyncio.sleep(0)
+
+    retried = await flaky.defer_async()
+    await ok.configure(schedule_in={"hours": 1}).defer_async()
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        # Queue `inserted`: due since its insertion 2 h ago, and one scheduled tomorrow.
+        (inserted,) = (
+            connection.execute(
+                """INSERT INTO procrastinate_jobs (queue_name, task_name, args)
+               VALUES ('inserted', 'ok', '{}') RETURNING id"""
+            ).fetchone()
+            or ()
+        )
+        connection.execute(
+            "UPDATE procrastinate_events SET at = now() - interval '2 hours'"
+            " WHERE job_id = %s AND type = 'deferred'",
+            (inserted,),
+        )
+        connection.execute(
+            """INSERT INTO procrastinate_jobs (queue_name, task_name, args, scheduled_at)
+               VALUES ('inserted', 'ok', '{}', now() + interval '1 day'),
+                      ('scheduled', 'ok', '{}', now() - interval '3 hours')"""
+        )
+    worker = running_worker(app, queues=["later"])
+    run = asyncio.create_task(worker.run())
+    try:
+        port = await served_port(worker)
+
+        # The failure is retried in an hour: todo again, not due.
+        async def retried_for_later() -> bool:
+            rows = await asyncio.to_thread(
+                fetch_all,
+                dsn,
+                "SELECT status::text, attempts FROM procrastinate_jobs WHERE id = %s",
+                retried,
+            )
+            return rows == [("todo", 1)]
+
+        await poll(retried_for_later, "the failed job put back to todo for later")
+
+        later = ("fastworker_queue_jobs_not_due", (("queue", "later"),))
+        samples = await scrape_until(
+            port, lambda samples: samples.get(later) == 2, "a sample after the retry"
+        )
+    finally:
+        worker.stop()
+        await run
+
+    def gauge(name: str, queue: str) -> float:
+        return samples[(name, (("queue", queue),))]
+
+    # `later`: todo jobs (the existing series counts them all), none due.
+    assert samples[("fastworker_queue_jobs", (("queue", "later"), ("status", "todo")))] == 2
+    assert gauge("fastworker_queue_jobs_due", "later") == 0
+    assert gauge("fastworker_queue_oldest_due_job_age_seconds", "later") == 0
+    # `inserted`: one due for 2 h (its insertion), one not yet due.
+    assert gauge("fastworker_queue_jobs_due", "inserted") == 1
+    assert gauge("fastworker_queue_jobs_not_due", "inserted") == 1
+    assert 2 * 3600 <= gauge("fastworker_queue_oldest_due_job_age_seconds", "inserted") < 3 * 3600
+    # `scheduled`: due since its scheduled_at, 3 h ago.
+    assert gauge("fastworker_queue_jobs_due", "scheduled") == 1
+    assert gauge("fastworker_queue_jobs_not_due", "scheduled") == 0
+    assert 3 * 3600 <= gauge("fastworker_queue_oldest_due_job_age_seconds", "scheduled") < 4 * 3600
 
 
 async def test_unregistered_task_names_share_one_label_and_queue_labels_are_capped(

@@ -12,7 +12,7 @@ import procrastinate
 import pytest
 
 import fastworker
-from fastworker import _core, options
+from fastworker import _core, options, synopsis
 from fastworker.cli import create_parser
 from fastworker.connection import params_from_dsn
 from tests.reliability.helpers import REPO
@@ -133,3 +133,43 @@ async def test_the_core_takes_every_option_the_worker_hands_it(
 def test_the_core_refuses_an_option_it_does_not_know_by_name() -> None:
     with pytest.raises(_core.ConfigurationError, match="concurency"):
         _core.WorkerCore.start({"connection": {"dbname": "x"}, "concurency": 2})
+
+
+def test_the_readme_synopsis_is_the_parsers_usage() -> None:
+    """The README's synopsis of the command (``python -m fastworker.synopsis`` prints it)
+    lists every flag `fastworker --help` and `fastworker worker --help` show, spelled as
+    they show them."""
+    expected = f"```text\n{synopsis.synopsis()}\n```"
+    readme = (REPO / "README.md").read_text()
+    assert expected in readme, f"the README's synopsis should be:\n{expected}"
+    for flag in ("--pooler", "--listen-dsn", "--metrics-duration-buckets", "[-w]", "[-l]"):
+        assert flag in expected
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "value"),
+    [
+        ("max_jobs", "3", 3),
+        ("pooler", "off", False),
+        ("pooler", "Yes", True),
+        ("queue_concurrency", "a=1, b=2", {"a": 1, "b": 2}),
+        ("task_timeouts", "pkg.sleepy=1.5", {"pkg.sleepy": 1.5}),
+        ("metrics_duration_buckets", "1,60", [1.0, 60.0]),
+    ],
+)
+def test_an_options_text_is_read_by_the_table(name: str, text: str, value: object) -> None:
+    """The text of a flag or variable, read by the table's converter (the CLI's flags and
+    environment variables use it, and nothing else)."""
+    assert options.from_text(options.BY_NAME[name])(text) == value
+
+
+def test_a_bad_environment_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FASTWORKER_QUEUE_CONCURRENCY", "a=1,b")
+    convert = options.from_text(options.BY_NAME["queue_concurrency"])
+    with pytest.raises(ValueError) as raised:
+        options.from_environment("FASTWORKER_QUEUE_CONCURRENCY", convert)
+    assert str(raised.value) == (
+        "invalid value in $FASTWORKER_QUEUE_CONCURRENCY: expected QUEUE=N, got 'b'"
+    )
+    monkeypatch.setenv("FASTWORKER_QUEUE_CONCURRENCY", "")
+    assert options.from_environment("FASTWORKER_QUEUE_CONCURRENCY", convert) is None

@@ -50,6 +50,8 @@ def _pgbouncer_binary() -> str | None:
 
 
 PGBOUNCER = _pgbouncer_binary()
+#: Server connections PgBouncer opens to the database, at most.
+POOL_SIZE = 6
 
 pytestmark = pytest.mark.skipif(
     PGBOUNCER is None,
@@ -110,7 +112,7 @@ unix_socket_dir =
 auth_type = trust
 auth_file = {directory / "users.txt"}
 pool_mode = transaction
-default_pool_size = 6
+default_pool_size = {POOL_SIZE}
 max_client_conn = 100
 server_round_robin = 1
 ignore_startup_parameters = extra_float_digits
@@ -343,17 +345,18 @@ async def plain(i: int) -> int:
 """
 
 
-def test_the_command_without_pooler_behind_pgbouncer_exits_with_one_line(
-    bouncer: str, dsn: str, tmp_path: Path
-) -> None:
-    (tmp_path / "pooler_test_app.py").write_text(CLI_APP)
+def _run_the_command_without_pooler(
+    bouncer: str, dsn: str, directory: Path
+) -> subprocess.CompletedProcess[str]:
+    """`fastworker worker` with its connections through the pooler, without `--pooler`."""
+    (directory / "pooler_test_app.py").write_text(CLI_APP)
     env = {
         key: value
         for key, value in os.environ.items()
         if not key.startswith(("PROCRASTINATE_", "FASTWORKER_"))
     }
     env["POOLER_TEST_APP_DSN"] = dsn
-    result = subprocess.run(
+    return subprocess.run(
         [
             sys.executable,
             "-m",
@@ -366,14 +369,61 @@ def test_the_command_without_pooler_behind_pgbouncer_exits_with_one_line(
             "--fetch-job-polling-interval",
             "0.05",
         ],
-        cwd=tmp_path,
+        cwd=directory,
         env=env,
         capture_output=True,
         text=True,
         timeout=3 * PATIENCE,
         stdin=subprocess.DEVNULL,
     )
-    assert result.returncode != 0, result.stderr
+
+
+def _the_settings_error(result: subprocess.CompletedProcess[str]) -> str:
+    """The one error line of a worker that stopped for want of `--pooler`, with the exit
+    code of bad settings."""
+    assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     [line] = [line for line in result.stderr.splitlines() if line.startswith("fastworker: error:")]
+    assert line.startswith("fastworker: error: invalid worker settings: the server at "), line
     assert "pooler=True" in line and "--pooler" in line, line
+    return line
+
+
+def test_the_command_without_pooler_behind_pgbouncer_exits_with_one_line(
+    bouncer: str, dsn: str, tmp_path: Path
+) -> None:
+    """The claim, prepared in one transaction, is missing in the next ("does not exist")."""
+    line = _the_settings_error(_run_the_command_without_pooler(bouncer, dsn, tmp_path))
+    assert "does not exist" in line, line
+
+
+def _leave_statements_on_every_server_connection(bouncer: str, names: int) -> None:
+    """What other clients (another worker, before this one) leave behind: named prepared
+    statements `s0`, `s1`, ... on each server connection of the pool, which a transaction
+    pooler passes on to the next client as they are."""
+    connections = [
+        psycopg.connect(bouncer, autocommit=True, prepare_threshold=None) for _ in range(POOL_SIZE)
+    ]
+    try:
+        # Each client in a transaction holds a server connection of its own: all of them.
+        for connection in connections:
+            connection.execute("BEGIN")
+        assert len({_backend_pid(connection) for connection in connections}) == POOL_SIZE
+        for connection in connections:
+            for number in range(names):
+                connection.execute(f"PREPARE s{number} AS SELECT {number}")
+            connection.execute("COMMIT")
+    finally:
+        for connection in connections:
+            connection.close()
+
+
+def test_the_command_without_pooler_meeting_another_clients_statement_exits_with_one_line(
+    bouncer: str, dsn: str, tmp_path: Path
+) -> None:
+    """The worker's first named statement meets one of the same name on the server
+    connection the pooler gives it ("already exists", 42P05): at start, not a crash (exit
+    1) but the error that names `--pooler`."""
+    _leave_statements_on_every_server_connection(bouncer, names=50)
+    line = _the_settings_error(_run_the_command_without_pooler(bouncer, dsn, tmp_path))
+    assert "already exists" in line, line

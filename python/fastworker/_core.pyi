@@ -1,12 +1,14 @@
 """Type stub of the native module `fastworker._core` (Rust, PyO3)."""
 
 from collections.abc import Awaitable, Mapping, Sequence
-from typing import Any, ClassVar, final
+from typing import Any, ClassVar, TypeAlias, final
 
 from typing_extensions import Self, disjoint_base
 
 __all__ = [
     "CONNECTION_KEYWORDS",
+    "EVENT_KINDS",
+    "UNREPRESENTABLE_SCHEDULED_AT",
     "ConfigurationError",
     "ConnectionLost",
     "DatabaseError",
@@ -46,13 +48,21 @@ class Job:
         """JSON text."""
     @property
     def scheduled_at_us(self) -> int | None:
-        """Microseconds since the epoch; -2**63 for a date Python cannot represent."""
+        """Microseconds since the epoch; `UNREPRESENTABLE_SCHEDULED_AT` for a date Python
+        cannot represent."""
     @property
     def queue_name(self) -> str: ...
     @property
     def attempts(self) -> int: ...
     @property
     def worker_id(self) -> int | None: ...
+
+UNREPRESENTABLE_SCHEDULED_AT: int
+"""`Job.scheduled_at_us` of a job whose date Python cannot represent (infinity, a year
+outside 1-9999): the runner fails that job alone."""
+
+EVENT_KINDS: list[str]
+"""The kinds of `Event`, by their class names, as the core declares them."""
 
 @disjoint_base
 class Event:
@@ -115,6 +125,19 @@ class Event:
         def __new__(cls, error: BaseException) -> Self: ...
         @property
         def error(self) -> BaseException: ...
+
+_AnyEvent: TypeAlias = (
+    Event.Jobs
+    | Event.Abort
+    | Event.Drained
+    | Event.FetchingStopped
+    | Event.WorkerId
+    | Event.ClaimsLost
+    | Event.Log
+    | Event.Fatal
+)
+"""Any one event: the kinds of `Event` as a closed union, so that a `match` over them can
+end in `assert_never` (typing only: not in the module at runtime)."""
 
 @disjoint_base
 class Outcome:
@@ -238,6 +261,10 @@ class Metrics:
         """(queue, status, jobs) as last sampled"""
     @property
     def queue_depth_age(self) -> float | None: ...
+    @property
+    def queue_due(self) -> list[tuple[str, int, int, float | None]]:
+        """(queue, todo jobs due now, scheduled for later, seconds the oldest due job has
+        been due) as last sampled"""
 
 class FastworkerError(Exception): ...
 class ConfigurationError(FastworkerError): ...
@@ -265,9 +292,9 @@ class WorkerCore:
     def metrics(self) -> Metrics: ...
     def stop_fetching(self) -> None: ...
     def hard_stop(self) -> None: ...
-    def next_events(self, max_events: int = 4096) -> Awaitable[list[Event] | None]: ...
+    def next_events(self, max_events: int = 4096) -> Awaitable[list[_AnyEvent] | None]: ...
     def events_fd(self) -> int | None: ...
-    def take_events(self) -> list[Event] | None: ...
+    def take_events(self) -> list[_AnyEvent] | None: ...
     def shutdown(self) -> Awaitable[None]: ...
 
 def _quiesce_before_exit() -> None: ...

@@ -4,6 +4,8 @@
 ``fastworker --app=mypkg.app worker --concurrency=50``: the worker flags are procrastinate's
 own (its parser builds them, so spelling, meaning and ``PROCRASTINATE_*`` environment
 variables are the same), plus a few fastworker flags (``--dsn``, ``--reconnect-timeout``, ...).
+procrastinate's other subcommands (``defer``, ``schema``, ``healthchecks``, ``shell``) are
+run by procrastinate's own CLI code, for the app loaded as the worker's is.
 
 Exit codes: 0 clean stop, 1 the worker failed, 2 bad arguments or app, 3 database
 unreachable or lost, 4 procrastinate schema missing.
@@ -17,6 +19,7 @@ import importlib.metadata
 import logging
 import os
 import re
+import shlex
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -31,7 +34,7 @@ from procrastinate import jobs
 from psycopg.conninfo import conninfo_to_dict
 
 import fastworker
-from fastworker import compat, options
+from fastworker import options, preflight
 from fastworker.connection import redact_password
 from fastworker.worker import check_platform
 
@@ -47,16 +50,13 @@ EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_SCHEMA_MISSING = 4
 
-# How long the start-up check waits for the database before giving up (seconds).
-CONNECT_TIMEOUT = 10
-
 EXIT_CODES_HELP = f"""\
 exit codes:
   {EXIT_OK}  the worker stopped cleanly (SIGINT/SIGTERM, or --one-shot and nothing left to run)
   {EXIT_FAILURE}  the worker failed
   {EXIT_USAGE}  bad arguments, environment variables or app
   {EXIT_UNREACHABLE}  the database is unreachable, or was lost for longer than --reconnect-timeout
-  {EXIT_SCHEMA_MISSING}  the procrastinate schema is missing (run `procrastinate schema --apply`)
+  {EXIT_SCHEMA_MISSING}  the procrastinate schema is missing (`fastworker --app=APP schema --apply`)
 
 A first SIGINT/SIGTERM stops claiming jobs and lets running jobs finish (their results are
 written); a second one, or --shutdown-graceful-timeout, aborts them.
@@ -64,11 +64,21 @@ written); a second one, or --shutdown-graceful-timeout, aborts them.
 
 
 class CliError(Exception):
-    """An error reported as one line on stderr, with its exit code."""
+    """An error reported as one line on stderr, with its exit code (an empty message: already
+    reported, only the exit code is left)."""
 
     def __init__(self, message: str, exit_code: int = EXIT_FAILURE):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+# procrastinate's subcommands other than `worker`, run by procrastinate's own CLI code.
+PROCRASTINATE_COMMANDS = {
+    "defer": procrastinate_cli.configure_defer_parser,
+    "schema": procrastinate_cli.configure_schema_parser,
+    "healthchecks": procrastinate_cli.configure_healthchecks_parser,
+    "shell": procrastinate_cli.configure_shell_parser,
+}
 
 
 # --- argument parsing -----------------------------------------------------------------
@@ -79,52 +89,6 @@ def _version() -> str:
         return importlib.metadata.version(DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:  # pragma: no cover - not installed
         return "unknown"
-
-
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
-
-
-def _non_negative_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid float value: {value!r}") from None
-    if not number >= 0:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {value}")
-    return number
-
-
-def _mapping(
-    value_type: Callable[[str], Any], form: str, option: options.Option
-) -> Callable[[str], dict[str, Any]]:
-    """``KEY=VALUE[,KEY=VALUE...]`` into a dict, checked as the option table says."""
-
-    def parse(text: str) -> dict[str, Any]:
-        result: dict[str, Any] = {}
-        for item in text.split(","):
-            item = item.strip()
-            if not item:
-                continue
-            key, separator, raw = item.rpartition("=")
-            if not separator or not key.strip():
-                raise argparse.ArgumentTypeError(f"expected {form}, got {item!r}")
-            try:
-                result[key.strip()] = value_type(raw.strip())
-            except argparse.ArgumentTypeError as error:
-                raise argparse.ArgumentTypeError(f"{item!r}: {error}") from None
-        try:
-            return option.check(option.name, result)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-
-    return parse
 
 
 class _MergeMapping(argparse.Action):
@@ -159,7 +123,7 @@ class _StoreSwitch(argparse.Action):
 def _abort_interval(value: str) -> float:
     """procrastinate's ``worker -a`` is the abort polling interval, not the app."""
     try:
-        return _non_negative_float(value)
+        return options.seconds_from_text(value)
     except argparse.ArgumentTypeError as error:
         if re.fullmatch(r"[A-Za-z_][\w.:]*", value):
             raise argparse.ArgumentTypeError(
@@ -181,12 +145,12 @@ def _add_env_argument(
 ) -> argparse.Action:
     """A fastworker-only flag, defaulting to the ``FASTWORKER_<envvar>`` variable."""
     variable = f"{ENV_PREFIX}_{envvar}"
-    value = os.environ.get(variable, "")
-    if value:
-        try:
-            kwargs["default"] = type(value)
-        except (argparse.ArgumentTypeError, ValueError) as error:
-            raise CliError(f"invalid value in ${variable}: {error}", EXIT_USAGE) from None
+    try:
+        default = options.from_environment(variable, type)
+    except ValueError as error:
+        raise CliError(str(error), EXIT_USAGE) from None
+    if default is not None:
+        kwargs["default"] = default
     suffix = f": {env_help}" if env_help else ""
     return parser.add_argument(
         *flags, type=type, help=f"{help} (env: {variable}{suffix})", **kwargs
@@ -269,29 +233,44 @@ def _with_env_suffix(text: str, old_help: str | None) -> str:
     return text
 
 
-def _configure_worker_parser(
-    subparsers: argparse._SubParsersAction[Any],
-) -> argparse.ArgumentParser:
-    # procrastinate's own `worker` subcommand: same flags, same PROCRASTINATE_WORKER_* vars.
-    procrastinate_cli.configure_worker_parser(subparsers)
-    worker = subparsers.choices["worker"]
-    worker.description = (
-        "Run a fastworker worker for the app, listening on the given queues (or all\n"
-        "queues). Takes the flags of `procrastinate worker`, with the same meaning and\n"
-        "environment variables. Values default to App.worker_defaults, then to\n"
-        "procrastinate's worker defaults."
-    )
-    for choice in subparsers._choices_actions:
-        if choice.dest == "worker":
-            choice.help = "Run a fastworker worker (takes the flags of `procrastinate worker`)"
-    worker.epilog = EXIT_CODES_HELP
-    worker.formatter_class = argparse.RawDescriptionHelpFormatter
-    worker.set_defaults(func=None)
+# procrastinate's worker variables that it reads as booleans (its `env_bool`), by the
+# worker option they set.
+PROCRASTINATE_BOOLEAN_VARIABLES = {"wait": "WORKER_WAIT", "listen_notify": "WORKER_LISTEN_NOTIFY"}
+
+
+def _procrastinate_booleans() -> dict[str, bool]:
+    """The worker options procrastinate's boolean variables set, read as procrastinate reads
+    them: by their first letter (0/n/f or 1/y/t). On any other, procrastinate fails while
+    building its parser with a message that names neither the variable nor the value: the
+    same rule, checked first, with both named. procrastinate also drops a false value
+    (`if env_var_default:`), so PROCRASTINATE_WORKER_WAIT=false would be ignored: these
+    values are set as the worker parser's defaults."""
+    values = {}
+    for dest, name in PROCRASTINATE_BOOLEAN_VARIABLES.items():
+        variable = f"{procrastinate_cli.ENV_PREFIX}_{name}"
+        value = os.environ.get(variable, "")
+        if not value:  # empty is unset, as for procrastinate
+            continue
+        try:
+            values[dest] = procrastinate_cli.env_bool(value)
+        except argparse.ArgumentTypeError:
+            raise CliError(
+                f"invalid value in ${variable}: {value!r} is not a boolean; as procrastinate "
+                "reads it, a value starting with 1, y or t is true (1, yes, true) and one "
+                "starting with 0, n or f is false (0, no, false)",
+                EXIT_USAGE,
+            ) from None
+    return values
+
+
+def _adapt_procrastinate_worker_flags(worker: argparse.ArgumentParser) -> None:
+    """procrastinate's worker flags, checked as fastworker's (its parser takes any number)
+    and explained where its help says little."""
     for action in worker._actions:
         if action.dest == "concurrency":
-            action.type = _positive_int
+            action.type = options.at_least_one
         elif action.dest in ("fetch_job_polling_interval", "shutdown_graceful_timeout"):
-            action.type = _non_negative_float
+            action.type = options.seconds_from_text
         elif action.dest == "abort_job_polling_interval":
             action.type = _abort_interval
         elif action.dest == "delete_jobs":
@@ -309,13 +288,27 @@ def _configure_worker_parser(
                 action.help,
             )
 
-    # procrastinate drops a false boolean from the environment (`if env_var_default:`), so
-    # PROCRASTINATE_WORKER_WAIT=false would be ignored; honour it.
-    for dest, variable in (("wait", "WORKER_WAIT"), ("listen_notify", "WORKER_LISTEN_NOTIFY")):
-        value = os.environ.get(f"{procrastinate_cli.ENV_PREFIX}_{variable}", "")
-        if value:
-            boolean = procrastinate_cli.env_bool(value)
-            worker.set_defaults(**{dest: boolean})
+
+def _configure_worker_parser(
+    subparsers: argparse._SubParsersAction[Any],
+) -> argparse.ArgumentParser:
+    booleans = _procrastinate_booleans()
+    # procrastinate's own `worker` subcommand: same flags, same PROCRASTINATE_WORKER_* vars.
+    procrastinate_cli.configure_worker_parser(subparsers)
+    worker = subparsers.choices["worker"]
+    worker.description = (
+        "Run a fastworker worker for the app, listening on the given queues (or all\n"
+        "queues). Takes the flags of `procrastinate worker`, with the same meaning and\n"
+        "environment variables. Values default to App.worker_defaults, then to\n"
+        "procrastinate's worker defaults."
+    )
+    for choice in subparsers._choices_actions:
+        if choice.dest == "worker":
+            choice.help = "Run a fastworker worker (takes the flags of `procrastinate worker`)"
+    worker.epilog = EXIT_CODES_HELP
+    worker.formatter_class = argparse.RawDescriptionHelpFormatter
+    worker.set_defaults(func=None, **booleans)
+    _adapt_procrastinate_worker_flags(worker)
 
     _add_procrastinate_argument(
         worker,
@@ -331,7 +324,7 @@ def _configure_worker_parser(
             worker,
             "--" + name.replace("_", "-"),
             envvar=name.upper(),
-            type=_checked(name, parse, options.seconds),
+            type=options.checked_from_text(name, parse, options.seconds),
             metavar="SECONDS",
             help=help,
         )
@@ -339,30 +332,6 @@ def _configure_worker_parser(
     for option in options.OPTIONS:
         _add_option(group, option)
     return worker
-
-
-def _switch(value: str) -> bool:
-    """A switch's environment variable: procrastinate's spellings, and on/off."""
-    word = value.strip().lower()
-    if word in ("1", "y", "yes", "t", "true", "on"):
-        return True
-    if word in ("0", "n", "no", "f", "false", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected 1/y/t/on or 0/n/f/off, got {value!r}")
-
-
-def _checked(
-    name: str, parse: Callable[[str], Any], check: Callable[[str, Any], Any]
-) -> Callable[[str], Any]:
-    """Text to a value: parsed, then checked as the option table says."""
-
-    def convert(value: str) -> Any:
-        try:
-            return check(name, parse(value))
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-
-    return convert
 
 
 def _add_option(group: argparse._ArgumentGroup, option: options.Option) -> None:
@@ -374,47 +343,34 @@ def _add_option(group: argparse._ArgumentGroup, option: options.Option) -> None:
         if not os.environ.get(option.env) and os.environ.get(old):
             envvar = old.removeprefix(f"{ENV_PREFIX}_")
     help = f"{option.help} (default: {option.default_text().strip('`')})"
+    form: dict[str, Any] = {"metavar": option.metavar}
     if option.form == "switch":
-        _add_env_argument(
-            group,
-            *flags,
-            option.off_flag,
-            envvar=envvar,
-            type=_switch,
-            nargs=0,
-            action=_StoreSwitch,
-            dest=option.name,
-            help=help,
-            env_help="use 0/n/f/off or 1/y/t/on",
-        )
+        flags = (*flags, option.off_flag)
+        form = {"nargs": 0, "action": _StoreSwitch, "env_help": "use 0/n/f/off or 1/y/t/on"}
     elif option.form == "mapping":
-        _add_env_argument(
-            group,
-            *flags,
-            envvar=envvar,
-            type=_mapping(option.parse, option.metavar or "KEY=VALUE", option),
-            action=_MergeMapping,
-            dest=option.name,
-            metavar=option.metavar,
-            help=help + " (repeatable, or comma-separated)",
-        )
-    else:
-        check = options.BY_NAME[option.name].check
-        _add_env_argument(
-            group,
-            *flags,
-            envvar=envvar,
-            type=_checked(option.name, option.parse, check),
-            dest=option.name,
-            metavar=option.metavar,
-            help=help,
-        )
+        form["action"] = _MergeMapping
+        help += " (repeatable, or comma-separated)"
+    _add_env_argument(
+        group,
+        *flags,
+        envvar=envvar,
+        type=options.from_text(option),
+        dest=option.name,
+        help=help,
+        **form,
+    )
 
 
-def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+# The logging flags' destinations: the Django command leaves them out (settings.LOGGING
+# configures logging there).
+LOGGING_DESTS = ("verbose", "log_level", "log_format", "log_format_style")
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser, *, logging_flags: bool = True) -> None:
     """The flags of ``fastworker worker``, on another parser (the Django command's): the
     same actions, so the same spelling, types, checks and environment variables. Not
-    ``--app``, and no flag string the parser has already (Django's ``-v``, ``-h``)."""
+    ``--app``, nor the logging flags unless ``logging_flags``, and no flag string the
+    parser has already (Django's ``-v``, ``-h``)."""
     holder = argparse.ArgumentParser(add_help=False)
     worker = _configure_worker_parser(holder.add_subparsers())
     taken = set(parser._option_string_actions)
@@ -425,10 +381,16 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     worker._actions = [
         action
         for action in worker._actions
-        if action.option_strings and action.dest not in ("help", "app")
+        if action.option_strings
+        and action.dest not in ("help", "app")
+        and (logging_flags or action.dest not in LOGGING_DESTS)
     ]
     for group in worker._action_groups + worker._mutually_exclusive_groups:
         group._group_actions = [a for a in group._group_actions if a in worker._actions]
+    # An emptied exclusive group (the logging flags left out) breaks argparse's usage.
+    worker._mutually_exclusive_groups = [
+        g for g in worker._mutually_exclusive_groups if g._group_actions
+    ]
     parser._add_container_actions(worker)
     parser.set_defaults(**{key: value for key, value in worker._defaults.items() if key != "func"})
 
@@ -448,7 +410,8 @@ def create_parser() -> argparse.ArgumentParser:
         prog=PROGRAM_NAME,
         description="Run procrastinate jobs with fastworker, a Rust-accelerated drop-in worker:\n"
         "`procrastinate --app=APP worker ...` becomes `fastworker --app=APP worker ...`.\n"
-        "See `fastworker worker --help` for the flags.",
+        "See `fastworker worker --help` for the flags. procrastinate's other commands\n"
+        "(defer, schema, healthchecks, shell) are procrastinate's own, run for the same app.",
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
@@ -471,7 +434,25 @@ def create_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _configure_worker_parser(subparsers)
+    _configure_procrastinate_parsers(subparsers)
     return parser
+
+
+def _configure_procrastinate_parsers(subparsers: argparse._SubParsersAction[Any]) -> None:
+    """procrastinate's other subcommands, built by procrastinate's own code (same flags,
+    same PROCRASTINATE_* variables), marked as procrastinate's in ``--help``."""
+    for name, configure in PROCRASTINATE_COMMANDS.items():
+        configure(subparsers)
+        _add_procrastinate_argument(
+            subparsers.choices[name],
+            "--app",
+            help="Dotted path to the procrastinate app (also accepted before the command)",
+            envvar="APP",
+            in_subcommand=True,
+        )
+    for choice in subparsers._choices_actions:
+        if choice.dest in PROCRASTINATE_COMMANDS:
+            choice.help = f"procrastinate's `{choice.dest}`: {choice.help}"
 
 
 def parse_args(argv: Sequence[str]) -> dict[str, Any]:
@@ -520,107 +501,39 @@ def load_app(path: str) -> procrastinate.App:
     return app
 
 
-def _targets(params: dict[str, Any]) -> str:
-    """``host:port`` of each host a conninfo names (never the password)."""
-    hosts = str(params.get("host") or os.environ.get("PGHOST") or "").split(",")
-    ports = str(params.get("port") or os.environ.get("PGPORT") or "5432").split(",")
-    described = []
-    for index, host in enumerate(hosts):
-        port = ports[index] if index < len(ports) else ports[0]
-        if not host:
-            described.append(f"the local Unix socket (port {port})")
-        elif host.startswith("/") or host.startswith("@"):
-            described.append(f"{host}:{port} (Unix socket)")
-        else:
-            described.append(f"{host}:{port}")
-    return ", ".join(described)
+def _own_command() -> str:
+    """This command as the user can run it again from the same place (the same Python
+    environment): ``python -m fastworker`` if it was started so, else ``fastworker``."""
+    if os.path.basename(sys.argv[0]) == "__main__.py":
+        return f"python -m {PROGRAM_NAME}"
+    return PROGRAM_NAME
 
 
-def _where(params: dict[str, Any]) -> str:
-    database = params.get("dbname") or os.environ.get("PGDATABASE")
-    user = params.get("user") or os.environ.get("PGUSER")
-    details = ", ".join(
-        f"{label} {value!r}" for label, value in (("database", database), ("user", user)) if value
-    )
-    return _targets(params) + (f" ({details})" if details else "")
+def apply_schema_command(app_path: str) -> str:
+    """The command that applies procrastinate's schema for the app at ``app_path``, run from
+    where this one was: fastworker's own ``schema --apply`` loads the app as the worker
+    does (the current directory importable), which procrastinate's ``procrastinate``
+    script does not."""
+    app = shlex.quote(app_path) if app_path else "APP"
+    return f"{_own_command()} --app={app} schema --apply"
 
 
-def _connect_reason(error: BaseException, password: str | None) -> str:
-    """libpq's reason, on one line, without the parts the caller already says."""
-    text = str(error).strip() or type(error).__name__
-    text = re.sub(r"^connection failed:\s*", "", text)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    reasons = []
-    for line in lines:
-        line = re.sub(
-            r'^connection to server (at|on socket) ".*?"(, port \d+)? failed:\s*', "", line
+async def check_database(app: procrastinate.App, dsn: str | None, apply_schema: str) -> None:
+    """The start-up check (`fastworker.preflight`), its finding as a `CliError`.
+    ``apply_schema``: the command that applies the schema, said when it is missing."""
+    found = await preflight.check_database(app, dsn)
+    if isinstance(found, preflight.InvalidSettings):
+        raise CliError(f"invalid connection settings: {found.reason}", EXIT_USAGE)
+    if isinstance(found, preflight.Unreachable):
+        raise CliError(
+            f"cannot connect to PostgreSQL at {found.where}: {found.reason}", EXIT_UNREACHABLE
         )
-        line = re.sub(r"^multiple connection attempts failed\..*", "", line)
-        if line and line not in reasons:
-            reasons.append(line)
-    reason = "; ".join(reasons) or text.replace("\n", " ")
-    if password:
-        reason = reason.replace(password, "***")
-    return reason
-
-
-def _connection_arguments(
-    app: procrastinate.App, dsn: str | None
-) -> list[tuple[str, dict[str, Any]]]:
-    """(conninfo, kwargs) of the servers the app and the worker will connect to."""
-    targets: list[tuple[str, dict[str, Any]]] = []
-    connector = app.connector
-    if isinstance(connector, procrastinate.PsycopgConnector):
-        arguments = compat.connector_pool_args(connector) or {}
-        conninfo = arguments.get("conninfo", "")
-        kwargs = arguments.get("kwargs") or {}
-        if isinstance(conninfo, str) and isinstance(kwargs, dict):
-            targets.append((conninfo, dict(kwargs)))
-    if dsn:
-        # libpq resolves it (service file, PG* variables, passfile), as for the core.
-        targets.append((dsn, {}))
-    return targets
-
-
-async def check_database(app: procrastinate.App, dsn: str | None, app_path: str = "...") -> None:
-    """Fail fast and clearly when the database is unreachable or has no procrastinate
-    schema (the app's pool would otherwise retry for 30 s and then time out vaguely)."""
-    for conninfo, kwargs in _connection_arguments(app, dsn):
-        try:
-            params = conninfo_to_dict(conninfo, **kwargs)
-        except psycopg.ProgrammingError as error:  # libpq's parser's words, which may quote
-            raise CliError(  # a piece of a mistyped password
-                f"invalid connection settings: {redact_password(str(error), conninfo)}",
-                EXIT_USAGE,
-            ) from None
-        timeout = min(int(params.get("connect_timeout") or CONNECT_TIMEOUT), CONNECT_TIMEOUT)
-        if timeout <= 0:
-            timeout = CONNECT_TIMEOUT
-        kwargs = {**kwargs, "connect_timeout": timeout, "autocommit": True}
-        try:
-            connection = await psycopg.AsyncConnection.connect(conninfo, **kwargs)
-        except psycopg.OperationalError as error:
-            password = str(params.get("password") or os.environ.get("PGPASSWORD") or "")
-            message = (
-                f"cannot connect to PostgreSQL at {_where(params)}: "
-                f"{_connect_reason(error, password)}"
-            )
-            # A mistyped URL puts pieces of its password where the host or database goes.
-            raise CliError(redact_password(message, conninfo), EXIT_UNREACHABLE) from None
-        async with connection:
-            cursor = await connection.execute(
-                "SELECT to_regclass('procrastinate_jobs') IS NOT NULL"
-            )
-            row = await cursor.fetchone()
-            database = connection.info.dbname
-            where = _targets({"host": connection.info.host, "port": connection.info.port})
-        if not (row and row[0]):
-            raise CliError(
-                f"the procrastinate schema is missing in database {database!r} at "
-                f"{where}: apply it with "
-                f"`procrastinate --app={app_path} schema --apply`",
-                EXIT_SCHEMA_MISSING,
-            )
+    if isinstance(found, preflight.SchemaMissing):
+        raise CliError(
+            f"the procrastinate schema is missing in database {found.database!r} at "
+            f"{found.where}: apply it with `{apply_schema}`",
+            EXIT_SCHEMA_MISSING,
+        )
 
 
 # --- running ----------------------------------------------------------------------------
@@ -657,14 +570,19 @@ class _StartupSignals:
 
 
 async def run_worker(
-    app_path: str, options: dict[str, Any], app: procrastinate.App | None = None
+    app_path: str,
+    options: dict[str, Any],
+    app: procrastinate.App | None = None,
+    apply_schema: str | None = None,
 ) -> int:
     signals = _StartupSignals()
     signals.install()
     try:
         if app is None:
             app = load_app(app_path)
-        await check_database(app, options.get("dsn"), app_path)
+        await check_database(
+            app, options.get("dsn"), apply_schema or apply_schema_command(app_path)
+        )
         async with app.open_async():
             queues = options.get("queues")
             print(
@@ -694,7 +612,9 @@ def _error_for(error: BaseException) -> CliError:
     if isinstance(error, fastworker.ConfigurationError | ValueError | TypeError):
         return CliError(f"invalid worker settings: {error}", EXIT_USAGE)
     if isinstance(error, psycopg.OperationalError):
-        return CliError(f"database error: {_connect_reason(error, None)}", EXIT_UNREACHABLE)
+        return CliError(
+            f"database error: {preflight.connect_reason(error, None)}", EXIT_UNREACHABLE
+        )
     return CliError(f"the worker failed: {type(error).__name__}: {error}", EXIT_FAILURE)
 
 
@@ -737,14 +657,33 @@ def dsn_password_warning(argv: Sequence[str]) -> str | None:
     )
 
 
-def execute(parsed: dict[str, Any], app: procrastinate.App | None = None) -> None:
-    """Run the worker the parsed flags describe, until it stops; raises `CliError` (with
-    its exit code) when it fails. ``app``: run for this app instead of the one ``--app``
-    names (the Django command)."""
+def run_procrastinate_command(parsed: dict[str, Any]) -> None:
+    """One of procrastinate's own subcommands (``schema``, ``defer``, ...), run by
+    procrastinate's CLI code for the app loaded as the worker's is (``--app`` before or
+    after the subcommand, ``PROCRASTINATE_APP``, the current directory importable). It
+    prints its own error and exits 1 when the command fails."""
+    app_path: str = parsed.pop("app", "")
+    # As procrastinate: without an app, a command that needs no database still runs.
+    parsed["app"] = load_app(app_path) if app_path else procrastinate_cli.load_app("")
     try:
-        check_platform()
-    except fastworker.ConfigurationError as error:
-        raise CliError(str(error), EXIT_FAILURE) from None
+        asyncio.run(procrastinate_cli.execute_command(parsed))
+    except SystemExit as exit:
+        if exit.code:
+            code = exit.code if isinstance(exit.code, int) else EXIT_FAILURE
+            raise CliError("", code) from None
+
+
+def execute(
+    parsed: dict[str, Any],
+    app: procrastinate.App | None = None,
+    *,
+    apply_schema: str | None = None,
+) -> None:
+    """Run the worker the parsed flags describe, until it stops (or procrastinate's
+    subcommand they name); raises `CliError` (with its exit code) when it fails. ``app``:
+    run for this app instead of the one ``--app`` names (the Django command).
+    ``apply_schema``: the command to suggest when the schema is missing (by default,
+    this command's own ``schema --apply``)."""
     parsed = dict(parsed)
     procrastinate_cli.configure_logging(
         verbosity=parsed.pop("verbose", None),
@@ -752,13 +691,20 @@ def execute(parsed: dict[str, Any], app: procrastinate.App | None = None) -> Non
         format=parsed.pop("log_format", logging.BASIC_FORMAT),
         style=parsed.pop("log_format_style", "%"),
     )
+    if parsed.get("command") in PROCRASTINATE_COMMANDS:
+        run_procrastinate_command(parsed)
+        return
+    try:
+        check_platform()
+    except fastworker.ConfigurationError as error:
+        raise CliError(str(error), EXIT_FAILURE) from None
     app_path: str = parsed.pop("app", "")
     for key in ("command", "func"):
         parsed.pop(key, None)
     options = parsed  # only the flags given (or set in the environment)
 
     try:
-        asyncio.run(run_worker(app_path, options, app))
+        asyncio.run(run_worker(app_path, options, app, apply_schema))
     except KeyboardInterrupt:  # a SIGINT outside the worker's own handling
         raise CliError("interrupted", 130) from None
     except Exception as error:
@@ -779,7 +725,7 @@ def main(argv: Sequence[str] | None = None, *, app: procrastinate.App | None = N
             print(f"{PROGRAM_NAME}: warning: {warning}", file=sys.stderr)
         execute(parsed, app)
     except CliError as error:
-        if error.exit_code == 130:
+        if error.exit_code == 130 or not str(error):  # interrupted, or already reported
             return error.exit_code
         print(f"{PROGRAM_NAME}: error: {redact_password(str(error))}", file=sys.stderr)
         return error.exit_code

@@ -188,11 +188,44 @@ class CoreCollector(Collector):
             for queue, status, count in snapshot.queue_depth:
                 depth.add_metric([queue, status], count)
             yield depth
+            yield from _due_families(snapshot.queue_due)
             yield GaugeMetricFamily(
                 "fastworker_queue_jobs_sample_age_seconds",
                 "Seconds since fastworker_queue_jobs was sampled.",
                 value=snapshot.queue_depth_age,
             )
+
+
+def _due_families(queue_due: list[tuple[str, int, int, float | None]]) -> Iterator[Metric]:
+    """The todo jobs of each sampled queue, due now or scheduled for later, and how long
+    the oldest due one has waited: the signal of a stuck queue (jobs scheduled for later
+    wait by design)."""
+    due = GaugeMetricFamily(
+        "fastworker_queue_jobs_due",
+        "Todo jobs due now (no scheduled_at, or one past), by queue, as sampled.",
+        labels=["queue"],
+    )
+    not_due = GaugeMetricFamily(
+        "fastworker_queue_jobs_not_due",
+        "Todo jobs scheduled for later (schedule_in, retries that wait), by queue, as sampled.",
+        labels=["queue"],
+    )
+    oldest = GaugeMetricFamily(
+        "fastworker_queue_oldest_due_job_age_seconds",
+        "Seconds the oldest due job of the queue has been due (since its scheduled_at, else "
+        "its insertion; database time); 0 when none is due.",
+        labels=["queue"],
+    )
+    for queue, due_jobs, later_jobs, oldest_age in queue_due:
+        due.add_metric([queue], due_jobs)
+        not_due.add_metric([queue], later_jobs)
+        if due_jobs == 0:
+            oldest.add_metric([queue], 0.0)
+        elif oldest_age is not None:  # unknown only if its events were deleted
+            oldest.add_metric([queue], oldest_age)
+    yield due
+    yield not_due
+    yield oldest
 
 
 @dataclass(frozen=True)

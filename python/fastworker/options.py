@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -70,12 +71,6 @@ def bucket_bounds(name: str, value: Any) -> list[float]:
             f"{name} must be positive numbers of seconds in increasing order, got {value!r}"
         )
     return [float(bound) for bound in bounds]
-
-
-def _bounds(value: str) -> list[float]:
-    """``1,60,3600``: the bounds, parsed (checked by `bucket_bounds`)."""
-    parse = _number(float)
-    return [parse(part.strip()) for part in value.split(",") if part.strip()]
 
 
 def optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
@@ -142,6 +137,11 @@ class Option:
         return str(self.default)
 
 
+# --- values from text: the CLI's flags and environment variables ---------------------------
+# Each raises argparse.ArgumentTypeError with words fit for argparse's "argument --flag: ..."
+# and for "invalid value in $VARIABLE: ...".
+
+
 def _number(kind: type) -> Callable[[str], Any]:
     def parse(value: str) -> Any:
         try:
@@ -153,6 +153,103 @@ def _number(kind: type) -> Callable[[str], Any]:
         return number
 
     return parse
+
+
+def _bounds(value: str) -> list[float]:
+    """``1,60,3600``: the bounds, parsed (checked by `bucket_bounds`)."""
+    parse = _number(float)
+    return [parse(part.strip()) for part in value.split(",") if part.strip()]
+
+
+def at_least_one(value: str) -> int:
+    """procrastinate's ``--concurrency``, which its own parser takes as any int."""
+    number = _number(int)(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def seconds_from_text(value: str) -> float:
+    """procrastinate's polling intervals and graceful timeout, which its own parser takes as
+    any float (negative, nan)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {value!r}") from None
+    if not number >= 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {value}")
+    return number
+
+
+def switch_from_text(value: str) -> bool:
+    """A switch's environment variable: procrastinate's spellings, and on/off."""
+    word = value.strip().lower()
+    if word in ("1", "y", "yes", "t", "true", "on"):
+        return True
+    if word in ("0", "n", "no", "f", "false", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 1/y/t/on or 0/n/f/off, got {value!r}")
+
+
+def checked_from_text(
+    name: str, parse: Callable[[str], Any], check: Callable[[str, Any], Any]
+) -> Callable[[str], Any]:
+    """Text to a value: ``parse``d, then ``check``ed (the option table's check)."""
+
+    def convert(value: str) -> Any:
+        try:
+            return check(name, parse(value))
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return convert
+
+
+def mapping_from_text(option: Option) -> Callable[[str], dict[str, Any]]:
+    """``KEY=VALUE[,KEY=VALUE...]`` into a dict, each value ``option.parse``d, the whole
+    checked as ``option.check`` says."""
+    form = option.metavar or "KEY=VALUE"
+
+    def parse(text: str) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for item in text.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            key, separator, raw = item.rpartition("=")
+            if not separator or not key.strip():
+                raise argparse.ArgumentTypeError(f"expected {form}, got {item!r}")
+            try:
+                result[key.strip()] = option.parse(raw.strip())
+            except argparse.ArgumentTypeError as error:
+                raise argparse.ArgumentTypeError(f"{item!r}: {error}") from None
+        try:
+            return option.check(option.name, result)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return parse
+
+
+def from_text(option: Option) -> Callable[[str], Any]:
+    """The text of ``option``'s flag or environment variable to its checked value."""
+    if option.form == "switch":
+        return switch_from_text
+    if option.form == "mapping":
+        return mapping_from_text(option)
+    return checked_from_text(option.name, option.parse, option.check)
+
+
+def from_environment(variable: str, convert: Callable[[str], Any]) -> Any:
+    """``variable``'s value, ``convert``ed (None when unset or empty); a ValueError that
+    names the variable when the value is bad."""
+    value = os.environ.get(variable, "")
+    if not value:
+        return None
+    try:
+        return convert(value)
+    except (argparse.ArgumentTypeError, ValueError) as error:
+        raise ValueError(f"invalid value in ${variable}: {error}") from None
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -231,7 +328,8 @@ OPTIONS: tuple[Option, ...] = (
         None,
         mapping_of(positive_int),
         'per-queue limit within concurrency, enforced when claiming: `{"emails": 5}`, '
-        "`--queue-concurrency emails=5`",
+        "`--queue-concurrency emails=5`; a queue that no task of the app is declared on is "
+        "warned about at start",
         form="mapping",
         parse=_number(int),
         metavar="QUEUE=N",
@@ -262,7 +360,9 @@ OPTIONS: tuple[Option, ...] = (
         None,
         mapping_of(positive_seconds),
         'per-task timeouts over job_timeout: `{"task name": seconds}`, '
-        "`--task-timeouts name=SECONDS`",
+        "`--task-timeouts name=SECONDS`; a name is the task's registered name (or alias), or "
+        "the last dotted part of exactly one task's name (`sleepy` for `mypkg.tasks.sleepy`); "
+        "an unknown or ambiguous name is refused at start",
         form="mapping",
         parse=_number(float),
         metavar="TASK=SECONDS",

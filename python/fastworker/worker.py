@@ -32,7 +32,7 @@ from typing import Any
 
 from procrastinate import App, utils
 
-from fastworker import _core, compat
+from fastworker import _core, app_names, compat
 from fastworker import options as fastworker_options
 from fastworker.connection import ConnectionParams, params_from_dsn, resolve_connection
 from fastworker.runner.intake import connector_json_loads
@@ -142,6 +142,7 @@ class Worker(Periodic):
         self.metrics_duration_buckets: list[float] | None = own["metrics_duration_buckets"]
         self.metrics_server: Any = None
         self.opentelemetry: bool = own["opentelemetry"]
+        self._check_names_against_the_app()
         if opentelemetry:
             from fastworker.otel import job_span_middleware
 
@@ -151,6 +152,16 @@ class Worker(Periodic):
             from fastworker import metrics  # noqa: F401
         self._warn_if_the_heartbeat_cannot_keep_up()
         self._init_runner_state()
+
+    def _check_names_against_the_app(self) -> None:
+        """`task_timeouts` keys resolved to the app's tasks (an unknown or ambiguous one
+        refused), and a warning for `queue_concurrency` keys no task is declared on (jobs
+        may still be deferred there with `configure(queue=...)`)."""
+        if not (self.task_timeouts or self.queue_concurrency):
+            return
+        self.app.perform_import_paths()
+        self.task_timeouts = app_names.resolve_task_timeouts(self.app.tasks, self.task_timeouts)
+        app_names.warn_of_unused_queues(self.app.tasks, self.queue_concurrency)
 
     def _warn_if_the_heartbeat_cannot_keep_up(self) -> None:
         """A heartbeat that goes unanswered is sent again on a new connection, each step
@@ -274,6 +285,7 @@ class Worker(Periodic):
 
     def _start_metrics_server(self) -> None:
         from fastworker.metrics import CoreCollector, MetricsServer, health
+        from fastworker.metrics import logger as metrics_logger
 
         assert self.metrics_port is not None
         collector = CoreCollector(lambda: self._core, lambda: len(self._running_jobs))
@@ -284,7 +296,8 @@ class Worker(Periodic):
             collector,
             lambda: health(self._core, roles, self.stalled_worker_timeout),
         )
-        logger.info(
+        # fastworker's own logger: procrastinate's worker serves no metrics.
+        metrics_logger.info(
             f"Serving metrics on {self.metrics_address}:{self.metrics_server.port}/metrics "
             "(and /healthz)",
             extra={"action": "metrics_server_started", "port": self.metrics_server.port},
@@ -313,8 +326,13 @@ class Worker(Periodic):
         try:
             await utils.wait_any(self._stop_event.wait(), asyncio.shield(events_task))
             if self._lifecycle.drained:
+                max_jobs_reached = (
+                    self.max_jobs is not None and self._lifecycle.jobs_claimed >= self.max_jobs
+                )
                 self.logger.info(
-                    "No job found. Stopping worker because wait=False",
+                    f"Claimed max_jobs={self.max_jobs} jobs. Stopping worker once they have run"
+                    if max_jobs_reached
+                    else "No job found. Stopping worker because wait=False",
                     extra=self._log_extra(
                         context=None, action="stop_worker", queues=self.queues, job_result=None
                     ),

@@ -9,6 +9,8 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from typing_extensions import assert_never
+
 from fastworker import _core
 from fastworker.runner.core_port import CorePort
 from fastworker.runner.lifecycle import Lifecycle
@@ -80,11 +82,12 @@ class EventPump:
             loop.remove_reader(fd)
         self._lifecycle.fetching_stopped()
 
-    def handle(self, events: list[_core.Event]) -> None:
+    def handle(self, events: list[_core._AnyEvent]) -> None:
         handlers = self._handlers
         for event in events:
             match event:
                 case _core.Event.Jobs(jobs=claimed):
+                    self._lifecycle.jobs_handed_over(len(claimed))
                     for row in claimed:
                         handlers.start_job(row)
                 case _core.Event.Abort(job_ids=job_ids):
@@ -102,3 +105,5 @@ class EventPump:
                 case _core.Event.Fatal(error=error):
                     handlers.log_core_failure(error)
                     self._lifecycle.core_failed(error)
+                case _:
+                    assert_never(event)

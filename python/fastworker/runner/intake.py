@@ -15,9 +15,6 @@ from procrastinate import jobs
 from fastworker import _core, compat
 
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
-# The core's `scheduled_at` for a date no datetime can hold (±infinity, a year outside
-# 1-9999): such a job fails alone, with this said.
-_UNREPRESENTABLE_SCHEDULED_AT = -(2**63)
 # Arguments nested deeper than this fail their job alone. Python's recursive operations
 # (repr in procrastinate's job logs, copies, JSON log formatters) stop at the recursion
 # limit (1000 frames, with the caller's frames counted): args that decode but nest close to
@@ -69,7 +66,8 @@ def job_from_row(
     scheduled_at = None
     if decode:
         scheduled_at_us = row.scheduled_at_us
-        if scheduled_at_us == _UNREPRESENTABLE_SCHEDULED_AT:
+        # A date no datetime can hold (±infinity, a year outside 1-9999): this job fails alone.
+        if scheduled_at_us == _core.UNREPRESENTABLE_SCHEDULED_AT:
             raise ValueError(
                 "its scheduled_at is a date Python cannot represent (infinity, or a year "
                 "outside 1-9999)"

@@ -28,6 +28,8 @@ class Lifecycle:
         self.hard_stop_event = asyncio.Event()
         self.fatal_error: BaseException | None = None
         self.drained = False
+        # Jobs the core handed over in this run (a drain at max_jobs is not "no job found").
+        self.jobs_claimed = 0
         self.signals_received = 0
         self._fetching_stopped: asyncio.Future[None] | None = None
 
@@ -37,6 +39,7 @@ class Lifecycle:
         self.hard_stop_event.clear()
         self.fatal_error = None
         self.drained = False
+        self.jobs_claimed = 0
         self.signals_received = 0
 
     def begin_fetching(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
@@ -51,6 +54,9 @@ class Lifecycle:
     def wait_fetching_stopped(self) -> asyncio.Future[None]:
         assert self._fetching_stopped is not None
         return self._fetching_stopped
+
+    def jobs_handed_over(self, count: int) -> None:
+        self.jobs_claimed += count
 
     def drain_finished(self) -> None:
         """Nothing claimable and no job running (``wait=False``): the worker stops."""

@@ -20,7 +20,7 @@ use crate::sql;
 pub struct CompletionBatch {
     pub finish_ids: Vec<i64>,
     pub finish_attempts: Vec<i32>,
-    pub finish_statuses: Vec<String>,
+    pub finish_statuses: Vec<&'static str>,
     pub delete_ids: Vec<i64>,
     pub delete_attempts: Vec<i32>,
     pub retry_ids: Vec<i64>,
@@ -43,7 +43,7 @@ impl CompletionBatch {
                 Outcome::Finish { status, .. } => {
                     batch.finish_ids.push(completion.job_id);
                     batch.finish_attempts.push(completion.attempts);
-                    batch.finish_statuses.push(status.clone());
+                    batch.finish_statuses.push(status.as_str());
                 }
                 Outcome::Retry {
                     retry_at,
@@ -208,7 +208,7 @@ impl Completer {
                                 &completion.job_id,
                                 &completion.attempts,
                                 &workers,
-                                status,
+                                &status.as_str(),
                                 delete,
                             ],
                             Within::OwnTransaction,
@@ -276,6 +276,7 @@ fn is_about_one_row(error: &tokio_postgres::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::FinishStatus;
 
     #[test]
     fn batch_splits_by_outcome() {
@@ -284,7 +285,7 @@ mod tests {
                 job_id: 1,
                 attempts: 0,
                 outcome: Outcome::Finish {
-                    status: "succeeded".into(),
+                    status: FinishStatus::Succeeded,
                     delete: false,
                 },
             },
@@ -292,7 +293,7 @@ mod tests {
                 job_id: 2,
                 attempts: 1,
                 outcome: Outcome::Finish {
-                    status: "failed".into(),
+                    status: FinishStatus::Failed,
                     delete: true,
                 },
             },
@@ -309,7 +310,7 @@ mod tests {
         ];
         let batch = CompletionBatch::build(&completions);
         assert_eq!(batch.finish_ids, vec![1]);
-        assert_eq!(batch.finish_statuses, vec!["succeeded".to_string()]);
+        assert_eq!(batch.finish_statuses, vec!["succeeded"]);
         assert_eq!(batch.finish_attempts, vec![0]);
         assert_eq!(batch.delete_ids, vec![2]);
         assert_eq!(batch.delete_attempts, vec![1]);

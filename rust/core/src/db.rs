@@ -17,9 +17,10 @@
 //! completions) are named prepared statements, planned once per connection; the others
 //! are sent unnamed (one round trip, where tokio-postgres' own `query(&str)` takes two).
 //! A transaction pooler used without pooler mode shows as the server not knowing such a
-//! statement ([`Db::lost_a_prepared_statement`]).
+//! statement, or already knowing another client's of the same name
+//! ([`Db::transaction_pooler_sign`]).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
@@ -45,17 +46,31 @@ pub struct Db {
     /// Pooler mode: `SET LOCAL ...` for each of the session's settings, sent at the start
     /// of each transaction. `None`: connected directly, the settings are the session's.
     local_settings: Option<String>,
-    /// The server answered a statement prepared on this connection with "prepared
-    /// statement ... does not exist" (26000, `invalid_sql_statement_name`).
-    lost_prepared: AtomicBool,
+    /// What showed a transaction pooler used without pooler mode (see
+    /// [`Db::transaction_pooler_sign`]), once seen.
+    pooler_sign: OnceLock<&'static str>,
 }
+
+/// The server did not know a statement this connection prepared (26000,
+/// `invalid_sql_statement_name`): the transaction that prepared it ran on another server
+/// connection.
+const LOST_A_STATEMENT: &str =
+    "lost a statement prepared on the worker's connection (\"prepared statement ... does not \
+     exist\")";
+/// The server already had a statement of the name this connection gave a new one (42P05,
+/// `duplicate_prepared_statement`): another client's, prepared on the same server
+/// connection (names are unique per client, and a pooler passes server connections on
+/// without clearing them).
+const KNEW_A_STATEMENT: &str =
+    "already held a prepared statement of the name the worker gave its own (\"prepared \
+     statement ... already exists\")";
 
 impl Db {
     pub(crate) fn direct(client: Client) -> Db {
         Db {
             client,
             local_settings: None,
-            lost_prepared: AtomicBool::new(false),
+            pooler_sign: OnceLock::new(),
         }
     }
 
@@ -64,7 +79,7 @@ impl Db {
         let mut db = Db {
             client,
             local_settings: Some(String::new()),
-            lost_prepared: AtomicBool::new(false),
+            pooler_sign: OnceLock::new(),
         };
         for (name, value) in settings {
             db.push_local_setting(name, value);
@@ -93,12 +108,23 @@ impl Db {
         self.client.is_closed()
     }
 
-    /// Whether the server forgot a statement this connection prepared. Nothing on a
-    /// session of its own does that: each transaction of this connection runs on another
-    /// server connection, behind a transaction pooler (PgBouncer `pool_mode = transaction`)
-    /// used without pooler mode.
-    pub fn lost_a_prepared_statement(&self) -> bool {
-        self.lost_prepared.load(Ordering::Relaxed)
+    /// What the server said that nothing on a session of its own says: it forgot a
+    /// statement this connection prepared, or already had one of the name this connection
+    /// chose. Each transaction of this connection runs on another server connection,
+    /// shared with other clients, behind a transaction pooler (PgBouncer `pool_mode =
+    /// transaction`) used without pooler mode. `None`: no such sign (yet).
+    pub fn transaction_pooler_sign(&self) -> Option<&'static str> {
+        self.pooler_sign.get().copied()
+    }
+
+    /// Remembers `error` if it is a sign of a transaction pooler (see above).
+    fn note_pooler_sign(&self, error: &Error) {
+        let sign = match error.code() {
+            Some(code) if *code == SqlState::INVALID_SQL_STATEMENT_NAME => LOST_A_STATEMENT,
+            Some(code) if *code == SqlState::DUPLICATE_PSTATEMENT => KNEW_A_STATEMENT,
+            _ => return,
+        };
+        let _ = self.pooler_sign.set(sign);
     }
 
     /// One more setting of this connection: `SET` for the session, or, in pooler mode,
@@ -133,9 +159,11 @@ impl Db {
         if self.is_pooled() {
             Ok(Prepared::Unnamed { sql, types })
         } else {
-            Ok(Prepared::Named(
-                self.client.prepare_typed(sql, &types).await?,
-            ))
+            let prepared = self.client.prepare_typed(sql, &types).await;
+            if let Err(error) = &prepared {
+                self.note_pooler_sign(error);
+            }
+            Ok(Prepared::Named(prepared?))
         }
     }
 
@@ -150,9 +178,7 @@ impl Db {
                 Prepared::Named(statement) => {
                     let answer = self.client.query(statement, params).await;
                     if let Err(error) = &answer {
-                        if error.code() == Some(&SqlState::INVALID_SQL_STATEMENT_NAME) {
-                            self.lost_prepared.store(true, Ordering::Relaxed);
-                        }
+                        self.note_pooler_sign(error);
                     }
                     answer
                 }

@@ -41,6 +41,16 @@ pub enum CoreError {
         source: tokio_postgres::Error,
     },
 
+    /// A transaction pooler (PgBouncer `pool_mode = transaction`) is between the worker and
+    /// PostgreSQL, and the worker was not told (`pooler`): `sign` is what gave it away.
+    #[error(
+        "the server at {target} {sign}: a transaction pooler (PgBouncer pool_mode = \
+         transaction) is between the worker and PostgreSQL; run the worker with pooler=True \
+         (--pooler), and LISTEN straight to the server (listen_dsn, --listen-dsn) or not at \
+         all (listen_notify=False)"
+    )]
+    PoolerNotDeclared { target: String, sign: &'static str },
+
     /// The worker was used after `shutdown`.
     #[error("the worker core is shut down")]
     ShutDown,

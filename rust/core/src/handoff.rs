@@ -235,6 +235,8 @@ pub fn channel(metrics: Arc<Metrics>) -> (HandoffSender, HandoffReceiver) {
 }
 
 #[cfg(all(test, unix))]
+// clippy exempts `cfg(test)` modules from these, not `cfg(all(test, unix))` ones.
+#[allow(clippy::expect_used, clippy::panic, reason = "a test")]
 mod tests {
     use super::*;
     use std::io::Read;

@@ -9,7 +9,8 @@
 //! - [`protocol`]: what crosses to the runner (the job row, outcomes, events), declared once.
 //! - [`handoff`]: the channel of job batches and abort requests to the runner.
 //! - [`metrics`]: counters and histograms kept where the events happen, read on scrape.
-//! - [`registry`]: worker registration, heartbeat, stalled-worker pruning, abort polling.
+//! - [`registry`]: worker registration, heartbeat, stalled-worker pruning, abort polling
+//!   (a directory: identity, duties, sampling, recovery).
 //! - [`sql`]: every statement the core sends, with its parameters.
 //! - [`params`]: the connection parameters, libpq's keywords as libpq resolved them.
 //! - [`passfile`]: libpq's password file, each host's own entry.
@@ -41,5 +42,7 @@ pub use config::WorkerConfig;
 pub use errors::{CoreError, CoreResult};
 pub use metrics::{Metrics, MetricsSnapshot};
 pub use params::ConnectionParams;
-pub use protocol::{Completion, HandoffEvent, JobRow, LogLevel, LogRecord, Outcome, Reported};
+pub use protocol::{
+    Completion, FinishStatus, HandoffEvent, JobRow, LogLevel, LogRecord, Outcome, Reported,
+};
 pub use worker::WorkerCore;

@@ -161,6 +161,12 @@ pub struct QueueDepth {
     pub queue: String,
     pub status: String,
     pub jobs: u64,
+    /// Of these, the jobs due now (`todo` only: no `scheduled_at`, or one past); the
+    /// others are scheduled for later (a `schedule_in`, a retry that waits).
+    pub due: u64,
+    /// How long the oldest due job has been due, in seconds, when sampled (database
+    /// time); `None`: none is due, or its insertion time is unknown (its events deleted).
+    pub oldest_due_age: Option<f64>,
 }
 
 #[derive(Clone, Debug)]
@@ -222,6 +228,45 @@ impl Default for MetricsSnapshot {
             queue_depth: Vec::new(),
             queue_depth_sampled: None,
         }
+    }
+}
+
+/// A queue's `todo` jobs told apart, as last sampled (see [`MetricsSnapshot::due_by_queue`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueueDue {
+    pub queue: String,
+    /// Jobs due now: no `scheduled_at`, or one past.
+    pub due: u64,
+    /// Jobs scheduled for later (a `schedule_in`, a retry that waits).
+    pub not_due: u64,
+    /// How long the oldest due job has been due, in seconds, now; `None`: none is due (or
+    /// its insertion time is unknown).
+    pub oldest_due_age: Option<f64>,
+}
+
+impl MetricsSnapshot {
+    /// Each sampled queue's `todo` jobs, due now or not yet, and how long the oldest due
+    /// one has been due as of now: its age when sampled, plus the time since the sample.
+    pub fn due_by_queue(&self) -> Vec<QueueDue> {
+        let since_sample = self
+            .queue_depth_sampled
+            .map_or(0.0, |at| at.elapsed().as_secs_f64());
+        let mut queues: std::collections::BTreeMap<&str, QueueDue> =
+            std::collections::BTreeMap::new();
+        for depth in &self.queue_depth {
+            let entry = queues.entry(&depth.queue).or_insert_with(|| QueueDue {
+                queue: depth.queue.clone(),
+                due: 0,
+                not_due: 0,
+                oldest_due_age: None,
+            });
+            if depth.status == "todo" {
+                entry.due += depth.due;
+                entry.not_due += depth.jobs.saturating_sub(depth.due);
+                entry.oldest_due_age = depth.oldest_due_age.map(|age| age + since_sample);
+            }
+        }
+        queues.into_values().collect()
     }
 }
 
@@ -380,6 +425,41 @@ mod tests {
         let histogram = &snapshot.job_wait[&Arc::<str>::from("q")];
         assert_eq!(&*histogram.bounds, &[1.0, 3600.0]);
         assert_eq!(histogram.counts, vec![1, 0, 1]);
+    }
+
+    #[test]
+    fn todo_jobs_are_told_apart_by_queue_and_the_oldest_due_ages_with_the_sample() {
+        let depth = |queue: &str, status: &str, jobs, due, oldest_due_age| QueueDepth {
+            queue: queue.into(),
+            status: status.into(),
+            jobs,
+            due,
+            oldest_due_age,
+        };
+        let sampled = Instant::now() - Duration::from_secs(3);
+        let snapshot = MetricsSnapshot {
+            queue_depth: vec![
+                depth("later", "todo", 4, 0, None),
+                depth("mixed", "todo", 5, 2, Some(100.0)),
+                depth("mixed", "doing", 1, 0, None),
+                depth("running", "doing", 2, 0, None),
+            ],
+            queue_depth_sampled: Some(sampled),
+            ..MetricsSnapshot::default()
+        };
+        let due = snapshot.due_by_queue();
+        let queues: Vec<(&str, u64, u64)> = due
+            .iter()
+            .map(|entry| (entry.queue.as_str(), entry.due, entry.not_due))
+            .collect();
+        assert_eq!(
+            queues,
+            vec![("later", 0, 4), ("mixed", 2, 3), ("running", 0, 0)]
+        );
+        assert_eq!(due[0].oldest_due_age, None);
+        assert_eq!(due[2].oldest_due_age, None);
+        // 100 s when sampled, 3 s ago at least.
+        assert!(due[1].oldest_due_age.is_some_and(|age| age >= 103.0));
     }
 
     #[test]

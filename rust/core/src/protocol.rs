@@ -75,12 +75,45 @@ macro_rules! job_row_struct {
 
 job_columns_table!(job_row_struct);
 
+/// The end status of a finished job: procrastinate's `procrastinate_job_status` values
+/// that `procrastinate_finish_job_v1` takes, and the `status` label of the outcome
+/// metrics (with `retried` for a retry).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FinishStatus {
+    Succeeded,
+    Failed,
+    Aborted,
+}
+
+impl FinishStatus {
+    pub const ALL: [FinishStatus; 3] = [
+        FinishStatus::Succeeded,
+        FinishStatus::Failed,
+        FinishStatus::Aborted,
+    ];
+
+    /// The status as procrastinate names it (in the database and in the metrics).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishStatus::Succeeded => "succeeded",
+            FinishStatus::Failed => "failed",
+            FinishStatus::Aborted => "aborted",
+        }
+    }
+
+    /// The status named `name`, if it is one.
+    pub fn from_name(name: &str) -> Option<FinishStatus> {
+        FinishStatus::ALL
+            .into_iter()
+            .find(|status| status.as_str() == name)
+    }
+}
+
 /// How a job ended, as procrastinate's worker decides it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
-    /// `procrastinate_finish_job_v1(id, status, delete_job)`; status is one of
-    /// `succeeded`, `failed`, `aborted`.
-    Finish { status: String, delete: bool },
+    /// `procrastinate_finish_job_v1(id, status, delete_job)`.
+    Finish { status: FinishStatus, delete: bool },
     /// `procrastinate_retry_job_v2(id, retry_at, priority, queue, lock)`; `retry_at` is an
     /// ISO-8601 timestamp with offset (as PostgreSQL parses `timestamptz`).
     Retry {
@@ -154,4 +187,73 @@ pub enum HandoffEvent {
     /// These claims (job id, attempts at claim) are no longer this worker's: their runs
     /// should stop (their ends are still reported, and found no longer current).
     ClaimsLost(Vec<(i64, i32)>),
+}
+
+impl HandoffEvent {
+    /// The kinds of event, by the names of the runner's `Event` classes: the binding makes
+    /// one class per kind and exports this list (`EVENT_KINDS`), and the test suite holds
+    /// the binding's classes and the stub (`_core.pyi`) to it.
+    pub const KINDS: [&'static str; 8] = [
+        "Jobs",
+        "Abort",
+        "Drained",
+        "FetchingStopped",
+        "Log",
+        "Fatal",
+        "WorkerId",
+        "ClaimsLost",
+    ];
+
+    /// This event's kind, one of [`HandoffEvent::KINDS`].
+    pub fn kind(&self) -> &'static str {
+        match self {
+            HandoffEvent::Jobs(_) => "Jobs",
+            HandoffEvent::Abort(_) => "Abort",
+            HandoffEvent::Drained => "Drained",
+            HandoffEvent::FetchingStopped => "FetchingStopped",
+            HandoffEvent::Log(_) => "Log",
+            HandoffEvent::Fatal(_) => "Fatal",
+            HandoffEvent::WorkerId(_) => "WorkerId",
+            HandoffEvent::ClaimsLost(_) => "ClaimsLost",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_event_has_its_own_kind_and_every_kind_is_listed() {
+        let one_of_each = [
+            HandoffEvent::Jobs(Vec::new()),
+            HandoffEvent::Abort(Vec::new()),
+            HandoffEvent::Drained,
+            HandoffEvent::FetchingStopped,
+            HandoffEvent::Log(LogRecord {
+                level: LogLevel::Info,
+                action: "test",
+                message: String::new(),
+                job_id: None,
+            }),
+            HandoffEvent::Fatal(CoreError::Internal(String::new())),
+            HandoffEvent::WorkerId(1),
+            HandoffEvent::ClaimsLost(Vec::new()),
+        ];
+        assert_eq!(one_of_each.map(|event| event.kind()), HandoffEvent::KINDS);
+    }
+
+    #[test]
+    fn a_finish_status_is_known_by_its_procrastinate_name_only() {
+        for status in FinishStatus::ALL {
+            assert_eq!(FinishStatus::from_name(status.as_str()), Some(status));
+        }
+        assert_eq!(
+            FinishStatus::ALL.map(FinishStatus::as_str),
+            ["succeeded", "failed", "aborted"]
+        );
+        for other in ["retried", "todo", "doing", "Succeeded", ""] {
+            assert_eq!(FinishStatus::from_name(other), None, "{other:?}");
+        }
+    }
 }

@@ -510,10 +510,29 @@ pub const WHERE_CONNECTED: &str = "SELECT current_user::text, current_database()
 /// Metrics (only when the runner serves them): the waiting and running jobs by queue and
 /// status, sampled every few seconds. It counts the rows of procrastinate's partial index of
 /// `todo` and `doing` jobs: its cost grows with the backlog, not with the finished jobs.
-pub const QUEUE_DEPTH: &str = "SELECT queue_name::text, status::text, count(*)::bigint
-  FROM procrastinate_jobs
- WHERE status = ANY(ARRAY['todo', 'doing']::procrastinate_job_status[])
- GROUP BY queue_name, status";
+/// Of the `todo` ones, it also counts those due now (as `procrastinate_fetch_job_v2` sees
+/// them: no `scheduled_at`, or one past) and says how long the oldest of them has been due,
+/// in seconds: since its `scheduled_at`, or, unscheduled, since its insertion (the job row
+/// has none: its `deferred` event's, found by the events' `job_id` index for one job per
+/// queue, the lowest id). Jobs scheduled for later and retries that wait are not due.
+pub const QUEUE_DEPTH: &str =
+    "SELECT depth.queue_name::text, depth.status::text, depth.jobs, depth.due,
+       extract(epoch FROM now() - least(
+           depth.earliest_scheduled_due,
+           (SELECT min(event.at) FROM procrastinate_events AS event
+             WHERE event.job_id = depth.oldest_unscheduled AND event.type = 'deferred')
+       ))::float8
+  FROM (SELECT queue_name, status, count(*)::bigint AS jobs,
+               count(*) FILTER (WHERE status = 'todo'
+                                  AND (scheduled_at IS NULL OR scheduled_at <= now()))::bigint
+                   AS due,
+               min(scheduled_at) FILTER (WHERE status = 'todo' AND scheduled_at <= now())
+                   AS earliest_scheduled_due,
+               min(id) FILTER (WHERE status = 'todo' AND scheduled_at IS NULL)
+                   AS oldest_unscheduled
+          FROM procrastinate_jobs
+         WHERE status = ANY(ARRAY['todo', 'doing']::procrastinate_job_status[])
+         GROUP BY queue_name, status) AS depth";
 /// Metrics: when the claimed jobs `$1` were inserted (their `deferred` event) and last
 /// claimed (`started`), in seconds since the epoch (database time), by their events' index.
 pub const JOB_EVENT_TIMES: &str = "SELECT job_id,
@@ -603,5 +622,12 @@ mod tests {
         let ended = format!("SELECT id{}, false FROM finished", ", NULL".repeat(10));
         assert!(COMPLETE_AND_CLAIM.contains(&ended), "{COMPLETE_AND_CLAIM}");
         assert_eq!(CLAIMED_COLUMN, 11);
+    }
+
+    #[test]
+    fn the_claim_writes_the_unrepresentable_date_sentinel_the_core_exports() {
+        // The column table can only hold a literal: it must be this constant's value.
+        let sentinel = format!("ELSE {UNREPRESENTABLE_SCHEDULED_AT} END");
+        assert!(CLAIM.contains(&sentinel), "{CLAIM}");
     }
 }

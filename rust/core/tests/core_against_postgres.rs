@@ -3,9 +3,17 @@
 //! `FASTWORKER_TEST_DSN` points at a server where we may create databases
 //! (default: `host=127.0.0.1 user=postgres dbname=postgres`).
 
+#![allow(
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test: a failed expectation fails the test"
+)]
+
 use std::time::Duration;
 
-use fastworker_core::{Completion, HandoffEvent, JobRow, Outcome, WorkerConfig, WorkerCore};
+use fastworker_core::{
+    Completion, FinishStatus, HandoffEvent, JobRow, Outcome, WorkerConfig, WorkerCore,
+};
 
 mod support;
 use support::{admin_dsn, connect, recreate_database, TestDatabase};
@@ -44,7 +52,7 @@ fn succeeded(job_id: i64) -> Completion {
         job_id,
         attempts: 0,
         outcome: Outcome::Finish {
-            status: "succeeded".into(),
+            status: FinishStatus::Succeeded,
             delete: false,
         },
     }
@@ -150,7 +158,7 @@ async fn retry_and_delete_follow_procrastinate_functions() {
         job_id: deleted,
         attempts: 0,
         outcome: Outcome::Finish {
-            status: "succeeded".into(),
+            status: FinishStatus::Succeeded,
             delete: true,
         },
     })
@@ -159,7 +167,7 @@ async fn retry_and_delete_follow_procrastinate_functions() {
         job_id: failed,
         attempts: 0,
         outcome: Outcome::Finish {
-            status: "failed".into(),
+            status: FinishStatus::Failed,
             delete: false,
         },
     })
@@ -267,12 +275,12 @@ async fn a_completion_frees_its_lock_and_slot_for_the_claim_in_the_same_statemen
                     let outcome = if job_id == second {
                         // The delete branch ends a job too.
                         Outcome::Finish {
-                            status: "succeeded".into(),
+                            status: FinishStatus::Succeeded,
                             delete: true,
                         }
                     } else {
                         Outcome::Finish {
-                            status: "failed".into(),
+                            status: FinishStatus::Failed,
                             delete: false,
                         }
                     };

@@ -9,6 +9,12 @@
 //! as behind a transaction pooler: settings per transaction, see `db.rs`); and once more on
 //! a table grown from empty without an ANALYZE. A failure names the statement and the size.
 
+#![allow(
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test: a failed expectation fails the test"
+)]
+
 use fastworker_core::connect::ConnectionTarget;
 use fastworker_core::db::Db;
 use fastworker_core::fetcher::Fetcher;

@@ -2,6 +2,12 @@
 //! pooler needs of the core can be seen on any session. (The Python suite runs whole
 //! workers through a real PgBouncer: tests/test_pooler.py.)
 
+#![allow(
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test: a failed expectation fails the test"
+)]
+
 use std::time::{Duration, Instant};
 
 use fastworker_core::connect::ConnectionTarget;

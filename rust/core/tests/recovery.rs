@@ -2,6 +2,12 @@
 //! workers, the jobs left without a worker) meet errors that pass, and one that does not.
 //! A passing error must never turn into a lost (`failed`) job.
 
+#![allow(
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test: a failed expectation fails the test"
+)]
+
 use std::time::Duration;
 
 use fastworker_core::connect::ConnectionTarget;

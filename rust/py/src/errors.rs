@@ -56,7 +56,9 @@ impl From<BindingError> for PyErr {
     fn from(BindingError(error): BindingError) -> PyErr {
         let message = error.to_string();
         match error {
-            CoreError::Config(_) => ConfigurationError::new_err(message),
+            CoreError::Config(_) | CoreError::PoolerNotDeclared { .. } => {
+                ConfigurationError::new_err(message)
+            }
             CoreError::Unreachable { .. } => DatabaseUnreachable::new_err(message),
             CoreError::SchemaMissing { .. } => SchemaMissing::new_err(message),
             CoreError::ConnectionLost { .. } => ConnectionLost::new_err(message),

@@ -6,7 +6,9 @@
 //! - [`Metrics`] and [`Histogram`]: the core's counters, read at scrape time.
 
 use fastworker_core::metrics::Histogram as CoreHistogram;
-use fastworker_core::protocol::{Completion, HandoffEvent, JobRow, LogLevel, Reported};
+use fastworker_core::protocol::{
+    Completion, FinishStatus, HandoffEvent, JobRow, LogLevel, Reported,
+};
 use fastworker_core::MetricsSnapshot;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -163,11 +165,11 @@ pub fn reported(outcomes: Vec<Bound<'_, Outcome>>) -> PyResult<Reported> {
                 delete,
                 duration,
             } => {
-                if !matches!(status.as_str(), "succeeded" | "failed" | "aborted") {
+                let Some(status) = FinishStatus::from_name(&status) else {
                     return Err(PyValueError::new_err(format!(
                         "end status must be succeeded, failed or aborted, got {status:?}"
                     )));
-                }
+                };
                 let finish = fastworker_core::Outcome::Finish { status, delete };
                 (job_id, attempts, finish, duration)
             }
@@ -257,10 +259,18 @@ pub struct Metrics {
     pub queue_depth: Vec<(String, String, u64)>,
     /// Seconds since the queue depth was sampled (None: never).
     pub queue_depth_age: Option<f64>,
+    /// (queue, todo jobs due now, todo jobs scheduled for later, seconds the oldest due
+    /// job has been due, None: none is due) for each sampled queue.
+    pub queue_due: Vec<(String, u64, u64, Option<f64>)>,
 }
 
 pub fn metrics_to_python(py: Python<'_>, snapshot: MetricsSnapshot) -> PyResult<Metrics> {
     let histogram = |histogram: &CoreHistogram| Py::new(py, Histogram::from(histogram));
+    let queue_due = snapshot
+        .due_by_queue()
+        .into_iter()
+        .map(|queue| (queue.queue, queue.due, queue.not_due, queue.oldest_due_age))
+        .collect();
     Ok(Metrics {
         claimed: snapshot
             .claimed
@@ -319,6 +329,7 @@ pub fn metrics_to_python(py: Python<'_>, snapshot: MetricsSnapshot) -> PyResult<
         queue_depth_age: snapshot
             .queue_depth_sampled
             .map(|at| at.elapsed().as_secs_f64()),
+        queue_due,
     })
 }
 
@@ -328,5 +339,10 @@ pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<Metrics>()?;
     module.add_class::<Event>()?;
     module.add_class::<Outcome>()?;
+    module.add("EVENT_KINDS", HandoffEvent::KINDS.to_vec())?;
+    module.add(
+        "UNREPRESENTABLE_SCHEDULED_AT",
+        fastworker_core::sql::UNREPRESENTABLE_SCHEDULED_AT,
+    )?;
     Ok(())
 }

@@ -295,8 +295,11 @@ impl Dispatcher {
             self.config.concurrency,
             !self.config.queue_concurrency.is_empty(),
         )
-        .await?;
-        let completer = Completer::prepare(&client).await?;
+        .await
+        .map_err(|error| self.pooler_error_or(&client, error))?;
+        let completer = Completer::prepare(&client)
+            .await
+            .map_err(|error| self.pooler_error_or(&client, error))?;
         let backend = if client.is_pooled() {
             // Behind a transaction pooler, the server process is the pooler's, shared
             // with other clients: never one of this worker's to end. (A client lost in a
@@ -468,9 +471,11 @@ impl Dispatcher {
                     needs.reconnect = true;
                 }
             }
-            let behind_a_pooler = current.client.lost_a_prepared_statement();
-            if behind_a_pooler {
-                self.on_transaction_pooler(&mut state);
+            let pooler_sign = current.client.transaction_pooler_sign();
+            let behind_a_pooler = pooler_sign.is_some();
+            if let Some(sign) = pooler_sign {
+                let error = self.pooler_not_declared(sign);
+                self.on_transaction_pooler(&mut state, error);
                 needs.reconnect = true;
             }
             if needs.register_again && !needs.reconnect {
@@ -519,21 +524,33 @@ impl Dispatcher {
         }
     }
 
-    /// The server did not know a statement prepared on the job connection: a transaction
-    /// pooler (PgBouncer `pool_mode = transaction`) is in between, running each transaction
-    /// on whichever server connection is free, and the worker was not told (`pooler`).
-    /// Claims would fail (or worse, meet another client's statement of the same name) for
-    /// ever: stop claiming with an error that says what to do. The outcomes still to come
-    /// are written through a new connection in pooler mode, which works there.
-    fn on_transaction_pooler(&mut self, state: &mut State) {
-        state.fatal(CoreError::Config(format!(
-            "the server at {} lost a statement prepared on the worker's connection \
-             (\"prepared statement ... does not exist\"): a transaction pooler (PgBouncer \
-             pool_mode = transaction) is between the worker and PostgreSQL; run the worker \
-             with pooler=True (--pooler), and LISTEN straight to the server (listen_dsn, \
-             --listen-dsn) or not at all (listen_notify=False)",
-            self.target.description()
-        )));
+    /// The error that names `pooler`, given what showed the pooler (see
+    /// [`Db::transaction_pooler_sign`]).
+    fn pooler_not_declared(&self, sign: &'static str) -> CoreError {
+        CoreError::PoolerNotDeclared {
+            target: self.target.description().to_string(),
+            sign,
+        }
+    }
+
+    /// A set-up's `error`, or, if the connection showed a transaction pooler on the way
+    /// (a statement name already taken on the server), the error that names `pooler`.
+    fn pooler_error_or(&self, client: &Db, error: CoreError) -> CoreError {
+        match client.transaction_pooler_sign() {
+            Some(sign) => self.pooler_not_declared(sign),
+            None => error,
+        }
+    }
+
+    /// The server did not know a statement prepared on the job connection, or knew
+    /// another client's of the same name: a transaction pooler (PgBouncer `pool_mode =
+    /// transaction`) is in between, running each transaction on whichever server
+    /// connection is free, and the worker was not told (`pooler`). Claims would fail (or
+    /// worse, meet another client's statement of the same name) for ever: stop claiming
+    /// with `error`, which says what to do. The outcomes still to come are written through
+    /// a new connection in pooler mode, which works there.
+    fn on_transaction_pooler(&mut self, state: &mut State, error: CoreError) {
+        state.fatal(error);
         self.send_outbox(state);
         self.target = self.target.clone().through_pooler(true);
     }
@@ -644,6 +661,15 @@ impl Dispatcher {
                     state.on_reconnected(orphans);
                     self.publish(state);
                     return Some(connection);
+                }
+                // A set-up that met another client's statement: the job connection goes
+                // through a transaction pooler. Stop claiming, and go on in pooler mode
+                // for the outcomes still to come (rather than failing the same way until
+                // the reconnect budget is spent).
+                Err(error @ CoreError::PoolerNotDeclared { .. }) => {
+                    last_error = error.to_string();
+                    self.on_transaction_pooler(state, error);
+                    false
                 }
                 // Unreachable, lost again while setting up, or refused (too many
                 // connections...): all passing troubles, as far as the dispatcher can tell.

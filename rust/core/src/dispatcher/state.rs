@@ -826,11 +826,7 @@ fn backoff_after(failures: u32) -> Duration {
 pub fn outcome_label(outcome: &Outcome) -> &'static str {
     match outcome {
         Outcome::Retry { .. } => "retried",
-        Outcome::Finish { status, .. } => match status.as_str() {
-            "succeeded" => "succeeded",
-            "aborted" => "aborted",
-            _ => "failed",
-        },
+        Outcome::Finish { status, .. } => status.as_str(),
     }
 }
 
@@ -862,6 +858,7 @@ pub fn record_outcomes(metrics: &mut MetricsSnapshot, ended: Vec<Ended>, batch_s
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::FinishStatus;
 
     fn settings(concurrency: usize) -> Settings {
         Settings {
@@ -898,7 +895,7 @@ mod tests {
             job_id: id,
             attempts,
             outcome: Outcome::Finish {
-                status: "succeeded".into(),
+                status: FinishStatus::Succeeded,
                 delete: false,
             },
         }

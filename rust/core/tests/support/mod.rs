@@ -1,7 +1,11 @@
 //! What the integration tests share: a fresh database with procrastinate's schema per
 //! test, on the server `FASTWORKER_TEST_DSN` names (default: the local one as postgres).
 
-#![allow(dead_code)] // each test file uses its own part
+#![allow(dead_code, reason = "each test file uses its own part")]
+#![allow(
+    clippy::expect_used,
+    reason = "test set-up: a failed expectation fails the test"
+)]
 
 use tokio_postgres::{Client, NoTls};
 

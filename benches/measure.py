@@ -1,0 +1,204 @@
+"""Measurements taken by the parent: PostgreSQL's CPU and commits, a child's RSS, the
+environment of a run and the load at the start of each part."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import statistics
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+ROOT = Path(__file__).resolve().parents[1]
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu_seconds(dsn: str) -> float | None:
+    """CPU of the PostgreSQL server: postmaster (with reaped children) + live children."""
+    try:
+        with psycopg.connect(dsn, autocommit=True) as connection:
+            backend = connection.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+            # Read while the backend lives: its parent is the postmaster.
+            postmaster = int(Path(f"/proc/{backend}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None  # not a local server
+
+    def times(pid: int, with_children: bool) -> int:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total = int(fields[11]) + int(fields[12])  # utime, stime
+        if with_children:
+            total += int(fields[13]) + int(fields[14])  # cutime, cstime
+        return total
+
+    try:
+        ticks = times(postmaster, True)
+    except OSError:
+        return None
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == postmaster:
+                ticks += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            continue
+    return ticks / CLOCK_TICKS
+
+
+def commits(dsn: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        connection.execute("SELECT pg_stat_clear_snapshot()")
+        row = connection.execute(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+class DatabaseCpu:
+    """CPU of the server's backends on this database (the server may be shared with other
+    databases' clients), and of the whole machine, while it runs: backends are sampled from
+    /proc every 20 ms (a backend that exits loses at most its last 20 ms), from a connection
+    to another database."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dbname = conninfo_to_dict(dsn).get("dbname")
+        self.admin = make_conninfo(dsn, dbname="postgres")
+        self.first: dict[int, int] = {}
+        self.last: dict[int, int] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.ready = threading.Event()
+
+    @staticmethod
+    def _ticks(pid: int) -> int | None:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            return None
+
+    @staticmethod
+    def _machine() -> tuple[int, int]:
+        # user nice system idle iowait irq softirq steal (guest time is in user already)
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+        return sum(fields), fields[3] + fields[4]  # all, idle + iowait
+
+    def _sample(self, connection: psycopg.Connection[Any], baseline: bool) -> None:
+        pids = [
+            row[0]
+            for row in connection.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = %s", (self.dbname,)
+            )
+        ]
+        for pid in pids:
+            ticks = self._ticks(pid)
+            if ticks is None:
+                continue
+            if pid not in self.first:
+                self.first[pid] = ticks if baseline else 0
+            self.last[pid] = ticks
+
+    def _run(self) -> None:
+        with psycopg.connect(self.admin, autocommit=True) as connection:
+            self._sample(connection, baseline=True)
+            self.ready.set()
+            while not self.stop.wait(0.02):
+                self._sample(connection, baseline=False)
+            self._sample(connection, baseline=False)
+
+    def __enter__(self) -> DatabaseCpu:
+        self.window = time.perf_counter()
+        self.machine_before = self._machine()
+        self.thread.start()
+        self.ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.machine_after = self._machine()
+        self.window = time.perf_counter() - self.window
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.last[pid] - self.first[pid] for pid in self.last) / CLOCK_TICKS
+
+    @property
+    def machine_busy_cores(self) -> float:
+        """Busy CPUs of the whole machine, on average over the measured window."""
+        total = self.machine_after[0] - self.machine_before[0]
+        idle = self.machine_after[1] - self.machine_before[1]
+        return (total - idle) / max(1, total) * (os.cpu_count() or 1)
+
+
+def rss_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def quantiles_ms(values: list[float]) -> dict[str, float]:
+    ms = sorted(value * 1000 for value in values)
+    if len(ms) < 2:
+        return {"count": len(ms)}
+    cuts = statistics.quantiles(ms, n=100, method="inclusive")
+    return {
+        "count": len(ms),
+        "p50_ms": statistics.median(ms),
+        "p99_ms": cuts[98],
+        "max_ms": ms[-1],
+    }
+
+
+def environment(dsn: str) -> dict[str, Any]:
+    """What tells figures from different machines and commits apart."""
+    from importlib import metadata
+
+    def git(*args: str) -> str:
+        completed = subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=False
+        )
+        return completed.stdout.strip()
+
+    cpu_model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        server = connection.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+    versions = {}
+    for package in ("fastworker", "procrastinate", "pgqueuer", "asyncpg", "psycopg"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[package] = metadata.version(package)
+    return {
+        "commit": git("rev-parse", "HEAD") or "unknown",
+        "commit_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "versions": versions,
+        "postgresql": server,
+        "python": platform.python_version(),
+        "cpu_model": cpu_model,
+        "cpus": os.cpu_count(),
+        **run_stamp(),
+    }
+
+
+def run_stamp() -> dict[str, Any]:
+    """When a part started, and the machine's load then (a shared machine is noisy)."""
+    return {
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "load_average_at_start": [round(value, 2) for value in os.getloadavg()],
+    }
