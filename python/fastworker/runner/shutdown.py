@@ -101,7 +101,7 @@ class Shutdown(Hooks):
             # timeout ran out; a hard stop (second signal, second cancel) says so instead.
             reason = (
                 "after a second stop signal or cancel"
-                if self._hard_stop.is_set()
+                if self._lifecycle.hard_stop_requested
                 else "after graceful timeout"
             )
             self.logger.info(
