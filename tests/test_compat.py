@@ -139,7 +139,7 @@ def test_an_instance_attribute_gone_upstream_is_named(dsn: str) -> None:
     del worker._running_jobs
     assert [line for line in compat.missing_members(worker) if "_running_jobs" in line] == [
         "procrastinate.worker.Worker._running_jobs is gone "
-        "(the running jobs' tasks and contexts (intake, shutdown))"
+        "(the running jobs' tasks and contexts (the job executor's, shutdown))"
     ]
 
 

@@ -53,17 +53,17 @@ class Member:
 # Read, written or called by the runner.
 WORKER_MEMBERS: tuple[Member, ...] = (
     Member("_log_extra", "builds every log record's extra", ("action", "context", "job_result")),
-    Member("_running_jobs", "the running jobs' tasks and contexts (intake, shutdown)"),
-    Member("_stop_event", "set to stop the worker (intake, the facade)"),
-    Member("_job_ids_to_abort", "abort reasons by job id (intake, timeouts, outcomes)"),
+    Member("_running_jobs", "the running jobs' tasks and contexts (the job executor's, shutdown)"),
+    Member("_stop_event", "set to stop the worker (the lifecycle, the facade)"),
+    Member("_job_ids_to_abort", "abort reasons by job id (held by the claim ledger)"),
     Member("_loop", "the worker's loop, for stop() from another thread (shutdown)"),
     Member(
         "_abort_job",
-        "cancels a running job; overridden by intake",
+        "cancels a running job; overridden by hooks",
         ("process_job_task", "context", "reason"),
     ),
     Member("_abort_running_jobs", "aborts every running job at a hard stop (shutdown)", ()),
-    Member("_handle_abort_jobs_requested", "abort requests from the core (intake)", ("job_ids",)),
+    Member("_handle_abort_jobs_requested", "abort requests from the core (hooks)", ("job_ids",)),
     Member(
         "_log_job_outcome",
         "logs a job's end (upstream)",
@@ -106,11 +106,11 @@ REVIEWED_SOURCES: Mapping[str, tuple[str, frozenset[str]]] = {
         frozenset({"35d5da56aea6cff5"}),
     ),
     "_persist_job_status": (
-        "replaced by fastworker/runner/outcomes.py (outcomes go to the core)",
+        "replaced by fastworker/runner/outcome_sink.py (outcomes go to the core)",
         frozenset({"8d53fd9c1738b7c5"}),
     ),
     "_fetch_and_process_jobs": (
-        "replaced by the core's claims and fastworker/runner/intake.py",
+        "replaced by the core's claims and fastworker/runner/executor.py",
         frozenset({"61ce06fd0fe2120a"}),
     ),
     "_poll_jobs_to_abort": (

@@ -5,15 +5,22 @@ Running a job is procrastinate's own code path (`_process_job`: context, middlew
 retry decision, logs), so a job ends exactly as it would under procrastinate's worker;
 only where its outcome is written changes: it is handed to the core, which writes it in a
 batch. This file is the facade: options, start and the main loop. The roles it is built
-from are in `fastworker/runner/`, one file each:
+from are plain objects in `fastworker/runner/`, each owning its state:
 
-- `state.py`: the state the roles share;
-- `outcomes.py`: outcome batching to the core;
-- `upstream.py`: `_process_job`, copied from procrastinate 3.10;
-- `timeouts.py`: job timeouts;
-- `intake.py`: the core's events, and starting the jobs they hand over;
-- `shutdown.py`: signals and shutdown;
-- `periodic.py`: procrastinate's periodic deferrer, kept running through an outage.
+- `ledger.py`: `ClaimLedger`, each claim from its hand-over to its one outcome;
+- `outcome_sink.py`: `OutcomeSink`, outcome batching to the core;
+- `lifecycle.py`: `Lifecycle`, graceful and hard stops, drains, the core's fatal error;
+- `executor.py`: `JobExecutor`, starting each job handed over (`intake.py` decodes rows);
+- `timeouts.py`: `JobTimeouts`;
+- `events.py`: `EventPump`, the core's events to the roles they are for;
+- `core_port.py`: `CorePort`, what the roles ask of the core.
+
+procrastinate's `Worker` subclass keeps procrastinate's methods and the hooks its code,
+tests and middleware call, delegating to the roles (each file a class of the chain):
+`state.py` (the roles built), `outcomes.py` (`_persist_job_status`), `upstream.py`
+(`_process_job`, copied from procrastinate 3.10), `hooks.py` (`_abort_job`, the event
+pump's wiring), `shutdown.py` (signals and shutdown), `periodic.py` (procrastinate's
+periodic deferrer, kept running through an outage).
 """
 
 from __future__ import annotations
@@ -181,11 +188,7 @@ class Worker(Periodic):
     async def run(self) -> None:
         """Run until stopped (``wait=False``: until nothing is claimable and no job runs)."""
         self._stop_event.clear()
-        self._hard_stop.clear()
-        self._fatal_error = None
-        self._drained = False
-        self._jobs_claimed = 0
-        self._signals_received = 0
+        self._lifecycle.begin()
         self._loop = asyncio.get_running_loop()
         self.run_task = asyncio.current_task()
         # Signal handlers first, so a signal during start-up already stops cleanly.
@@ -229,7 +232,7 @@ class Worker(Periodic):
 
     async def _start_and_run(self) -> None:
         require_open_app(self.app)
-        self._json_loads = connector_json_loads(self.app.connector)
+        self._executor.json_loads = connector_json_loads(self.app.connector)
         connection = await resolve_connection(self.app, self._dsn)
         # Resolved by libpq as `dsn` is.
         listen_connection = params_from_dsn(self._listen_dsn) if self._listen_dsn else None
@@ -248,7 +251,7 @@ class Worker(Periodic):
                 extra={"action": "stop_worker"},
             )
             return
-        self._core = core
+        self._core = self._outcome_sink.core = core
         self.worker_id = core.worker_id
         if core.pruned_workers:
             logger.debug(f"Pruned stalled workers: {', '.join(map(str, core.pruned_workers))}")
@@ -260,16 +263,16 @@ class Worker(Periodic):
         try:
             await self._run_loop()
         finally:
-            self._core = None
+            self._core = self._outcome_sink.core = None
             self._close_metrics_server()
-        if self._fatal_error is not None:
-            raise self._fatal_error
+        if self._lifecycle.fatal_error is not None:
+            raise self._lifecycle.fatal_error
 
     async def _start_core(self, core_options: dict[str, Any]) -> _core.WorkerCore | None:
         """The core, started; None if a hard stop came first: the start is dropped, with
         the connect it may be waiting on (a hard stop never waits for a connect)."""
         starting = asyncio.ensure_future(_core.WorkerCore.start(core_options))
-        hard_stop = asyncio.ensure_future(self._hard_stop.wait())
+        hard_stop = asyncio.ensure_future(self._lifecycle.hard_stop_event.wait())
         try:
             await asyncio.wait([starting, hard_stop], return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -312,17 +315,20 @@ class Worker(Periodic):
                 action="start_worker", context=None, queues=self.queues, job_result=None
             ),
         )
-        self._running_jobs = {}
-        self._fetching_stopped = asyncio.get_running_loop().create_future()
+        self._running_jobs = self._executor.begin_run()
+        self._lifecycle.begin_fetching(asyncio.get_running_loop())
         side_tasks = [asyncio.create_task(self._periodic_deferrer(), name="deferrer")]
         side_tasks_monitor = asyncio.create_task(
             self._monitor_side_tasks(side_tasks), name="side_tasks_monitor"
         )
-        events_task = asyncio.create_task(self._consume_events(), name="core events")
+        assert self._core is not None
+        events_task = asyncio.create_task(self._event_pump(self._core).run(), name="core events")
         try:
             await utils.wait_any(self._stop_event.wait(), asyncio.shield(events_task))
-            if self._drained:
-                max_jobs_reached = self.max_jobs is not None and self._jobs_claimed >= self.max_jobs
+            if self._lifecycle.drained:
+                max_jobs_reached = (
+                    self.max_jobs is not None and self._lifecycle.jobs_claimed >= self.max_jobs
+                )
                 self.logger.info(
                     f"Claimed max_jobs={self.max_jobs} jobs. Stopping worker once they have run"
                     if max_jobs_reached

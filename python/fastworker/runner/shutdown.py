@@ -13,18 +13,11 @@ from typing import Any
 
 from procrastinate import utils
 
-from fastworker.runner.intake import Intake
+from fastworker.runner.hooks import Hooks
 from fastworker.runner.state import logger
 
 
-def running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-
-
-class Shutdown(Intake):
+class Shutdown(Hooks):
     """Stopping: signals, graceful and hard stops, and the final write."""
 
     def stop(self) -> None:
@@ -36,18 +29,10 @@ class Shutdown(Intake):
         super().stop()
 
     def _request_hard_stop(self) -> None:
-        core = self._core
-        if core is not None:
-            # Also ends, at once, the core's attempts to reach an unreachable database.
-            core.hard_stop()
-        if self._loop is not None and self._loop is not running_loop():
-            self._loop.call_soon_threadsafe(self._hard_stop.set)
-        else:
-            self._hard_stop.set()
+        self._lifecycle.request_hard_stop(self._core, self._loop)
 
     def _on_signal(self, signum: int) -> None:
-        self._signals_received += 1
-        if self._signals_received == 1:
+        if self._lifecycle.stop_signal():
             self.stop()
         else:
             self.logger.info(
@@ -88,12 +73,13 @@ class Shutdown(Intake):
         self, side_tasks: list[asyncio.Task[Any]], events_task: asyncio.Task[None]
     ) -> None:
         core = self._core
-        assert core is not None and self._fetching_stopped is not None
+        assert core is not None
         core.stop_fetching()
         await utils.cancel_and_capture_errors(side_tasks)
         # A claim in flight when the stop came still hands its jobs over: they run too.
         await asyncio.wait(
-            [self._fetching_stopped, events_task], return_when=asyncio.FIRST_COMPLETED
+            [self._lifecycle.wait_fetching_stopped(), events_task],
+            return_when=asyncio.FIRST_COMPLETED,
         )
 
         now = time.time()
@@ -105,8 +91,8 @@ class Shutdown(Intake):
                 extra=self._log_extra(context=None, action="ending_job", job_result=None),
             )
 
-        if self._running_jobs and not self._hard_stop.is_set():
-            hard_stop = asyncio.create_task(self._hard_stop.wait())
+        if self._running_jobs and not self._lifecycle.hard_stop_requested:
+            hard_stop = asyncio.create_task(self._lifecycle.hard_stop_event.wait())
             await self._wait_running_jobs(hard_stop)
             hard_stop.cancel()
 
@@ -115,7 +101,7 @@ class Shutdown(Intake):
             # timeout ran out; a hard stop (second signal, second cancel) says so instead.
             reason = (
                 "after a second stop signal or cancel"
-                if self._hard_stop.is_set()
+                if self._lifecycle.hard_stop_requested
                 else "after graceful timeout"
             )
             self.logger.info(
@@ -126,7 +112,7 @@ class Shutdown(Intake):
             )
             await self._abort_running_jobs()
 
-        self._flush_outcomes()
+        self._outcome_sink.flush()
         try:
             await core.shutdown()
         finally:

@@ -1,37 +1,33 @@
-"""The state the runner's roles share, declared and initialised in one place.
+"""The runner's roles, built in one place (`RunnerState._init_runner_state`).
 
-The runner is procrastinate's `Worker`, extended role by role, each role a class in its
-own file that builds on the ones before it:
+The roles are plain objects, each owning its state and calling only what it is handed:
+`ClaimLedger`, `OutcomeSink`, `Lifecycle`, `JobTimeouts`, `JobExecutor` (and, per run,
+`EventPump`), the core seen through `CorePort`. procrastinate's `Worker` subclass keeps
+procrastinate's methods and hooks (its tests and middleware call them), each file a class
+of the chain, delegating to the roles:
 
-    RunnerState (this file) <- Outcomes <- Upstream <- Timeouts <- Intake <- Shutdown
-        <- Periodic <- fastworker.Worker (the facade, `fastworker/worker.py`)
+    RunnerState (this file) <- Outcomes <- Upstream <- Hooks <- Shutdown <- Periodic
+        <- fastworker.Worker (the facade, `fastworker/worker.py`)
 """
 
 from __future__ import annotations
 
-import asyncio
 import inspect
-import json
 import logging
-from collections.abc import Callable
 from typing import Any
 
-from procrastinate import job_context, jobs, tasks
+from procrastinate import job_context, tasks
 from procrastinate import worker as procrastinate_worker
 
 from fastworker import _core
+from fastworker.runner.executor import JobExecutor
+from fastworker.runner.ledger import ClaimLedger
+from fastworker.runner.lifecycle import Lifecycle
+from fastworker.runner.outcome_sink import OutcomeSink
+from fastworker.runner.timeouts import JobTimeouts
 
 logger = logging.getLogger("procrastinate.worker")
 core_logger = logging.getLogger("fastworker.core")
-
-# An outcome as the runner makes them (the core's Outcome has these two kinds).
-Outcome = _core.Outcome.Finish | _core.Outcome.Retry
-
-
-def claim_of(job: jobs.Job) -> tuple[int, int]:
-    """One claim of a job: its id and the attempts it had when claimed."""
-    assert job.id is not None
-    return (job.id, job.attempts)
 
 
 class JobTimeout(Exception):
@@ -48,27 +44,42 @@ class RunnerState(procrastinate_worker.Worker):
     def _init_runner_state(self) -> None:
         self._core: _core.WorkerCore | None = None
         self._async_tasks: dict[str, bool] = {}
-        self._json_loads: Callable[[str], Any] = json.loads
-        # Outcomes waiting for `_flush_outcomes` (see `_report_outcome`).
-        self._outcomes: list[Outcome] = []
-        self._flush_scheduled = False
-        # Jobs handed over whose outcome is not reported yet (see `_on_job_done`).
-        # By claim (job id, attempts): a job recovered elsewhere and claimed here again may
-        # run here twice at once, under its old claim and its new one.
-        self._awaiting_outcome: dict[tuple[int, int], job_context.JobContext] = {}
-        # Jobs whose `_process_job` has begun: only those may be cancelled (see `_abort_job`).
-        self._started: set[tuple[int, int]] = set()
-        # Claims (job id, attempts) that are no longer this worker's (see _stop_lost_claims).
-        self._lost_claims: set[tuple[int, int]] = set()
-        # Jobs cancelled for running over their timeout (see `_time_out_job`).
-        self._timed_out: set[int] = set()
-        self._hard_stop = asyncio.Event()
-        self._fetching_stopped: asyncio.Future[None] | None = None
-        self._fatal_error: BaseException | None = None
-        self._drained = False
-        # Jobs the core handed over in this run (a drain at max_jobs is not "no job found").
-        self._jobs_claimed = 0
-        self._signals_received = 0
+        # Every claim handed over, from its hand-over to its outcome (`runner/ledger.py`).
+        self._ledger: ClaimLedger[job_context.JobContext] = ClaimLedger(self._job_ids_to_abort)
+        # Outcomes on their way to the core (`runner/outcomes.py`).
+        self._outcome_sink = OutcomeSink(
+            self._ledger,
+            delete_jobs=self.delete_jobs,
+            logger=self.logger,
+            log_extra=self._log_extra,
+        )
+        # Stops, drains and the core's fatal error (`runner/lifecycle.py`).
+        self._lifecycle = Lifecycle(self._stop_event)
+        # Starting each job handed over and ending it with one outcome (`runner/executor.py`).
+        self._executor = JobExecutor(
+            # Looked up at each call: procrastinate's tests and subclasses replace these.
+            process_job=lambda context: self._process_job(context),
+            abort_job=lambda job_task, context, reason: self._abort_job(job_task, context, reason),
+            ledger=self._ledger,
+            sink=self._outcome_sink,
+            timeouts=JobTimeouts(
+                ledger=self._ledger,
+                job_timeout=self.job_timeout,
+                task_timeouts=self.task_timeouts,
+                app=self.app,
+                task_is_async=self._task_is_async,
+                logger=self.logger,
+                log_extra=self._log_extra,
+            ),
+            lifecycle=self._lifecycle,
+            task_is_async=self._task_is_async,
+            app=self.app,
+            worker_name=self.worker_name,
+            queues=self.queues,
+            additional_context=self.additional_context,
+            logger=self.logger,
+            log_extra=self._log_extra,
+        )
 
     def _task_is_async(self, task: tasks.Task[Any, Any, Any]) -> bool:
         is_async = self._async_tasks.get(task.name)

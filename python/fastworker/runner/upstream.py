@@ -13,8 +13,9 @@ from typing import Any
 from procrastinate import exceptions, job_context, jobs, middleware, utils
 from procrastinate import worker as procrastinate_worker
 
+from fastworker.runner.ledger import claim_of
 from fastworker.runner.outcomes import Outcomes
-from fastworker.runner.state import JobTimeout, claim_of
+from fastworker.runner.state import JobTimeout
 
 
 class Upstream(Outcomes):
@@ -25,7 +26,7 @@ class Upstream(Outcomes):
         a thread of the loop's executor (fewer threads than `concurrency`), and its claim
         may have been lost meanwhile: then the function is not called, and the job ends
         aborted, as a sync job that saw `should_abort()` does."""
-        if claim_of(job) in self._lost_claims:
+        if self._ledger.is_lost(claim_of(job)):
             raise exceptions.JobAborted(f"The claim of job {job.id} is no longer this worker's")
 
     async def _process_job(self, context: job_context.JobContext) -> None:
@@ -50,13 +51,17 @@ class Upstream(Outcomes):
         retry_decision = None
         job_result = job_context.JobResult(start_timestamp=context.start_timestamp)
         if job.id is not None:
-            self._started.add(claim_of(job))
+            self._ledger.start(claim_of(job))
         try:
-            if job.id is not None and claim_of(job) in self._lost_claims:
+            if job.id is not None and self._ledger.is_lost(claim_of(job)):
                 # No longer this worker's claim (it may run elsewhere already): it never
                 # starts, as a cancel at its first step would end it.
                 raise asyncio.CancelledError()
-            if task is not None and job.id in self._job_ids_to_abort and self._task_is_async(task):
+            if (
+                task is not None
+                and self._ledger.abort_requested(job.id)
+                and self._task_is_async(task)
+            ):
                 # Aborted before it started (see `_abort_job`): cancelled at its first
                 # step, as the cancel would have done.
                 raise asyncio.CancelledError()
@@ -111,7 +116,7 @@ class Upstream(Outcomes):
                 job_result.result = await run_job()
         except BaseException as raised:
             e = raised
-            if job.id in self._timed_out and isinstance(
+            if self._ledger.is_timed_out(job.id) and isinstance(
                 e, (asyncio.CancelledError, exceptions.JobAborted)
             ):
                 # Over its timeout: a failure (retried if the strategy says so), not an abort.
@@ -154,5 +159,5 @@ class Upstream(Outcomes):
                     exc_info=exc_info,
                 )
             if job.id is not None:
-                self._timed_out.discard(job.id)
-            self._report_outcome(job, status, retry_decision, context, job_result)
+                self._ledger.forget_time_out(job.id)
+            self._outcome_sink.report(job, status, retry_decision, context, job_result)
