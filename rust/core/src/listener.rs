@@ -20,6 +20,7 @@ use crate::errors::{CoreError, CoreResult};
 use crate::handoff::HandoffSender;
 use crate::protocol::{HandoffEvent, LogLevel};
 use crate::registry::unless_stopped;
+use crate::timing::{ticker, Backoff, FIRST_BACKOFF};
 
 pub const ANY_QUEUE_CHANNEL: &str = "procrastinate_any_queue_v1";
 pub const QUEUE_CHANNEL_PREFIX: &str = "procrastinate_queue_v1#";
@@ -28,6 +29,10 @@ pub const QUEUE_CHANNEL_PREFIX: &str = "procrastinate_queue_v1#";
 pub const MALFORMED_LOG_PERIOD: Duration = Duration::from_secs(10);
 /// At most this many notifications are taken from the connection at once.
 const NOTIFICATION_BATCH: usize = 1024;
+
+/// The longest wait between two attempts to listen again after the connection was lost:
+/// short, so that notifications resume soon after the database is back.
+const MAX_RESUBSCRIBE_BACKOFF: Duration = Duration::from_secs(2);
 
 /// The channels procrastinate's worker listens on for these queues.
 pub fn channels(queues: Option<&[String]>) -> Vec<String> {
@@ -153,9 +158,7 @@ impl Listener {
             self.wake.notify_one();
             // A connection that stops answering without closing (half-open) would never
             // deliver a notification again: ask it something now and then.
-            let mut ping = tokio::time::interval(self.ping_interval);
-            ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            ping.tick().await;
+            let mut ping = ticker(self.ping_interval);
             loop {
                 // The count of unlogged malformed notifications is due at the period's end.
                 let summary_due = malformed.period_end();
@@ -227,7 +230,7 @@ impl Listener {
         sender: mpsc::UnboundedSender<tokio_postgres::Notification>,
     ) -> CoreResult<Option<tokio_postgres::Client>> {
         let started = std::time::Instant::now();
-        let mut delay = std::time::Duration::from_millis(50);
+        let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_RESUBSCRIBE_BACKOFF);
         let mut stop = self.stop.clone();
         loop {
             let Some(subscribed) = unless_stopped(&mut stop, self.subscribe(sender.clone())).await
@@ -239,6 +242,7 @@ impl Listener {
                 Ok(client) => return Ok(Some(client)),
                 Err(error) => error,
             };
+            let delay = backoff.next_delay();
             if started.elapsed() + delay > self.reconnect_timeout {
                 return Err(CoreError::gave_up(
                     self.target.description(),
@@ -251,7 +255,6 @@ impl Listener {
                 _ = tokio::time::sleep(delay) => {}
                 _ = stop.changed() => return Ok(None),
             }
-            delay = (delay * 2).min(std::time::Duration::from_secs(2));
         }
     }
 

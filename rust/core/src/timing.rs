@@ -68,8 +68,23 @@ fn random() -> u64 {
 /// firing a burst. A zero period (procrastinate allows a polling interval of 0) ticks back
 /// to back, every millisecond.
 pub fn ticker(period: Duration) -> tokio::time::Interval {
-    let period = period.max(Duration::from_millis(1));
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    let period = shortest_period(period);
+    delaying_ticker(tokio::time::Instant::now() + period, period)
+}
+
+/// A ticker as [`ticker`]'s, whose first tick is at once: for a duty that runs as soon as
+/// its loop starts (the registry's metrics sample and its check of the idle connection).
+pub fn ticker_now(period: Duration) -> tokio::time::Interval {
+    delaying_ticker(tokio::time::Instant::now(), shortest_period(period))
+}
+
+/// tokio's interval panics on a zero period.
+fn shortest_period(period: Duration) -> Duration {
+    period.max(Duration::from_millis(1))
+}
+
+fn delaying_ticker(first: tokio::time::Instant, period: Duration) -> tokio::time::Interval {
+    let mut ticker = tokio::time::interval_at(first, period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker
 }
@@ -160,6 +175,25 @@ mod tests {
         assert!(start.elapsed() >= Duration::from_millis(200), "not at once");
         // A zero period is allowed (tokio's interval panics on it).
         let mut back_to_back = super::ticker(Duration::ZERO);
+        back_to_back.tick().await;
+    }
+
+    #[tokio::test]
+    async fn a_ticker_now_ticks_at_once_then_every_period() {
+        // An hour-long period: a first tick that waited for it would miss the deadline.
+        let mut hourly = ticker_now(Duration::from_secs(3600));
+        let first = tokio::time::timeout(Duration::from_secs(60), hourly.tick()).await;
+        assert!(first.is_ok(), "the first tick is at once");
+        let created = tokio::time::Instant::now();
+        let mut ticker = ticker_now(Duration::from_millis(200));
+        ticker.tick().await;
+        ticker.tick().await;
+        assert!(
+            created.elapsed() >= Duration::from_millis(200),
+            "one period later"
+        );
+        let mut back_to_back = ticker_now(Duration::ZERO);
+        back_to_back.tick().await;
         back_to_back.tick().await;
     }
 

@@ -890,6 +890,8 @@ impl Dispatcher {
                     .query(sql::TERMINATE_BACKEND, &[&old.pid, &old.started])
                     .await;
             }
+            // A plain sleep, not a ticker: the check above is a round trip of its own, and
+            // the loop is bounded by OLD_BACKEND_WAIT rather than run for the worker's life.
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }

@@ -15,11 +15,18 @@ use crate::errors::{CoreError, CoreResult, Failed, Failure};
 use crate::handoff::HandoffSender;
 use crate::protocol::{HandoffEvent, LogLevel};
 use crate::sql;
+use crate::timing::{ticker, ticker_now, Backoff, FIRST_BACKOFF};
 
 /// The first wait, and the longest, between two connection attempts of the registry's
 /// duties during an outage (the heartbeat tries at each of its ticks regardless).
 const OUTAGE_FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const OUTAGE_MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The longest wait between two attempts to delete this worker's row at shutdown.
+const UNREGISTER_MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The heartbeat and the abort poll run at most this often, whatever their settings say.
+const SHORTEST_DUTY_PERIOD: Duration = Duration::from_millis(10);
 
 /// The registry's connection is down and could not be opened again: since when, and when
 /// its duties try again. One outage is logged twice, when it starts and when it ends, not
@@ -27,7 +34,7 @@ const OUTAGE_MAX_BACKOFF: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct Outage {
     since: Instant,
-    backoff: Duration,
+    backoff: Backoff,
     retry_at: Instant,
 }
 
@@ -150,18 +157,13 @@ impl Registry {
     /// Heartbeat and abort polling until stopped; returns itself so the caller can
     /// unregister. A stop ends a duty in progress (a connect, a statement) at once.
     pub async fn run(mut self) -> Self {
-        let mut heartbeat =
-            tokio::time::interval(self.heartbeat_interval.max(Duration::from_millis(10)));
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        heartbeat.tick().await;
-        let mut abort_poll =
-            tokio::time::interval(self.abort_polling_interval.max(Duration::from_millis(10)));
-        abort_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        abort_poll.tick().await;
-        let mut sample = tokio::time::interval(METRICS_SAMPLE_INTERVAL);
-        sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut liveness = tokio::time::interval(liveness_interval(self.response_timeout));
-        liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The heartbeat and the abort poll first run one period from now (registering
+        // wrote the first heartbeat); the sample and the check of the idle connection run at
+        // once.
+        let mut heartbeat = ticker(self.heartbeat_interval.max(SHORTEST_DUTY_PERIOD));
+        let mut abort_poll = ticker(self.abort_polling_interval.max(SHORTEST_DUTY_PERIOD));
+        let mut sample = ticker_now(METRICS_SAMPLE_INTERVAL);
+        let mut liveness = ticker_now(liveness_interval(self.response_timeout));
         self.handoff
             .metrics()
             .set_connected("registry", self.client.is_some());
@@ -410,10 +412,11 @@ impl Registry {
         let now = Instant::now();
         match &mut self.outage {
             None => {
+                let mut backoff = Backoff::new(OUTAGE_FIRST_BACKOFF, OUTAGE_MAX_BACKOFF);
                 self.outage = Some(Outage {
                     since: now,
-                    backoff: OUTAGE_FIRST_BACKOFF,
-                    retry_at: now + OUTAGE_FIRST_BACKOFF,
+                    retry_at: now + backoff.next_delay(),
+                    backoff,
                 });
                 self.handoff.log(
                     LogLevel::Warning,
@@ -426,9 +429,9 @@ impl Registry {
                 );
             }
             Some(outage) => {
-                outage.backoff = (outage.backoff * 2).min(OUTAGE_MAX_BACKOFF);
-                outage.retry_at = now + outage.backoff;
-                let wait = outage.backoff.as_secs_f64();
+                let delay = outage.backoff.next_delay();
+                outage.retry_at = now + delay;
+                let wait = delay.as_secs_f64();
                 self.handoff.log(
                     LogLevel::Debug,
                     "registry_still_disconnected",
@@ -460,7 +463,7 @@ impl Registry {
     /// statement fails). A row left behind is pruned as stalled later: it holds no job.
     pub async fn unregister(&mut self, trying: Duration) -> CoreResult<()> {
         let deadline = Instant::now() + trying;
-        let mut delay = Duration::from_millis(50);
+        let mut backoff = Backoff::new(FIRST_BACKOFF, UNREGISTER_MAX_BACKOFF);
         loop {
             let worker_id = self.identity.current();
             let left = deadline.saturating_duration_since(Instant::now());
@@ -470,6 +473,7 @@ impl Registry {
                 Err(_) => format!("no answer within {trying:?}"),
             };
             self.client = None;
+            let delay = backoff.next_delay();
             if Instant::now() + delay >= deadline {
                 return Err(CoreError::Unreachable {
                     target: self.target.description().to_string(),
@@ -477,7 +481,6 @@ impl Registry {
                 });
             }
             tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(1));
         }
     }
 

@@ -14,6 +14,7 @@ use crate::errors::{is_connectivity_error, CoreError, CoreResult};
 use crate::handoff::HandoffSender;
 use crate::protocol::LogLevel;
 use crate::sql;
+use crate::timing::ticker;
 
 /// Delete workers whose heartbeat is older than `stalled_worker_timeout`, as procrastinate's
 /// worker does at start. Their `doing` jobs keep running nowhere (worker_id becomes NULL).
@@ -311,10 +312,7 @@ impl Recovery {
     pub async fn run(mut self) {
         let mut client: Option<Db> = None;
         let mut unowned = Unowned::default();
-        let mut tick =
-            tokio::time::interval(self.stalled_worker_timeout.max(Duration::from_secs(1)));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
+        let mut tick = ticker(self.stalled_worker_timeout.max(Duration::from_secs(1)));
         // A stop ends a connect or a recovery in progress at once (rolled back).
         let mut stop = self.stop.clone();
         loop {
