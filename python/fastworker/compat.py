@@ -73,7 +73,7 @@ WORKER_MEMBERS: tuple[Member, ...] = (
         "_resolve_task_middlewares", "a task's middleware (upstream)", ("task", "task_is_async")
     ),
     Member("_monitor_side_tasks", "stops the worker when a side task fails", ("side_tasks",)),
-    Member("_periodic_deferrer", "procrastinate's periodic deferrer (periodic)", ()),
+    Member("_periodic_deferrer", "procrastinate's periodic deferrer (the facade)", ()),
     Member("_process_job", "runs one job; overridden by upstream", ("context",)),
     Member(
         "_persist_job_status",
@@ -134,7 +134,7 @@ REVIEWED_SOURCES: Mapping[str, tuple[str, frozenset[str]]] = {
         frozenset({"6fde710b5f1c3dda"}),
     ),
     "_periodic_deferrer": (
-        "replaced by fastworker/runner/periodic.py's Periodic._periodic_deferrer",
+        "replaced by fastworker/runner/periodic.py's PeriodicDeferrer.run",
         frozenset({"4fc1c39d101a92d5"}),
     ),
 }

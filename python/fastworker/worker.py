@@ -13,14 +13,16 @@ from are plain objects in `fastworker/runner/`, each owning its state:
 - `executor.py`: `JobExecutor`, starting each job handed over (`intake.py` decodes rows);
 - `timeouts.py`: `JobTimeouts`;
 - `events.py`: `EventPump`, the core's events to the roles they are for;
+- `periodic.py`: `PeriodicDeferrer`, procrastinate's periodic deferrer, kept running
+  through an outage;
 - `core_port.py`: `CorePort`, what the roles ask of the core.
 
 procrastinate's `Worker` subclass keeps procrastinate's methods and the hooks its code,
 tests and middleware call, delegating to the roles (each file a class of the chain):
 `state.py` (the roles built), `outcomes.py` (`_persist_job_status`), `upstream.py`
 (`_process_job`, copied from procrastinate 3.10), `hooks.py` (`_abort_job`, the event
-pump's wiring), `shutdown.py` (signals and shutdown), `periodic.py` (procrastinate's
-periodic deferrer, kept running through an outage).
+pump's wiring), `shutdown.py` (signals and shutdown); `_periodic_deferrer` runs the
+`PeriodicDeferrer`.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from fastworker import _core, app_names, compat
 from fastworker import options as fastworker_options
 from fastworker.connection import ConnectionParams, params_from_dsn, resolve_connection
 from fastworker.runner.intake import connector_json_loads
-from fastworker.runner.periodic import Periodic
+from fastworker.runner.shutdown import Shutdown
 from fastworker.runner.state import JobTimeout, logger
 
 __all__ = ["JobTimeout", "Worker", "check_platform", "run", "run_async"]
@@ -68,7 +70,7 @@ def require_open_app(app: App) -> None:
     getattr(app.connector, "pool", None)
 
 
-class Worker(Periodic):
+class Worker(Shutdown):
     """Drop-in replacement for `procrastinate.worker.Worker`.
 
     Takes the same arguments (procrastinate's ``WorkerOptions``) plus fastworker's own,
@@ -210,6 +212,10 @@ class Worker(Periodic):
             if previous_handlers:
                 self._uninstall_signal_handlers(previous_handlers)
             self._loop = None
+
+    async def _periodic_deferrer(self) -> None:
+        # procrastinate's side task, run by the worker's `PeriodicDeferrer`.
+        await self._periodic.run()
 
     def _core_options(
         self, connection: ConnectionParams, listen_connection: ConnectionParams | None = None

@@ -2,11 +2,11 @@
 
 The roles are plain objects, each owning its state and calling only what it is handed:
 `ClaimLedger`, `OutcomeSink`, `Lifecycle`, `JobTimeouts`, `JobExecutor` (and, per run,
-`EventPump`), the core seen through `CorePort`. procrastinate's `Worker` subclass keeps
-procrastinate's methods and hooks (its tests and middleware call them), each file a class
-of the chain, delegating to the roles:
+`EventPump`), `PeriodicDeferrer`, the core seen through `CorePort`. procrastinate's
+`Worker` subclass keeps procrastinate's methods and hooks (its tests and middleware call
+them), each file a class of the chain, delegating to the roles:
 
-    RunnerState (this file) <- Outcomes <- Upstream <- Hooks <- Shutdown <- Periodic
+    RunnerState (this file) <- Outcomes <- Upstream <- Hooks <- Shutdown
         <- fastworker.Worker (the facade, `fastworker/worker.py`)
 """
 
@@ -24,6 +24,7 @@ from fastworker.runner.executor import JobExecutor
 from fastworker.runner.ledger import ClaimLedger
 from fastworker.runner.lifecycle import Lifecycle
 from fastworker.runner.outcome_sink import OutcomeSink
+from fastworker.runner.periodic import PeriodicDeferrer
 from fastworker.runner.timeouts import JobTimeouts
 
 logger = logging.getLogger("procrastinate.worker")
@@ -40,6 +41,7 @@ class RunnerState(procrastinate_worker.Worker):
     # fastworker's options that the roles read (set by `Worker.__init__`).
     job_timeout: float | None
     task_timeouts: dict[str, float]
+    reconnect_timeout: float
 
     def _init_runner_state(self) -> None:
         self._core: _core.WorkerCore | None = None
@@ -80,6 +82,8 @@ class RunnerState(procrastinate_worker.Worker):
             logger=self.logger,
             log_extra=self._log_extra,
         )
+        # The periodic deferrer, a side task of each run (`runner/periodic.py`).
+        self._periodic = PeriodicDeferrer(self.app, reconnect_timeout=self.reconnect_timeout)
 
     def _task_is_async(self, task: tasks.Task[Any, Any, Any]) -> bool:
         is_async = self._async_tasks.get(task.name)
