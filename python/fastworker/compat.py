@@ -56,13 +56,15 @@ WORKER_MEMBERS: tuple[Member, ...] = (
     Member("_running_jobs", "the running jobs' tasks and contexts (the job executor's, shutdown)"),
     Member("_stop_event", "set to stop the worker (the lifecycle, the facade)"),
     Member("_job_ids_to_abort", "abort reasons by job id (held by the claim ledger)"),
-    Member("_loop", "the worker's loop, for stop() from another thread (shutdown)"),
+    Member("_loop", "the worker's loop, for a hard stop from another thread (the facade)"),
     Member(
         "_abort_job",
         "cancels a running job; overridden by hooks",
         ("process_job_task", "context", "reason"),
     ),
-    Member("_abort_running_jobs", "aborts every running job at a hard stop (shutdown)", ()),
+    Member(
+        "_abort_running_jobs", "aborts every running job at a hard stop (the shutdown role)", ()
+    ),
     Member("_handle_abort_jobs_requested", "abort requests from the core (hooks)", ("job_ids",)),
     Member(
         "_log_job_outcome",
@@ -130,7 +132,7 @@ REVIEWED_SOURCES: Mapping[str, tuple[str, frozenset[str]]] = {
         frozenset({"19274ee46774617c"}),
     ),
     "_shutdown": (
-        "replaced by fastworker/runner/shutdown.py's _shutdown_all",
+        "replaced by fastworker/runner/shutdown.py's Shutdown.run",
         frozenset({"6fde710b5f1c3dda"}),
     ),
     "_periodic_deferrer": (

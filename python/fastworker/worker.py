@@ -15,14 +15,15 @@ from are plain objects in `fastworker/runner/`, each owning its state:
 - `events.py`: `EventPump`, the core's events to the roles they are for;
 - `periodic.py`: `PeriodicDeferrer`, procrastinate's periodic deferrer, kept running
   through an outage;
+- `signals.py`: `StopSignals`, SIGINT/SIGTERM while a run lasts;
+- `shutdown.py`: `Shutdown`, the end of a run, up to the final write;
 - `core_port.py`: `CorePort`, what the roles ask of the core.
 
 procrastinate's `Worker` subclass keeps procrastinate's methods and the hooks its code,
 tests and middleware call, delegating to the roles (each file a class of the chain):
 `state.py` (the roles built), `outcomes.py` (`_persist_job_status`), `upstream.py`
 (`_process_job`, copied from procrastinate 3.10), `hooks.py` (`_abort_job`, the event
-pump's wiring), `shutdown.py` (signals and shutdown); `_periodic_deferrer` runs the
-`PeriodicDeferrer`.
+pump's wiring); `_periodic_deferrer` runs the `PeriodicDeferrer`.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ from procrastinate import App, utils
 from fastworker import _core, app_names, compat
 from fastworker import options as fastworker_options
 from fastworker.connection import ConnectionParams, params_from_dsn, resolve_connection
+from fastworker.runner.hooks import Hooks
 from fastworker.runner.intake import connector_json_loads
-from fastworker.runner.shutdown import Shutdown
 from fastworker.runner.state import JobTimeout, logger
 
 __all__ = ["JobTimeout", "Worker", "check_platform", "run", "run_async"]
@@ -70,7 +71,7 @@ def require_open_app(app: App) -> None:
     getattr(app.connector, "pool", None)
 
 
-class Worker(Shutdown):
+class Worker(Hooks):
     """Drop-in replacement for `procrastinate.worker.Worker`.
 
     Takes the same arguments (procrastinate's ``WorkerOptions``) plus fastworker's own,
@@ -194,7 +195,8 @@ class Worker(Shutdown):
         self._loop = asyncio.get_running_loop()
         self.run_task = asyncio.current_task()
         # Signal handlers first, so a signal during start-up already stops cleanly.
-        previous_handlers = self._install_signal_handlers() if self.install_signal_handlers else []
+        if self.install_signal_handlers:
+            self._signals.install()
         try:
             loop_task = asyncio.create_task(self._start_and_run(), name="worker loop")
             try:
@@ -209,9 +211,16 @@ class Worker(Shutdown):
                         self._request_hard_stop()
                 raise
         finally:
-            if previous_handlers:
-                self._uninstall_signal_handlers(previous_handlers)
+            self._signals.uninstall()
             self._loop = None
+
+    def stop(self) -> None:
+        """Stop claiming jobs at once; running jobs finish and their results are written.
+        Safe to call from another thread."""
+        core = self._core
+        if core is not None:
+            core.stop_fetching()
+        super().stop()
 
     async def _periodic_deferrer(self) -> None:
         # procrastinate's side task, run by the worker's `PeriodicDeferrer`.
@@ -327,8 +336,9 @@ class Worker(Shutdown):
         side_tasks_monitor = asyncio.create_task(
             self._monitor_side_tasks(side_tasks), name="side_tasks_monitor"
         )
-        assert self._core is not None
-        events_task = asyncio.create_task(self._event_pump(self._core).run(), name="core events")
+        core = self._core
+        assert core is not None
+        events_task = asyncio.create_task(self._event_pump(core).run(), name="core events")
         try:
             await utils.wait_any(self._stop_event.wait(), asyncio.shield(events_task))
             if self._lifecycle.drained:
@@ -346,7 +356,17 @@ class Worker(Shutdown):
         finally:
             if not side_tasks_monitor.done():
                 side_tasks_monitor.cancel()
-            await self._shutdown_all(side_tasks, events_task)
+            await self._shutdown_steps.run(
+                core, self._running_jobs, side_tasks, events_task, self.worker_id
+            )
+            # Forgotten before procrastinate's last record, which carries no worker id.
+            self.worker_id = None
+            self.logger.info(
+                f"Stopped worker on {utils.queues_display(self.queues)}",
+                extra=self._log_extra(
+                    action="stop_worker", queues=self.queues, context=None, job_result=None
+                ),
+            )
 
 
 async def run_async(app: App, **options: Any) -> None:

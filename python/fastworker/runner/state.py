@@ -2,11 +2,11 @@
 
 The roles are plain objects, each owning its state and calling only what it is handed:
 `ClaimLedger`, `OutcomeSink`, `Lifecycle`, `JobTimeouts`, `JobExecutor` (and, per run,
-`EventPump`), `PeriodicDeferrer`, the core seen through `CorePort`. procrastinate's
-`Worker` subclass keeps procrastinate's methods and hooks (its tests and middleware call
-them), each file a class of the chain, delegating to the roles:
+`EventPump`), `PeriodicDeferrer`, `StopSignals`, `Shutdown`, the core seen through
+`CorePort`. procrastinate's `Worker` subclass keeps procrastinate's methods and hooks (its
+tests and middleware call them), each file a class of the chain, delegating to the roles:
 
-    RunnerState (this file) <- Outcomes <- Upstream <- Hooks <- Shutdown
+    RunnerState (this file) <- Outcomes <- Upstream <- Hooks
         <- fastworker.Worker (the facade, `fastworker/worker.py`)
 """
 
@@ -25,6 +25,8 @@ from fastworker.runner.ledger import ClaimLedger
 from fastworker.runner.lifecycle import Lifecycle
 from fastworker.runner.outcome_sink import OutcomeSink
 from fastworker.runner.periodic import PeriodicDeferrer
+from fastworker.runner.shutdown import Shutdown
+from fastworker.runner.signals import StopSignals
 from fastworker.runner.timeouts import JobTimeouts
 
 logger = logging.getLogger("procrastinate.worker")
@@ -84,6 +86,29 @@ class RunnerState(procrastinate_worker.Worker):
         )
         # The periodic deferrer, a side task of each run (`runner/periodic.py`).
         self._periodic = PeriodicDeferrer(self.app, reconnect_timeout=self.reconnect_timeout)
+        # SIGINT/SIGTERM while a run lasts (`runner/signals.py`).
+        self._signals = StopSignals(
+            self._lifecycle,
+            stop=lambda: self.stop(),
+            hard_stop=lambda: self._request_hard_stop(),
+            logger=self.logger,
+            log_extra=self._log_extra,
+        )
+        # The end of each run (`runner/shutdown.py`).
+        self._shutdown_steps = Shutdown(
+            lifecycle=self._lifecycle,
+            sink=self._outcome_sink,
+            # procrastinate's, looked up at the call as the hooks are.
+            abort_running_jobs=lambda: self._abort_running_jobs(),
+            graceful_timeout=self.shutdown_graceful_timeout,
+            queues=self.queues,
+            logger=self.logger,
+            log_extra=self._log_extra,
+        )
+
+    def _request_hard_stop(self) -> None:
+        """Abort the running jobs now (a second signal, a cancel while stopping)."""
+        self._lifecycle.request_hard_stop(self._core, self._loop)
 
     def _task_is_async(self, task: tasks.Task[Any, Any, Any]) -> bool:
         is_async = self._async_tasks.get(task.name)
