@@ -187,3 +187,16 @@ async def test_a_lost_claim_cancels_its_started_run_only() -> None:
     await harness.until_written(2)
     # The lost run still reports its end (the core finds it no longer current).
     assert harness.written() == [(1, "aborted"), (2, "succeeded")]
+
+
+async def test_an_abort_before_the_first_step_is_deferred_to_it_after_it_is_not() -> None:
+    harness = Harness()
+    harness.executor.start_job(row(1))
+    [(job_task, context)] = harness.running.items()
+    reason = job_context.AbortReason.USER_REQUEST
+    # Not started yet: the abort is recorded for `_process_job` to raise, not cancelled.
+    assert harness.executor.abort_before_first_step(job_task, context, reason)
+    assert harness.ledger.abort_requested(1) and not job_task.cancelled()
+    await asyncio.sleep(0)  # its first step
+    # Started: procrastinate's `_abort_job` cancels it.
+    assert not harness.executor.abort_before_first_step(job_task, context, reason)

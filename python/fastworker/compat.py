@@ -56,28 +56,36 @@ WORKER_MEMBERS: tuple[Member, ...] = (
     Member("_running_jobs", "the running jobs' tasks and contexts (the job executor's, shutdown)"),
     Member("_stop_event", "set to stop the worker (the lifecycle, the facade)"),
     Member("_job_ids_to_abort", "abort reasons by job id (held by the claim ledger)"),
-    Member("_loop", "the worker's loop, for stop() from another thread (shutdown)"),
+    Member("_loop", "the worker's loop, for a hard stop from another thread (the facade)"),
     Member(
         "_abort_job",
-        "cancels a running job; overridden by hooks",
+        "cancels a running job; overridden by the facade (the job executor decides)",
         ("process_job_task", "context", "reason"),
     ),
-    Member("_abort_running_jobs", "aborts every running job at a hard stop (shutdown)", ()),
-    Member("_handle_abort_jobs_requested", "abort requests from the core (hooks)", ("job_ids",)),
+    Member(
+        "_abort_running_jobs", "aborts every running job at a hard stop (the shutdown role)", ()
+    ),
+    Member(
+        "_handle_abort_jobs_requested",
+        "abort requests from the core (the event pump)",
+        ("job_ids",),
+    ),
     Member(
         "_log_job_outcome",
-        "logs a job's end (upstream)",
+        "logs a job's end (the facade's _process_job)",
         ("status", "context", "job_result", "job_retry", "exc_info"),
     ),
     Member(
-        "_resolve_task_middlewares", "a task's middleware (upstream)", ("task", "task_is_async")
+        "_resolve_task_middlewares",
+        "a task's middleware (the facade's _process_job)",
+        ("task", "task_is_async"),
     ),
     Member("_monitor_side_tasks", "stops the worker when a side task fails", ("side_tasks",)),
-    Member("_periodic_deferrer", "procrastinate's periodic deferrer (periodic)", ()),
-    Member("_process_job", "runs one job; overridden by upstream", ("context",)),
+    Member("_periodic_deferrer", "procrastinate's periodic deferrer (the facade)", ()),
+    Member("_process_job", "runs one job; overridden by the facade (a copy)", ("context",)),
     Member(
         "_persist_job_status",
-        "writes a job's end; overridden by outcomes",
+        "writes a job's end; overridden by the facade (the outcome sink)",
         ("job", "status", "retry_decision", "context", "job_result"),
     ),
     Member("_run_loop", "the worker's main loop; replaced by the facade", ()),
@@ -102,7 +110,7 @@ REVIEWED_SOURCES: Mapping[str, tuple[str, frozenset[str]]] = {
         frozenset({"cf412345fcc270c4"}),
     ),
     "_process_job": (
-        "copied step by step in fastworker/runner/upstream.py",
+        "copied step by step in fastworker/worker.py's Worker._process_job",
         frozenset({"35d5da56aea6cff5"}),
     ),
     "_persist_job_status": (
@@ -130,11 +138,11 @@ REVIEWED_SOURCES: Mapping[str, tuple[str, frozenset[str]]] = {
         frozenset({"19274ee46774617c"}),
     ),
     "_shutdown": (
-        "replaced by fastworker/runner/shutdown.py's _shutdown_all",
+        "replaced by fastworker/runner/shutdown.py's Shutdown.run",
         frozenset({"6fde710b5f1c3dda"}),
     ),
     "_periodic_deferrer": (
-        "replaced by fastworker/runner/periodic.py's Periodic._periodic_deferrer",
+        "replaced by fastworker/runner/periodic.py's PeriodicDeferrer.run",
         frozenset({"4fc1c39d101a92d5"}),
     ),
 }

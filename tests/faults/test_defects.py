@@ -652,7 +652,7 @@ async def test_the_outcome_of_a_job_that_ends_after_the_core_gave_up_is_still_wr
             await wait_until(lambda: status_of(dsn, job[0]) == "doing", "the job to start")
             proxy.unreachable()
             await wait_until(
-                lambda: worker._lifecycle.fatal_error is not None, "the core to give up"
+                lambda: worker._roles.lifecycle.fatal_error is not None, "the core to give up"
             )
             proxy.unreachable(False)
             with pytest.raises(fastworker.ConnectionLost):

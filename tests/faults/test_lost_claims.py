@@ -155,9 +155,11 @@ async def test_a_sync_job_waiting_for_a_thread_when_its_claim_is_lost_is_not_cal
         victims.extend(defer(dsn, "sleepy_sync", seconds=0.0))
         block_until_claimed(dsn, victims[0])
         claim = (victims[0], 0)
-        is_true(lambda: worker._ledger.is_started(claim), "the victim's first step")
+        is_true(lambda: worker._roles.ledger.is_started(claim), "the victim's first step")
         recover_elsewhere(dsn, victims[0])
-        is_true(lambda: worker._ledger.is_lost(claim), "the runner to learn the claim is lost")
+        is_true(
+            lambda: worker._roles.ledger.is_lost(claim), "the runner to learn the claim is lost"
+        )
 
     async with app.open_async(), running(app, concurrency=2, **QUICK) as worker:
         workers.append(worker)

@@ -6,6 +6,7 @@ to the `fastworker.core` logger."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,7 +15,9 @@ from typing_extensions import assert_never
 from fastworker import _core
 from fastworker.runner.core_port import CorePort
 from fastworker.runner.lifecycle import Lifecycle
-from fastworker.runner.state import core_logger
+
+# The core's own log records, relayed by the pump.
+core_logger = logging.getLogger("fastworker.core")
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,28 @@ class JobExecutor:
             # Claimed by a request that was in flight when the hard stop came.
             self._abort_job(job_task, context, job_context.AbortReason.SHUTDOWN)
 
+    def abort_before_first_step(
+        self,
+        job_task: asyncio.Task[Any],
+        context: job_context.JobContext,
+        reason: job_context.AbortReason,
+    ) -> bool:
+        """For the worker's `_abort_job`: a job whose task has not taken its first step
+        yet (an abort in the same batch of events as the job, or a hard stop already set
+        when a claim lands) is not cancelled, which would end it before `_process_job`'s
+        first line, with no outcome. Its abort reason is set, and `_process_job` raises the
+        cancellation itself as it starts. False if the job has started (or ended): then
+        procrastinate's `_abort_job` cancels it."""
+        if self._ledger.is_started(claim_of(context.job)) or job_task.done():
+            return False
+        assert context.job.id
+        self._ledger.request_abort(context.job.id, reason)
+        self._logger.debug(
+            "Received a request to abort a job that has not started yet: it ends at its first step",
+            extra=self._log_extra(action="abort_job", context=context, job_result=None),
+        )
+        return True
+
     def _abort_reason(self, job: jobs.Job) -> job_context.AbortReason | None:
         if job.id is None:
             return None

@@ -17,14 +17,19 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import psycopg
-from procrastinate import exceptions, jobs, manager, periodic
+from procrastinate import App, exceptions, jobs, manager, periodic
 
-from fastworker.runner.shutdown import Shutdown
-from fastworker.runner.state import logger
+# procrastinate's worker logger, as its `_periodic_deferrer` is the worker's.
+logger = logging.getLogger("procrastinate.worker")
+
+# The backoff of the deferrer's restarts after a lost connection, in seconds.
+FIRST_RESTART_DELAY = 0.1
+LAST_RESTART_DELAY = 2.0
 
 # procrastinate's `defer_periodic_job` query (procrastinate/sql/queries.sql), called only if
 # no mark of this task and periodic id is at or after the second: one statement, so no
@@ -141,23 +146,31 @@ class FleetPeriodicDeferrer(periodic.PeriodicDeferrer):
                 )
 
 
-class Periodic(Shutdown):
-    """The periodic deferrer (`FleetPeriodicDeferrer`), started again after a lost
-    connection."""
+class PeriodicDeferrer:
+    """The worker's periodic deferrer: procrastinate's `Worker._periodic_deferrer` with
+    `FleetPeriodicDeferrer`, started again after a lost connection (with backoff, for as
+    long as ``reconnect_timeout`` allows). Any other failure is raised, and stops the
+    worker as in procrastinate."""
 
-    reconnect_timeout: float
+    def __init__(
+        self,
+        app: App,
+        *,
+        reconnect_timeout: float,
+        make_deferrer: Callable[[], periodic.PeriodicDeferrer] | None = None,
+    ) -> None:
+        self._reconnect_timeout = reconnect_timeout
+        self._make_deferrer = make_deferrer or (
+            lambda: FleetPeriodicDeferrer(registry=app.periodic_registry, **app.periodic_defaults)
+        )
 
-    async def _periodic_deferrer(self) -> None:
+    async def run(self) -> None:
         lost_since: float | None = None
-        delay = 0.1
+        delay = FIRST_RESTART_DELAY
         while True:
             started = time.monotonic()
             try:
-                # procrastinate's `Worker._periodic_deferrer`, with fastworker's deferrer.
-                deferrer = FleetPeriodicDeferrer(
-                    registry=self.app.periodic_registry, **self.app.periodic_defaults
-                )
-                await deferrer.worker()
+                await self._make_deferrer().worker()
                 return
             except exceptions.ConnectorException as error:
                 if not isinstance(error.__cause__, psycopg.OperationalError):
@@ -165,8 +178,8 @@ class Periodic(Shutdown):
                 now = time.monotonic()
                 if lost_since is None or now - started > 2 * delay:
                     # A new outage (the deferrer had been working since the last one).
-                    lost_since, delay = now, 0.1
-                if now - lost_since > self.reconnect_timeout:
+                    lost_since, delay = now, FIRST_RESTART_DELAY
+                if now - lost_since > self._reconnect_timeout:
                     raise
                 logger.warning(
                     f"The periodic deferrer lost the database ({error.__cause__}); "
@@ -174,4 +187,4 @@ class Periodic(Shutdown):
                     extra={"action": "periodic_deferrer_restarted"},
                 )
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                delay = min(delay * 2, LAST_RESTART_DELAY)

@@ -1,79 +1,59 @@
-"""Signals and shutdown: a first SIGINT/SIGTERM (or `stop()`) stops claiming and lets
-running jobs finish; a second one, a cancel while stopping, or the graceful timeout aborts
-them. The last outcomes are written before the core unregisters the worker."""
+"""The end of a run (`Shutdown`): claiming stops, the side tasks are cancelled, running
+jobs finish (until the graceful timeout or a hard stop: a second signal, a cancel while
+stopping), then the rest are aborted, and the last outcomes are written before the core
+unregisters the worker. The worker then forgets its id and says it stopped (procrastinate's
+record, which carries no worker id)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import signal
-import threading
 import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
-from procrastinate import utils
+from procrastinate import job_context, utils
 
-from fastworker.runner.hooks import Hooks
-from fastworker.runner.state import logger
+from fastworker.runner.core_port import CorePort
+from fastworker.runner.lifecycle import Lifecycle
+from fastworker.runner.outcome_sink import OutcomeSink
+
+# procrastinate's worker logger, for the records its `_shutdown` writes there.
+logger = logging.getLogger("procrastinate.worker")
 
 
-class Shutdown(Hooks):
-    """Stopping: signals, graceful and hard stops, and the final write."""
+class Shutdown:
+    """Owns the order of the final steps; calls the core (stop fetching, shut down), the
+    lifecycle (what stop came), the sink (the last outcomes) and ``abort_running_jobs``
+    (procrastinate's `Worker._abort_running_jobs`)."""
 
-    def stop(self) -> None:
-        """Stop claiming jobs at once; running jobs finish and their results are written.
-        Safe to call from another thread."""
-        core = self._core
-        if core is not None:
-            core.stop_fetching()
-        super().stop()
-
-    def _request_hard_stop(self) -> None:
-        self._lifecycle.request_hard_stop(self._core, self._loop)
-
-    def _on_signal(self, signum: int) -> None:
-        if self._lifecycle.stop_signal():
-            self.stop()
-        else:
-            self.logger.info(
-                "Second stop signal: aborting running jobs",
-                extra=self._log_extra(action="abort_running_jobs", context=None, job_result=None),
-            )
-            self._request_hard_stop()
-
-    def _install_signal_handlers(self) -> list[tuple[int, Any]]:
-        # Logged on procrastinate's signals logger, with its actions, as its worker does.
-        signals_logger = logging.getLogger("procrastinate.signals")
-        if threading.current_thread() is not threading.main_thread():
-            signals_logger.warning(
-                "Skipping signal handling, because this is not the main thread",
-                extra={"action": "skip_signal_handlers"},
-            )
-            return []
-        signals_logger.debug(
-            "Installing signal handler", extra={"action": "install_signal_handlers"}
-        )
-        loop = asyncio.get_running_loop()
-        previous: list[tuple[int, Any]] = []
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            previous.append((signum, signal.getsignal(signum)))
-            loop.add_signal_handler(signum, self._on_signal, signum)
-        return previous
-
-    def _uninstall_signal_handlers(self, previous: list[tuple[int, Any]]) -> None:
-        logging.getLogger("procrastinate.signals").debug(
-            "Resetting previous signal handler", extra={"action": "uninstall_signal_handlers"}
-        )
-        loop = asyncio.get_running_loop()
-        for signum, handler in previous:
-            loop.remove_signal_handler(signum)
-            signal.signal(signum, handler)
-
-    async def _shutdown_all(
-        self, side_tasks: list[asyncio.Task[Any]], events_task: asyncio.Task[None]
+    def __init__(
+        self,
+        *,
+        lifecycle: Lifecycle,
+        sink: OutcomeSink,
+        abort_running_jobs: Callable[[], Awaitable[None]],
+        graceful_timeout: float | None,
+        queues: Iterable[str] | None,
+        logger: logging.Logger,
+        log_extra: Callable[..., dict[str, Any]],
     ) -> None:
-        core = self._core
-        assert core is not None
+        self._lifecycle = lifecycle
+        self._sink = sink
+        self._abort_running_jobs = abort_running_jobs
+        self._graceful_timeout = graceful_timeout
+        self._queues = queues
+        self._logger = logger
+        self._log_extra = log_extra
+
+    async def run(
+        self,
+        core: CorePort,
+        running_jobs: Mapping[asyncio.Task[Any], job_context.JobContext],
+        side_tasks: list[asyncio.Task[Any]],
+        events_task: asyncio.Task[None],
+        worker_id: int | None,
+    ) -> None:
         core.stop_fetching()
         await utils.cancel_and_capture_errors(side_tasks)
         # A claim in flight when the stop came still hands its jobs over: they run too.
@@ -83,20 +63,20 @@ class Shutdown(Hooks):
         )
 
         now = time.time()
-        for context in self._running_jobs.values():
+        for context in running_jobs.values():
             duration = now - context.start_timestamp
-            self.logger.info(
+            self._logger.info(
                 f"Waiting for job to finish: worker: {context.job.call_string} "
                 f"(started {duration:.3f} s ago)",
                 extra=self._log_extra(context=None, action="ending_job", job_result=None),
             )
 
-        if self._running_jobs and not self._lifecycle.hard_stop_requested:
+        if running_jobs and not self._lifecycle.hard_stop_requested:
             hard_stop = asyncio.create_task(self._lifecycle.hard_stop_event.wait())
-            await self._wait_running_jobs(hard_stop)
+            await self._wait_running_jobs(running_jobs, hard_stop)
             hard_stop.cancel()
 
-        if self._running_jobs:
+        if running_jobs:
             # procrastinate's words (the differential tests compare them) when the graceful
             # timeout ran out; a hard stop (second signal, second cancel) says so instead.
             reason = (
@@ -104,42 +84,37 @@ class Shutdown(Hooks):
                 if self._lifecycle.hard_stop_requested
                 else "after graceful timeout"
             )
-            self.logger.info(
-                f"{len(self._running_jobs)} jobs still running {reason}. Aborting them",
+            self._logger.info(
+                f"{len(running_jobs)} jobs still running {reason}. Aborting them",
                 extra=self._log_extra(
-                    action="stop_worker", queues=self.queues, context=None, job_result=None
+                    action="stop_worker", queues=self._queues, context=None, job_result=None
                 ),
             )
             await self._abort_running_jobs()
 
-        self._outcome_sink.flush()
+        self._sink.flush()
         try:
             await core.shutdown()
         finally:
             # The event stream ends once the core is shut down; drain its last logs.
             await events_task
-        logger.debug(f"Unregistered finished worker {self.worker_id} from the database")
-        self.worker_id = None
-        self.logger.info(
-            f"Stopped worker on {utils.queues_display(self.queues)}",
-            extra=self._log_extra(
-                action="stop_worker", queues=self.queues, context=None, job_result=None
-            ),
-        )
+        logger.debug(f"Unregistered finished worker {worker_id} from the database")
 
-    async def _wait_running_jobs(self, hard_stop: asyncio.Task[Any]) -> None:
+    async def _wait_running_jobs(
+        self,
+        running_jobs: Mapping[asyncio.Task[Any], job_context.JobContext],
+        hard_stop: asyncio.Task[Any],
+    ) -> None:
         """Wait for the running jobs, until the graceful timeout or a hard stop."""
         deadline = (
-            None
-            if self.shutdown_graceful_timeout is None
-            else time.monotonic() + self.shutdown_graceful_timeout
+            None if self._graceful_timeout is None else time.monotonic() + self._graceful_timeout
         )
-        while self._running_jobs and not hard_stop.done():
+        while running_jobs and not hard_stop.done():
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             if timeout == 0.0:
                 return
             await asyncio.wait(
-                [*self._running_jobs, hard_stop],
+                [*running_jobs, hard_stop],
                 timeout=timeout,
                 return_when=asyncio.FIRST_COMPLETED,
             )

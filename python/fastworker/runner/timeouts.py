@@ -13,6 +13,10 @@ from procrastinate import App, job_context, tasks
 from fastworker.runner.ledger import ClaimLedger
 
 
+class JobTimeout(Exception):
+    """A job ran longer than its ``job_timeout`` / ``task_timeouts`` entry."""
+
+
 class JobTimeouts:
     """Owns the timers of the running jobs' timeouts; may call the claim ledger (a job over
     its timeout is marked timed out, and a sync one asked to abort)."""
