@@ -4,7 +4,7 @@ when claimed) between the core handing it over and its outcome being reported.
 One object owns it, so that every rule about a claim's life is read in one place:
 - handed over: the job has a context and owes exactly one outcome;
 - started: its `_process_job` took its first step (only a started job may be cancelled,
-  see `Intake._abort_job`);
+  see `Worker._abort_job`);
 - lost: the claim is no longer this worker's (another worker recovered the job), so the
   run stops as an abort would;
 - timed out: the job ran over its timeout, so its cancellation ends it as a failure;
