@@ -98,6 +98,13 @@ def build_parser(parts: tuple[Part, ...]) -> argparse.ArgumentParser:
     for part in parts:
         part.add_arguments(parser)
     parser.add_argument(
+        "--scratch-server",
+        action="store_true",
+        help="run on a PostgreSQL cluster of the benchmark's own (initdb, a free port,"
+        " pg_stat_statements and function tracking on: the ceiling part then splits the"
+        " server's time per job by statement, trigger and commit), removed at the end",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=HERE / "results",
@@ -124,22 +131,43 @@ def main() -> None:
             parser.error(f"unknown part {name!r} (--only takes {', '.join(by_name)})")
     selected = [part for part in parts if part.name in only]
 
+    if args.scratch_server and args.dsn:
+        parser.error("--scratch-server makes its own database: no --dsn with it")
+    with contextlib.ExitStack() as stack:
+        admin = LOCAL_ADMIN
+        if args.scratch_server:
+            from benches.scratch import scratch_server
+
+            admin = stack.enter_context(scratch_server())
+        results = run_parts(args, systems, selected, admin)
+    write_results(args, results, parts, systems)
+
+
+def run_parts(
+    args: argparse.Namespace, systems: list[str], selected: list[Part], admin: str
+) -> dict[str, Any]:
+    """The selected parts, on `args.dsn` or a scratch database on the server of `admin`."""
     scratch = None
     dsn = args.dsn
     if dsn is None:
         scratch = f"fw_bench_{uuid.uuid4().hex[:8]}"
-        with psycopg.connect(LOCAL_ADMIN, autocommit=True) as connection:
+        with psycopg.connect(admin, autocommit=True) as connection:
             connection.execute(f'CREATE DATABASE "{scratch}"')
-        dsn = make_conninfo(LOCAL_ADMIN, dbname=scratch)
+        dsn = make_conninfo(admin, dbname=scratch)
         from procrastinate import schema
 
         with psycopg.connect(dsn, autocommit=True) as connection:
             connection.execute(schema.SchemaManager.get_schema())  # type: ignore[arg-type]
+            if args.scratch_server:
+                connection.execute("CREATE EXTENSION pg_stat_statements")
     bench = Bench(dsn=dsn, args=args, systems=systems)
     try:
         if "pgqueuer" in systems:
             install_pgqueuer(dsn)
-        results: dict[str, Any] = {"environment": environment(dsn), "runs": {}}
+        results: dict[str, Any] = {
+            "environment": {**environment(dsn), "scratch_server": args.scratch_server},
+            "runs": {},
+        }
         for part in selected:
             results.update(part.header(bench))
         if "pgqueuer" in systems:
@@ -153,9 +181,15 @@ def main() -> None:
                 results[part.key] = measured
     finally:
         if scratch:
-            with psycopg.connect(LOCAL_ADMIN, autocommit=True) as connection:
+            with psycopg.connect(admin, autocommit=True) as connection:
                 connection.execute(f'DROP DATABASE IF EXISTS "{scratch}" WITH (FORCE)')
+    return results
 
+
+def write_results(
+    args: argparse.Namespace, results: dict[str, Any], parts: tuple[Part, ...], systems: list[str]
+) -> None:
+    bench = Bench(dsn=args.dsn or "", args=args, systems=systems)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "e2e.json"
     merged = merge_results(path, results, parts)
