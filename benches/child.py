@@ -61,13 +61,15 @@ class LatencyChild:
 @dataclass(frozen=True)
 class FloorChild:
     """The floor of pickup latency: a bare asyncio loop (no worker) that LISTENs, claims
-    with the core's claim statement `claim` (under the session settings `settings`, `SET`
-    statements) on each notification, and starts a task per job, at most `concurrency` at
-    once; until `expected` stamped jobs ran (or 120 s). See benches/floor.py."""
+    with the core's statements (`claim`, or `complete_and_claim` when jobs ended; under
+    the session settings `settings`, `SET` statements) on each notification, and starts a
+    task per job, at most `concurrency` at once; until `expected` stamped jobs ran (or
+    120 s). See benches/floor.py."""
 
     dsn: str
     expected: int
     claim: str
+    complete_and_claim: str
     settings: str
     concurrency: int
 

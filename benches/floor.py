@@ -3,14 +3,13 @@ loops, with no worker around them.
 
 - `run_floor` (in a child process, benches/child.py `FloorChild`): pickup latency's floor.
   One connection LISTENs on procrastinate's channel; on each notification another one,
-  under the core's session settings, runs the core's claim (one statement, one commit) for
-  the free slots and an asyncio task starts per claimed job. Each step is timed, for the
-  breakdown of where a pickup's time goes. A third connection finishes the jobs
-  (`procrastinate_finish_job_v1`), off the timed path.
-- `bare_drain`: the drain's ceiling at C=100, the core's statement that ends a batch and
-  claims the next, one per round trip, from a psycopg loop (its Python costs about a
-  microsecond per job at that batch size); `pgbench_drain` the same at C=1, where a Python
-  loop's own time would count, from pgbench.
+  under the core's session settings, claims for the free slots with one statement and one
+  commit: the core's claim, or, when jobs ended since the last one, the core's statement
+  that ends them and claims (as the core does: no commit of its own per job). An asyncio
+  task starts per claimed job. Each step is timed, for the breakdown of where a pickup's
+  time goes.
+- `pgbench_drain`: the drain's ceiling, the core's statement that ends a batch and claims
+  the next, one per round trip, run by pgbench (no Python anywhere).
 """
 
 from __future__ import annotations
@@ -56,6 +55,7 @@ async def run_floor(config: FloorChild) -> dict[str, Any]:
     notified: dict[int, float] = {}
     records: dict[int, dict[str, float]] = {}
     running: set[asyncio.Task[None]] = set()
+    ended: list[tuple[int, int]] = []  # jobs run, with their attempts, not yet written
     wake = asyncio.Event()
     more = [False]  # whether the last claim filled every free slot
     stamped = asyncio.Event()
@@ -87,9 +87,33 @@ async def run_floor(config: FloorChild) -> dict[str, Any]:
                 " VALUES ('default', 'hold', json_build_object('seconds', %s::float8))",
                 (HOLD_SECONDS,),
             )
-        await done.execute("SELECT procrastinate_finish_job_v1(%s, 'succeeded', false)", (job_id,))
+        ended.append((job_id, job[9]))  # written by the next claim, as the core does
         if more[0]:  # the last claim filled every free slot: there may be jobs left
             wake.set()
+
+    async def claim(free: int) -> list[tuple[Any, ...]]:
+        """The core's claim, or, with jobs ended since the last one, its statement that
+        ends them and claims: one statement, one commit, either way."""
+        params: tuple[Any, ...] = (None, Int8(worker_id), Int8(free), Int8(config.concurrency), [])
+        if not ended:
+            cursor = await jobs.execute(config.claim, params, prepare=True)
+            return await cursor.fetchall()
+        ending = list(ended)
+        ended.clear()
+        cursor = await jobs.execute(
+            config.complete_and_claim,
+            (
+                *params,
+                [Int8(job_id) for job_id, _ in ending],
+                [Int4(attempts) for _, attempts in ending],
+                ["succeeded"] * len(ending),
+                [],
+                [],
+                [Int8(worker_id)],
+            ),
+            prepare=True,
+        )
+        return [row for row in await cursor.fetchall() if row[-1]]
 
     async def claim_loop() -> None:
         while True:
@@ -97,12 +121,7 @@ async def run_floor(config: FloorChild) -> dict[str, Any]:
             wake.clear()
             while (free := config.concurrency - len(running)) > 0:
                 sent = time.time()
-                cursor = await jobs.execute(
-                    config.claim,
-                    (None, Int8(worker_id), Int8(free), Int8(config.concurrency), []),
-                    prepare=True,
-                )
-                claimed_rows = await cursor.fetchall()
+                claimed_rows = await claim(free)
                 claimed = time.time()
                 for job in claimed_rows:
                     task = asyncio.create_task(run(job, sent, claimed))
@@ -125,91 +144,55 @@ async def run_floor(config: FloorChild) -> dict[str, Any]:
     return {"records": records}
 
 
-def claimed_ids(rows: list[tuple[Any, ...]]) -> tuple[list[Int8], int]:
-    """Of the rows of the statement that ends a batch and claims: the claimed ids (last
-    column true) and how many claims it ended. The parameters go as the types the
-    statement casts them to (`bigint`, `int`): psycopg would send small numbers as
-    `smallint`, and a cast of an array parameter is then computed for every row."""
-    claimed = [Int8(row[0]) for row in rows if row[-1]]
-    return claimed, len(rows) - len(claimed)
-
-
-def bare_drain(
-    dsn: str, statement: str, settings: list[tuple[str, str]], concurrency: int
-) -> dict[str, float]:
-    """Drain the queue with the core's statement that ends a batch and claims the next:
-    each round trip ends every job the previous one claimed (succeeded) and claims up to
-    `concurrency`. Wall and client CPU seconds, and the jobs ended."""
-    with psycopg.connect(dsn, autocommit=True, cursor_factory=psycopg.RawCursor) as connection:
-        connection.execute(settings_sql(settings))  # type: ignore[arg-type]
-        worker_id = connection.execute(
-            "SELECT worker_id FROM procrastinate_register_worker_v1()"
-        ).fetchone()[0]  # type: ignore[index]
-        ended = 0
-        running: list[Int8] = []
-        cpu = time.process_time()
-        wall = time.perf_counter()
-        while True:
-            rows = connection.execute(
-                statement,  # type: ignore[arg-type]
-                (
-                    None,
-                    Int8(worker_id),
-                    Int8(concurrency),
-                    Int8(concurrency),
-                    [],
-                    running,
-                    [Int4(0)] * len(running),
-                    ["succeeded"] * len(running),
-                    [],
-                    [],
-                    [Int8(worker_id)],
-                ),
-                prepare=True,
-            ).fetchall()
-            running, count = claimed_ids(rows)
-            ended += count
-            if not running:
-                break
-        wall = time.perf_counter() - wall
-        cpu = time.process_time() - cpu
-    return {"wall": wall, "cpu": cpu, "ended": ended}
-
-
-def pgbench_script(statement: str) -> str:
-    """The statement as a pgbench script at C=1: the job it ends (`$6`) is the one the
-    previous run of the script claimed, `:n` (ids are claimed in order; the script counts
-    them), the other parameters pgbench variables set once (`-D`). `$1` (queues: all) is
-    a NULL literal: pgbench variables cannot be NULL."""
+def pgbench_script(statement: str, batch: int) -> str:
+    """The statement as a pgbench script that ends `batch` jobs and claims as many: the
+    jobs it ends (`$6`) are those the previous run of the script claimed, `:n + 1` to
+    `:n + batch` (ids are claimed in order; the script counts them: one job, an array of
+    it; a batch, the array of a series, computed once per statement). The other
+    parameters are pgbench variables set once (`-D`); `$1` (queues: all) is a NULL
+    literal, pgbench variables cannot be NULL."""
     ids = {int(number) for number in re.findall(r"\$(\d+)", statement)}
     if ids != set(range(1, 12)) or re.search(r"\$6(?!::bigint\[\])", statement):
         raise RuntimeError("the statement that ends and claims has other parameters than $1-$11")
-    text = statement.replace("$6::bigint[]", "ARRAY[:n::bigint]")
+    ending = (
+        "ARRAY[:n::bigint + 1]"
+        if batch == 1
+        else f"ARRAY(SELECT generate_series(:n::bigint + 1, :n::bigint + {batch}))"
+    )
+    text = statement.replace("$6::bigint[]", ending)
     text = re.sub(r"\$1(?!\d)", "NULL", text)
     text = re.sub(r"\$(\d+)", r":p\1", text)
     # pgbench reads a script line by line: one statement per line, `;` at its end.
     text = " ".join(line.split("--")[0].strip() for line in text.splitlines())
-    return f"{text};\n\\set n :n + 1\n"
+    return f"{text};\n\\set n :n + {batch}\n"
 
 
 def pgbench_drain(
-    dsn: str, statement: str, settings: list[tuple[str, str]], jobs: int, first_id: int
+    dsn: str, statement: str, settings: list[tuple[str, str]], jobs: int, batch: int
 ) -> dict[str, float]:
-    """`jobs` + 1 runs of the C=1 script (the last ends the last job), one client, prepared
-    statements, the session settings in PGOPTIONS. Wall and client CPU seconds."""
+    """The loaded queue (`jobs` jobs, consecutive ids), `batch` jobs per statement (the
+    first run ends none, the last claims none), one client, prepared statements, the
+    session settings in PGOPTIONS. Wall and client CPU seconds."""
+    if jobs % batch:
+        raise ValueError(f"{jobs} jobs do not make batches of {batch}")
     with psycopg.connect(dsn, autocommit=True) as connection:
         worker_id = connection.execute(
             "SELECT worker_id FROM procrastinate_register_worker_v1()"
         ).fetchone()[0]  # type: ignore[index]
+        first = connection.execute(
+            "SELECT min(id), max(id) - min(id) + 1 FROM procrastinate_jobs WHERE status = 'todo'"
+        ).fetchone()
+    if first is None or first[1] != jobs:
+        raise RuntimeError(f"the queue is not {jobs} jobs of consecutive ids: {first}")
     params = conninfo_to_dict(dsn)
     variables = {
-        "n": str(first_id - 1),
+        "n": str(first[0] - 1 - batch),
         "p2": str(worker_id),
-        "p3": "1",
-        "p4": "1",
+        "p3": str(batch),
+        "p4": str(batch),
         "p5": "{}",
-        "p7": "{0}",
-        "p8": "{succeeded}",
+        "p7": "{" + ",".join(["0"] * batch) + "}",
+        "p8": "{" + ",".join(["succeeded"] * batch) + "}",
         "p9": "{}",
         "p10": "{}",
         "p11": f"{{{worker_id}}}",
@@ -219,9 +202,10 @@ def pgbench_drain(
         "PGOPTIONS": " ".join(f"-c {name}={value}" for name, value in settings),
     }
     with tempfile.NamedTemporaryFile("w", suffix=".sql") as script:
-        script.write(pgbench_script(statement))
+        script.write(pgbench_script(statement, batch))
         script.flush()
-        command = ["pgbench", "-n", "-M", "prepared", "-c", "1", "-t", str(jobs + 1)]
+        runs = jobs // batch + 1
+        command = ["pgbench", "-n", "-M", "prepared", "-c", "1", "-t", str(runs)]
         command += ["-f", script.name]
         for name, value in variables.items():
             command += ["-D", f"{name}={value}"]

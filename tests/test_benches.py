@@ -35,7 +35,9 @@ def test_registry_holds_the_parts_the_readme_documents_in_order() -> None:
         child.DrainChild("fastworker", "dbname=x", 10, "successful", "io_sleep"),
         child.LatencyChild("procrastinate", "dbname=x", 500),
         child.LatencyChild("fastworker", "dbname=x", 500, 100, True),
-        child.FloorChild("dbname=x", 500, "WITH candidate AS (...)", "SET jit TO off", 10),
+        child.FloorChild(
+            "dbname=x", 500, "WITH c AS (...)", "WITH f AS (...)", "SET jit TO off", 9
+        ),
         child.ServeChild("pgqueuer", "dbname=x", 10, "late", 300, 74.5),
         child.LimitChild("dbname=x", "io_sync", 10, 20000),
         child.ScaleChild("dbname=x", 100),
@@ -176,17 +178,20 @@ COMPLETE_AND_CLAIM = core_statement(
 def test_the_pgbench_script_ends_the_job_it_counts_and_sets_the_rest_once() -> None:
     from benches.floor import pgbench_script
 
-    script = pgbench_script(COMPLETE_AND_CLAIM)
+    script = pgbench_script(COMPLETE_AND_CLAIM, 1)
     statement, counter, end = script.split("\n")
     assert (counter, end) == ("\\set n :n + 1", "")
-    assert "job.id = ANY(ARRAY[:n::bigint])" in statement
-    assert "(ARRAY[:n::bigint] || :p9::bigint[])" in statement
+    assert "job.id = ANY(ARRAY[:n::bigint + 1])" in statement
+    assert "(ARRAY[:n::bigint + 1] || :p9::bigint[])" in statement
     assert "(NULL::varchar[] IS NULL)" in statement
     assert ":p11::bigint[]" in statement and ":p10::int[]" in statement
     assert "$" not in statement and "comment" not in statement
     assert statement.endswith(";")
+    batch = pgbench_script(COMPLETE_AND_CLAIM, 100)
+    assert "ANY(ARRAY(SELECT generate_series(:n::bigint + 1, :n::bigint + 100)))" in batch
+    assert batch.endswith("\n\\set n :n + 100\n")
     with pytest.raises(RuntimeError, match="other parameters than"):
-        pgbench_script(COMPLETE_AND_CLAIM.replace("ANY($6::bigint[])", "ANY($6)"))
+        pgbench_script(COMPLETE_AND_CLAIM.replace("ANY($6::bigint[])", "ANY($6)"), 1)
 
 
 def test_the_relay_reads_the_statements_and_settings_a_client_sends() -> None:
@@ -233,7 +238,7 @@ def test_e2e_floor_and_ceiling_rows_run_the_core_statements(dsn: str, tmp_path: 
         "--systems",
         "fastworker",
         "--jobs",
-        "60",
+        "250",
         "--latency-seconds",
         "0.4",
         "--busy-seconds",

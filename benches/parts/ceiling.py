@@ -1,18 +1,17 @@
 """ceiling: fastworker's drain at C=1 and C=100 against the ceiling of its own statements
-run by a bare loop, no Python hand-off: at C=1 pgbench runs the statement that ends the
-previous job and claims the next, one per job; at C=100 a psycopg loop runs it on batches
-of 100 (each round trip ends the batch the previous one claimed). Both under the core's
-session settings, with the texts the core sent in this run (benches/statements.py)."""
+run by a bare loop, no Python: pgbench runs the statement that ends the jobs the previous
+run claimed and claims as many, one job per statement at C=1, batches of 100 at C=100,
+under the core's session settings, with the texts the core sent in this run
+(benches/statements.py)."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
-import psycopg
-
 from benches import child
-from benches.floor import bare_drain, pgbench_drain
+from benches.floor import pgbench_drain
 from benches.parts import Bench, Part, int_list
 from benches.parts.drain import measure_drain
 from benches.parts.scale_out import figure
@@ -34,33 +33,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def first_id(dsn: str) -> int:
-    with psycopg.connect(dsn, autocommit=True) as connection:
-        row = connection.execute(
-            "SELECT min(id) FROM procrastinate_jobs WHERE status = 'todo'"
-        ).fetchone()
-    assert row is not None and row[0] is not None
-    return int(row[0])
-
-
 def ceiling_drain(dsn: str, concurrency: int, jobs: int) -> dict[str, Any]:
     statements = capture(dsn)
     reset_queue(dsn, jobs, "noop")
-    if concurrency == 1:
-        first = first_id(dsn)
-        return measure_drain(
-            dsn,
-            "procrastinate",
-            jobs,
-            lambda: pgbench_drain(
-                dsn, statements.complete_and_claim, statements.settings, jobs, first
-            ),
-        )
     return measure_drain(
         dsn,
         "procrastinate",
         jobs,
-        lambda: bare_drain(dsn, statements.complete_and_claim, statements.settings, concurrency),
+        lambda: pgbench_drain(
+            dsn, statements.complete_and_claim, statements.settings, jobs, concurrency
+        ),
     )
 
 
@@ -77,9 +59,10 @@ def fastworker_drain(dsn: str, concurrency: int, jobs: int) -> dict[str, Any]:
 def run(bench: Bench) -> list[dict[str, Any]] | None:
     if not bench.args.ceiling_concurrency or "fastworker" not in bench.systems:
         return None
-    jobs = bench.args.ceiling_jobs or bench.args.jobs
+    total = bench.args.ceiling_jobs or bench.args.jobs
     entries = []
     for concurrency in bench.args.ceiling_concurrency:
+        jobs = total - total % concurrency  # whole batches, for pgbench's count
         entry: dict[str, Any] = {"concurrency": concurrency, "jobs": jobs}
         entry[CEILING] = ceiling_drain(bench.dsn, concurrency, jobs)
         entry["fastworker"] = fastworker_drain(bench.dsn, concurrency, jobs)
@@ -146,3 +129,45 @@ def report(entries: list[dict[str, Any]], bench: Bench) -> list[str]:
 
 
 PART = Part(name="ceiling", key="ceiling", run=run, report=report, add_arguments=add_arguments)
+
+
+def plot_floors(results: dict[str, Any], path: Path) -> None:
+    """Pickup latency against its floor (idle, busy) and the drains against their
+    ceilings, one panel each, for those in `results` (e2e-floors.png)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [key for key in ("latency", "latency_busy", "ceiling") if results.get(key)]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.6), squeeze=False)
+    for axis, key in zip(axes[0], panels, strict=True):
+        if key == "ceiling":
+            labels = [f"C={entry['concurrency']}" for entry in results[key]]
+            for offset, who in ((-0.2, CEILING), (0.2, "fastworker")):
+                bars = axis.bar(
+                    [i + offset for i in range(len(labels))],
+                    [entry[who]["jobs_per_s"] for entry in results[key]],
+                    0.4,
+                    label=who,
+                )
+                axis.bar_label(bars, fmt="%.0f", fontsize=8)
+            axis.set_xticks(range(len(labels)), labels)
+            axis.set_ylabel("jobs/s (no-op drain)")
+            axis.set_title("Drain against its ceiling")
+        else:
+            systems = list(results[key])
+            for offset, quantile in ((-0.2, "p50_ms"), (0.2, "p99_ms")):
+                bars = axis.bar(
+                    [i + offset for i in range(len(systems))],
+                    [results[key][system][quantile] for system in systems],
+                    0.4,
+                    label=quantile.split("_")[0],
+                )
+                axis.bar_label(bars, fmt="%.1f", fontsize=8)
+            axis.set_xticks(range(len(systems)), systems)
+            axis.set_ylabel("ms from defer to task start")
+            axis.set_title("Pickup, busy (C=100, 90 held)" if key == "latency_busy" else "Pickup")
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)

@@ -61,7 +61,12 @@ def start_child(dsn: str, system: str, expected: int, busy: bool) -> subprocess.
     if system == FLOOR:
         statements = capture(dsn)
         config = child.FloorChild(
-            dsn, expected, statements.claim, settings_sql(statements.settings), concurrency
+            dsn,
+            expected,
+            statements.claim,
+            statements.complete_and_claim,
+            settings_sql(statements.settings),
+            concurrency,
         )
     else:
         config = child.LatencyChild(system, dsn, expected, concurrency, busy)
