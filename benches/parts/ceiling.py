@@ -19,6 +19,7 @@ from benches.statements import capture
 from benches.tables import reset_queue
 
 CEILING = "ceiling"
+WHO = (CEILING, "fastworker")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,7 +93,7 @@ COLUMNS = (
 def report(entries: list[dict[str, Any]], bench: Bench) -> list[str]:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|---" + "|---:" * (len(COLUMNS) - 1) + "|"]
     for entry in entries:
-        for who in (CEILING, "fastworker"):
+        for who in WHO:
             measured = entry[who]
             split = measured.get("server_breakdown") or {}
             share = "" if who == CEILING else f"{entry['fraction']:.0%}"
@@ -108,7 +109,7 @@ def report(entries: list[dict[str, Any]], bench: Bench) -> list[str]:
     details = [
         (entry["concurrency"], who, entry[who]["server_breakdown"])
         for entry in entries
-        for who in (CEILING, "fastworker")
+        for who in WHO
         if entry[who].get("server_breakdown")
     ]
     if details:
@@ -131,6 +132,17 @@ def report(entries: list[dict[str, Any]], bench: Bench) -> list[str]:
 PART = Part(name="ceiling", key="ceiling", run=run, report=report, add_arguments=add_arguments)
 
 
+def paired_bars(
+    axis: Any, labels: list[str], series: list[tuple[str, list[float]]], fmt: str
+) -> None:
+    """Two bars per label, one of each series, with their values."""
+    for index, (name, values) in enumerate(series):
+        offsets = [i + (index - 0.5) * 0.4 for i in range(len(labels))]
+        axis.bar_label(axis.bar(offsets, values, 0.4, label=name), fmt=fmt, fontsize=8)
+    axis.set_xticks(range(len(labels)), labels)
+    axis.legend()
+
+
 def plot_floors(results: dict[str, Any], path: Path) -> None:
     """Pickup latency against its floor (idle, busy) and the drains against their
     ceilings, one panel each, for those in `results` (e2e-floors.png)."""
@@ -143,31 +155,20 @@ def plot_floors(results: dict[str, Any], path: Path) -> None:
     figure, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.6), squeeze=False)
     for axis, key in zip(axes[0], panels, strict=True):
         if key == "ceiling":
-            labels = [f"C={entry['concurrency']}" for entry in results[key]]
-            for offset, who in ((-0.2, CEILING), (0.2, "fastworker")):
-                bars = axis.bar(
-                    [i + offset for i in range(len(labels))],
-                    [entry[who]["jobs_per_s"] for entry in results[key]],
-                    0.4,
-                    label=who,
-                )
-                axis.bar_label(bars, fmt="%.0f", fontsize=8)
-            axis.set_xticks(range(len(labels)), labels)
+            entries = results[key]
+            series = [(who, [entry[who]["jobs_per_s"] for entry in entries]) for who in WHO]
+            labels = [f"C={entry['concurrency']}" for entry in entries]
+            paired_bars(axis, labels, series, "%.0f")
             axis.set_ylabel("jobs/s (no-op drain)")
             axis.set_title("Drain against its ceiling")
         else:
-            systems = list(results[key])
-            for offset, quantile in ((-0.2, "p50_ms"), (0.2, "p99_ms")):
-                bars = axis.bar(
-                    [i + offset for i in range(len(systems))],
-                    [results[key][system][quantile] for system in systems],
-                    0.4,
-                    label=quantile.split("_")[0],
-                )
-                axis.bar_label(bars, fmt="%.1f", fontsize=8)
-            axis.set_xticks(range(len(systems)), systems)
+            by_system = results[key]
+            series = [
+                (quantile[:3], [figures[quantile] for figures in by_system.values()])
+                for quantile in ("p50_ms", "p99_ms")
+            ]
+            paired_bars(axis, list(by_system), series, "%.1f")
             axis.set_ylabel("ms from defer to task start")
             axis.set_title("Pickup, busy (C=100, 90 held)" if key == "latency_busy" else "Pickup")
-        axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
