@@ -10,7 +10,12 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from benches import child
-from benches.measure import ServerStats, commits, server_cpu_seconds
+from benches.measure import (
+    ServerStats,
+    commits,
+    server_cpu_seconds,
+    wait_for_clients_to_leave,
+)
 from benches.parts import Bench, Part, int_list
 from benches.tables import check_drained, reset_queue
 
@@ -93,6 +98,7 @@ def measure_drain(
     commits_before = commits(dsn)
     server_before = server_cpu_seconds(dsn)
     result = run()
+    wait_for_clients_to_leave(dsn)
     server_after = server_cpu_seconds(dsn)
     breakdown = stats.per_job(jobs)
     time.sleep(1.1)  # backends flush their stats when they exit, at most once a second

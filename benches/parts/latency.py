@@ -21,6 +21,7 @@ import psycopg
 
 from benches import child
 from benches.floor import settings_sql
+from benches.measure import ServerStats
 from benches.parts import Bench, Part
 from benches.pgq import enqueue_pgqueuer
 from benches.statements import capture
@@ -101,6 +102,7 @@ def latency(
 ) -> dict[str, Any]:
     reset_queue(dsn, 0, "stamp", system)
     expected = int(seconds / interval)
+    stats = ServerStats(dsn)
     process = start_child(dsn, system, expected, busy)
     committed: dict[int, float] = {}  # job id: when the producer's INSERT returned
     deferrals: dict[float, float] = {}  # the same by the job's stamp (its time of deferral)
@@ -136,6 +138,7 @@ def latency(
     if process.returncode != 0:
         raise RuntimeError(stderr[-3000:])
     result = child.last_line(stdout)
+    server = stats.per_job(expected)
     if system == FLOOR:
         records = {int(job_id): times for job_id, times in result["records"].items()}
         measured = quantiles([times["started"] - times["deferred"] for times in records.values()])
@@ -148,6 +151,8 @@ def latency(
             for deferred, latency in zip(result["deferred"], result["latencies"], strict=True)
         }
     measured["producer_insert_commit_p50_ms"] = statistics.median(insert_s) * 1000
+    if server is not None:
+        measured["server_statements"] = server["top_statements"]
     # From the producer's commit on (its reply), which takes out the producer's own time.
     after_commit = [
         by_deferral[deferred] - committed_at
@@ -248,6 +253,22 @@ def report(measured_by_system: dict[str, Any], bench: Bench) -> list[str]:
             f"{measured['producer_insert_commit_p50_ms']:.2f} | "
             f"{after_commit(measured)} | {measured['count']} |"
         )
+    statements = [
+        (system, statement)
+        for system, measured in measured_by_system.items()
+        for statement in measured.get("server_statements", [])
+    ]
+    if statements:
+        lines += [
+            "",
+            "| server, by statement (execution, triggers in) | statement | calls/job | µs/call |",
+            "|---|---|---:|---:|",
+        ]
+        lines += [
+            f"| {system} | `{statement['query'][:70]}` | {statement['calls_per_job']:.2f} | "
+            f"{statement['us_per_call']:.0f} |"
+            for system, statement in statements
+        ]
     steps = measured_by_system.get(FLOOR, {}).get("breakdown")
     if steps:
         lines += [
