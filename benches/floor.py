@@ -4,10 +4,10 @@ loops, with no worker around them.
 - `run_floor` (in a child process, benches/child.py `FloorChild`): pickup latency's floor.
   One connection LISTENs on procrastinate's channel; on each notification another one,
   under the core's session settings, claims for the free slots with one statement and one
-  commit: the core's claim, or, when jobs ended since the last one, the core's statement
-  that ends them and claims (as the core does: no commit of its own per job). An asyncio
-  task starts per claimed job. Each step is timed, for the breakdown of where a pickup's
-  time goes.
+  commit, the core's claim. An asyncio task starts per claimed job. A job that ended is
+  written at once on the same connection by the core's statement that ends jobs and
+  claims, as the core does (its queries show the same: per job, one claim and one end).
+  Each step of a pickup is timed, for the breakdown of where its time goes.
 - `pgbench_drain`: the drain's ceiling, the core's statement that ends a batch and claims
   the next, one per round trip, run by pgbench (no Python anywhere).
 """
@@ -57,7 +57,6 @@ async def run_floor(config: FloorChild) -> dict[str, Any]:
     running: set[asyncio.Task[None]] = set()
     ended: list[tuple[int, int]] = []  # jobs run, with their attempts, not yet written
     wake = asyncio.Event()
-    more = [False]  # whether the last claim filled every free slot
     stamped = asyncio.Event()
 
     async def hear() -> None:
@@ -87,9 +86,8 @@ async def run_floor(config: FloorChild) -> dict[str, Any]:
                 " VALUES ('default', 'hold', json_build_object('seconds', %s::float8))",
                 (HOLD_SECONDS,),
             )
-        ended.append((job_id, job[9]))  # written by the next claim, as the core does
-        if more[0]:  # the last claim filled every free slot: there may be jobs left
-            wake.set()
+        ended.append((job_id, job[9]))
+        wake.set()  # written at once, by the statement that ends and claims, as the core does
 
     async def claim(free: int) -> list[tuple[Any, ...]]:
         """The core's claim, or, with jobs ended since the last one, its statement that
@@ -119,7 +117,10 @@ async def run_floor(config: FloorChild) -> dict[str, Any]:
         while True:
             await wake.wait()
             wake.clear()
-            while (free := config.concurrency - len(running)) > 0:
+            while True:
+                free = max(0, config.concurrency - len(running))
+                if not free and not ended:
+                    break
                 sent = time.time()
                 claimed_rows = await claim(free)
                 claimed = time.time()
@@ -127,8 +128,7 @@ async def run_floor(config: FloorChild) -> dict[str, Any]:
                     task = asyncio.create_task(run(job, sent, claimed))
                     running.add(task)
                     task.add_done_callback(running.discard)
-                more[0] = len(claimed_rows) == free
-                if not more[0]:
+                if len(claimed_rows) < free:  # none left for now
                     break
 
     hearing = asyncio.create_task(hear())
