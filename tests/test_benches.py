@@ -256,3 +256,33 @@ def test_e2e_floor_and_ceiling_rows_run_the_core_statements(dsn: str, tmp_path: 
         assert set(results[key]) == {"fastworker", "floor"}
         assert results[key]["fastworker"]["to_floor"]["p50_ms"] > 0
         assert results[key]["floor"]["breakdown"]["jobs"] > 0
+
+
+@pytest.mark.slow
+def test_e2e_scratch_server_splits_the_server_time_by_statement(tmp_path: Path) -> None:
+    import shutil
+
+    if shutil.which("pgbench") is None or shutil.which("pg_config") is None:
+        pytest.skip("PostgreSQL's programs (pg_config, initdb, pgbench) are not installed")
+    completed = run_e2e(
+        "--scratch-server",
+        "--only",
+        "ceiling",
+        "--systems",
+        "fastworker",
+        "--jobs",
+        "200",
+        "--ceiling-concurrency",
+        "1",
+        "--out",
+        str(tmp_path),
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads((tmp_path / "e2e.json").read_text())
+    assert results["environment"]["scratch_server"] is True
+    (entry,) = results["ceiling"]
+    for who in ("ceiling", "fastworker"):
+        split = entry[who]["server_breakdown"]
+        assert split["top_statements"][0]["query"].startswith("WITH finished AS")
+        names = {function["name"] for function in split["functions"]}
+        assert "procrastinate_trigger_function_status_events_update_v1" in names
