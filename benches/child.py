@@ -22,7 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benches.workload import ALL_STAMPED, EXPECTED, IO_WORK, LATENCIES, RECORDS, build_app
+from benches.workload import (
+    ALL_STAMPED,
+    DEFERRED,
+    EXPECTED,
+    IO_WORK,
+    LATENCIES,
+    RECORDS,
+    build_app,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,11 +48,30 @@ class DrainChild:
 
 @dataclass(frozen=True)
 class LatencyChild:
-    """A listening worker at C=10 until `expected` stamped jobs ran (or 120 s)."""
+    """A listening worker at `concurrency` until `expected` stamped jobs ran (or 120 s);
+    busy: jobs still running then are cancelled after 1 s (the 10 s `hold` jobs)."""
 
     system: str
     dsn: str
     expected: int
+    concurrency: int = 10
+    busy: bool = False
+
+
+@dataclass(frozen=True)
+class FloorChild:
+    """The floor of pickup latency: a bare asyncio loop (no worker) that LISTENs, claims
+    with the core's statements (`claim`, or `complete_and_claim` when jobs ended; under
+    the session settings `settings`, `SET` statements) on each notification, and starts a
+    task per job, at most `concurrency` at once; until `expected` stamped jobs ran (or
+    120 s). See benches/floor.py."""
+
+    dsn: str
+    expected: int
+    claim: str
+    complete_and_claim: str
+    settings: str
+    concurrency: int
 
 
 @dataclass(frozen=True)
@@ -77,10 +104,11 @@ class ScaleChild:
     concurrency: int
 
 
-ChildConfig = DrainChild | LatencyChild | ServeChild | LimitChild | ScaleChild
+ChildConfig = DrainChild | LatencyChild | FloorChild | ServeChild | LimitChild | ScaleChild
 KINDS: dict[str, type[ChildConfig]] = {
     "drain": DrainChild,
     "latency": LatencyChild,
+    "floor": FloorChild,
     "serve": ServeChild,
     "limit": LimitChild,
     "scale": ScaleChild,
@@ -118,7 +146,8 @@ def decode(text: str) -> ChildConfig:
         expected = hints[name]
         # JSON has no int/float distinction for whole numbers: a float field takes an int.
         accepted = (int, float) if expected is float else (expected,)
-        if isinstance(value, bool) or not isinstance(value, accepted):
+        # A bool is an int to isinstance: only a bool field takes one.
+        if isinstance(value, bool) != (expected is bool) or not isinstance(value, accepted):
             raise ValueError(f"{kind} child config: {name}={value!r} is not {expected.__name__}")
     return cls(**data)
 
@@ -217,23 +246,30 @@ async def wait_for_pgqueuer(
 
 
 async def wait_for_worker(
-    system: str, dsn: str, concurrency: int, expected: int, timeout: float
+    system: str,
+    dsn: str,
+    concurrency: int,
+    expected: int,
+    timeout: float,
+    shutdown_graceful_timeout: float | None = None,
 ) -> None:
     """procrastinate's worker or fastworker's, until `expected` or `timeout`."""
     app = build_app(dsn)
+    options: dict[str, Any] = {
+        "app": app,
+        "concurrency": concurrency,
+        "install_signal_handlers": False,
+        "shutdown_graceful_timeout": shutdown_graceful_timeout,
+    }
     async with app.open_async():
         if system == "fastworker":
             import fastworker
 
-            worker: Any = fastworker.Worker(
-                app=app, concurrency=concurrency, install_signal_handlers=False
-            )
+            worker: Any = fastworker.Worker(**options)
         else:
             from procrastinate import worker as procrastinate_worker
 
-            worker = procrastinate_worker.Worker(
-                app=app, concurrency=concurrency, install_signal_handlers=False
-            )
+            worker = procrastinate_worker.Worker(**options)
         task = asyncio.create_task(worker.run())
         print("ready", flush=True)
         EXPECTED[0] = expected
@@ -247,8 +283,15 @@ async def child_latency(config: LatencyChild) -> dict[str, Any]:
     if config.system == "pgqueuer":
         await wait_for_pgqueuer(config.dsn, 10, "stamp", config.expected, 120)
     else:
-        await wait_for_worker(config.system, config.dsn, 10, config.expected, 120)
-    return {"latencies": LATENCIES}
+        await wait_for_worker(
+            config.system,
+            config.dsn,
+            config.concurrency,
+            config.expected,
+            120,
+            1.0 if config.busy else None,
+        )
+    return {"latencies": LATENCIES, "deferred": DEFERRED}
 
 
 async def child_serve(config: ServeChild) -> dict[str, Any]:
@@ -320,6 +363,10 @@ async def run_in_child(config: ChildConfig) -> dict[str, Any]:
         return await child_drain(config)
     if isinstance(config, LatencyChild):
         return await child_latency(config)
+    if isinstance(config, FloorChild):
+        from benches.floor import run_floor
+
+        return await run_floor(config)
     if isinstance(config, ServeChild):
         return await child_serve(config)
     if isinstance(config, LimitChild):

@@ -36,6 +36,17 @@ Then the idle-gap benchmarks, each worker waiting with the default polling inter
   the limit: the same callables run by a bare asyncio loop under a semaphore, no queue.
 - scale_out: 1, 2 and 4 fastworker processes at C=100 drain one queue of 100,000 no-op
   jobs: jobs/s, worker and server CPU per job and in cores (where the ceiling is).
+Floors and ceilings, the same SQL with no worker around it (the statements the core sent
+in this run, read off the wire; benches/statements.py, benches/floor.py):
+- latency's `floor` row: a bare loop that LISTENs, claims with the core's claim on each
+  notification and starts an asyncio task per job; each system's quantiles over its, and
+  its pickups timed step by step. latency_busy: the same at C=100 with 90 slots held by
+  10 s jobs.
+- ceiling: fastworker's drain at C=1 and C=100 against the core's complete-and-claim
+  statement run by pgbench, one job per statement (C=1) or batches of 100 (C=100).
+`--scratch-server` runs on a PostgreSQL cluster of the benchmark's own, with
+pg_stat_statements and track_functions, and splits every drain's server time per job by
+statement, procrastinate's functions (its triggers) and WAL.
 Each run records the commit, the versions (procrastinate, PostgreSQL, Python), the CPU
 model and, per part (and per system where a part runs one system at a time), the load
 average at its start. `--only lock_chain,lateness` runs a subset.
@@ -44,7 +55,8 @@ The parts are modules of benches/parts/, registered in benches/parts/__init__.py
 child process is started with a typed config (benches/child.py).
 
 Output: tables on stdout, `benches/results/e2e.json` (the parts run replace theirs; the
-others are kept), `benches/results/e2e.png` (drains) and `e2e-idle-gaps.png`.
+others are kept), `benches/results/e2e.png` (drains), `e2e-floors.png` (pickup against its
+floor, drains against their ceilings) and `e2e-idle-gaps.png`.
 Without --dsn, a scratch database is created on the local server
 (`host=127.0.0.1 user=postgres`) and dropped at the end.
 """
@@ -67,6 +79,7 @@ from psycopg.conninfo import make_conninfo
 
 from benches.measure import environment, run_stamp
 from benches.parts import SYSTEMS, Bench, Part, registry
+from benches.parts.ceiling import plot_floors
 from benches.parts.drain import plot as plot_drains
 from benches.parts.drain import settings as drain_settings
 from benches.pgq import describe as describe_pgqueuer
@@ -98,6 +111,13 @@ def build_parser(parts: tuple[Part, ...]) -> argparse.ArgumentParser:
     for part in parts:
         part.add_arguments(parser)
     parser.add_argument(
+        "--scratch-server",
+        action="store_true",
+        help="run on a PostgreSQL cluster of the benchmark's own (initdb, a free port,"
+        " pg_stat_statements and function tracking on: the ceiling part then splits the"
+        " server's time per job by statement, trigger and commit), removed at the end",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=HERE / "results",
@@ -124,22 +144,43 @@ def main() -> None:
             parser.error(f"unknown part {name!r} (--only takes {', '.join(by_name)})")
     selected = [part for part in parts if part.name in only]
 
+    if args.scratch_server and args.dsn:
+        parser.error("--scratch-server makes its own database: no --dsn with it")
+    with contextlib.ExitStack() as stack:
+        admin = LOCAL_ADMIN
+        if args.scratch_server:
+            from benches.scratch import scratch_server
+
+            admin = stack.enter_context(scratch_server())
+        results = run_parts(args, systems, selected, admin)
+    write_results(args, results, parts, systems)
+
+
+def run_parts(
+    args: argparse.Namespace, systems: list[str], selected: list[Part], admin: str
+) -> dict[str, Any]:
+    """The selected parts, on `args.dsn` or a scratch database on the server of `admin`."""
     scratch = None
     dsn = args.dsn
     if dsn is None:
         scratch = f"fw_bench_{uuid.uuid4().hex[:8]}"
-        with psycopg.connect(LOCAL_ADMIN, autocommit=True) as connection:
+        with psycopg.connect(admin, autocommit=True) as connection:
             connection.execute(f'CREATE DATABASE "{scratch}"')
-        dsn = make_conninfo(LOCAL_ADMIN, dbname=scratch)
+        dsn = make_conninfo(admin, dbname=scratch)
         from procrastinate import schema
 
         with psycopg.connect(dsn, autocommit=True) as connection:
             connection.execute(schema.SchemaManager.get_schema())  # type: ignore[arg-type]
+            if args.scratch_server:
+                connection.execute("CREATE EXTENSION pg_stat_statements")
     bench = Bench(dsn=dsn, args=args, systems=systems)
     try:
         if "pgqueuer" in systems:
             install_pgqueuer(dsn)
-        results: dict[str, Any] = {"environment": environment(dsn), "runs": {}}
+        results: dict[str, Any] = {
+            "environment": {**environment(dsn), "scratch_server": args.scratch_server},
+            "runs": {},
+        }
         for part in selected:
             results.update(part.header(bench))
         if "pgqueuer" in systems:
@@ -153,9 +194,15 @@ def main() -> None:
                 results[part.key] = measured
     finally:
         if scratch:
-            with psycopg.connect(LOCAL_ADMIN, autocommit=True) as connection:
+            with psycopg.connect(admin, autocommit=True) as connection:
                 connection.execute(f'DROP DATABASE IF EXISTS "{scratch}" WITH (FORCE)')
+    return results
 
+
+def write_results(
+    args: argparse.Namespace, results: dict[str, Any], parts: tuple[Part, ...], systems: list[str]
+) -> None:
+    bench = Bench(dsn=args.dsn or "", args=args, systems=systems)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "e2e.json"
     merged = merge_results(path, results, parts)
@@ -167,6 +214,9 @@ def main() -> None:
         if merged.get("drain") and merged.get("systems"):
             plot_drains(merged, args.out / "e2e.png")
             print(f"wrote {args.out / 'e2e.png'}")
+        if any(merged.get(key) for key in ("latency", "latency_busy", "ceiling")):
+            plot_floors(merged, args.out / "e2e-floors.png")
+            print(f"wrote {args.out / 'e2e-floors.png'}")
         if any(merged.get(part.key) for part in parts if part.panel is not None):
             plot_idle_gaps(merged, args.out / "e2e-idle-gaps.png", parts)
             print(f"wrote {args.out / 'e2e-idle-gaps.png'}")

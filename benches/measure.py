@@ -53,6 +53,23 @@ def server_cpu_seconds(dsn: str) -> float | None:
     return ticks / CLOCK_TICKS
 
 
+def wait_for_clients_to_leave(dsn: str, timeout: float = 5.0) -> None:
+    """Until no other client is connected to the database (at most `timeout` s), then a
+    moment more: a backend's CPU counts in server_cpu_seconds while it runs and once its
+    exit is reaped, not in between."""
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            others = connection.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+            ).fetchone()[0]  # type: ignore[index]
+            if not others:
+                break
+            time.sleep(0.02)
+    time.sleep(0.2)
+
+
 def commits(dsn: str) -> int:
     with psycopg.connect(dsn, autocommit=True) as connection:
         connection.execute("SELECT pg_stat_clear_snapshot()")
@@ -186,6 +203,7 @@ def environment(dsn: str) -> dict[str, Any]:
             versions[package] = metadata.version(package)
     return {
         "commit": git("rev-parse", "HEAD") or "unknown",
+        "psycopg_impl": psycopg.pq.__impl__,  # "python" (ctypes), "c" or "binary"
         "commit_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "versions": versions,
         "postgresql": server,
@@ -202,3 +220,64 @@ def run_stamp() -> dict[str, Any]:
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "load_average_at_start": [round(value, 2) for value in os.getloadavg()],
     }
+
+
+class ServerStats:
+    """Where the server's time goes, from pg_stat_statements and function tracking, when
+    the server has them (`benches/e2e.py --scratch-server`): reset on creation, read by
+    `per_job`. Statement times are wall times of execution (triggers included); what the
+    statements do not cover (commit, WAL flush, parse/bind, the protocol) is in the
+    server's CPU, not here."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        with psycopg.connect(dsn, autocommit=True) as connection:
+            self.available = bool(
+                connection.execute(
+                    "SELECT to_regclass('pg_stat_statements') IS NOT NULL"
+                    " AND current_setting('shared_preload_libraries') LIKE '%pg_stat_statements%'"
+                    " AND current_setting('track_functions') <> 'none'"
+                ).fetchone()[0]  # type: ignore[index]
+            )
+            if self.available:
+                connection.execute("SELECT pg_stat_statements_reset()")
+                connection.execute("SELECT pg_stat_reset()")
+
+    def per_job(self, jobs: int) -> dict[str, Any] | None:
+        """µs per job: top-level statements (the 4 costliest, then all), their WAL bytes,
+        and procrastinate's functions (trigger functions) by their own time."""
+        if not self.available:
+            return None
+        time.sleep(1.1)  # backends flush their function statistics at most once a second
+        with psycopg.connect(self.dsn, autocommit=True) as connection:
+            connection.execute("SELECT pg_stat_clear_snapshot()")
+            statements = connection.execute(
+                "SELECT regexp_replace(query, '\\s+', ' ', 'g'), calls, total_exec_time,"
+                " wal_bytes FROM pg_stat_statements"
+                " WHERE toplevel AND dbid = (SELECT oid FROM pg_database"
+                "  WHERE datname = current_database()) AND query NOT LIKE 'SELECT pg_stat%'"
+                " ORDER BY total_exec_time DESC"
+            ).fetchall()
+            functions = connection.execute(
+                "SELECT funcname, calls, self_time FROM pg_stat_user_functions"
+                " WHERE funcname LIKE 'procrastinate%' AND calls > 0 ORDER BY self_time DESC"
+            ).fetchall()
+        scale = 1000 / jobs  # ms in all to µs per job
+        return {
+            "statements_us_per_job": sum(row[2] for row in statements) * scale,
+            "wal_bytes_per_job": sum(int(row[3]) for row in statements) / jobs,
+            "top_statements": [
+                {
+                    "query": query[:90],
+                    "calls_per_job": calls / jobs,
+                    "us_per_job": ms * scale,
+                    "us_per_call": ms * 1000 / calls,
+                }
+                for query, calls, ms, _ in statements[:4]
+            ],
+            "procrastinate_functions_us_per_job": sum(row[2] for row in functions) * scale,
+            "functions": [
+                {"name": name, "calls_per_job": calls / jobs, "us_per_job": ms * scale}
+                for name, calls, ms in functions
+            ],
+        }

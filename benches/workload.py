@@ -9,11 +9,13 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 LATENCIES: list[float] = []
+DEFERRED: list[float] = []  # the stamps of the jobs of LATENCIES, in the same order
 EXPECTED = [0]  # how many stamped jobs (latency) or records (other runs) the child waits for
 ALL_STAMPED = asyncio.Event()
 RECORDS: list[dict[str, Any]] = []
 APP: list[Any] = []  # the app of this process, for the I/O tasks' query
 RETRY_WAIT_S = 1  # the delayed retries' wait, in the lateness run
+HOLD_SECONDS = 10.0  # the busy latency run's background jobs
 
 
 def record(item: dict[str, Any]) -> None:
@@ -24,6 +26,7 @@ def record(item: dict[str, Any]) -> None:
 
 def stamp_latency(deferred_at: float) -> None:
     LATENCIES.append(time.time() - deferred_at)
+    DEFERRED.append(deferred_at)
     if len(LATENCIES) >= EXPECTED[0] > 0:
         ALL_STAMPED.set()
 
@@ -44,6 +47,12 @@ def build_app(dsn: str) -> Any:
     @app.task(name="stamp")
     async def stamp(t: float) -> None:
         stamp_latency(t)
+
+    @app.task(name="hold")
+    async def hold(seconds: float) -> None:
+        """Busy background: holds a slot for `seconds`, then defers its successor (10 s)."""
+        await asyncio.sleep(seconds)
+        await hold.defer_async(seconds=HOLD_SECONDS)
 
     @app.task(name="chain")
     async def chain(n: int) -> None:

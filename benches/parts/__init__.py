@@ -47,11 +47,22 @@ class Part:
 
 def registry() -> tuple[Part, ...]:
     """Every part, in the order they run and report."""
-    from benches.parts import drain, io_bound, latency, lateness, lock_chain, memory, scale_out
+    from benches.parts import (
+        ceiling,
+        drain,
+        io_bound,
+        latency,
+        lateness,
+        lock_chain,
+        memory,
+        scale_out,
+    )
 
     return (
         drain.PART,
+        ceiling.PART,
         latency.PART,
+        latency.BUSY,
         memory.PART,
         lock_chain.PART,
         lateness.PART,

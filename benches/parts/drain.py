@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from benches import child
-from benches.measure import commits, server_cpu_seconds
+from benches.measure import (
+    ServerStats,
+    commits,
+    server_cpu_seconds,
+    wait_for_clients_to_leave,
+)
 from benches.parts import Bench, Part, int_list
 from benches.tables import check_drained, reset_queue
 
@@ -74,15 +80,31 @@ def drain(dsn: str, system: str, setting: Setting, jobs: int) -> dict[str, float
         return None  # PGQUEUER_SYNC, or a setting of procrastinate's schema
     task = "noop" if kind == "async" else "noop_sync"
     reset_queue(dsn, jobs, task, system, setting.history)
+    return measure_drain(
+        dsn,
+        system,
+        jobs,
+        lambda: child.run(child.DrainChild(system, dsn, concurrency, setting.delete_jobs)),
+    )
+
+
+def measure_drain(
+    dsn: str, system: str, jobs: int, run: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
+    """`run` (wall and client CPU seconds) drains the loaded queue: jobs/s, CPU and commits
+    per job, and where the server's time went when it can say (see ServerStats)."""
     time.sleep(1.1)  # let the stats of the reset reach pg_stat_database
+    stats = ServerStats(dsn)
     commits_before = commits(dsn)
     server_before = server_cpu_seconds(dsn)
-    result = child.run(child.DrainChild(system, dsn, concurrency, setting.delete_jobs))
+    result = run()
+    wait_for_clients_to_leave(dsn)
     server_after = server_cpu_seconds(dsn)
+    breakdown = stats.per_job(jobs)
     time.sleep(1.1)  # backends flush their stats when they exit, at most once a second
     commits_after = commits(dsn)
     check_drained(dsn, system, jobs)
-    measured: dict[str, float] = {
+    measured: dict[str, Any] = {
         "jobs_per_s": jobs / result["wall"],
         "worker_cpu_us_per_job": result["cpu"] / jobs * 1e6,
         "commits_per_job": (commits_after - commits_before) / jobs,
@@ -90,6 +112,8 @@ def drain(dsn: str, system: str, setting: Setting, jobs: int) -> dict[str, float
     }
     if server_before is not None and server_after is not None:
         measured["server_cpu_us_per_job"] = (server_after - server_before) / jobs * 1e6
+    if breakdown is not None:
+        measured["server_breakdown"] = breakdown
     return measured
 
 
