@@ -32,7 +32,7 @@ Then the idle-gap benchmarks, each worker waiting with the default polling inter
   over 10 s, each 1-3 s ahead (retried ones at once), so that the deferrals' notifications
   also wake the workers. pgqueuer: scheduled jobs only (its retries are in-process).
 - io: 20,000 I/O-bound jobs (async: `asyncio.sleep` then one query through the app's
-  connector, or a sleep alone, at C=100; sync: `time.sleep(0.005)` at C=10), set against
+  connector, or a sleep alone, at C=100; sync: `time.sleep(0.005)` at C=50), set against
   the limit: the same callables run by a bare asyncio loop under a semaphore, no queue.
 - scale_out: 1, 2 and 4 fastworker processes at C=100 drain one queue of 100,000 no-op
   jobs: jobs/s, worker and server CPU per job and in cores (where the ceiling is).

@@ -118,7 +118,7 @@ class IoVariant(NamedTuple):
 IO_VARIANTS = (
     IoVariant("async, sleep 10 ms + 1 query, C=100", "io_sleep_query", "async", 100, 100 / 0.01),
     IoVariant("async, sleep 5 ms, C=100", "io_sleep", "async", 100, 100 / 0.005),
-    IoVariant("sync, time.sleep 5 ms, C=10", "io_sync", "sync", 10, 10 / 0.005),
+    IoVariant("sync, time.sleep 5 ms, C=50", "io_sync", "sync", 50, 50 / 0.005),
 )
 IO_WORK: dict[str, Callable[[], Any]] = {
     "io_sleep_query": io_sleep_query_work,

@@ -101,9 +101,40 @@ def write_project(root: Path, dsn: str, marker: Path, settings: str = "") -> Non
             def record(context, value):
                 with open({str(marker)!r}, "a") as marker:
                     marker.write(f"{{value}} {{context.worker_name}}\\n")
+
+
+            import threading
+
+            from django.db import connection
+            from procrastinate.contrib.django.models import ProcrastinateJob
+
+            # Broken (BrokenBarrierError) unless {ORM_AT_ONCE} jobs reach it at once.
+            AT_ONCE = threading.Barrier({ORM_AT_ONCE}, timeout=60)
+
+
+            def backend_pid():
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT pg_backend_pid()")
+                    return cursor.fetchone()[0]
+
+
+            @app.task(name="orm_at_once", pass_context=True)
+            def orm_at_once(context):
+                job = ProcrastinateJob.objects.get(id=context.job.id)
+                pid = backend_pid()
+                AT_ONCE.wait()
+                # Still this thread's own connection, while the others hold theirs.
+                assert ProcrastinateJob.objects.filter(id=job.id, status="doing").exists()
+                with open({str(marker.with_suffix(".orm"))!r}, "a") as marker:
+                    name = threading.current_thread().name
+                    marker.write(f"{{job.id}} {{name}} {{pid}} {{backend_pid()}}\\n")
             """
         )
     )
+
+
+#: Sync jobs of the Django project's `orm_at_once` task that must run at once.
+ORM_AT_ONCE = 20
 
 
 def run_in(
@@ -365,3 +396,54 @@ def test_the_cli_logging_flags_are_not_offered_under_django(project: Path, flag:
     completed = manage_py(project, "--one-shot", flag, timeout=60)
     assert completed.returncode == 2
     assert f"unrecognized arguments: {flag}" in completed.stderr
+
+
+def test_sync_tasks_use_the_orm_concurrently_each_thread_its_own_connection(
+    dsn: str, project: Path
+) -> None:
+    """20 sync jobs at concurrency=20 use the ORM at once (a barrier of 20), each in its
+    own thread with its own connection (Django's connections are per thread); once the
+    worker has stopped, procrastinate's Django middleware has closed every one of them."""
+    values = ",".join(["('default', 'orm_at_once', '{}')"] * ORM_AT_ONCE)
+    fetch_all(
+        dsn,
+        "INSERT INTO procrastinate_jobs (queue_name, task_name, args)"
+        f" VALUES {values} RETURNING id",
+    )
+    script = textwrap.dedent(
+        """
+        import time
+
+        import django
+        from django.core.management import call_command
+        from django.db import connection
+
+        django.setup()
+        call_command("fastworker", concurrency=20, wait=False)
+        with open("ran.orm") as marker:
+            pids = [int(line.split()[2]) for line in marker]
+        deadline = time.monotonic() + 30
+        with connection.cursor() as cursor:
+            while True:
+                cursor.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", [pids]
+                )
+                (still_open,) = cursor.fetchone()
+                if not still_open or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+        print(f"still open: {still_open}")
+        """
+    )
+    completed = run_in(
+        project, "-c", script, timeout=180, DJANGO_SETTINGS_MODULE="djangoproject.settings"
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "still open: 0"
+    assert statuses(dsn) == [("succeeded", ORM_AT_ONCE)]
+    runs = [line.split() for line in (project / "ran.orm").read_text().splitlines()]
+    assert len(runs) == ORM_AT_ONCE
+    assert len({thread for _, thread, _, _ in runs}) == ORM_AT_ONCE
+    assert all(thread.startswith("fastworker-sync") for _, thread, _, _ in runs)
+    assert len({pid for _, _, pid, _ in runs}) == ORM_AT_ONCE
+    assert all(pid == again for _, _, pid, again in runs)

@@ -77,6 +77,7 @@ def test_an_old_spelling_still_works_on_the_command_line() -> None:
         (["--metrics-port", "70000"], "metrics_port must be a port number"),
         (["--metrics-duration-buckets", "60,1"], "metrics_duration_buckets must be positive"),
         (["--metrics-duration-buckets", "1,x"], "invalid float value: 'x'"),
+        (["--sync-executor", "pool"], "sync_executor must be 'threads' or 'default', got 'pool'"),
     ],
 )
 def test_a_bad_value_on_the_command_line_is_refused_by_the_table_s_check(
@@ -155,6 +156,7 @@ def test_the_readme_synopsis_is_the_parsers_usage() -> None:
         ("queue_concurrency", "a=1, b=2", {"a": 1, "b": 2}),
         ("task_timeouts", "pkg.sleepy=1.5", {"pkg.sleepy": 1.5}),
         ("metrics_duration_buckets", "1,60", [1.0, 60.0]),
+        ("sync_executor", "default", "default"),
     ],
 )
 def test_an_options_text_is_read_by_the_table(name: str, text: str, value: object) -> None:

@@ -73,6 +73,18 @@ def bucket_bounds(name: str, value: Any) -> list[float]:
     return [float(bound) for bound in bounds]
 
 
+def one_of(*values: str) -> Callable[[str, Any], str]:
+    """One of ``values``."""
+
+    def check_one_of(name: str, value: Any) -> str:
+        if value not in values:
+            listed = " or ".join(repr(allowed) for allowed in values)
+            raise ValueError(f"{name} must be {listed}, got {value!r}")
+        return str(value)
+
+    return check_one_of
+
+
 def optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
     def check_optional(name: str, value: Any) -> Any:
         return None if value is None else check(name, value)
@@ -367,6 +379,17 @@ OPTIONS: tuple[Option, ...] = (
         parse=_number(float),
         metavar="TASK=SECONDS",
         old_flags=("--task-timeout",),
+    ),
+    Option(
+        "sync_executor",
+        "threads",
+        one_of("threads", "default"),
+        "where sync tasks run: `threads`, a pool of `concurrency` threads the worker owns "
+        "(each running sync job has a thread), or `default`, the event loop's default "
+        "executor (procrastinate's behaviour: at most `min(32, cores + 4)` sync jobs at "
+        "once; see docs/migration.md)",
+        metavar="{threads,default}",
+        shown_default="`threads`",
     ),
     Option(
         "metrics_port",

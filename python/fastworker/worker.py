@@ -11,6 +11,7 @@ from are plain objects in `fastworker/runner/`, each owning its state:
 - `outcome_sink.py`: `OutcomeSink`, outcome batching to the core;
 - `lifecycle.py`: `Lifecycle`, graceful and hard stops, drains, the core's fatal error;
 - `executor.py`: `JobExecutor`, starting each job handed over (`intake.py` decodes rows);
+- `sync_threads.py`: `SyncThreads`, the pool of threads sync jobs run in;
 - `timeouts.py`: `JobTimeouts`;
 - `events.py`: `EventPump`, the core's events to the roles they are for;
 - `periodic.py`: `PeriodicDeferrer`, procrastinate's periodic deferrer, kept running
@@ -103,6 +104,7 @@ class Worker(procrastinate_worker.Worker):
         queue_concurrency: Mapping[str, int] | None = None,
         job_timeout: float | None = None,
         task_timeouts: Mapping[str, float] | None = None,
+        sync_executor: str = "threads",
         metrics_port: int | None = None,
         metrics_address: str = "0.0.0.0",
         metrics_duration_buckets: list[float] | None = None,
@@ -131,6 +133,7 @@ class Worker(procrastinate_worker.Worker):
                 "max_jobs": max_jobs,
                 "job_timeout": job_timeout,
                 "task_timeouts": task_timeouts,
+                "sync_executor": sync_executor,
                 "metrics_port": metrics_port,
                 "metrics_address": metrics_address,
                 "metrics_duration_buckets": metrics_duration_buckets,
@@ -148,6 +151,7 @@ class Worker(procrastinate_worker.Worker):
         self.max_jobs: int | None = own["max_jobs"]
         self.job_timeout: float | None = own["job_timeout"]
         self.task_timeouts: dict[str, float] = own["task_timeouts"]
+        self.sync_executor: str = own["sync_executor"]
         self.metrics_port: int | None = own["metrics_port"]
         self.metrics_address: str = own["metrics_address"]
         self.metrics_duration_buckets: list[float] | None = own["metrics_duration_buckets"]
@@ -250,9 +254,10 @@ class Worker(procrastinate_worker.Worker):
 
     def _unless_claim_lost(self, job: jobs.Job) -> None:
         """Called in a sync job's thread, before its function. The job may have waited for
-        a thread of the loop's executor (fewer threads than `concurrency`), and its claim
-        may have been lost meanwhile: then the function is not called, and the job ends
-        aborted, as a sync job that saw `should_abort()` does."""
+        a thread (with `sync_executor="default"`, the loop's executor has fewer threads
+        than `concurrency`), and its claim may have been lost meanwhile: then the function
+        is not called, and the job ends aborted, as a sync job that saw `should_abort()`
+        does."""
         if self._roles.ledger.is_lost(claim_of(job)):
             raise exceptions.JobAborted(f"The claim of job {job.id} is no longer this worker's")
 
@@ -270,7 +275,10 @@ class Worker(procrastinate_worker.Worker):
           so is a claim lost before it (see `JobExecutor.stop_lost_claims`): its task
           function is never called, sync or async; a sync job whose claim is lost while it waits for
           a thread is not called either (`_unless_claim_lost`); a job cancelled by its
-          timeout ends with `JobTimeout` instead of as aborted.
+          timeout ends with `JobTimeout` instead of as aborted;
+        - a sync function runs as upstream's does (asgiref's `sync_to_async`, not
+          thread-sensitive), in the worker's pool of `concurrency` threads unless
+          `sync_executor="default"` (`SyncThreads.run`).
         """
         job = context.job
         task = self.app.tasks.get(job.task_name)
@@ -328,7 +336,7 @@ class Worker(procrastinate_worker.Worker):
                         self._unless_claim_lost(job)
                         return task(*job_args, **job.task_kwargs)
 
-                    task_result = await utils.sync_to_async(
+                    task_result = await self._roles.sync_threads.run(
                         middleware.compose(middlewares, run_sync_task, context, self)
                     )
                 # A sync function may return an awaitable: run it (procrastinate does).
@@ -545,6 +553,7 @@ class Worker(procrastinate_worker.Worker):
             ),
         )
         self._running_jobs = self._roles.executor.begin_run()
+        self._roles.sync_threads.begin_run()
         self._roles.lifecycle.begin_fetching(asyncio.get_running_loop())
         side_tasks = [asyncio.create_task(self._periodic_deferrer(), name="deferrer")]
         side_tasks_monitor = asyncio.create_task(
@@ -571,9 +580,13 @@ class Worker(procrastinate_worker.Worker):
         finally:
             if not side_tasks_monitor.done():
                 side_tasks_monitor.cancel()
-            await self._roles.shutdown.run(
-                core, self._running_jobs, side_tasks, events_task, self.worker_id
-            )
+            try:
+                await self._roles.shutdown.run(
+                    core, self._running_jobs, side_tasks, events_task, self.worker_id
+                )
+            finally:
+                # Every job has ended (the shutdown waited for them, or aborted them).
+                self._roles.sync_threads.end_run()
             # Forgotten before procrastinate's last record, which carries no worker id.
             self.worker_id = None
             self.logger.info(

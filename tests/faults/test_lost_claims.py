@@ -5,7 +5,7 @@ it used to run in full. The recovered job then runs once more, under its new cla
 
 Each test stands one part of the worker still while the core claims the job and learns
 that the claim is lost: the event loop (an async task that blocks it), or the only thread
-of the loop's executor (a sync task that holds it)."""
+of the loop's executor (a sync task that holds it, with `sync_executor="default"`)."""
 
 from __future__ import annotations
 
@@ -130,9 +130,10 @@ async def test_a_claim_lost_before_its_first_step_never_calls_the_task(
 async def test_a_sync_job_waiting_for_a_thread_when_its_claim_is_lost_is_not_called(
     dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A sync job waits for a thread of the loop's executor (fewer threads than
-    `concurrency`). Its claim lost meanwhile, it was still called when a thread came, with
-    only `should_abort()` to tell it (a function that never looks ran in full)."""
+    """A sync job waits for a thread of the loop's executor (`sync_executor="default"`:
+    fewer threads than `concurrency`). Its claim lost meanwhile, it was still called when
+    a thread came, with only `should_abort()` to tell it (a function that never looks ran
+    in full)."""
     caplog.set_level(logging.INFO)
     loop = asyncio.get_running_loop()
     executor = ThreadPoolExecutor(max_workers=1)  # this test's loop only
@@ -161,7 +162,10 @@ async def test_a_sync_job_waiting_for_a_thread_when_its_claim_is_lost_is_not_cal
             lambda: worker._roles.ledger.is_lost(claim), "the runner to learn the claim is lost"
         )
 
-    async with app.open_async(), running(app, concurrency=2, **QUICK) as worker:
+    async with (
+        app.open_async(),
+        running(app, concurrency=2, sync_executor="default", **QUICK) as worker,
+    ):
         workers.append(worker)
         defer(dsn, "hold_the_thread")
         await wait_until(

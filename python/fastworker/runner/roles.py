@@ -2,8 +2,8 @@
 
 The roles are plain objects, each owning its state and calling only what it is handed:
 `ClaimLedger`, `OutcomeSink`, `Lifecycle`, `JobTimeouts`, `JobExecutor` (and, per run,
-`EventPump`), `PeriodicDeferrer`, `StopSignals`, `Shutdown`, the core seen through
-`CorePort`. fastworker's `Worker` (`fastworker/worker.py`) derives from procrastinate's
+`EventPump`), `SyncThreads`, `PeriodicDeferrer`, `StopSignals`, `Shutdown`, the core seen
+through `CorePort`. fastworker's `Worker` (`fastworker/worker.py`) derives from procrastinate's
 and holds them: procrastinate's methods and hooks, which its code, tests and middleware
 call, delegate to them.
 """
@@ -25,6 +25,7 @@ from fastworker.runner.outcome_sink import OutcomeSink
 from fastworker.runner.periodic import PeriodicDeferrer
 from fastworker.runner.shutdown import Shutdown
 from fastworker.runner.signals import StopSignals
+from fastworker.runner.sync_threads import SyncThreads
 from fastworker.runner.timeouts import JobTimeouts
 
 if TYPE_CHECKING:
@@ -56,6 +57,8 @@ class Roles:
     lifecycle: Lifecycle
     #: Starting each job handed over and ending it with one outcome (`executor.py`).
     executor: JobExecutor
+    #: The threads sync jobs run in (`sync_threads.py`).
+    sync_threads: SyncThreads
     #: The periodic deferrer, a side task of each run (`periodic.py`).
     periodic: PeriodicDeferrer
     #: SIGINT/SIGTERM while a run lasts (`signals.py`).
@@ -113,6 +116,7 @@ def build_roles(
         outcome_sink=sink,
         lifecycle=lifecycle,
         executor=executor,
+        sync_threads=SyncThreads(concurrency=worker.concurrency, mode=worker.sync_executor),
         periodic=PeriodicDeferrer(worker.app, reconnect_timeout=worker.reconnect_timeout),
         signals=StopSignals(
             lifecycle,
