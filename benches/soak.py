@@ -567,10 +567,10 @@ def report(
     ]
     succeeded_never_ran = [row for row in per_job if row[1] == "succeeded" and row[5] == 0]
     # `record` jobs never fail by themselves: one that ended failed was given up on (by a
-    # recovery that met a passing error, say). The one failure a recovery may write: the job cannot go back to `todo` because
-    # another job holding its queueing lock is `todo`, committed (procrastinate's unique
-    # index; the load defers `soak-N` jobs while one of the same lock runs). The worker's
-    # log names each such job.
+    # recovery that met a passing error, say). The one failure a recovery may write: the
+    # job cannot go back to `todo` because another job holding its queueing lock is
+    # `todo`, committed (procrastinate's unique index; the load defers `soak-N` jobs while
+    # one of the same lock runs). The workers' logs name each such job.
     cannot_go_back = jobs_failed_for_their_queueing_lock(logs)
     record_failed_all = query(
         dsn,
