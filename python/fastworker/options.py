@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from fastworker.runner import sync_threads
+
 ENV_PREFIX = "FASTWORKER"
 
 
@@ -382,8 +384,8 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "sync_executor",
-        "threads",
-        one_of("threads", "default"),
+        sync_threads.THREADS,
+        one_of(*sync_threads.MODES),
         "where sync tasks run: `threads`, a pool of `concurrency` threads the worker owns "
         "(each running sync job has a thread), or `default`, the event loop's default "
         "executor (procrastinate's behaviour: at most `min(32, cores + 4)` sync jobs at "
