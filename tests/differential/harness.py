@@ -319,6 +319,7 @@ def _log_summary(
 ) -> tuple[dict[int, list[tuple[Any, ...]]], list[tuple[str, str, str, str, Any]]]:
     job_logs: dict[int, list[tuple[Any, ...]]] = {}
     worker_logs: list[tuple[str, str, str, str, Any]] = []
+    acknowledged: set[int] = set()
     for record in records:
         if not record.name.startswith("procrastinate"):
             continue
@@ -336,6 +337,13 @@ def _log_summary(
             continue
         if action in ignored_job_actions:
             continue
+        if action == "abort_job" and job_id in acknowledged:
+            # procrastinate's race: its abort poll can answer after a job's end is written
+            # (the id leaves `_job_ids_to_abort`) and before the job leaves `_running_jobs`
+            # (a done callback, one loop turn later), and then logs the request again.
+            continue
+        if action == "finish_task":
+            acknowledged.add(job_id)
         job = getattr(record, "job", None)
         fields: dict[str, Any] = {}
         if isinstance(job, dict):
