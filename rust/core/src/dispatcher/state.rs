@@ -561,7 +561,7 @@ impl State {
             self.settings
                 .concurrency
                 .saturating_sub(held_after_flush)
-                .min(self.settings.max_batch_size)
+                .min(self.claim_cap())
                 .min(self.jobs_left())
         } else {
             0
@@ -1008,6 +1008,18 @@ impl State {
     }
 
     /// How many more jobs `max_jobs` lets this worker claim.
+    /// The most jobs one statement claims: `max_batch_size`, and at most half the slots.
+    /// A claim's jobs arrive together when its statement ends, and their ends go back
+    /// together, so a claim of every slot makes the slots move in one wave: the database
+    /// idles while the runner runs them, and the runner while the database ends and claims
+    /// them. With half, one half runs while the other's round trip is in flight (issue 26:
+    /// no-op drains 15-29% faster at C=10 and C=100, at one commit per C/2 jobs).
+    fn claim_cap(&self) -> usize {
+        self.settings
+            .max_batch_size
+            .min(self.settings.concurrency.div_ceil(2))
+    }
+
     fn jobs_left(&self) -> usize {
         match self.settings.max_jobs {
             None => usize::MAX,
@@ -1233,7 +1245,7 @@ mod tests {
     #[test]
     fn a_completion_claims_in_the_same_round_trip_even_after_a_short_claim() {
         let now = Instant::now();
-        let mut state = holding(2, &[job(1, 0)]);
+        let mut state = holding(4, &[job(1, 0)]);
         assert!(matches!(state.plan(now, false), Plan::Wait { .. }));
         state.receive(report(vec![succeeded(1, 0)]));
         let plan = round_trip(&mut state, now);
@@ -1244,11 +1256,39 @@ mod tests {
     }
 
     #[test]
+    fn a_claim_takes_at_most_half_the_slots_and_the_other_half_follows_at_once() {
+        let now = Instant::now();
+        for (concurrency, max_batch_size, cap) in [
+            (1, 500, 1),
+            (2, 500, 1),
+            (3, 500, 2),
+            (100, 500, 50),
+            (100, 20, 20),
+        ] {
+            let mut state = State::new(Settings {
+                max_batch_size,
+                ..settings(concurrency)
+            });
+            let plan = round_trip(&mut state, now);
+            assert_eq!(plan.claim_limit, cap, "concurrency {concurrency}");
+        }
+        let mut state = State::new(settings(100));
+        let plan = round_trip(&mut state, now);
+        let first: Vec<_> = (1..=50).map(|id| job(id, 0)).collect();
+        state.on_claimed(now, plan.claim_limit, &plan.room, Ok(first));
+        let plan = round_trip(&mut state, now);
+        assert_eq!(
+            plan.claim_limit, 50,
+            "a full claim is followed by one for the other half, without waiting"
+        );
+    }
+
+    #[test]
     fn max_jobs_caps_the_claims_then_stops_claiming_as_a_drain() {
         let now = Instant::now();
         let mut state = State::new(Settings {
             max_jobs: Some(3),
-            ..settings(2)
+            ..settings(4)
         });
         let plan = round_trip(&mut state, now);
         assert_eq!(plan.claim_limit, 2);
@@ -1258,7 +1298,7 @@ mod tests {
         let plan = round_trip(&mut state, now);
         assert_eq!(
             plan.claim_limit, 1,
-            "one job left of max_jobs, though 1 slot is free"
+            "one job left of max_jobs, though 3 slots are free"
         );
         state.on_flushed(now, plan.batch, Ok(CompletionReport::default()));
         state.on_claimed(now, 1, &plan.room, Ok(vec![job(3, 0)]));
@@ -1278,7 +1318,7 @@ mod tests {
     #[test]
     fn a_job_scheduled_for_later_is_claimed_when_due_not_at_the_next_poll() {
         let start = Instant::now();
-        let mut state = State::new(settings(2));
+        let mut state = State::new(settings(4));
         claim_round(&mut state, start, Ok(Vec::new()));
         assert!(state.wants_schedule_check(), "the first short claim looks");
         state.on_next_scheduled(start, Some(Duration::from_secs(2)));
