@@ -321,7 +321,7 @@ OPTIONS: tuple[Option, ...] = (
         "max_batch_size",
         500,
         positive_int,
-        "most jobs claimed by one statement",
+        "most jobs claimed by one statement (a claim also takes at most half the slots)",
         parse=_number(int),
         metavar="N",
         core=True,
