@@ -104,6 +104,13 @@ def make_app(dsn: str, *, pool_size: int = 8, periodic: bool = False) -> procras
             )
         return n
 
+    @app.task(name="sync_record_after", pass_context=True)
+    def sync_record_after_task(context: JobContext, n: int = 0, sleep: float = 0.0) -> int:
+        """A sync task: sleeps in its thread, then records its execution (a job killed
+        while sleeping records nothing)."""
+        time.sleep(sleep)
+        return sync_record_task(context, n)
+
     @app.task(name="flaky", pass_context=True, retry=procrastinate.RetryStrategy(max_attempts=3))
     async def flaky_task(context: JobContext, n: int = 0, fail_percent: int = 5) -> int:
         """Fails `fail_percent`% of its runs (then procrastinate's retry strategy retries)."""

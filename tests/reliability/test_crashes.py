@@ -152,6 +152,45 @@ def test_sigkill_ten_times_with_recovery_loses_nothing(dsn: str, tmp_path: Path)
     assert "stalled_jobs_retried" in last.log() or len(interrupted) > 0
 
 
+def test_sigkill_while_the_pool_threads_run_sync_jobs_loses_nothing(
+    dsn: str, tmp_path: Path
+) -> None:
+    """Sync jobs run in the worker's own threads (`sync_executor="threads"`, the default).
+    A SIGKILL takes those threads with the process: the jobs they ran stay `doing` under
+    the dead worker, the next worker puts them back, and each job runs to its end, a
+    second time only if it was held."""
+    create_executions_table(dsn)
+    defer_jobs(
+        dsn, 200, task="sync_record_after", args_sql="json_build_object('n', n, 'sleep', 0.3)"
+    )
+    worker_id, held = start_and_kill(dsn, tmp_path / "victim.log")
+    assert len(held) >= 5, held
+    assert doing_by_worker(dsn) == {worker_id: len(held)}
+    wait_until(lambda: stale(dsn, worker_id), timeout=30, what="stale heartbeat")
+
+    last = WorkerProcess(
+        dsn,
+        tmp_path / "next.log",
+        "--once",
+        "--concurrency",
+        "50",
+        "--recover-stalled-jobs",
+        "--heartbeat",
+        HEARTBEAT,
+        "--stalled-timeout",
+        STALLED,
+    )
+    assert last.wait(timeout=240) == 0, last.log()
+    assert statuses(dsn) == {"succeeded": 200}
+    assert worker_ids(dsn) == set()
+    histogram = execution_histogram(dsn)
+    assert 0 not in histogram, histogram
+    assert sum(jobs for runs, jobs in histogram.items() if runs > 1) <= len(held), histogram
+    for _job_id, status, held_by, attempts, events in end_state(dsn, held):
+        assert status == "succeeded" and held_by is None and attempts == 2, events
+        assert "deferred_for_retry" in events and events[-2:] == ["started", "succeeded"], events
+
+
 def end_state(dsn: str, held: set[int]) -> list[tuple[object, ...]]:
     return fetch_all(
         dsn,
