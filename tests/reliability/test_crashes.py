@@ -95,6 +95,30 @@ def start_and_kill(dsn: str, log: Path, *extra: str) -> tuple[int, set[int]]:
     return worker_id, held
 
 
+def recovering_worker(dsn: str, log: Path, *extra: str) -> WorkerProcess:
+    """A worker (C=50) that recovers stalled workers' jobs, with the tests' short timings."""
+    return WorkerProcess(
+        dsn,
+        log,
+        *extra,
+        "--concurrency",
+        "50",
+        "--recover-stalled-jobs",
+        "--heartbeat",
+        HEARTBEAT,
+        "--stalled-timeout",
+        STALLED,
+    )
+
+
+def drain_with_recovery(dsn: str, log: Path) -> str:
+    """A worker that recovers the dead one's jobs at start, drains the queue and exits 0.
+    Returns its log."""
+    last = recovering_worker(dsn, log, "--once")
+    assert last.wait(timeout=240) == 0, last.log()
+    return last.log()
+
+
 @pytest.mark.slow
 def test_sigkill_ten_times_with_recovery_loses_nothing(dsn: str, tmp_path: Path) -> None:
     create_executions_table(dsn)
@@ -116,19 +140,7 @@ def test_sigkill_ten_times_with_recovery_loses_nothing(dsn: str, tmp_path: Path)
         )
 
     # The last worker drains what is left (recovering the tenth victim's jobs at start).
-    last = WorkerProcess(
-        dsn,
-        tmp_path / "last.log",
-        "--once",
-        "--concurrency",
-        "50",
-        "--recover-stalled-jobs",
-        "--heartbeat",
-        HEARTBEAT,
-        "--stalled-timeout",
-        STALLED,
-    )
-    assert last.wait(timeout=240) == 0, last.log()
+    last_log = drain_with_recovery(dsn, tmp_path / "last.log")
 
     assert statuses(dsn) == {"succeeded": total}
     assert worker_ids(dsn) == set()
@@ -149,7 +161,7 @@ def test_sigkill_ten_times_with_recovery_loses_nothing(dsn: str, tmp_path: Path)
         assert "deferred_for_retry" in events, (job_id, events)
         assert events[-1] == "succeeded", (job_id, events)
         assert attempts == events.count("deferred_for_retry") + 1, (job_id, attempts, events)
-    assert "stalled_jobs_retried" in last.log() or len(interrupted) > 0
+    assert "stalled_jobs_retried" in last_log or len(interrupted) > 0
 
 
 def test_sigkill_while_the_pool_threads_run_sync_jobs_loses_nothing(
@@ -168,19 +180,7 @@ def test_sigkill_while_the_pool_threads_run_sync_jobs_loses_nothing(
     assert doing_by_worker(dsn) == {worker_id: len(held)}
     wait_until(lambda: stale(dsn, worker_id), timeout=30, what="stale heartbeat")
 
-    last = WorkerProcess(
-        dsn,
-        tmp_path / "next.log",
-        "--once",
-        "--concurrency",
-        "50",
-        "--recover-stalled-jobs",
-        "--heartbeat",
-        HEARTBEAT,
-        "--stalled-timeout",
-        STALLED,
-    )
-    assert last.wait(timeout=240) == 0, last.log()
+    drain_with_recovery(dsn, tmp_path / "next.log")
     assert statuses(dsn) == {"succeeded": 200}
     assert worker_ids(dsn) == set()
     histogram = execution_histogram(dsn)
@@ -309,17 +309,7 @@ def test_jobs_whose_dead_worker_was_pruned_elsewhere_are_recovered(
     )
     assert pruned == [(worker_id,)]
     assert doing_by_worker(dsn) == {None: len(held)}
-    recovering = WorkerProcess(
-        dsn,
-        tmp_path / "next.log",
-        "--concurrency",
-        "50",
-        "--recover-stalled-jobs",
-        "--heartbeat",
-        HEARTBEAT,
-        "--stalled-timeout",
-        STALLED,
-    )
+    recovering = recovering_worker(dsn, tmp_path / "next.log")
     try:
         wait_until(
             lambda: statuses(dsn) == {"succeeded": 200}, timeout=120, what="every job to end"
