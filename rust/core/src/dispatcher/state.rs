@@ -1007,19 +1007,18 @@ impl State {
         self.schedule_changed = true;
     }
 
-    /// How many more jobs `max_jobs` lets this worker claim.
     /// The most jobs one statement claims: `max_batch_size`, and at most half the slots.
     /// A claim's jobs arrive together when its statement ends, and their ends go back
     /// together, so a claim of every slot makes the slots move in one wave: the database
     /// idles while the runner runs them, and the runner while the database ends and claims
-    /// them. With half, one half runs while the other's round trip is in flight (issue 26:
-    /// no-op drains 15-29% faster at C=10 and C=100, at one commit per C/2 jobs).
+    /// them. With half, one half runs while the other's round trip is in flight.
     fn claim_cap(&self) -> usize {
         self.settings
             .max_batch_size
             .min(self.settings.concurrency.div_ceil(2))
     }
 
+    /// How many more jobs `max_jobs` lets this worker claim.
     fn jobs_left(&self) -> usize {
         match self.settings.max_jobs {
             None => usize::MAX,
