@@ -58,12 +58,16 @@ async def run_floor(config: FloorChild) -> dict[str, Any]:
     ended: list[tuple[int, int]] = []  # jobs run, with their attempts, not yet written
     wake = asyncio.Event()
     stamped = asyncio.Event()
+    # As the core: a notification may be of a job scheduled for later, so the next claim
+    # also looks at the schedule if it comes back short (the claim's last parameter).
+    schedule_changed = [True]
 
     async def hear() -> None:
         async for notify in listen.notifies():
             received = time.time()
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 notified[int(json.loads(notify.payload)["job_id"])] = received
+            schedule_changed[0] = True
             wake.set()
 
     async def run(job: tuple[Any, ...], sent: float, claimed: float) -> None:
@@ -91,27 +95,35 @@ async def run_floor(config: FloorChild) -> dict[str, Any]:
 
     async def claim(free: int) -> list[tuple[Any, ...]]:
         """The core's claim, or, with jobs ended since the last one, its statement that
-        ends them and claims: one statement, one commit, either way."""
+        ends them and claims: one statement, one commit, either way. The claimed jobs
+        (`true` in the next to last column; the other rows are ended claims and the look
+        at the schedule)."""
         params: tuple[Any, ...] = (None, Int8(worker_id), Int8(free), Int8(config.concurrency), [])
+        look = schedule_changed[0]
         if not ended:
-            cursor = await jobs.execute(config.claim, params, prepare=True)
-            return await cursor.fetchall()
-        ending = list(ended)
-        ended.clear()
-        cursor = await jobs.execute(
-            config.complete_and_claim,
-            (
-                *params,
-                [Int8(job_id) for job_id, _ in ending],
-                [Int4(attempts) for _, attempts in ending],
-                ["succeeded"] * len(ending),
-                [],
-                [],
-                [Int8(worker_id)],
-            ),
-            prepare=True,
-        )
-        return [row for row in await cursor.fetchall() if row[-1]]
+            cursor = await jobs.execute(config.claim, (*params, look), prepare=True)
+        else:
+            ending = list(ended)
+            ended.clear()
+            cursor = await jobs.execute(
+                config.complete_and_claim,
+                (
+                    *params,
+                    [Int8(job_id) for job_id, _ in ending],
+                    [Int4(attempts) for _, attempts in ending],
+                    ["succeeded"] * len(ending),
+                    [],
+                    [],
+                    [Int8(worker_id)],
+                    look,
+                ),
+                prepare=True,
+            )
+        rows = await cursor.fetchall()
+        claimed = [row for row in rows if row[-2]]
+        if len(claimed) < free:  # the look was made
+            schedule_changed[0] = False
+        return claimed
 
     async def claim_loop() -> None:
         while True:
@@ -152,8 +164,8 @@ def pgbench_script(statement: str, batch: int) -> str:
     parameters are pgbench variables set once (`-D`); `$1` (queues: all) is a NULL
     literal, pgbench variables cannot be NULL."""
     ids = {int(number) for number in re.findall(r"\$(\d+)", statement)}
-    if ids != set(range(1, 12)) or re.search(r"\$6(?!::bigint\[\])", statement):
-        raise RuntimeError("the statement that ends and claims has other parameters than $1-$11")
+    if ids != set(range(1, 13)) or re.search(r"\$6(?!::bigint\[\])", statement):
+        raise RuntimeError("the statement that ends and claims has other parameters than $1-$12")
     ending = (
         "ARRAY[:n::bigint + 1]"
         if batch == 1
@@ -196,6 +208,9 @@ def pgbench_drain(
         "p9": "{}",
         "p10": "{}",
         "p11": f"{{{worker_id}}}",
+        # As the core in a drain: asked to look at the schedule, and only the last claim,
+        # short, makes the look.
+        "p12": "true",
     }
     env = {
         **os.environ,

@@ -171,7 +171,7 @@ COMPLETE_AND_CLAIM = core_statement(
     "   AND NOT (id = ANY(($6::bigint[] || $9::bigint[]))) AND worker_id <> $2::bigint",
     "   AND NOT (id = ANY($5::bigint[])) LIMIT least($3::bigint, $4::bigint)),",
     "claimed AS (UPDATE procrastinate_jobs AS job SET status = 'doing' WHERE true)",
-    "SELECT 1",
+    "SELECT 1 WHERE $12::boolean",
 )
 
 
@@ -185,6 +185,7 @@ def test_the_pgbench_script_ends_the_job_it_counts_and_sets_the_rest_once() -> N
     assert "(ARRAY[:n::bigint + 1] || :p9::bigint[])" in statement
     assert "(NULL::varchar[] IS NULL)" in statement
     assert ":p11::bigint[]" in statement and ":p10::int[]" in statement
+    assert ":p12::boolean" in statement
     assert "$" not in statement and "comment" not in statement
     assert statement.endswith(";")
     batch = pgbench_script(COMPLETE_AND_CLAIM, 100)

@@ -148,12 +148,7 @@ def fastworker_backends(dsn: str, database: str) -> list[tuple[int, str]]:
         text = (query or "").strip()
         if text.startswith("LISTEN"):
             role = "listen"
-        elif (
-            "candidate" in text
-            or "finished" in text
-            or "ORPHAN" in text.upper()
-            or "min(job.scheduled_at)" in text  # the look for jobs scheduled later
-        ):
+        elif "candidate" in text or "finished" in text or "ORPHAN" in text.upper():
             role = "jobs"
         else:
             role = "registry"

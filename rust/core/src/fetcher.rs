@@ -7,8 +7,10 @@
 //! core's own bookkeeping were wrong (a lost reply, a completion not yet written).
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use tokio_postgres::types::ToSql;
+use tokio_postgres::Row;
 
 use crate::db::{Db, Prepared, Within};
 
@@ -16,6 +18,68 @@ use crate::completer::CompletionBatch;
 use crate::errors::{CoreError, CoreResult};
 use crate::protocol::JobRow;
 use crate::sql;
+
+/// What one claim asks for.
+#[derive(Clone, Copy, Debug)]
+pub struct ClaimRequest<'a> {
+    pub claimant: &'a Claimant,
+    /// The most jobs to claim.
+    pub limit: usize,
+    pub room: &'a QueueRoom,
+    /// Jobs whose terminal write was refused: `doing`, but holding no slot.
+    pub abandoned: &'a [i64],
+    /// If the claim comes back short, also look when the earliest job scheduled for later
+    /// is due (`sql::schedule_look`).
+    pub look_at_schedule: bool,
+}
+
+/// What a claim's look at the schedule found.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum ScheduleLook {
+    /// Not asked for, or the claim was full.
+    #[default]
+    NotMade,
+    /// No job is scheduled for later.
+    NothingLater,
+    /// The earliest job scheduled for later is due in this long (zero: past due by now).
+    DueIn(Duration),
+}
+
+/// What a claim statement answered: the jobs it claimed (in start order), the claims it
+/// ended (the statements that also end a batch), and its look at the schedule.
+#[derive(Debug, Default)]
+pub struct Claimed {
+    pub jobs: Vec<JobRow>,
+    pub ended: HashSet<i64>,
+    pub schedule: ScheduleLook,
+}
+
+impl Claimed {
+    /// The rows of a claim statement: a claimed job (`true` in
+    /// [`sql::CLAIMED_COLUMN`]), an ended claim (`false`, its id), or the look at the
+    /// schedule (`false`, a NULL id, the seconds in [`sql::DUE_IN_COLUMN`]).
+    fn from_rows(rows: &[Row]) -> Result<Claimed, tokio_postgres::Error> {
+        let mut claimed = Claimed::default();
+        for row in rows {
+            if row.try_get::<_, bool>(sql::CLAIMED_COLUMN)? {
+                claimed.jobs.push(JobRow::from_row(row)?);
+            } else if let Some(id) = row.try_get::<_, Option<i64>>(0)? {
+                claimed.ended.insert(id);
+            } else {
+                let seconds: Option<f64> = row.try_get(sql::DUE_IN_COLUMN)?;
+                claimed.schedule = match seconds {
+                    None => ScheduleLook::NothingLater,
+                    // Past due by now (it was in the future when the statement ran): at once.
+                    Some(seconds) => ScheduleLook::DueIn(
+                        Duration::try_from_secs_f64(seconds).unwrap_or_default(),
+                    ),
+                };
+            }
+        }
+        claimed.jobs = in_start_order(std::mem::take(&mut claimed.jobs));
+        Ok(claimed)
+    }
+}
 
 /// Room left in the queues that have a per-queue concurrency limit.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -127,29 +191,22 @@ impl Fetcher {
         })
     }
 
-    /// Claim up to `limit` jobs, in the order procrastinate would have fetched them one by one.
-    /// `abandoned`: jobs of this worker still `doing` whose terminal write was refused; they
-    /// do not count against `concurrency`.
+    /// Claim up to `request.limit` jobs, in the order procrastinate would have fetched them
+    /// one by one.
     pub async fn claim(
         &self,
         client: &Db,
         within: Within,
-        claimant: &Claimant,
-        limit: usize,
-        room: &QueueRoom,
-        abandoned: &[i64],
-    ) -> Result<Vec<JobRow>, tokio_postgres::Error> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let mut params = self.claim_params(claimant, &limit, &abandoned);
-        self.add_room(&mut params, room);
+        request: &ClaimRequest<'_>,
+    ) -> Result<Claimed, tokio_postgres::Error> {
+        let limit = i64::try_from(request.limit).unwrap_or(i64::MAX);
+        let mut params = self.claim_params(request, &limit);
+        self.add_room(&mut params, request.room);
+        params.push(&request.look_at_schedule);
         let rows = client
             .query_prepared(&self.statement, &params, within)
             .await?;
-        let jobs = rows
-            .iter()
-            .map(JobRow::from_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(in_start_order(jobs))
+        Claimed::from_rows(&rows)
     }
 
     /// Write a batch without retries and claim in the same statement
@@ -157,55 +214,43 @@ impl Fetcher {
     pub async fn complete_and_claim(
         &self,
         client: &Db,
-        claimant: &Claimant,
         batch: &CompletionBatch,
-        limit: usize,
-        room: &QueueRoom,
-        abandoned: &[i64],
-    ) -> Result<(Vec<JobRow>, HashSet<i64>), tokio_postgres::Error> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let mut params = self.claim_params(claimant, &limit, &abandoned);
+        request: &ClaimRequest<'_>,
+    ) -> Result<Claimed, tokio_postgres::Error> {
+        let limit = i64::try_from(request.limit).unwrap_or(i64::MAX);
+        let mut params = self.claim_params(request, &limit);
         params.extend([
             &batch.finish_ids as &(dyn ToSql + Sync),
             &batch.finish_attempts,
             &batch.finish_statuses,
             &batch.delete_ids,
             &batch.delete_attempts,
-            &claimant.worker_ids,
+            &request.claimant.worker_ids,
         ]);
-        self.add_room(&mut params, room);
+        self.add_room(&mut params, request.room);
+        params.push(&request.look_at_schedule);
         let rows = client
             .query_prepared(&self.completing_statement, &params, Within::OwnTransaction)
             .await?;
-        let mut jobs = Vec::new();
-        let mut done = HashSet::new();
-        for row in &rows {
-            if row.try_get::<_, bool>(sql::CLAIMED_COLUMN)? {
-                jobs.push(JobRow::from_row(row)?);
-            } else {
-                done.insert(row.try_get::<_, i64>(0)?);
-            }
-        }
-        Ok((in_start_order(jobs), done))
+        Claimed::from_rows(&rows)
     }
 
     /// `$1` to `$5` of both claim statements (see [`sql::CLAIM`]).
     fn claim_params<'a>(
         &'a self,
-        claimant: &'a Claimant,
+        request: &'a ClaimRequest<'_>,
         limit: &'a i64,
-        abandoned: &'a &[i64],
     ) -> Vec<&'a (dyn ToSql + Sync)> {
         vec![
             &self.queues,
-            &claimant.worker_id,
+            &request.claimant.worker_id,
             limit,
             &self.concurrency,
-            abandoned,
+            &request.abandoned,
         ]
     }
 
-    /// The last three parameters of the statements with per-queue limits.
+    /// The three parameters of the statements with per-queue limits, before the last.
     fn add_room<'a>(&self, params: &mut Vec<&'a (dyn ToSql + Sync)>, room: &'a QueueRoom) {
         if self.queue_limits {
             params.extend([&room.full as &(dyn ToSql + Sync), &room.names, &room.free]);

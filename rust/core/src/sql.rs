@@ -181,19 +181,64 @@ RETURNING ",
     };
 }
 
-/// The claim on its own: `$1`-`$5` as in [`candidates`].
+/// The row a claim adds when it is asked to look at the schedule (`$look`) and it came back
+/// short (fewer than `$3` jobs: every job claimable now is taken): a NULL job id, `false`,
+/// and in how many seconds the earliest `todo` job scheduled for later in the queues `$1`
+/// is due (`NULL`: none). A job scheduled for later (a `schedule_in`, a delayed retry, a
+/// lock successor scheduled later) is then claimed when due, whatever the polling
+/// interval. Being part of the claim, the look costs an idle worker woken by a
+/// notification no second statement (and no second transaction), which every worker of a
+/// fleet would pay for every job. The filter holds only parameters and the claim's count,
+/// so PostgreSQL runs the look only when it passes.
+macro_rules! schedule_look {
+    ($look:literal) => {
+        concat!(
+            "
+UNION ALL SELECT NULL",
+            nulls_after_job_id!(),
+            ", false, (
+    SELECT extract(epoch FROM min(job.scheduled_at) - now())::float8
+      FROM procrastinate_jobs AS job
+     WHERE job.status = 'todo' AND job.scheduled_at > now()
+       AND ($1::varchar[] IS NULL OR job.queue_name = ANY($1::varchar[]))
+)
+ WHERE ",
+            $look,
+            "::boolean AND (SELECT count(*) FROM claimed) < $3::bigint"
+        )
+    };
+}
+
+/// The tail of the claim statements on their own: the claimed jobs ([`job_columns`]),
+/// `true`, a NULL; then the [`schedule_look`] row, if any.
+macro_rules! claimed_rows {
+    ($chosen:literal, $look:literal) => {
+        concat!(
+            ", claimed AS (",
+            claim_update!($chosen),
+            "
+)
+SELECT claimed.*, true, NULL::float8 FROM claimed",
+            schedule_look!($look)
+        )
+    };
+}
+
+/// The claim on its own: `$1`-`$5` as in [`candidates`], `$6` look at the schedule if
+/// short. Rows: see [`claimed_rows`].
 pub const CLAIM: &str = concat!(
     "WITH ",
     claim_steps!("'{}'::bigint[]"),
-    claim_update!("candidate")
+    claimed_rows!("candidate", "$6")
 );
 
 /// The claim with per-queue limits: `$1`-`$5` as in [`candidates`], `$6` queues at their
-/// limit, `$7` / `$8` limited queues with room, and how much.
+/// limit, `$7` / `$8` limited queues with room, and how much, `$9` look at the schedule
+/// if short.
 pub const CLAIM_WITH_QUEUE_LIMITS: &str = concat!(
     "WITH ",
     limited_claim_steps!("'{}'::bigint[]", "$6", "$7", "$8"),
-    claim_update!("allowed")
+    claimed_rows!("allowed", "$9")
 );
 
 /// The conditions of every terminal write: the row is still the claim being ended.
@@ -299,21 +344,23 @@ UNION ALL SELECT id FROM retried"
 );
 
 /// The tail of the statements that end a batch and claim: the claimed jobs
-/// ([`job_columns`]) with `true` last, then one row per claim it ended (its id, `false`).
+/// ([`job_columns`]) with `true` and a NULL, then one row per claim it ended (its id,
+/// `false`, a NULL), then the [`schedule_look`] row, if any.
 macro_rules! claimed_then_ended {
-    ($chosen:literal) => {
+    ($chosen:literal, $look:literal) => {
         concat!(
             ", claimed AS (",
             claim_update!($chosen),
             "
 )
-SELECT claimed.*, true FROM claimed
+SELECT claimed.*, true, NULL::float8 FROM claimed
 UNION ALL SELECT id",
             nulls_after_job_id!(),
-            ", false FROM finished
+            ", false, NULL FROM finished
 UNION ALL SELECT id",
             nulls_after_job_id!(),
-            ", false FROM deleted"
+            ", false, NULL FROM deleted",
+            schedule_look!($look)
         )
     };
 }
@@ -327,6 +374,7 @@ UNION ALL SELECT id",
 /// | `$6`, `$7`, `$8` | finished jobs, their attempts at claim, their end status |
 /// | `$9`, `$10` | deleted jobs, their attempts at claim |
 /// | `$11` | every worker id this process has had |
+/// | `$12` | look at the schedule if the claim is short |
 ///
 /// Rows: see [`claimed_then_ended`]. Retries go through [`COMPLETE`] then [`CLAIM`] in one
 /// transaction instead: a retried job may be claimable at once, which this statement's
@@ -336,21 +384,26 @@ pub const COMPLETE_AND_CLAIM: &str = concat!(
     finish_and_delete_steps!("$6", "$7", "$8", "$9", "$10", "$11"),
     ", ",
     claim_steps!("($6::bigint[] || $9::bigint[])"),
-    claimed_then_ended!("candidate")
+    claimed_then_ended!("candidate", "$12")
 );
 
 /// [`COMPLETE_AND_CLAIM`] with per-queue limits: `$12` queues at their limit, `$13` /
-/// `$14` limited queues with room, and how much.
+/// `$14` limited queues with room, and how much, `$15` look at the schedule if short.
 pub const COMPLETE_AND_CLAIM_WITH_QUEUE_LIMITS: &str = concat!(
     "WITH ",
     finish_and_delete_steps!("$6", "$7", "$8", "$9", "$10", "$11"),
     ", ",
     limited_claim_steps!("($6::bigint[] || $9::bigint[])", "$12", "$13", "$14"),
-    claimed_then_ended!("allowed")
+    claimed_then_ended!("allowed", "$15")
 );
 
-/// The last column of [`COMPLETE_AND_CLAIM`]: a claimed job, or an ended claim.
+/// The column of the claim statements that tells a claimed job (`true`) from an ended
+/// claim or the look at the schedule (`false`; the look's job id is NULL).
 pub const CLAIMED_COLUMN: usize = crate::protocol::JobRow::COLUMNS;
+
+/// The last column of the claim statements: on the look's row, in how many seconds the
+/// earliest job scheduled for later is due (see [`schedule_look`]).
+pub const DUE_IN_COLUMN: usize = CLAIMED_COLUMN + 1;
 
 /// The job row of one claim, locked, if it is still that claim (`$1` job, `$2` attempts
 /// at claim, `$3` this process's worker ids): the guard of the one-by-one writes below.
@@ -418,15 +471,6 @@ pub const REATTACH_CLAIMS: &str = "UPDATE procrastinate_jobs AS job SET worker_i
    AND job.attempts = ($2::int[])[array_position($1::bigint[], job.id)]
    AND EXISTS (SELECT 1 FROM procrastinate_workers WHERE id = $3::bigint)
  RETURNING job.id";
-
-/// Seconds until the earliest future `scheduled_at` among the `todo` jobs of the queues
-/// `$1` (`NULL`: all), or `NULL` if none: when a job scheduled for later (a `schedule_in`,
-/// a delayed retry, a lock successor scheduled later) becomes claimable. Run only after a
-/// short claim, and only when something may have changed since the last time.
-pub const NEXT_SCHEDULED: &str = "SELECT extract(epoch FROM min(job.scheduled_at) - now())::float8
-  FROM procrastinate_jobs AS job
- WHERE job.status = 'todo' AND job.scheduled_at > now()
-   AND ($1::varchar[] IS NULL OR job.queue_name = ANY($1::varchar[]))";
 
 /// Of the jobs whose terminal write was refused (`$2`), those still `doing` for this
 /// process (`$1` its worker ids): the others hold nothing any more.
@@ -573,7 +617,6 @@ pub const STATEMENTS: &[(&str, &str, Session)] = &[
     ("still abandoned", STILL_ABANDONED, Session::Jobs),
     ("lost claims", LOST_CLAIMS, Session::Jobs),
     ("reattach claims", REATTACH_CLAIMS, Session::Jobs),
-    ("next scheduled", NEXT_SCHEDULED, Session::Jobs),
     ("backend identity", BACKEND_IDENTITY, Session::Jobs),
     ("backend alive", BACKEND_ALIVE, Session::Jobs),
     ("terminate backend", TERMINATE_BACKEND, Session::Jobs),
@@ -619,7 +662,10 @@ mod tests {
         assert!(CLAIM.contains("RETURNING job.id, job.status::text, job.task_name,"));
         assert!(ORPHANED_CLAIMS.contains("job.queue_name, job.attempts, job.worker_id"));
         // The rows of ended claims: the id, then a NULL for each other job column.
-        let ended = format!("SELECT id{}, false FROM finished", ", NULL".repeat(10));
+        let ended = format!(
+            "SELECT id{}, false, NULL FROM finished",
+            ", NULL".repeat(10)
+        );
         assert!(COMPLETE_AND_CLAIM.contains(&ended), "{COMPLETE_AND_CLAIM}");
         assert_eq!(CLAIMED_COLUMN, 11);
     }

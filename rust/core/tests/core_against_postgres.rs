@@ -9,8 +9,13 @@
     reason = "a test: a failed expectation fails the test"
 )]
 
+use std::collections::HashSet;
 use std::time::Duration;
 
+use fastworker_core::completer::CompletionBatch;
+use fastworker_core::connect::ConnectionTarget;
+use fastworker_core::db::Within;
+use fastworker_core::fetcher::{ClaimRequest, Claimant, Fetcher, QueueRoom, ScheduleLook};
 use fastworker_core::{
     Completion, FinishStatus, HandoffEvent, JobRow, Outcome, WorkerConfig, WorkerCore,
 };
@@ -350,4 +355,105 @@ async fn a_database_without_the_schema_is_refused() {
         .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         .await
         .unwrap();
+}
+
+/// A claim asked to look at the schedule, when it comes back short, also tells in the same
+/// statement when the earliest job scheduled for later is due: an empty claim is one
+/// statement, not two. A full claim, or one not asked, makes no look.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_claim_looks_at_the_schedule_in_its_own_statement() {
+    let db = TestDatabase::create("look").await;
+    let due_now = db.defer("t", "default", 0, None).await;
+    let later: i64 = db
+        .client
+        .query_one(
+            "INSERT INTO procrastinate_jobs (queue_name, task_name, args, scheduled_at)
+             VALUES ('default', 't', '{}', now() + interval '1 hour') RETURNING id",
+            &[],
+        )
+        .await
+        .expect("a job scheduled in an hour")
+        .get(0);
+    let worker_id: i64 = db
+        .client
+        .query_one(
+            "SELECT worker_id FROM procrastinate_register_worker_v1()",
+            &[],
+        )
+        .await
+        .expect("a worker")
+        .get(0);
+    let mut session = ConnectionTarget::parse(&db.dsn)
+        .expect("conninfo")
+        .connect()
+        .await
+        .expect("job session");
+    let fetcher = Fetcher::prepare(&mut session, None, 10, false)
+        .await
+        .expect("claim statements");
+    let claimant = Claimant {
+        worker_id,
+        worker_ids: vec![worker_id],
+    };
+    let room = QueueRoom::default();
+    let request = |limit, look_at_schedule| ClaimRequest {
+        claimant: &claimant,
+        limit,
+        room: &room,
+        abandoned: &[],
+        look_at_schedule,
+    };
+    let in_an_hour = |look: ScheduleLook| match look {
+        ScheduleLook::DueIn(due_in) => {
+            due_in > Duration::from_secs(3500) && due_in <= Duration::from_secs(3600)
+        }
+        _ => false,
+    };
+
+    // Full: one job asked, one claimed.
+    let claimed = fetcher
+        .claim(&session, Within::OwnTransaction, &request(1, true))
+        .await
+        .expect("claim");
+    assert_eq!(
+        claimed.jobs.iter().map(|job| job.id).collect::<Vec<_>>(),
+        vec![due_now]
+    );
+    assert_eq!(claimed.schedule, ScheduleLook::NotMade);
+    // Short, not asked.
+    let claimed = fetcher
+        .claim(&session, Within::OwnTransaction, &request(5, false))
+        .await
+        .expect("claim");
+    assert!(claimed.jobs.is_empty());
+    assert_eq!(claimed.schedule, ScheduleLook::NotMade);
+    // Short, asked.
+    let claimed = fetcher
+        .claim(&session, Within::OwnTransaction, &request(5, true))
+        .await
+        .expect("claim");
+    assert!(claimed.jobs.is_empty());
+    assert!(in_an_hour(claimed.schedule), "{:?}", claimed.schedule);
+    // The statement that ends a batch and claims looks the same way.
+    let batch = CompletionBatch::build(&[succeeded(due_now)]);
+    let claimed = fetcher
+        .complete_and_claim(&session, &batch, &request(5, true))
+        .await
+        .expect("complete and claim");
+    assert_eq!(claimed.ended, HashSet::from([due_now]));
+    assert!(claimed.jobs.is_empty());
+    assert!(in_an_hour(claimed.schedule), "{:?}", claimed.schedule);
+    assert_eq!(db.status(due_now).await.0, "succeeded");
+    // Nothing scheduled for later.
+    db.client
+        .execute("DELETE FROM procrastinate_jobs WHERE id = $1", &[&later])
+        .await
+        .expect("delete");
+    let claimed = fetcher
+        .claim(&session, Within::OwnTransaction, &request(5, true))
+        .await
+        .expect("claim");
+    assert_eq!(claimed.schedule, ScheduleLook::NothingLater);
+    drop(session);
+    db.drop_database().await;
 }

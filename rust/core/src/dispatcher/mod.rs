@@ -32,7 +32,7 @@ use crate::config::WorkerConfig;
 use crate::connect::ConnectionTarget;
 use crate::db::{Db, Within};
 use crate::errors::{CoreError, CoreResult, Failed, Failure};
-use crate::fetcher::{Claimant, Fetcher, QueueRoom};
+use crate::fetcher::{ClaimRequest, Claimant, Claimed, Fetcher};
 use crate::handoff::HandoffSender;
 use crate::metrics::Labels;
 use crate::protocol::{ClaimKey, Completion, JobRow, LogLevel, Reported};
@@ -122,15 +122,6 @@ enum Input {
     },
 }
 
-/// The claim part of a round trip.
-struct ClaimRequest<'a> {
-    claimant: &'a Claimant,
-    limit: usize,
-    room: &'a QueueRoom,
-    /// Jobs whose terminal write was refused: `doing`, but holding no slot.
-    abandoned: &'a [i64],
-}
-
 /// A server process, told apart from a later one with the same pid.
 #[derive(Clone, Copy, Debug)]
 struct Backend {
@@ -154,6 +145,7 @@ async fn round_trip(connection: &Connection, plan: &RoundTripPlan, claimant: &Cl
         limit: plan.claim_limit,
         room: &plan.room,
         abandoned: &plan.abandoned,
+        look_at_schedule: plan.look_at_schedule,
     };
     let batch = plan.batch.as_slice();
     match plan.write_mode() {
@@ -165,12 +157,9 @@ async fn round_trip(connection: &Connection, plan: &RoundTripPlan, claimant: &Cl
                     .write(&connection.client, batch, &claimant.worker_ids)
                     .await,
             ),
-            claimed: None,
+            ..Answer::default()
         },
-        WriteMode::Claim => Answer {
-            flushed: None,
-            claimed: Some(claim_alone(connection, &claim, claim.abandoned).await),
-        },
+        WriteMode::Claim => Answer::of_claim(None, claim_alone(connection, &claim).await),
         WriteMode::Combined => match combined(connection, batch, &claim).await {
             Ok(answer) => answer,
             Err(errors) => fall_back(connection, batch, &claim, errors, false).await,
@@ -183,21 +172,10 @@ async fn round_trip(connection: &Connection, plan: &RoundTripPlan, claimant: &Cl
 }
 
 /// The claim on its own, in its own transaction.
-async fn claim_alone(
-    connection: &Connection,
-    claim: &ClaimRequest<'_>,
-    abandoned: &[i64],
-) -> Result<Vec<JobRow>, Failed> {
+async fn claim_alone(connection: &Connection, claim: &ClaimRequest<'_>) -> Result<Claimed, Failed> {
     connection
         .fetcher
-        .claim(
-            &connection.client,
-            Within::OwnTransaction,
-            claim.claimant,
-            claim.limit,
-            claim.room,
-            abandoned,
-        )
+        .claim(&connection.client, Within::OwnTransaction, claim)
         .await
         .map_err(|error| Failed::new(&error))
 }
@@ -210,22 +188,13 @@ async fn combined(
     claim: &ClaimRequest<'_>,
 ) -> Result<Answer, Vec<Failed>> {
     let written = CompletionBatch::build(batch);
-    let (jobs, done) = connection
+    let claimed = connection
         .fetcher
-        .complete_and_claim(
-            &connection.client,
-            claim.claimant,
-            &written,
-            claim.limit,
-            claim.room,
-            claim.abandoned,
-        )
+        .complete_and_claim(&connection.client, &written, claim)
         .await
         .map_err(|error| vec![Failed::new(&error)])?;
-    Ok(Answer {
-        flushed: Some(Ok(CompletionReport::of_batch(batch, &done))),
-        claimed: Some(Ok(jobs)),
-    })
+    let flushed = CompletionReport::of_batch(batch, &claimed.ended);
+    Ok(Answer::of_claim(Some(Ok(flushed)), Ok(claimed)))
 }
 
 /// Completions with retries, then the claim, in one transaction, so the claim sees a
@@ -247,14 +216,9 @@ async fn in_one_transaction(
             &claim.claimant.worker_ids,
             Within::OpenTransaction
         ),
-        connection.fetcher.claim(
-            client,
-            Within::OpenTransaction,
-            claim.claimant,
-            claim.limit,
-            claim.room,
-            claim.abandoned
-        ),
+        connection
+            .fetcher
+            .claim(client, Within::OpenTransaction, claim),
         client.batch_execute("COMMIT"),
     );
     let errors: Vec<Failed> = [
@@ -270,10 +234,10 @@ async fn in_one_transaction(
     if !errors.is_empty() {
         return Err(errors);
     }
-    Ok(Answer {
-        flushed: Some(flushed.map_err(|error| Failed::new(&error))),
-        claimed: Some(claimed.map_err(|error| Failed::new(&error))),
-    })
+    Ok(Answer::of_claim(
+        Some(flushed.map_err(|error| Failed::new(&error))),
+        claimed.map_err(|error| Failed::new(&error)),
+    ))
 }
 
 /// After the shared statement or transaction (`in_transaction`) failed: what
@@ -288,7 +252,7 @@ async fn fall_back(
     match after_shared_write(errors) {
         AfterSharedWrite::Lost(lost) => Answer {
             flushed: Some(Err(lost)),
-            claimed: None,
+            ..Answer::default()
         },
         AfterSharedWrite::Separately => {
             if in_transaction {
@@ -312,7 +276,7 @@ async fn separately(
     if matches!(&flushed, Err(failed) if failed.failure == Failure::Connection) {
         return Answer {
             flushed: Some(flushed),
-            claimed: None,
+            ..Answer::default()
         };
     }
     // Writes refused just now free their slots for this very claim (with `wait=False` a
@@ -321,10 +285,11 @@ async fn separately(
     if let Ok(report) = &flushed {
         abandoned.extend(report.refused.iter().map(|(key, _)| key.0));
     }
-    Answer {
-        flushed: Some(flushed),
-        claimed: Some(claim_alone(connection, claim, &abandoned).await),
-    }
+    let claim = ClaimRequest {
+        abandoned: &abandoned,
+        ..*claim
+    };
+    Answer::of_claim(Some(flushed), claim_alone(connection, &claim).await)
 }
 
 impl Dispatcher {
@@ -567,7 +532,6 @@ impl Dispatcher {
                     self.register_again(current, claimant.worker_id, now, state)
                         .await
                 }
-                FollowUp::LookAtSchedule => self.look_at_schedule(current, state).await,
             }
         }
         self.publish(state);
@@ -595,25 +559,6 @@ impl Dispatcher {
             .await;
         if let Err(error) = registered {
             state.on_register_again_failed(now, &error.to_string(), error.is_connectivity());
-        }
-    }
-
-    /// Look when the earliest job scheduled for later is due.
-    async fn look_at_schedule(&self, current: &Connection, state: &mut State) {
-        let look = self.next_scheduled(current);
-        match tokio::time::timeout(self.config.response_timeout, look).await {
-            Ok(Ok(due_in)) => state.on_next_scheduled(Instant::now(), due_in),
-            Ok(Err(error)) => {
-                let failed = Failed::new(&error);
-                // The poll still finds such jobs; this look is tried again then.
-                self.handoff.log(
-                    LogLevel::Debug,
-                    "next_scheduled_failed",
-                    format!("Could not look for jobs scheduled later: {}", failed.reason),
-                );
-                state.on_schedule_look_failed(failed.failure == Failure::Connection);
-            }
-            Err(_) => state.on_schedule_look_failed(true),
         }
     }
 
@@ -894,20 +839,6 @@ impl Dispatcher {
             // the loop is bounded by OLD_BACKEND_WAIT rather than run for the worker's life.
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-    }
-
-    /// In how long the earliest job scheduled for later, in this worker's queues, is due.
-    async fn next_scheduled(
-        &self,
-        connection: &Connection,
-    ) -> Result<Option<Duration>, tokio_postgres::Error> {
-        let row = connection
-            .client
-            .query_one(sql::NEXT_SCHEDULED, &[&self.config.queues])
-            .await?;
-        let seconds: Option<f64> = row.try_get(0)?;
-        // Past due by now (it was in the future when the statement ran): at once.
-        Ok(seconds.map(|seconds| Duration::try_from_secs_f64(seconds).unwrap_or_default()))
     }
 
     async fn orphaned_claims(

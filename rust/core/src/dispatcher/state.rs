@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::completer::CompletionReport;
 use crate::errors::{CoreError, Failed, Failure};
-use crate::fetcher::QueueRoom;
+use crate::fetcher::{Claimed, QueueRoom, ScheduleLook};
 use crate::metrics::{Histogram, Labels, MetricsSnapshot, PendingWait, TaskQueue};
 use crate::protocol::{
     ClaimKey, Completion, HandoffEvent, JobRow, LogLevel, LogRecord, Outcome, Reported,
@@ -89,6 +89,11 @@ impl InFlight {
 
     pub fn contains(&self, key: &ClaimKey) -> bool {
         self.jobs.contains_key(key)
+    }
+
+    /// Whether the claim holds a `lock`.
+    pub fn holds_lock(&self, key: &ClaimKey) -> bool {
+        self.jobs.get(key).is_some_and(|held| held.locked)
     }
 
     /// Hold a claim. Returns the job's task and queue, and the claim of the same job that
@@ -188,6 +193,9 @@ pub struct RoundTripPlan {
     pub claim_limit: usize,
     pub room: QueueRoom,
     pub abandoned: Vec<i64>,
+    /// The claim also looks when the earliest job scheduled for later is due, if it comes
+    /// back short: something may have changed the schedule since the last look.
+    pub look_at_schedule: bool,
 }
 
 /// How a round trip sends its completions and its claim.
@@ -251,6 +259,26 @@ pub fn after_shared_write(errors: impl IntoIterator<Item = Failed>) -> AfterShar
 pub struct Answer {
     pub flushed: Option<Result<CompletionReport, Failed>>,
     pub claimed: Option<Result<Vec<JobRow>, Failed>>,
+    /// The claim's look at the schedule.
+    pub schedule: ScheduleLook,
+}
+
+impl Answer {
+    /// The answer of a round trip that sent a claim (and `flushed`, if it also wrote).
+    pub fn of_claim(
+        flushed: Option<Result<CompletionReport, Failed>>,
+        claimed: Result<Claimed, Failed>,
+    ) -> Answer {
+        let (claimed, schedule) = match claimed {
+            Ok(claimed) => (Ok(claimed.jobs), claimed.schedule),
+            Err(failed) => (Err(failed), ScheduleLook::NotMade),
+        };
+        Answer {
+            flushed,
+            claimed: Some(claimed),
+            schedule,
+        }
+    }
 }
 
 /// What the shell does after a round trip, before the next plan.
@@ -260,8 +288,6 @@ pub enum FollowUp {
     Reconnect,
     /// This worker's row is gone: register again before claiming.
     RegisterAgain,
-    /// Look when the earliest job scheduled for later is due ([`State::on_next_scheduled`]).
-    LookAtSchedule,
 }
 
 /// Follow-ups found by the transitions of one round trip.
@@ -269,7 +295,6 @@ pub enum FollowUp {
 struct Needs {
     reconnect: bool,
     register_again: bool,
-    look_at_schedule: bool,
 }
 
 /// The arguments of the query for orphaned claims: this worker's claims the dispatcher
@@ -337,10 +362,11 @@ pub struct State {
     /// Jobs handed over so far (for `max_jobs`).
     handed_over: u64,
     /// When the earliest job scheduled for later becomes claimable (see
-    /// [`State::wants_schedule_check`]): a claim is due then, whatever the polling interval.
+    /// [`State::on_schedule_look`]): a claim is due then, whatever the polling interval.
     next_scheduled: Option<Instant>,
     /// Something may have changed what is scheduled since the last look (a notification,
-    /// a write of this worker's, the start): look again after the next short claim.
+    /// a write of this worker's, the start): the next claim looks again if it comes back
+    /// short.
     schedule_changed: bool,
     want_claim: bool,
     completions_open: bool,
@@ -571,11 +597,13 @@ impl State {
         }
         let batch = self.take_batch();
         let room = self.in_flight.room_after(&batch);
+        let look_at_schedule = claim_limit > 0 && self.schedule_may_change(&batch);
         Plan::RoundTrip(RoundTripPlan {
             batch,
             claim_limit,
             room,
             abandoned: self.abandoned.clone(),
+            look_at_schedule,
         })
     }
 
@@ -887,20 +915,26 @@ impl State {
         answer: Result<Answer, Failed>,
     ) {
         match answer {
-            Ok(Answer { flushed, claimed }) => {
+            Ok(Answer {
+                flushed,
+                claimed,
+                schedule,
+            }) => {
                 if let Some(flushed) = flushed {
                     self.on_flushed(now, plan.batch, flushed);
                 }
                 if let Some(claimed) = claimed {
                     self.on_claimed(now, plan.claim_limit, &plan.room, claimed);
                 }
+                // After the ends: the look saw what they change (a lock's successor
+                // scheduled later, a retry), in the same statement or transaction.
+                self.on_schedule_look(now, schedule);
             }
             Err(no_answer) => {
                 self.on_flushed(now, plan.batch, Err(no_answer));
                 self.needs.reconnect = true;
             }
         }
-        self.needs.look_at_schedule = true;
     }
 
     /// The next thing to do after a round trip, until `None`. A lost connection comes
@@ -913,9 +947,6 @@ impl State {
         if std::mem::take(&mut self.needs.register_again) {
             return Some(FollowUp::RegisterAgain);
         }
-        if std::mem::take(&mut self.needs.look_at_schedule) && self.wants_schedule_check() {
-            return Some(FollowUp::LookAtSchedule);
-        }
         None
     }
 
@@ -923,12 +954,6 @@ impl State {
     /// is replaced.
     pub fn on_register_again_failed(&mut self, now: Instant, reason: &str, connection_lost: bool) {
         self.on_trouble(now, "registering the worker again", reason);
-        self.needs.reconnect |= connection_lost;
-    }
-
-    /// The look at the schedule failed (the poll still finds such jobs; the look is tried
-    /// again after a later claim); a lost connection is replaced.
-    pub fn on_schedule_look_failed(&mut self, connection_lost: bool) {
         self.needs.reconnect |= connection_lost;
     }
 
@@ -986,22 +1011,32 @@ impl State {
         }
     }
 
-    /// Whether to look when the next job scheduled for later becomes claimable: after a
-    /// short claim (nothing more is claimable now), if something may have changed since the
-    /// last look. An idle worker whose polls find nothing does not look again.
-    fn wants_schedule_check(&self) -> bool {
-        self.claiming && !self.want_claim && self.schedule_changed
+    /// Whether a claim sent with `batch` should look at the schedule: something may have
+    /// changed it since the last look, or the batch ends a job that held a lock (its next
+    /// job may be scheduled later) or retries one. An idle worker whose polls find nothing
+    /// does not look again.
+    fn schedule_may_change(&self, batch: &[Completion]) -> bool {
+        self.schedule_changed
+            || batch.iter().any(|completion| {
+                matches!(completion.outcome, Outcome::Retry { .. })
+                    || self.in_flight.holds_lock(&completion.key())
+            })
     }
 
-    /// The answer of that look: in how long the earliest scheduled job is due (`None`:
-    /// nothing scheduled for later).
-    pub fn on_next_scheduled(&mut self, now: Instant, due_in: Option<Duration>) {
+    /// What the claim's look at the schedule found, if it made one: when the earliest job
+    /// scheduled for later becomes claimable (a claim is due then).
+    fn on_schedule_look(&mut self, now: Instant, look: ScheduleLook) {
+        let next = match look {
+            ScheduleLook::NotMade => return,
+            ScheduleLook::NothingLater => None,
+            ScheduleLook::DueIn(due_in) => Some(now + due_in),
+        };
         self.schedule_changed = false;
-        self.next_scheduled = due_in.map(|due_in| now + due_in);
+        self.next_scheduled = next;
     }
 
     /// A `job_inserted` notification (or, without LISTEN, a poll): claim, and look at the
-    /// schedule again afterwards.
+    /// schedule again if the claim comes back short.
     pub fn on_wake(&mut self) {
         self.want_claim = true;
         self.schedule_changed = true;
@@ -1314,14 +1349,35 @@ mod tests {
         assert_eq!(plan.batch.len(), 2);
     }
 
+    /// The round trip of `plan` answers: its completions written, its claim `jobs`, and
+    /// the claim's look at the schedule.
+    fn answer(
+        state: &mut State,
+        now: Instant,
+        plan: RoundTripPlan,
+        jobs: Vec<JobRow>,
+        look: ScheduleLook,
+    ) {
+        let ended: Vec<ClaimKey> = plan.batch.iter().map(Completion::key).collect();
+        let answer = Answer {
+            flushed: (!ended.is_empty()).then(|| Ok(written(&ended))),
+            claimed: Some(Ok(jobs)),
+            schedule: look,
+        };
+        state.on_round_trip(now, plan, Ok(answer));
+    }
+
     #[test]
     fn a_job_scheduled_for_later_is_claimed_when_due_not_at_the_next_poll() {
         let start = Instant::now();
         let mut state = State::new(settings(4));
-        claim_round(&mut state, start, Ok(Vec::new()));
-        assert!(state.wants_schedule_check(), "the first short claim looks");
-        state.on_next_scheduled(start, Some(Duration::from_secs(2)));
-        assert!(!state.wants_schedule_check());
+        let plan = round_trip(&mut state, start);
+        assert!(
+            plan.look_at_schedule,
+            "the first claim looks if it comes back short"
+        );
+        let in_two_seconds = ScheduleLook::DueIn(Duration::from_secs(2));
+        answer(&mut state, start, plan, Vec::new(), in_two_seconds);
         match state.plan(start, false) {
             Plan::Wait { until } => assert_eq!(until, Some(start + Duration::from_secs(2))),
             other => panic!("expected a wait until the job is due, got {other:?}"),
@@ -1329,10 +1385,9 @@ mod tests {
         let due = start + Duration::from_secs(2);
         let plan = round_trip(&mut state, due);
         assert_eq!(plan.claim_limit, 2);
-        state.on_claimed(due, 2, &plan.room, Ok(vec![job(1, 0)]));
         assert!(
-            state.wants_schedule_check(),
-            "after it, the next one is looked for"
+            plan.look_at_schedule,
+            "the claim of the due job looks for the next one"
         );
     }
 
@@ -1340,34 +1395,81 @@ mod tests {
     fn an_idle_worker_does_not_look_at_the_schedule_on_every_poll() {
         let now = Instant::now();
         let mut state = State::new(settings(2));
-        claim_round(&mut state, now, Ok(Vec::new()));
-        state.on_next_scheduled(now, None);
-        // A poll: claim, find nothing, nothing changed since the last look.
-        state.want_claim = true;
-        claim_round(&mut state, now, Ok(Vec::new()));
-        assert!(!state.wants_schedule_check());
+        let plan = round_trip(&mut state, now);
+        answer(
+            &mut state,
+            now,
+            plan,
+            Vec::new(),
+            ScheduleLook::NothingLater,
+        );
+        // A poll: claim, nothing changed since the last look.
+        state.on_poll();
+        let plan = round_trip(&mut state, now);
+        assert!(!plan.look_at_schedule);
+        answer(&mut state, now, plan, Vec::new(), ScheduleLook::NotMade);
         // A notification may be of a job scheduled for later.
         state.on_wake();
-        claim_round(&mut state, now, Ok(Vec::new()));
-        assert!(state.wants_schedule_check());
+        assert!(round_trip(&mut state, now).look_at_schedule);
     }
 
     #[test]
-    fn the_end_of_a_locked_job_looks_for_its_successor_scheduled_later() {
+    fn the_end_of_a_locked_or_retried_job_looks_at_the_schedule_in_its_claim() {
         let now = Instant::now();
         let locked = JobRow {
             lock: Some("L".into()),
             ..job(1, 0)
         };
-        let mut state = holding(2, &[locked, job(2, 0)]);
-        state.on_next_scheduled(now, None);
-        end_then_claim_nothing(&mut state, now, (2, 0));
+        let mut state = holding(4, &[locked, job(2, 0), job(3, 0)]);
+        state.schedule_changed = false;
+        state.receive(report(vec![succeeded(2, 0)]));
+        let plan = round_trip(&mut state, now);
         assert!(
-            !state.wants_schedule_check(),
+            !plan.look_at_schedule,
             "an unlocked job's end changes no schedule"
         );
-        end_then_claim_nothing(&mut state, now, (1, 0));
-        assert!(state.wants_schedule_check());
+        answer(&mut state, now, plan, Vec::new(), ScheduleLook::NotMade);
+        // Its lock's next job may be scheduled later.
+        state.receive(report(vec![succeeded(1, 0)]));
+        let plan = round_trip(&mut state, now);
+        assert!(plan.look_at_schedule);
+        answer(
+            &mut state,
+            now,
+            plan,
+            Vec::new(),
+            ScheduleLook::NothingLater,
+        );
+        // A retry may be scheduled later.
+        state.receive(report(vec![retried(3, 0)]));
+        assert!(round_trip(&mut state, now).look_at_schedule);
+    }
+
+    #[test]
+    fn a_claim_that_comes_back_full_makes_no_look_and_the_next_claim_asks_again() {
+        let now = Instant::now();
+        // Two slots, so a claim takes at most one job.
+        let mut state = State::new(settings(2));
+        let plan = round_trip(&mut state, now);
+        assert!(plan.look_at_schedule);
+        answer(
+            &mut state,
+            now,
+            plan,
+            vec![job(1, 0)],
+            ScheduleLook::NotMade,
+        );
+        let plan = round_trip(&mut state, now);
+        assert!(plan.look_at_schedule, "still to be made");
+        answer(
+            &mut state,
+            now,
+            plan,
+            Vec::new(),
+            ScheduleLook::NothingLater,
+        );
+        state.on_poll();
+        assert!(!round_trip(&mut state, now).look_at_schedule, "made");
     }
 
     #[test]
@@ -1593,6 +1695,7 @@ mod tests {
             claim_limit,
             room: QueueRoom::default(),
             abandoned: Vec::new(),
+            look_at_schedule: true,
         };
         let one = || vec![succeeded(1, 0)];
         let with_a_retry = || vec![succeeded(1, 0), retried(2, 0)];
@@ -1626,8 +1729,8 @@ mod tests {
     fn pruned_round_trip(state: &mut State, now: Instant) {
         let plan = round_trip(state, now);
         let answer = Answer {
-            flushed: None,
             claimed: Some(Err(pruned())),
+            ..Answer::default()
         };
         state.on_round_trip(now, plan, Ok(answer));
     }
@@ -1649,7 +1752,7 @@ mod tests {
 
     #[test]
     fn a_lost_connection_drops_the_other_follow_ups_of_its_round_trip() {
-        // Registering again lost the connection: no look at the schedule on it.
+        // Registering again lost the connection: nothing else is done on it.
         let mut state = register_again_fails(Instant::now(), true);
         assert_eq!(state.next_follow_up(), Some(FollowUp::Reconnect));
         assert_eq!(state.next_follow_up(), None);
@@ -1660,28 +1763,12 @@ mod tests {
         let now = Instant::now();
         let mut state = register_again_fails(now, false);
         assert!(logs(&mut state).contains(&(LogLevel::Warning, "dispatcher_statement_failed")));
-        // The claim is wanted again: not a short claim, so no look at the schedule.
+        // The claim is wanted again, once the backoff has passed.
         assert_eq!(state.next_follow_up(), None);
         assert!(matches!(
             state.plan(now, false),
             Plan::Wait { until: Some(_) }
         ));
-    }
-
-    #[test]
-    fn a_short_claim_looks_at_the_schedule_once_per_round_trip() {
-        let now = Instant::now();
-        let mut state = State::new(settings(2));
-        let plan = round_trip(&mut state, now);
-        let answer = Answer {
-            flushed: None,
-            claimed: Some(Ok(Vec::new())),
-        };
-        state.on_round_trip(now, plan, Ok(answer));
-        assert_eq!(state.next_follow_up(), Some(FollowUp::LookAtSchedule));
-        // The look failed for a passing reason: not again before the next round trip.
-        state.on_schedule_look_failed(false);
-        assert_eq!(state.next_follow_up(), None);
     }
 
     #[test]
@@ -1767,11 +1854,16 @@ mod tests {
                 listen_notify,
                 ..settings(2)
             });
-            claim_round(&mut state, now, Ok(Vec::new()));
-            state.on_next_scheduled(now, None);
+            let plan = round_trip(&mut state, now);
+            answer(
+                &mut state,
+                now,
+                plan,
+                Vec::new(),
+                ScheduleLook::NothingLater,
+            );
             state.on_poll();
-            claim_round(&mut state, now, Ok(Vec::new()));
-            assert_eq!(state.wants_schedule_check(), !listen_notify);
+            assert_eq!(round_trip(&mut state, now).look_at_schedule, !listen_notify);
         }
     }
 
