@@ -104,7 +104,19 @@ class ScaleChild:
     concurrency: int
 
 
-ChildConfig = DrainChild | LatencyChild | FloorChild | ServeChild | LimitChild | ScaleChild
+@dataclass(frozen=True)
+class FleetChild:
+    """One worker of a fleet: a listening worker at `concurrency`, ready once its app is
+    open, stopped when the parent closes its stdin; its stamped jobs' pickups."""
+
+    system: str
+    dsn: str
+    concurrency: int = 10
+
+
+ChildConfig = (
+    DrainChild | LatencyChild | FloorChild | ServeChild | LimitChild | ScaleChild | FleetChild
+)
 KINDS: dict[str, type[ChildConfig]] = {
     "drain": DrainChild,
     "latency": LatencyChild,
@@ -112,6 +124,7 @@ KINDS: dict[str, type[ChildConfig]] = {
     "serve": ServeChild,
     "limit": LimitChild,
     "scale": ScaleChild,
+    "fleet": FleetChild,
 }
 
 
@@ -252,8 +265,10 @@ async def wait_for_worker(
     expected: int,
     timeout: float,
     shutdown_graceful_timeout: float | None = None,
+    until_stdin_closes: bool = False,
 ) -> None:
-    """procrastinate's worker or fastworker's, until `expected` or `timeout`."""
+    """procrastinate's worker or fastworker's, until `expected` or `timeout` (or, with
+    `until_stdin_closes`, until the parent closes this process's stdin)."""
     app = build_app(dsn)
     options: dict[str, Any] = {
         "app": app,
@@ -273,8 +288,11 @@ async def wait_for_worker(
         task = asyncio.create_task(worker.run())
         print("ready", flush=True)
         EXPECTED[0] = expected
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(ALL_STAMPED.wait(), timeout=timeout)
+        if until_stdin_closes:
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ALL_STAMPED.wait(), timeout=timeout)
         worker.stop()
         await task
 
@@ -291,6 +309,13 @@ async def child_latency(config: LatencyChild) -> dict[str, Any]:
             120,
             1.0 if config.busy else None,
         )
+    return {"latencies": LATENCIES, "deferred": DEFERRED}
+
+
+async def child_fleet(config: FleetChild) -> dict[str, Any]:
+    await wait_for_worker(
+        config.system, config.dsn, config.concurrency, 0, 0, until_stdin_closes=True
+    )
     return {"latencies": LATENCIES, "deferred": DEFERRED}
 
 
@@ -371,6 +396,8 @@ async def run_in_child(config: ChildConfig) -> dict[str, Any]:
         return await child_serve(config)
     if isinstance(config, LimitChild):
         return await child_limit(config)
+    if isinstance(config, FleetChild):
+        return await child_fleet(config)
     return await child_scale(config)
 
 

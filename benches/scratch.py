@@ -22,6 +22,7 @@ SETTINGS = {
     "track_functions": "all",
     "track_io_timing": "on",
     "listen_addresses": "'127.0.0.1'",
+    "max_connections": "300",  # fleets of 16 workers (benches/parts/fleet.py)
 }
 
 

@@ -41,6 +41,7 @@ def test_registry_holds_the_parts_the_readme_documents_in_order() -> None:
         child.ServeChild("pgqueuer", "dbname=x", 10, "late", 300, 74.5),
         child.LimitChild("dbname=x", "io_sync", 10, 20000),
         child.ScaleChild("dbname=x", 100),
+        child.FleetChild("procrastinate", "dbname=x", 10),
     ],
 )
 def test_child_config_round_trips_through_json(config: child.ChildConfig) -> None:
@@ -115,6 +116,32 @@ def test_e2e_refuses_an_unknown_part_or_list_before_touching_a_database() -> Non
     bad_variant = run_e2e("--dsn", "host=192.0.2.1 connect_timeout=1", "--io-variants", "io")
     assert bad_variant.returncode == 2
     assert "unknown I/O variant 'io' (of io_sleep_query, io_sleep, io_sync)" in (bad_variant.stderr)
+
+
+def test_e2e_fleet_counts_what_a_fleet_costs_per_job(dsn: str, tmp_path: Path) -> None:
+    completed = run_e2e(
+        "--dsn",
+        dsn,
+        "--only",
+        "fleet",
+        "--systems",
+        "fastworker",
+        "--fleet-sizes",
+        "2",
+        "--fleet-jobs",
+        "20",
+        "--fleet-rate",
+        "100",
+        "--out",
+        str(tmp_path),
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "| 2 | fastworker |" in completed.stdout
+    (figures,) = json.loads((tmp_path / "e2e.json").read_text())["fleet"]["fastworker"]
+    assert (figures["size"], figures["jobs"], figures["started"]) == (2, 20, 20)
+    # At least: each listener's transaction per notification, one claim and one end.
+    assert figures["transactions_per_job"] >= 2
+    assert figures["pickup_p50_ms"] > 0
 
 
 @pytest.mark.slow

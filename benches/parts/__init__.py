@@ -50,6 +50,7 @@ def registry() -> tuple[Part, ...]:
     from benches.parts import (
         ceiling,
         drain,
+        fleet,
         io_bound,
         latency,
         lateness,
@@ -69,6 +70,7 @@ def registry() -> tuple[Part, ...]:
         lateness.PACED,
         io_bound.PART,
         scale_out.PART,
+        fleet.PART,
     )
 
 
