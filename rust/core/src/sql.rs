@@ -270,7 +270,12 @@ macro_rules! ending_claims {
 }
 
 /// `procrastinate_finish_job_v1`'s two branches (update to an end status, or delete) for
-/// the claims they end.
+/// the claims they end. An ended job also lets go of its `worker_id`, which
+/// procrastinate's function keeps: procrastinate's schema references the worker with `ON
+/// DELETE SET NULL` and indexes `worker_id` only for `doing` jobs, so deleting a worker row
+/// (at every shutdown, and when a stalled worker is pruned) would rewrite every job that
+/// worker ever ran (procrastinate's issue #1454: minutes for a worker with millions).
+/// Once the worker row is gone, its jobs have no `worker_id` under either worker.
 macro_rules! finish_and_delete_steps {
     ($ids:literal, $attempts:literal, $statuses:literal,
      $delete_ids:literal, $delete_attempts:literal, $workers:literal) => {
@@ -285,7 +290,8 @@ finished AS (
             "::bigint[], job.id)]
                     ::procrastinate_job_status,
            abort_requested = false,
-           attempts = job.attempts + 1
+           attempts = job.attempts + 1,
+           worker_id = NULL
      WHERE ",
             ending_claims!($ids, $attempts, $workers),
             "

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use fastworker_core::completer::CompletionBatch;
 use fastworker_core::connect::ConnectionTarget;
-use fastworker_core::db::Within;
+use fastworker_core::db::{Db, Within};
 use fastworker_core::fetcher::{ClaimRequest, Claimant, Fetcher, QueueRoom, ScheduleLook};
 use fastworker_core::{
     Completion, FinishStatus, HandoffEvent, JobRow, Outcome, WorkerConfig, WorkerCore,
@@ -357,23 +357,9 @@ async fn a_database_without_the_schema_is_refused() {
         .unwrap();
 }
 
-/// A claim asked to look at the schedule, when it comes back short, also tells in the same
-/// statement when the earliest job scheduled for later is due: an empty claim is one
-/// statement, not two. A full claim, or one not asked, makes no look.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_short_claim_looks_at_the_schedule_in_its_own_statement() {
-    let db = TestDatabase::create("look").await;
-    let due_now = db.defer("t", "default", 0, None).await;
-    let later: i64 = db
-        .client
-        .query_one(
-            "INSERT INTO procrastinate_jobs (queue_name, task_name, args, scheduled_at)
-             VALUES ('default', 't', '{}', now() + interval '1 hour') RETURNING id",
-            &[],
-        )
-        .await
-        .expect("a job scheduled in an hour")
-        .get(0);
+/// A registered worker, and a job session with the claim statements prepared, as the
+/// dispatcher sets it up.
+async fn job_session(db: &TestDatabase) -> (Db, Fetcher, Claimant) {
     let worker_id: i64 = db
         .client
         .query_one(
@@ -395,6 +381,88 @@ async fn a_short_claim_looks_at_the_schedule_in_its_own_statement() {
         worker_id,
         worker_ids: vec![worker_id],
     };
+    (session, fetcher, claimant)
+}
+
+/// A job the worker ends lets go of its `worker_id` (procrastinate's function keeps it):
+/// deleting the worker row, at shutdown or as a stalled worker, then rewrites none of the
+/// jobs it ran, only those still `doing`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ended_job_lets_go_of_its_worker() {
+    let db = TestDatabase::create("let_go").await;
+    let first = db.defer("t", "default", 0, None).await;
+    let second = db.defer("t", "default", 0, None).await;
+    let (session, fetcher, claimant) = job_session(&db).await;
+    let room = QueueRoom::default();
+    let request = ClaimRequest {
+        claimant: &claimant,
+        limit: 1,
+        room: &room,
+        abandoned: &[],
+        look_at_schedule: false,
+    };
+    let worker_of = |id: i64| {
+        let client = &db.client;
+        async move {
+            client
+                .query_one(
+                    "SELECT worker_id FROM procrastinate_jobs WHERE id = $1",
+                    &[&id],
+                )
+                .await
+                .expect("job row")
+                .get::<_, Option<i64>>(0)
+        }
+    };
+    let claimed = fetcher
+        .claim(&session, Within::OwnTransaction, &request)
+        .await
+        .expect("claim");
+    assert_eq!(
+        claimed.jobs.iter().map(|job| job.id).collect::<Vec<_>>(),
+        vec![first]
+    );
+    assert_eq!(worker_of(first).await, Some(claimant.worker_id));
+    // Ends the first, claims the second.
+    let batch = CompletionBatch::build(&[succeeded(first)]);
+    let claimed = fetcher
+        .complete_and_claim(&session, &batch, &request)
+        .await
+        .expect("complete and claim");
+    assert_eq!(claimed.ended, HashSet::from([first]));
+    assert_eq!(db.status(first).await.0, "succeeded");
+    assert_eq!(
+        worker_of(first).await,
+        None,
+        "the ended job let go of its worker"
+    );
+    assert_eq!(
+        worker_of(second).await,
+        Some(claimant.worker_id),
+        "the running one holds it"
+    );
+    drop(session);
+    db.drop_database().await;
+}
+
+/// A claim asked to look at the schedule, when it comes back short, also tells in the same
+/// statement when the earliest job scheduled for later is due: an empty claim is one
+/// statement, not two. A full claim, or one not asked, makes no look.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_claim_looks_at_the_schedule_in_its_own_statement() {
+    let db = TestDatabase::create("look").await;
+    let due_now = db.defer("t", "default", 0, None).await;
+    let later: i64 = db
+        .client
+        .query_one(
+            "INSERT INTO procrastinate_jobs (queue_name, task_name, args, scheduled_at)
+             VALUES ('default', 't', '{}', now() + interval '1 hour') RETURNING id",
+            &[],
+        )
+        .await
+        .expect("a job scheduled in an hour")
+        .get(0);
+    let (session, fetcher, claimant) = job_session(&db).await;
     let room = QueueRoom::default();
     let request = |limit, look_at_schedule| ClaimRequest {
         claimant: &claimant,
