@@ -46,8 +46,12 @@ class Unserializable:
         return "<Unserializable>"
 
 
-def make_app(dsn: str, *, pool_size: int = 8, periodic: bool = False) -> procrastinate.App:
-    """The app; open it with `open_app` (a pool that does not block on an unreachable server)."""
+def make_app(
+    dsn: str, *, pool_size: int = 8, periodic: bool = False, every_minute: int = 0
+) -> procrastinate.App:
+    """The app; open it with `open_app` (a pool that does not block on an unreachable server).
+    `periodic`: a task deferred every second; `every_minute`: that many tasks
+    (`every_minute_0`, ...) deferred every minute."""
     app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=dsn))
     app.fw_dsn = dsn  # type: ignore[attr-defined]
     app.fw_pool_size = pool_size  # type: ignore[attr-defined]
@@ -162,7 +166,16 @@ def make_app(dsn: str, *, pool_size: int = 8, periodic: bool = False) -> procras
         async def periodic_tick_task(context: JobContext, timestamp: int) -> None:
             await record(context)
 
+    for index in range(every_minute):
+        add_every_minute_task(app, index)
     return app
+
+
+def add_every_minute_task(app: procrastinate.App, index: int) -> None:
+    @app.periodic(cron="* * * * *", periodic_id=f"minute_{index}")
+    @app.task(name=f"every_minute_{index}")
+    async def every_minute(timestamp: int) -> None:
+        return None
 
 
 async def open_app(app: procrastinate.App) -> None:

@@ -49,13 +49,21 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reconnect-timeout", type=float, default=60.0)
     parser.add_argument("--no-listen", action="store_true")
     parser.add_argument("--periodic", action="store_true")
+    parser.add_argument(
+        "--every-minute", type=int, default=0, help="periodic tasks, each every minute"
+    )
     parser.add_argument("--pool-size", type=int, default=8)
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
 
 
 async def main(arguments: argparse.Namespace) -> None:
-    app = make_app(arguments.dsn, pool_size=arguments.pool_size, periodic=arguments.periodic)
+    app = make_app(
+        arguments.dsn,
+        pool_size=arguments.pool_size,
+        periodic=arguments.periodic,
+        every_minute=arguments.every_minute,
+    )
     await open_app(app)
     recovery = (
         {}
