@@ -16,6 +16,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import tempfile
 import time
 import typing
 from dataclasses import dataclass
@@ -172,6 +173,30 @@ def command(config: ChildConfig) -> list[str]:
 def start(config: ChildConfig, **popen: Any) -> subprocess.Popen[str]:
     """The child, started from the repository root (where `benches` imports from)."""
     return subprocess.Popen(command(config), cwd=ROOT, text=True, **popen)
+
+
+def start_ready(
+    configs: list[ChildConfig], stack: contextlib.ExitStack
+) -> list[tuple[subprocess.Popen[str], typing.IO[str]]]:
+    """Each child started with its stdin and stdout piped and its stderr in a temporary file
+    (a failing worker's tracebacks outgrow a pipe), returned once each said `ready`."""
+    children = []
+    for config in configs:
+        stderr = stack.enter_context(tempfile.TemporaryFile("w+"))
+        process = start(config, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr)
+        children.append((process, stderr))
+    for process, stderr in children:
+        assert process.stdout is not None
+        if process.stdout.readline().strip() != "ready":
+            process.wait()
+            raise RuntimeError(failure(stderr))
+    return children
+
+
+def failure(stderr: typing.IO[str]) -> str:
+    """The end of a failed child's stderr file."""
+    stderr.seek(0)
+    return stderr.read()[-3000:]
 
 
 def run(config: ChildConfig) -> dict[str, Any]:

@@ -10,10 +10,10 @@ are counted by PostgreSQL (`pg_stat_user_tables.seq_scan`)."""
 from __future__ import annotations
 
 import os
-import time
 
 import psycopg
 import pytest
+from benches.measure import wait_for_clients_to_leave
 
 import fastworker
 from tests.conftest import fetch_all, make_app
@@ -48,15 +48,8 @@ def add_stalled_worker(dsn: str) -> int:
 def sequential_reads_of_the_jobs_table(dsn: str) -> int:
     """Once every other session of the database has ended (a session's statistics reach
     the shared counters at its end at the latest)."""
+    wait_for_clients_to_leave(dsn, timeout=10)
     with psycopg.connect(dsn, autocommit=True) as connection:
-        for _ in range(500):
-            others = connection.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                " AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
-            ).fetchone()[0]  # type: ignore[index]
-            if not others:
-                break
-            time.sleep(0.02)
         connection.execute("SELECT pg_stat_clear_snapshot()")
         row = connection.execute(
             "SELECT seq_scan FROM pg_stat_user_tables WHERE relname = 'procrastinate_jobs'"

@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import subprocess
-import tempfile
 import time
 from typing import Any
 
@@ -90,26 +88,6 @@ def statements_of_the_fleet(dsn: str) -> int | None:
     return int(row[0]) if row else 0
 
 
-def start_fleet(dsn: str, system: str, size: int, stack: contextlib.ExitStack) -> list[Any]:
-    children = []
-    for _ in range(size):
-        stderr = stack.enter_context(tempfile.TemporaryFile("w+"))
-        process = child.start(
-            child.FleetChild(system, dsn, CONCURRENCY),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-        )
-        children.append((process, stderr))
-    for process, stderr in children:
-        assert process.stdout is not None
-        if process.stdout.readline().strip() != "ready":
-            process.wait()
-            stderr.seek(0)
-            raise RuntimeError(stderr.read()[-3000:])
-    return children
-
-
 def wait_registered(connection: psycopg.Connection[Any], size: int) -> None:
     """Until `size` workers are registered (at most 30 s)."""
     registered = 0
@@ -125,7 +103,7 @@ def fleet(dsn: str, system: str, size: int, jobs: int, rate: float) -> dict[str,
     reset_queue(dsn, 0, "stamp", system)
     database = conninfo_to_dict(dsn).get("dbname") or "postgres"
     with contextlib.ExitStack() as stack:
-        children = start_fleet(dsn, system, size, stack)
+        children = child.start_ready([child.FleetChild(system, dsn, CONCURRENCY)] * size, stack)
         observer = stack.enter_context(psycopg.connect(other_database(dsn), autocommit=True))
         producer = stack.enter_context(psycopg.connect(dsn, autocommit=True))
         wait_registered(producer, size)
@@ -158,8 +136,7 @@ def fleet(dsn: str, system: str, size: int, jobs: int, rate: float) -> dict[str,
             assert process.stdout is not None
             stdout = process.stdout.read()
             if process.wait(timeout=60) != 0:
-                stderr.seek(0)
-                raise RuntimeError(stderr.read()[-3000:])
+                raise RuntimeError(child.failure(stderr))
             latencies += child.last_line(stdout)["latencies"]
         # Every client of the bench's database gone: their statistics are flushed.
         for _ in range(250):

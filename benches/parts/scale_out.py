@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import subprocess
-import tempfile
 import time
 from typing import Any
 
@@ -34,23 +32,8 @@ def scale_out(dsn: str, processes: int, concurrency: int, jobs: int) -> dict[str
     reset_queue(dsn, jobs, "noop")
     time.sleep(1.1)
     commits_before = commits(dsn)
-    children = []
     with contextlib.ExitStack() as stack:
-        for _ in range(processes):
-            stderr = stack.enter_context(tempfile.TemporaryFile("w+"))
-            process = child.start(
-                child.ScaleChild(dsn, concurrency),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-            )
-            children.append((process, stderr))
-        for process, stderr in children:
-            assert process.stdout is not None
-            if process.stdout.readline().strip() != "ready":
-                process.wait()
-                stderr.seek(0)
-                raise RuntimeError(stderr.read()[-3000:])
+        children = child.start_ready([child.ScaleChild(dsn, concurrency)] * processes, stack)
         server_before = server_cpu_seconds(dsn)
         with DatabaseCpu(dsn) as database_cpu:
             for process, _ in children:
@@ -61,8 +44,7 @@ def scale_out(dsn: str, processes: int, concurrency: int, jobs: int) -> dict[str
             for process, stderr in children:
                 stdout, _ = process.communicate(timeout=600)
                 if process.returncode != 0:
-                    stderr.seek(0)
-                    raise RuntimeError(stderr.read()[-3000:])
+                    raise RuntimeError(child.failure(stderr))
                 results.append(child.last_line(stdout))
         server_after = server_cpu_seconds(dsn)
     time.sleep(1.1)

@@ -1367,17 +1367,24 @@ mod tests {
         state.on_round_trip(now, plan, Ok(answer));
     }
 
+    /// Plan a round trip and answer it: nothing claimed, the claim's look `look`. Whether
+    /// the plan asked for the look.
+    fn claim_nothing(state: &mut State, now: Instant, look: ScheduleLook) -> bool {
+        let plan = round_trip(state, now);
+        let asked = plan.look_at_schedule;
+        answer(state, now, plan, Vec::new(), look);
+        asked
+    }
+
     #[test]
     fn a_job_scheduled_for_later_is_claimed_when_due_not_at_the_next_poll() {
         let start = Instant::now();
         let mut state = State::new(settings(4));
-        let plan = round_trip(&mut state, start);
+        let in_two_seconds = ScheduleLook::DueIn(Duration::from_secs(2));
         assert!(
-            plan.look_at_schedule,
+            claim_nothing(&mut state, start, in_two_seconds),
             "the first claim looks if it comes back short"
         );
-        let in_two_seconds = ScheduleLook::DueIn(Duration::from_secs(2));
-        answer(&mut state, start, plan, Vec::new(), in_two_seconds);
         match state.plan(start, false) {
             Plan::Wait { until } => assert_eq!(until, Some(start + Duration::from_secs(2))),
             other => panic!("expected a wait until the job is due, got {other:?}"),
@@ -1395,19 +1402,10 @@ mod tests {
     fn an_idle_worker_does_not_look_at_the_schedule_on_every_poll() {
         let now = Instant::now();
         let mut state = State::new(settings(2));
-        let plan = round_trip(&mut state, now);
-        answer(
-            &mut state,
-            now,
-            plan,
-            Vec::new(),
-            ScheduleLook::NothingLater,
-        );
+        claim_nothing(&mut state, now, ScheduleLook::NothingLater);
         // A poll: claim, nothing changed since the last look.
         state.on_poll();
-        let plan = round_trip(&mut state, now);
-        assert!(!plan.look_at_schedule);
-        answer(&mut state, now, plan, Vec::new(), ScheduleLook::NotMade);
+        assert!(!claim_nothing(&mut state, now, ScheduleLook::NotMade));
         // A notification may be of a job scheduled for later.
         state.on_wake();
         assert!(round_trip(&mut state, now).look_at_schedule);
@@ -1431,15 +1429,7 @@ mod tests {
         answer(&mut state, now, plan, Vec::new(), ScheduleLook::NotMade);
         // Its lock's next job may be scheduled later.
         state.receive(report(vec![succeeded(1, 0)]));
-        let plan = round_trip(&mut state, now);
-        assert!(plan.look_at_schedule);
-        answer(
-            &mut state,
-            now,
-            plan,
-            Vec::new(),
-            ScheduleLook::NothingLater,
-        );
+        assert!(claim_nothing(&mut state, now, ScheduleLook::NothingLater));
         // A retry may be scheduled later.
         state.receive(report(vec![retried(3, 0)]));
         assert!(round_trip(&mut state, now).look_at_schedule);
@@ -1459,14 +1449,9 @@ mod tests {
             vec![job(1, 0)],
             ScheduleLook::NotMade,
         );
-        let plan = round_trip(&mut state, now);
-        assert!(plan.look_at_schedule, "still to be made");
-        answer(
-            &mut state,
-            now,
-            plan,
-            Vec::new(),
-            ScheduleLook::NothingLater,
+        assert!(
+            claim_nothing(&mut state, now, ScheduleLook::NothingLater),
+            "still to be made"
         );
         state.on_poll();
         assert!(!round_trip(&mut state, now).look_at_schedule, "made");
@@ -1854,14 +1839,7 @@ mod tests {
                 listen_notify,
                 ..settings(2)
             });
-            let plan = round_trip(&mut state, now);
-            answer(
-                &mut state,
-                now,
-                plan,
-                Vec::new(),
-                ScheduleLook::NothingLater,
-            );
+            claim_nothing(&mut state, now, ScheduleLook::NothingLater);
             state.on_poll();
             assert_eq!(round_trip(&mut state, now).look_at_schedule, !listen_notify);
         }
