@@ -1399,6 +1399,30 @@ mod tests {
     }
 
     #[test]
+    fn a_claim_that_fails_or_goes_unanswered_leaves_the_look_to_the_next_claim() {
+        let now = Instant::now();
+        // No answer: the connection is taken for dead; the claim on the new one looks.
+        let mut state = State::new(settings(2));
+        let plan = round_trip(&mut state, now);
+        assert!(plan.look_at_schedule);
+        let no_answer = Failed::no_answer(Duration::from_secs(10));
+        state.on_round_trip(now, plan, Err(no_answer));
+        assert_eq!(state.next_follow_up(), Some(FollowUp::Reconnect));
+        state.on_reconnected(Vec::new());
+        assert!(round_trip(&mut state, now).look_at_schedule);
+        // Refused for a passing reason (a cancelled statement): the retry looks.
+        let mut state = State::new(settings(2));
+        let plan = round_trip(&mut state, now);
+        let refused = Answer {
+            claimed: Some(Err(transient())),
+            ..Answer::default()
+        };
+        state.on_round_trip(now, plan, Ok(refused));
+        let later = now + MAX_BACKOFF;
+        assert!(round_trip(&mut state, later).look_at_schedule);
+    }
+
+    #[test]
     fn an_idle_worker_does_not_look_at_the_schedule_on_every_poll() {
         let now = Instant::now();
         let mut state = State::new(settings(2));
